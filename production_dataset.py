@@ -1,0 +1,748 @@
+"""ECG image dataset: ecg-image-kit (or built-in simulator) PNG + JSON paired with Kaggle signal CSVs.
+
+Every signal is resampled to 500 Hz over 10 s (12 x 5000), each finite run of a lead on its own, with a
+validity mask. Every target of DESIGN.md is built at the network's input size (H, W):
+
+    image        (3, H, W)  float, ImageNet-normalized
+    seg          (H, W)     int64, 0 background, 1..12 the lead whose trace covers the pixel (rhythm = its lead)
+    grid         (H, W)     float, major (5 mm) grid lines; grid_valid = 0 when the JSON lacks grid geometry
+    baseline     (H, W)     float, each plotted lead's 0 mV line
+    theta        ()         page rotation in degrees (positive = clockwise on screen), theta_valid
+    signal       (12, 5000) mV at 500 Hz, signal_mask (12, 5000): finite in the CSV and shown on the image
+    trace_top / trace_bot / baseline_row  (13, W): per column, the rows the trace of each plotted lead spans
+                 and the row of its 0 mV line (channel 12 = rhythm strip); NaN where the lead is not plotted
+    trace_window (13, 2)    seconds [first, last] sample each channel shows; trace_span (13, 2) its columns
+    px_per_mv    ()         input rows per mV
+
+Validate a data set (counts, sampling rates, problems, timing, preview PNG of the targets):
+
+    python production_dataset.py --sim_root /path/to/simulations --csv_root /path/to/train --max_samples 100
+"""
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from scipy.interpolate import CubicSpline
+from scipy.signal import resample_poly
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+LEADS = ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
+FS = 500
+SECONDS = 10.0
+N_SAMPLES = int(FS * SECONDS)
+N_TRACES = 13            # 12 leads + the rhythm strip
+RHYTHM = 12              # trace channel of the rhythm strip
+DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
+PAGE_HEIGHT_MM = 8.5 * 25.4        # ecg-image-kit and the simulator print on US letter, landscape
+MM_PER_MV = 10.0
+GRID_MM = 5.0                      # x_grid / y_grid are pixels per 5 mm
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
+
+log = logging.getLogger('production_dataset')
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class SampleRef:
+    record_id: str
+    png: Path
+    json: Path
+    csv: Path
+    fs: float
+    sig_len: int
+
+
+# ---------------------------------------------------------------- signals
+
+def find_finite_runs(values):
+    """(start, end) half-open index pairs of each run of finite values in a 1-D array."""
+    finite = np.isfinite(values).astype(np.int8)
+    edges = np.diff(np.concatenate([[0], finite, [0]]))
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
+
+
+def resample_odd_padded(run, up, down):
+    """resample_poly with the run extended by point reflection about its end samples, so the filter
+    sees a continuous value and slope at the edges (zero or line padding bends the first and last
+    0.1 s). The pad is a whole number of output samples long, so trimming keeps the time grid."""
+    reach = 10 * max(up, down) / up + 5            # resample_poly's filter half-length, in input samples
+    pad = down * math.ceil(max(20, reach) / down)
+    if len(run) <= pad:
+        return resample_poly(run, up, down, padtype='line')
+    left = 2 * run[0] - run[pad:0:-1]
+    right = 2 * run[-1] - run[-2:-pad - 2:-1]
+    out = resample_poly(np.concatenate([left, run, right]), up, down)
+    skip = pad * up // down
+    return out[skip:skip + math.ceil(len(run) * up / down)]
+
+
+def resample_run(run, fs, start):
+    """Resample one finite run that starts at input sample `start` onto the 500 Hz grid t = m / 500.
+
+    Returns (m_first, values) with values at m_first, m_first + 1, ...  resample_poly does the
+    anti-aliased rate change; a cubic spline places the result on the grid when the run's first
+    sample falls between two 500 Hz instants (e.g. 1025 Hz)."""
+    ratio = Fraction(FS, 1) / Fraction(fs).limit_denominator(1000)
+    t0 = start / fs
+    t_end = (start + len(run)) / fs        # sample n stands for [n / fs, (n + 1) / fs)
+    m_first = math.ceil(t0 * FS - 1e-9)
+    m_last = min(math.ceil(t_end * FS - 1e-9) - 1, N_SAMPLES - 1)
+    if m_last < m_first:
+        return m_first, np.zeros(0, np.float32)
+    if len(run) < 4:
+        t = t0 + np.arange(len(run)) / fs
+        return m_first, np.interp(np.arange(m_first, m_last + 1) / FS, t, run).astype(np.float32)
+    resampled = run if ratio == 1 else resample_odd_padded(run, ratio.numerator, ratio.denominator)
+    t = t0 + np.arange(len(resampled)) / FS
+    m = np.arange(m_first, m_last + 1)
+    if abs(m_first / FS - t0) < 1e-9 and len(resampled) >= len(m):
+        return m_first, resampled[:len(m)].astype(np.float32)
+    return m_first, CubicSpline(t, resampled)(m / FS).astype(np.float32)
+
+
+def resample_lead(values, fs):
+    """One lead at fs (NaN where not recorded) -> (5000,) at 500 Hz, NaN outside the finite runs."""
+    out = np.full(N_SAMPLES, np.nan, np.float32)
+    for start, end in find_finite_runs(values):
+        m_first, resampled = resample_run(values[start:end].astype(np.float64), fs, start)
+        out[m_first:m_first + len(resampled)] = resampled
+    return out
+
+
+def read_signal_csv(path, fs, sig_len):
+    """Kaggle signal CSV -> raw (sig_len, 12) float64 array in mV, checked against train.csv."""
+    if not path.is_file():
+        raise SampleError(f'{path}: signal CSV not found')
+    try:
+        frame = pd.read_csv(path)
+    except Exception as exc:  # pandas raises many types for a broken file
+        raise SampleError(f'{path}: unreadable CSV ({exc})') from exc
+    missing = [lead for lead in LEADS if lead not in frame.columns]
+    if missing:
+        raise SampleError(f'{path}: missing lead columns {missing}; expected {LEADS}')
+    if len(frame) != sig_len:
+        raise SampleError(f'{path}: {len(frame)} rows but train.csv says sig_len={sig_len}')
+    if abs(len(frame) - SECONDS * fs) > max(2, 0.01 * SECONDS * fs):
+        raise SampleError(f'{path}: {len(frame)} rows disagree with fs={fs:g} Hz for {SECONDS:g} s '
+                          f'(expected {SECONDS * fs:g})')
+    values = frame[LEADS].to_numpy(np.float64)
+    empty = [lead for lead, column in zip(LEADS, values.T) if not np.isfinite(column).any()]
+    if empty:
+        raise SampleError(f'{path}: leads {empty} are entirely NaN')
+    return values
+
+
+def load_signal(path, fs, sig_len):
+    """Kaggle signal CSV -> (12, 5000) float32 at 500 Hz, NaN where a lead was not recorded."""
+    values = read_signal_csv(path, fs, sig_len)
+    return np.stack([resample_lead(column, fs) for column in values.T])
+
+
+# ---------------------------------------------------------------- finding samples
+
+def read_train_csv(csv_root):
+    """csv_root/train.csv -> {id: (fs, sig_len)}; ids kept as strings (Kaggle ids are digits)."""
+    path = Path(csv_root) / 'train.csv'
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: train.csv (id,fs,sig_len) not found under --csv_root')
+    table = pd.read_csv(path, dtype={'id': str})
+    missing = {'id', 'fs', 'sig_len'} - set(table.columns)
+    if missing:
+        raise ValueError(f'{path}: missing columns {sorted(missing)}; expected id,fs,sig_len')
+    return {row.id: (float(row.fs), int(row.sig_len)) for row in table.itertuples()}
+
+
+def find_samples(sim_root, csv_root, max_samples=None):
+    """Pair every {id}-{k}.png under sim_root with its JSON and csv_root/{id}/{id}.csv.
+
+    Returns (refs, problems): problems are (path, message) for files that cannot be paired."""
+    sim_root, csv_root = Path(sim_root), Path(csv_root)
+    if not sim_root.is_dir():
+        raise FileNotFoundError(f'{sim_root}: --sim_root is not a folder')
+    records = read_train_csv(csv_root)
+    refs, problems, ids_with_images = [], [], set()
+    for png in sorted(sim_root.rglob('*.png')):
+        record_id = png.stem.rsplit('-', 1)[0]
+        if record_id not in records:
+            problems.append((png, f'id {record_id!r} is not in {csv_root / "train.csv"}'))
+            continue
+        ids_with_images.add(record_id)
+        fs, sig_len = records[record_id]
+        refs.append(SampleRef(record_id, png, png.with_suffix('.json'),
+                              csv_root / record_id / f'{record_id}.csv', fs, sig_len))
+    for record_id in sorted(set(records) - ids_with_images):
+        problems.append((csv_root / record_id, f'id {record_id!r} has no images under {sim_root}'))
+    if max_samples:
+        refs = refs[:max_samples]
+    return refs, problems
+
+
+# ---------------------------------------------------------------- page geometry (JSON)
+
+def read_json(path):
+    if not path.is_file():
+        raise SampleError(f'{path}: JSON beside the PNG not found')
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SampleError(f'{path}: malformed JSON ({exc})') from exc
+
+
+def png_size(path):
+    """(width, height) from the PNG header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as exc:
+        raise SampleError(f'{path}: unreadable PNG ({exc})') from exc
+
+
+def page_offset(meta, png_wh, path):
+    """ecg-image-kit pads the PNG by pad_inches * dpi on every side without shifting the JSON."""
+    width, height = int(meta['width']), int(meta['height'])
+    if png_wh == (width, height):
+        return 0.0
+    pad = float(meta.get('pad_inches', 0) or 0) * float(meta.get('resolution', 0) or 0)
+    if pad and png_wh == (round(width + 2 * pad), round(height + 2 * pad)):
+        return pad
+    raise SampleError(f'{path}: PNG is {png_wh[0]}x{png_wh[1]} but its JSON says {width}x{height} '
+                      f'(pad_inches={meta.get("pad_inches")})')
+
+
+def trace_channels(leads, path):
+    """Trace channel of each JSON lead entry: the lead's index, or RHYTHM for the rhythm strip
+    (a second entry of the same lead, told apart by its longer sample range)."""
+    channels, by_name = [], {}
+    for i, entry in enumerate(leads):
+        name = entry.get('lead_name')
+        if name not in LEADS:
+            raise SampleError(f'{path}: unknown lead_name {name!r}')
+        by_name.setdefault(name, []).append(i)
+        channels.append(LEADS.index(name))
+    for name, entries in by_name.items():
+        if len(entries) > 2:
+            raise SampleError(f'{path}: lead {name} appears {len(entries)} times')
+        if len(entries) == 2:
+            lengths = [leads[i]['end_sample'] - leads[i]['start_sample'] for i in entries]
+            channels[entries[int(np.argmax(lengths))]] = RHYTHM
+    return channels
+
+
+def parse_page(ref):
+    """Read and check the JSON -> dict of page geometry in PNG pixel coordinates (x = col, y = row)."""
+    meta = read_json(ref.json)
+    missing = [k for k in ('width', 'height', 'x_grid', 'y_grid', 'leads') if k not in meta]
+    if missing:
+        raise SampleError(f'{ref.json}: missing keys {missing}')
+    json_fs = float(meta.get('sampling_frequency', ref.fs))
+    if abs(json_fs - ref.fs) > 1e-6:
+        raise SampleError(f'{ref.json}: sampling_frequency {json_fs:g} disagrees with train.csv fs {ref.fs:g}')
+    offset = page_offset(meta, png_size(ref.png), ref.png)
+    leads = meta['leads']
+    channels = trace_channels(leads, ref.json)
+    entries = []
+    for channel, entry in zip(channels, leads):
+        start, end = int(entry['start_sample']), int(entry['end_sample'])
+        pixels = np.asarray(entry.get('plotted_pixels', []), np.float64).reshape(-1, 2)
+        if len(pixels) != end - start:
+            raise SampleError(f'{ref.json}: lead {entry["lead_name"]} has {len(pixels)} plotted_pixels '
+                              f'for samples [{start}, {end})')
+        if end > ref.sig_len or start < 0:
+            raise SampleError(f'{ref.json}: lead {entry["lead_name"]} samples [{start}, {end}) outside '
+                              f'the signal of {ref.sig_len} rows')
+        xy = pixels[:, ::-1] + offset   # JSON gives [row, col]
+        entries.append(dict(channel=channel, lead=LEADS.index(entry['lead_name']),
+                            start=start, end=end, xy=xy))
+    rotation = meta.get('rotation_deg')
+    grid = None
+    if 'grid_origin' in meta and meta.get('gridlines', True):
+        grid = dict(origin_xy=np.array(meta['grid_origin'][::-1], np.float64) + offset,
+                    center_xy=np.array(meta.get('rotation_center', [meta['height'] / 2, meta['width'] / 2])[::-1],
+                                       np.float64) + offset,
+                    spacing=float(meta['x_grid']))
+    return dict(entries=entries, px_per_mv=2 * float(meta['y_grid']),
+                rotation_deg=None if rotation is None else float(rotation),
+                grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style', 'ecg-image-kit'))
+
+
+def zero_mv_points(entry, values, px_per_mv, theta_deg):
+    """0 mV point of each plotted sample: plotted + value * px_per_mv along the page's downward vertical."""
+    theta = math.radians(theta_deg)
+    down = np.array([-math.sin(theta), math.cos(theta)])   # (x, y) of the page's "down" after a clockwise turn
+    v = values[entry['start']:entry['end'], entry['lead']]
+    return entry['xy'] + v[:, None] * px_per_mv * down[None, :]
+
+
+def fit_line(xy):
+    """Least-squares y = a + b x over finite points -> (a, b), or None."""
+    ok = np.isfinite(xy).all(axis=1)
+    if ok.sum() < 2 or np.ptp(xy[ok, 0]) < 1:
+        return None
+    b, a = np.polyfit(xy[ok, 0], xy[ok, 1], 1)
+    return a, b
+
+
+def estimate_rotation(page, values):
+    """Page rotation from the slope of the plotted leads' 0 mV lines (ecg-image-kit stores only a bound)."""
+    theta = 0.0
+    for _ in range(3):   # the 0 mV direction depends on the angle itself: a few fixed-point steps
+        slopes, weights = [], []
+        for entry in page['entries']:
+            line = fit_line(zero_mv_points(entry, values, page['px_per_mv'], theta))
+            if line is not None:
+                slopes.append(line[1])
+                weights.append(entry['end'] - entry['start'])
+        if not slopes:
+            return None
+        theta = math.degrees(math.atan(np.average(slopes, weights=weights)))
+    return theta
+
+
+# ---------------------------------------------------------------- targets at the input size
+
+def to_input(xy, scale_xy):
+    """PNG pixel coordinates -> input pixel coordinates (pixel centres kept aligned, as cv2.resize does)."""
+    return (xy + 0.5) * scale_xy - 0.5
+
+
+def densify(xy, factor=4):
+    """Linearly interpolate `factor` points per segment so per-column extents see every column crossed."""
+    if len(xy) < 2:
+        return xy
+    t = np.arange((len(xy) - 1) * factor + 1) / factor
+    return np.stack([np.interp(t, np.arange(len(xy)), xy[:, k]) for k in (0, 1)], axis=1)
+
+
+def column_extent(xy, width):
+    """Per column of the input, the min and max row the polyline passes through there (NaN elsewhere)."""
+    top = np.full(width, np.inf)
+    bot = np.full(width, -np.inf)
+    dense = densify(xy[np.isfinite(xy).all(axis=1)])
+    cols = np.round(dense[:, 0]).astype(np.int64)
+    inside = (cols >= 0) & (cols < width)
+    np.minimum.at(top, cols[inside], dense[inside, 1])
+    np.maximum.at(bot, cols[inside], dense[inside, 1])
+    top[~np.isfinite(top)] = np.nan
+    bot[~np.isfinite(bot)] = np.nan
+    return top, bot
+
+
+def draw_polyline(canvas, xy, value, thickness=1):
+    """Rasterize a polyline (input px, sub-pixel precise) onto a uint8 canvas."""
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    if len(xy) >= 2:
+        points = np.round(xy * 16).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(canvas, [points], False, int(value), thickness, cv2.LINE_8, shift=4)
+
+
+def grid_lines_target(grid, theta_deg, page_wh, scale_xy, size_hw):
+    """Major (5 mm) grid lines of the page, rotated as the page was, at the input size."""
+    canvas = np.zeros(size_hw, np.uint8)
+    rotation = cv2.getRotationMatrix2D(tuple(grid['center_xy']), -theta_deg, 1.0)
+    reach = math.hypot(*page_wh)   # lines long enough to cross the page at any angle
+    step = grid['spacing']
+    for axis in (0, 1):   # 0: vertical lines at x = pos, 1: horizontal lines at y = pos
+        origin = grid['origin_xy'][axis]
+        k = np.arange(math.floor((-reach - origin) / step), math.ceil((reach - origin) / step) + 1)
+        pos = origin + k * step
+        a = np.zeros((len(pos), 2))
+        a[:, axis] = pos
+        b = a.copy()
+        a[:, 1 - axis] = -reach
+        b[:, 1 - axis] = 2 * reach
+        ends = [to_input(np.c_[e, np.ones(len(e))] @ rotation.T, scale_xy) for e in (a, b)]
+        for p, q in zip(*ends):
+            draw_polyline(canvas, np.stack([p, q]), 1)
+    return canvas
+
+
+def derotate(xy, theta_deg, png_wh):
+    """Image pixels -> the page's own frame: undo a clockwise turn by theta about the image centre
+    (the centre that the model's decoder turns about, so targets and decoding share one frame)."""
+    centre = (np.asarray(png_wh, np.float64) - 1) / 2
+    t = math.radians(theta_deg)
+    inverse = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
+    return (xy - centre) @ inverse.T + centre
+
+
+def trace_targets(page, values, theta_deg, scale_xy, size_hw, fs, png_wh):
+    """Seg and 0 mV maps in the image frame; per-channel column extents, 0 mV rows, windows and spans in
+    the de-rotated page frame at the input size, where one column is one instant of the trace."""
+    height, width = size_hw
+    top = np.full((N_TRACES, width), np.nan, np.float32)
+    bot = np.full((N_TRACES, width), np.nan, np.float32)
+    base = np.full((N_TRACES, width), np.nan, np.float32)
+    window = np.full((N_TRACES, 2), np.nan, np.float32)
+    span = np.full((N_TRACES, 2), np.nan, np.float32)
+    seg = np.zeros((height, width), np.uint8)
+    baseline = np.zeros((height, width), np.uint8)
+    for entry in sorted(page['entries'], key=lambda e: e['channel'] != RHYTHM):   # short leads drawn last
+        c = entry['channel']
+        xy = to_input(entry['xy'], scale_xy)
+        draw_polyline(seg, xy, entry['lead'] + 1)
+        zero_line = fit_line(to_input(zero_mv_points(entry, values, page['px_per_mv'], theta_deg), scale_xy))
+        page_xy = to_input(derotate(entry['xy'], theta_deg, png_wh), scale_xy)
+        page_zero = fit_line(to_input(zero_mv_points(dict(entry, xy=derotate(entry['xy'], theta_deg, png_wh)),
+                                                     values, page['px_per_mv'], 0.0), scale_xy))
+        finite = np.isfinite(page_xy).all(axis=1)
+        if zero_line is None or page_zero is None or finite.sum() < 2:
+            continue
+        top[c], bot[c] = column_extent(page_xy, width)
+        cols = np.flatnonzero(np.isfinite(top[c]))
+        base[c, cols] = page_zero[0] + page_zero[1] * cols
+        window[c] = (entry['start'] / fs, (entry['end'] - 1) / fs)
+        span[c] = (page_xy[finite, 0][0], page_xy[finite, 0][-1])
+        ends_x = xy[np.isfinite(xy).all(axis=1), 0][[0, -1]]
+        draw_polyline(baseline, np.stack([ends_x, zero_line[0] + zero_line[1] * ends_x], axis=1), 1)
+    return dict(trace_top=top, trace_bot=bot, baseline_row=base, trace_window=window, trace_span=span,
+                seg=seg, baseline=baseline)
+
+
+def signal_shown_mask(page, signal, fs):
+    """(12, 5000) bool: finite in the CSV and inside a window that the image plots for that lead."""
+    shown = np.zeros((12, N_SAMPLES), bool)
+    for entry in page['entries']:
+        first = math.ceil(entry['start'] / fs * FS - 1e-9)
+        last = math.floor((entry['end'] - 1) / fs * FS + 1e-9)
+        shown[entry['lead'], first:last + 1] = True
+    return shown & np.isfinite(signal)
+
+
+def read_image(path, size_hw, offset_png=None):
+    """PNG (RGB or RGBA, any dpi metadata) -> RGB uint8 at (H, W); area interpolation keeps thin traces."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)   # drops alpha; ecg-image-kit's RGBA is opaque
+    if image is None:
+        raise SampleError(f'{path}: unreadable PNG (cv2 could not decode it)')
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.resize(image, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_AREA), image.shape[1::-1]
+
+
+def build_sample(ref, size_hw, signal=None):
+    """Read one sample and build every target at the input size (no augmentation).
+
+    Returns a dict of numpy arrays; raises SampleError naming the file on bad input."""
+    page = parse_page(ref)
+    raw = read_signal_csv(ref.csv, ref.fs, ref.sig_len)
+    if signal is None:
+        signal = np.stack([resample_lead(column, ref.fs) for column in raw.T])
+    theta = page['rotation_deg']
+    theta_valid = theta is not None
+    if theta is None:
+        theta = estimate_rotation(page, raw)
+        theta_valid = theta is not None
+        theta = theta or 0.0
+    image, png_wh = read_image(ref.png, size_hw)
+    scale_xy = np.array([size_hw[1] / png_wh[0], size_hw[0] / png_wh[1]])
+    targets = trace_targets(page, raw, theta, scale_xy, size_hw, ref.fs, png_wh)
+    if page['grid'] is not None:
+        grid = grid_lines_target(page['grid'], theta, png_wh, scale_xy, size_hw)
+    else:
+        grid = np.zeros(size_hw, np.uint8)
+    mask = signal_shown_mask(page, signal, ref.fs)
+    if not mask.any():
+        raise SampleError(f'{ref.json}: no plotted sample of the image has a finite value in {ref.csv}')
+    targets.update(image=image, grid=grid, signal=np.nan_to_num(signal).astype(np.float32), signal_mask=mask,
+                   theta=np.float32(theta), theta_valid=np.float32(theta_valid),
+                   grid_valid=np.float32(page['has_grid_info']), style=page['style'],
+                   px_per_mv=np.float32(page['px_per_mv'] * scale_xy[1]),
+                   page_aspect=np.float32(png_wh[0] / png_wh[1]))
+    return targets
+
+
+def check_sample(ref):
+    """Cheap full check of one sample's JSON, PNG header and CSV; raises SampleError."""
+    parse_page(ref)
+    read_signal_csv(ref.csv, ref.fs, ref.sig_len)
+
+
+# ---------------------------------------------------------------- augmentation
+
+def photometric_augment():
+    """Colour, blur, noise and compression: they never move a target. GaussNoise takes std_range in
+    albumentations 2.x (var_limit is silently ignored there)."""
+    return A.Compose([
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        A.RGBShift(r_shift_limit=15, g_shift_limit=15, b_shift_limit=15, p=0.3),
+        A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=15, val_shift_limit=10, p=0.3),
+        A.ToGray(p=0.05),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 3)), A.MotionBlur(blur_limit=(3, 3))], p=0.15),
+        A.GaussNoise(std_range=(0.01, 0.04), p=0.3),
+        A.ImageCompression(quality_range=(60, 95), p=0.2),
+    ])
+
+
+def shift_map(array, dy, dx, border=cv2.BORDER_CONSTANT):
+    """Translate an (H, W[, 3]) map by whole pixels."""
+    matrix = np.float32([[1, 0, dx], [0, 1, dy]])
+    return cv2.warpAffine(array, matrix, (array.shape[1], array.shape[0]), flags=cv2.INTER_NEAREST,
+                          borderMode=border)
+
+
+def shift_columns(rows, dy, dx):
+    """Translate (13, W) per-column row arrays by (dx, dy) page-frame pixels (dx may be fractional)."""
+    out = np.full_like(rows, np.nan)
+    cols = np.arange(rows.shape[1])
+    for channel, values in enumerate(rows):
+        have = np.flatnonzero(np.isfinite(values))
+        if len(have) < 2:
+            continue
+        moved = cols - dx
+        inside = (moved >= have[0]) & (moved <= have[-1])
+        out[channel, inside] = np.interp(moved[inside], have, values[have]) + dy
+    return out
+
+
+def page_frame_shift(dy, dx, theta_deg, size_hw, page_aspect):
+    """A translation of the image, seen in the de-rotated page frame at the (anisotropic) input size."""
+    t = math.radians(float(theta_deg))
+    stretch = (size_hw[1] / size_hw[0]) / float(page_aspect)     # input x-scale over y-scale
+    return (-dx * math.sin(t) / stretch + dy * math.cos(t),
+            dx * math.cos(t) + dy * math.sin(t) * stretch)
+
+
+def translate_sample(sample, dy, dx):
+    """Move the image and every geometric target together: maps by whole pixels in the image frame,
+    per-column targets by the same motion seen in the de-rotated page frame."""
+    out = dict(sample)
+    out['image'] = shift_map(sample['image'], dy, dx, cv2.BORDER_REPLICATE)
+    for key in ('seg', 'grid', 'baseline'):
+        out[key] = shift_map(sample[key], dy, dx)
+    page_dy, page_dx = page_frame_shift(dy, dx, sample['theta'], sample['seg'].shape, sample['page_aspect'])
+    for key in ('trace_top', 'trace_bot', 'baseline_row'):
+        out[key] = shift_columns(sample[key], page_dy, page_dx)
+    out['trace_span'] = sample['trace_span'] + np.float32(page_dx)
+    return out
+
+
+# ---------------------------------------------------------------- dataset
+
+CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
+    'image': (lambda h, w: (h, w, 3), torch.uint8),
+    'seg': (lambda h, w: (h, w), torch.uint8),
+    'grid': (lambda h, w: (h, w), torch.uint8),
+    'baseline': (lambda h, w: (h, w), torch.uint8),
+    'trace_top': (lambda h, w: (N_TRACES, w), torch.float32),
+    'trace_bot': (lambda h, w: (N_TRACES, w), torch.float32),
+    'baseline_row': (lambda h, w: (N_TRACES, w), torch.float32),
+    'trace_window': (lambda h, w: (N_TRACES, 2), torch.float32),
+    'trace_span': (lambda h, w: (N_TRACES, 2), torch.float32),
+    'signal': (lambda h, w: (12, N_SAMPLES), torch.float32),
+    'signal_mask': (lambda h, w: (12, N_SAMPLES), torch.bool),
+    'theta': (lambda h, w: (), torch.float32),
+    'theta_valid': (lambda h, w: (), torch.float32),
+    'grid_valid': (lambda h, w: (), torch.float32),
+    'px_per_mv': (lambda h, w: (), torch.float32),
+    'page_aspect': (lambda h, w: (), torch.float32),
+}
+
+
+def split_by_record(refs, val_fraction, seed):
+    """Train/validation split by record id, so no signal is seen in both."""
+    ids = sorted({ref.record_id for ref in refs})
+    rng = np.random.default_rng(seed)
+    rng.shuffle(ids)
+    n_val = max(1, round(len(ids) * val_fraction)) if val_fraction > 0 and len(ids) > 1 else 0
+    val_ids = set(ids[:n_val])
+    return [r for r in refs if r.record_id not in val_ids], [r for r in refs if r.record_id in val_ids]
+
+
+class ECGImageDataset(Dataset):
+    """Pairs every {id}-{k}.png + .json under sim_root with csv_root/{id}/{id}.csv.
+
+    Bad samples are reported (self.problems, the log) and skipped, never trained on. With cache=True
+    every sample is decoded once, in this process, into contiguous shared-memory tensors that
+    DataLoader workers read without copying."""
+
+    def __init__(self, sim_root=None, csv_root=None, target_size=DEFAULT_IMAGE_SIZE, augment=False,
+                 cache=False, max_samples=None, refs=None, check=True, progress=False):
+        self.size_hw = tuple(int(v) for v in target_size)
+        self.augment = augment
+        self.problems = []
+        if refs is None:
+            refs, problems = find_samples(sim_root, csv_root, max_samples)
+            self.problems.extend((str(p), m) for p, m in problems)
+        self.refs = self._keep_good(refs, progress) if check and not cache else list(refs)
+        self.photometric = photometric_augment()
+        self.cache = self._fill_cache(progress) if cache else None
+        for path, message in self.problems:
+            log.warning('skipped %s: %s', path, message)
+
+    def _keep_good(self, refs, progress):
+        good = []
+        for ref in tqdm(refs, desc='checking samples', disable=not progress):
+            try:
+                check_sample(ref)
+                good.append(ref)
+            except SampleError as exc:
+                self.problems.append((str(ref.png), str(exc)))
+        return good
+
+    def _fill_cache(self, progress):
+        samples, refs = [], []
+        for ref in tqdm(self.refs, desc='caching samples', disable=not progress):
+            try:
+                samples.append(build_sample(ref, self.size_hw))
+                refs.append(ref)
+            except SampleError as exc:
+                self.problems.append((str(ref.png), str(exc)))
+        self.refs = refs
+        self.styles = [sample['style'] for sample in samples]   # short strings; the arrays are below
+        cache = {}
+        for name, (shape, dtype) in CACHE_FIELDS.items():
+            cache[name] = torch.empty((len(samples),) + shape(*self.size_hw), dtype=dtype).share_memory_()
+            for i, sample in enumerate(samples):
+                cache[name][i] = torch.as_tensor(np.asarray(sample[name]))
+        return cache
+
+    def cache_bytes(self):
+        return sum(t.numel() * t.element_size() for t in self.cache.values()) if self.cache else 0
+
+    def __len__(self):
+        return len(self.refs)
+
+    def base_sample(self, index):
+        """Un-augmented sample as numpy arrays, from the cache or decoded now."""
+        if self.cache is not None:
+            sample = {name: tensor[index].numpy() for name, tensor in self.cache.items()}
+            sample['style'] = self.styles[index]
+            return sample
+        return build_sample(self.refs[index], self.size_hw)
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.refs)):
+            i = (index + attempt) % len(self.refs)
+            try:
+                sample = self.base_sample(i)
+                break
+            except SampleError as exc:   # e.g. a PNG whose header reads but whose pixels do not
+                log.error('skipped sample %s: %s', self.refs[i].png, exc)
+                self.problems.append((str(self.refs[i].png), str(exc)))
+        else:
+            raise SampleError('no readable sample left in the data set')
+        if self.augment:
+            sample = self.augment_sample(sample)
+        return self.to_tensors(sample, self.refs[i])
+
+    def augment_sample(self, sample):
+        """Per-sample seed drawn from torch's RNG: each DataLoader worker (seeded by torch per worker and
+        per epoch) gets its own augmentations, and albumentations' private RNG is reseeded with it."""
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+        rng = np.random.default_rng(seed)
+        height, width = self.size_hw
+        dy = int(rng.integers(-round(MAX_SHIFT_FRACTION * height), round(MAX_SHIFT_FRACTION * height) + 1))
+        dx = int(rng.integers(-round(MAX_SHIFT_FRACTION * width), round(MAX_SHIFT_FRACTION * width) + 1))
+        sample = translate_sample(sample, dy, dx)
+        self.photometric.set_random_seed(seed)
+        sample['image'] = self.photometric(image=np.ascontiguousarray(sample['image']))['image']
+        return sample
+
+    def to_tensors(self, sample, ref):
+        image = (sample['image'].astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        out = {name: torch.as_tensor(np.array(sample[name])) for name in CACHE_FIELDS if name != 'image'}
+        out['image'] = torch.from_numpy(image.transpose(2, 0, 1).copy())
+        out['seg'] = out['seg'].long()
+        out['grid'] = out['grid'].float()
+        out['baseline'] = out['baseline'].float()
+        out['signal_mask'] = out['signal_mask'].bool()
+        out['record_id'] = ref.record_id
+        out['fs'] = torch.tensor(ref.fs, dtype=torch.float32)
+        out['style'] = sample['style']
+        return out
+
+
+def denormalize(image):
+    """(3, H, W) normalized tensor -> (H, W, 3) uint8 RGB for pictures."""
+    array = image.detach().cpu().float().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(array * 255, 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- validation CLI
+
+LEAD_COLOURS = np.array([[0, 0, 0]] + [[int(255 * c) for c in col] for col in (
+    (0.9, 0.1, 0.1), (0.1, 0.6, 0.1), (0.1, 0.2, 0.9), (0.9, 0.5, 0.0), (0.6, 0.0, 0.7), (0.0, 0.7, 0.7),
+    (0.7, 0.7, 0.0), (1.0, 0.2, 0.6), (0.4, 0.3, 0.1), (0.2, 0.8, 0.4), (0.3, 0.3, 0.6), (0.9, 0.3, 0.3))],
+    np.uint8)
+
+
+def preview_panel(sample):
+    """Input image with the seg target (lead colours), 0 mV lines (green) and grid target (blue) overlaid."""
+    panel = denormalize(sample['image']).copy()
+    grid = sample['grid'].numpy() > 0
+    panel[grid] = (0.6 * panel[grid] + 0.4 * np.array([60, 120, 255])).astype(np.uint8)
+    base = sample['baseline'].numpy() > 0
+    panel[base] = (0, 200, 0)
+    seg = sample['seg'].numpy()
+    panel[seg > 0] = LEAD_COLOURS[seg[seg > 0]]
+    caption = f"{sample['record_id']} fs={float(sample['fs']):g} theta={float(sample['theta']):+.2f} deg"
+    cv2.putText(panel, caption, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 160), 1, cv2.LINE_AA)
+    return panel
+
+
+def write_preview(dataset, path, n=4):
+    panels = [preview_panel(dataset[i]) for i in np.linspace(0, len(dataset) - 1, min(n, len(dataset))).astype(int)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(panels, axis=0), cv2.COLOR_RGB2BGR))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Validate an ECG image data set and preview its targets.')
+    parser.add_argument('--sim_root', required=True, help='folder with {id}-{k}.png + .json (searched recursively)')
+    parser.add_argument('--csv_root', required=True, help='folder with train.csv and {id}/{id}.csv')
+    parser.add_argument('--max_samples', type=int, default=100, help='check at most this many images')
+    parser.add_argument('--image_size', type=int, nargs=2, default=DEFAULT_IMAGE_SIZE, metavar=('H', 'W'))
+    parser.add_argument('--preview', default='data_check/preview.png', help='PNG of a few samples with targets')
+    parser.add_argument('--cache', action='store_true', help='also time filling the in-memory cache')
+    return parser.parse_args(argv)
+
+
+def report(dataset, seconds, n_found):
+    fs_counts = pd.Series([ref.fs for ref in dataset.refs]).value_counts().sort_index()
+    print(f'images found: {n_found}   usable: {len(dataset)}   problems: {len(dataset.problems)}')
+    print('sampling rates (Hz: images): ' + ', '.join(f'{fs:g}: {n}' for fs, n in fs_counts.items()))
+    for path, message in dataset.problems:
+        print(f'  PROBLEM {message}' if str(path) in message else f'  PROBLEM {path}: {message}')
+    print(f'seconds per sample (decode + targets + augmentation): {seconds:.4f}')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(message)s')
+    refs, problems = find_samples(args.sim_root, args.csv_root, args.max_samples)
+    dataset = ECGImageDataset(refs=refs, target_size=args.image_size, augment=True, progress=True)
+    dataset.problems[:0] = [(str(p), m) for p, m in problems]
+    if len(dataset) == 0:
+        report(dataset, float('nan'), len(refs))
+        raise SystemExit('no usable sample: fix the problems above')
+    start = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    report(dataset, (time.perf_counter() - start) / len(dataset), len(refs))
+    if args.cache:
+        start = time.perf_counter()
+        cached = ECGImageDataset(refs=dataset.refs, target_size=args.image_size, cache=True)
+        print(f'cache: {len(cached)} samples in {time.perf_counter() - start:.1f} s, '
+              f'{cached.cache_bytes() / 2 ** 20:.1f} MiB')
+    write_preview(dataset, args.preview)
+    print(f'preview written: {args.preview}')
+
+
+if __name__ == '__main__':
+    main()
