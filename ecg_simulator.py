@@ -1,0 +1,696 @@
+#!/usr/bin/env python3
+"""Built-in ECG simulator: synthetic 12-lead signals and paper-ECG images in ecg-image-kit's format.
+
+For people who have no data, and for every test. Writes the Kaggle train layout, images beside
+their signals, so that `--sim_root OUT --csv_root OUT` works:
+
+    OUT/train.csv                         id,fs,sig_len
+    OUT/{id}/{id}.csv                     I,II,III,aVR,aVL,aVF,V1..V6 in mV (3 decimals, NaN = empty)
+    OUT/{id}/{id}-{k:04d}.png / .json     k = 1..images_per_id, ecg-image-kit JSON plus extra keys
+
+Examples:
+    python ecg_simulator.py --out data/sim --n 200 --seed 0
+    python ecg_simulator.py --out data/sim_img --csv_root data/train --images_per_id 2
+
+Conventions: pixel (row, col) has its center at integer coordinates (as in OpenCV), so
+round(plotted_pixel) indexes the pixel the trace passes through. Rotation is positive clockwise
+on screen, about `rotation_center`; `plotted_pixels` and bounding boxes are in final (rotated)
+coordinates, `baseline_rows` and `grid_origin` in unrotated page coordinates.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+LEADS = ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
+PRIMARY_LEADS = ['I', 'II', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']  # the rest follow from I and II
+LAYOUT = [['I', 'aVR', 'V1', 'V4'],     # row 0
+          ['II', 'aVL', 'V2', 'V5'],    # row 1
+          ['III', 'aVF', 'V3', 'V6']]   # row 2; row 3 is the lead II rhythm strip
+FULL_MODE_LEAD = 'II'
+N_COLUMNS = 4
+DURATION_S = 10.0
+COLUMN_S = DURATION_S / N_COLUMNS
+PAGE_W_IN, PAGE_H_IN = 11.0, 8.5
+MM_PER_S, MM_PER_MV = 25.0, 10.0
+CAL_PULSE_S, CAL_PULSE_MV = 0.2, 1.0
+PX_SHIFT = 4                     # cv2 sub-pixel bits: coordinates are drawn to 1/16 px
+WAVES = ['P', 'Q', 'R', 'S', 'T']
+
+FS_CHOICES = (250, 256, 500, 512, 1000, 1025)
+DPI_CHOICES = (100, 150, 200, 250, 300)
+STYLES = ('classic', 'color', 'bw', 'nogrid', 'noisy')
+
+# Image knobs accepted by render_image (and passed through generate); the CLI exposes each.
+DEFAULT_KNOBS = dict(
+    dpi_choices=DPI_CHOICES,
+    max_rotation=5.0,            # degrees; angle drawn uniformly in [-max, +max]
+    style_probs=(0.4, 0.25, 0.1, 0.05, 0.2),  # classic, color, bw, nogrid, noisy
+    noise_prob=0.5,              # gaussian sensor noise
+    blur_prob=0.3,               # gaussian blur (focus, scanner)
+    jpeg_prob=0.2,               # JPEG round trip artefacts
+    tint_prob=0.5,               # paper tint and colour cast
+    header_prob=0.7,             # header text line(s) at the top
+    separator_prob=0.8,          # column separator ticks between leads
+    line_width=(0.5, 2.0),       # trace width range in px at 200 dpi (scaled with dpi)
+    jitter_mm=2.0,               # jitter of left margin and row positions
+)
+
+# RGB colour families; each is perturbed per image.
+GRID_COLOURS = {  # name: (minor, major)
+    'red': ((255, 205, 205), (235, 60, 60)),
+    'pink': ((250, 215, 225), (240, 120, 150)),
+    'orange': ((255, 220, 180), (245, 140, 40)),
+    'green': ((200, 235, 205), (40, 160, 80)),
+    'blue': ((200, 215, 245), (60, 100, 210)),
+    'gray': ((215, 215, 215), (140, 140, 140)),
+}
+TRACE_COLOURS = {'black': (10, 10, 10), 'dark_blue': (20, 30, 100), 'dark_gray': (60, 60, 60)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals: a 3-D heart-vector (dipole) model projected onto the lead directions
+# ----------------------------------------------------------------------------------------------
+
+def unit(frontal_deg, z):
+    """Direction in the heart frame (x = patient's left, y = feet, z = anterior) from a frontal
+    angle (0 = lead I, +90 = aVF) and an anterior component."""
+    a = np.deg2rad(frontal_deg)
+    v = np.array([np.cos(a), np.sin(a), z])
+    return v / np.linalg.norm(v)
+
+
+def lead_vectors(rng):
+    """8 x 3 directions of I, II, V1..V6. Limb leads are exact (the derived leads depend on them);
+    precordial electrodes sit a few degrees apart from patient to patient."""
+    rows = [unit(0.0, 0.0), unit(60.0, 0.0)]
+    for deg in (115.0, 95.0, 75.0, 55.0, 30.0, 5.0):   # V1..V6 in the horizontal plane
+        a = np.deg2rad(deg + rng.normal(0.0, 4.0))
+        # precordial electrodes are close to the heart: larger gain, slight inferior tilt
+        rows.append(1.3 * np.array([np.cos(a), 0.15, np.sin(a)]))
+    return np.array(rows)
+
+
+def wave_params(rng, rr):
+    """Per-record morphology: centers (s, relative to R), widths (s) and 3-D amplitudes (mV)."""
+    axis = rng.uniform(-30.0, 100.0)   # QRS electrical axis, normal range with some deviation
+    slow = np.sqrt(rr)                 # repolarization scales with cycle length (Bazett-like)
+    centers = np.array([-rng.uniform(0.13, 0.20), -rng.uniform(0.025, 0.04), 0.0,
+                        rng.uniform(0.025, 0.04), rng.uniform(0.26, 0.34) * slow])
+    widths = np.array([rng.uniform(0.018, 0.03), rng.uniform(0.007, 0.012),
+                       rng.uniform(0.009, 0.016), rng.uniform(0.008, 0.014),
+                       rng.uniform(0.045, 0.075) * np.sqrt(slow)])
+    vectors = np.array([
+        rng.uniform(0.08, 0.25) * unit(rng.uniform(30, 75), rng.uniform(-0.1, 0.3)),      # P
+        rng.uniform(0.05, 0.3) * unit(rng.uniform(150, 210), rng.uniform(0.3, 0.8)),      # septal q
+        rng.uniform(0.7, 2.0) * unit(axis, rng.uniform(-0.5, 0.1)),                       # R
+        rng.uniform(0.2, 0.8) * unit(axis + 180 + rng.uniform(-40, 40), rng.uniform(-1.0, -0.3)),
+        rng.uniform(0.15, 0.5) * unit(axis + rng.uniform(-25, 25), rng.uniform(0.0, 0.6)),  # T
+    ])
+    return centers, widths, vectors
+
+
+def beat_times(rng, rr):
+    """R-peak times covering the 10 s window (and a beat beyond each edge), with RR jitter and
+    respiratory sinus arrhythmia."""
+    resp_period = rng.uniform(3.0, 6.0)
+    t = -rng.uniform(0.0, rr) - rr
+    times = []
+    while t < DURATION_S + 2 * rr:
+        times.append(t)
+        t += rr * (1.0 + 0.03 * rng.standard_normal() + 0.04 * np.sin(2 * np.pi * t / resp_period))
+    return np.array(times)
+
+
+def heart_vector(t, beats, beat_scale, centers, widths, vectors):
+    """Sum of Gaussian waves over beats: (len(t), 3) dipole in mV."""
+    dt = t[None, :] - beats[:, None]                        # beats x samples
+    waves = np.stack([(beat_scale[:, None] * np.exp(-0.5 * ((dt - c) / w) ** 2)).sum(0)
+                      for c, w in zip(centers, widths)], axis=1)   # samples x 5
+    return waves @ vectors
+
+
+def wander_and_noise(rng, t, n_leads):
+    """Slight baseline wander (two slow sinusoids, < 0.06 mV a primary lead, so < 0.15 mV on the
+    derived ones), white noise and sometimes a little mains hum."""
+    out = np.zeros((len(t), n_leads))
+    for _ in range(2):
+        f = rng.uniform(0.05, 0.5, n_leads)
+        out += rng.uniform(0.0, 0.03, n_leads) * np.sin(2 * np.pi * f * t[:, None] + rng.uniform(0, 2 * np.pi, n_leads))
+    out += rng.uniform(0.003, 0.015, n_leads) * rng.standard_normal((len(t), n_leads))
+    if rng.random() < 0.2:
+        mains = rng.choice([50.0, 60.0])
+        out += rng.uniform(0.0, 0.01, n_leads) * np.sin(2 * np.pi * mains * t[:, None] + rng.uniform(0, 2 * np.pi))
+    return out
+
+
+def derive_limb_leads(primary):
+    """12-lead DataFrame from I, II, V1..V6 by Einthoven/Goldberger, so the leads are consistent."""
+    I, II = primary['I'], primary['II']
+    derived = {'III': II - I, 'aVR': -(I + II) / 2, 'aVL': I - II / 2, 'aVF': II - I / 2}
+    return pd.DataFrame({lead: primary[lead] if lead in primary else derived[lead] for lead in LEADS})
+
+
+def synthesize_record(rng, fs):
+    """10 s of 12-lead ECG at fs Hz in mV: DataFrame of round(10 * fs) rows x LEADS."""
+    sig_len = int(round(DURATION_S * fs))
+    t = np.arange(sig_len) / fs
+    rr = 60.0 / rng.uniform(45.0, 140.0)
+    centers, widths, vectors = wave_params(rng, rr)
+    beats = beat_times(rng, rr)
+    beat_scale = 1.0 + 0.04 * rng.standard_normal(len(beats))
+    dipole = heart_vector(t, beats, beat_scale, centers, widths, vectors)
+    primary = dipole @ lead_vectors(rng).T + wander_and_noise(rng, t, len(PRIMARY_LEADS))
+    return derive_limb_leads(dict(zip(PRIMARY_LEADS, primary.T)))
+
+
+def column_bounds(sig_len, j):
+    """Half-open sample range [start, end) of layout column j."""
+    return j * sig_len // N_COLUMNS, (j + 1) * sig_len // N_COLUMNS
+
+
+def lead_column(lead):
+    return next(row.index(lead) for row in LAYOUT if lead in row)
+
+
+def nan_mask(df):
+    """Kaggle training-CSV masking: lead II stays finite for 10 s, every other lead is NaN outside
+    its 2.5 s column of the standard layout."""
+    df = df.copy()
+    for lead in LEADS:
+        if lead == FULL_MODE_LEAD:
+            continue
+        start, end = column_bounds(len(df), lead_column(lead))
+        keep = np.zeros(len(df), bool)
+        keep[start:end] = True
+        df.loc[~keep, lead] = np.nan
+    return df
+
+
+def round_mv(df):
+    """Round to the 3 decimals the CSV holds (+0.0 turns -0.0 into 0.0), so images are drawn from
+    exactly the values a loader reads back."""
+    return df.round(3) + 0.0
+
+
+def write_signal_csv(df, path):
+    df[LEADS].to_csv(path, index=False, float_format='%.3f', na_rep='', lineterminator='\n')
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: page geometry, grid, traces, text, rotation, degradations, JSON
+# ----------------------------------------------------------------------------------------------
+
+def page_geometry(dpi, rng, jitter_mm):
+    """Page size and where everything goes (unrotated px). Row baselines and the left margin
+    jitter a little per image, like different printers/templates."""
+    px_per_mm = dpi / 25.4
+    geom = dict(dpi=int(dpi), width=int(round(PAGE_W_IN * dpi)), height=int(round(PAGE_H_IN * dpi)),
+                px_per_mm=px_per_mm, x_grid=5 * px_per_mm, y_grid=5 * px_per_mm)
+    geom['px_per_mv'] = MM_PER_MV * px_per_mm       # = 2 * y_grid
+    geom['px_per_s'] = MM_PER_S * px_per_mm         # = 5 * x_grid
+    x_cal_mm = 10.0 + rng.uniform(-1, 1) * jitter_mm
+    geom['x_cal'] = x_cal_mm * px_per_mm
+    geom['x_start'] = geom['x_cal'] + CAL_PULSE_S * geom['px_per_s']   # pulse, then the trace
+    h_mm = PAGE_H_IN * 25.4
+    rhythm_mm = h_mm - 21.0 + rng.uniform(-1, 1) * jitter_mm * 2
+    spacing_mm = 36.0 + rng.uniform(-1, 1) * jitter_mm * 2
+    rows_mm = [rhythm_mm - (3 - r) * spacing_mm + (rng.uniform(-0.5, 0.5) * jitter_mm if r < 3 else 0.0)
+               for r in range(4)]
+    geom['row_baselines'] = [m * px_per_mm for m in rows_mm]
+    # a major intersection anywhere in the first large square: the grid is not tied to the trace
+    geom['grid_origin'] = [rng.uniform(0, geom['y_grid']), rng.uniform(0, geom['x_grid'])]
+    return geom
+
+
+def lead_entries(sig_len):
+    """(lead, layout row, layout column, start, end) in ecg-image-kit's order: bottom grid row
+    first, then up, then the rhythm strip."""
+    entries = []
+    for r in (2, 1, 0):
+        for j, lead in enumerate(LAYOUT[r]):
+            entries.append((lead, r, j) + column_bounds(sig_len, j))
+    entries.append((FULL_MODE_LEAD, 3, 0, 0, sig_len))
+    return entries
+
+
+def lead_points(values, fs, start, end, col_j, baseline, geom):
+    """(N, 2) float [x, y] of samples start..end-1, unrotated. Columns are contiguous: column j
+    begins at x_start + j * 2.5 s regardless of where its first sample falls."""
+    n = np.arange(start, end)
+    x = geom['x_start'] + (n - start) / fs * geom['px_per_s'] + col_j * COLUMN_S * geom['px_per_s']
+    y = baseline - values[start:end] * geom['px_per_mv']
+    return np.stack([x, y], axis=1)
+
+
+def to_cv_points(xy):
+    return np.round(xy * (1 << PX_SHIFT)).astype(np.int32).reshape(-1, 1, 2)
+
+
+def finite_runs(xy):
+    """Split a polyline at NaN samples: NaN points are not drawn."""
+    ok = np.isfinite(xy).all(1)
+    if ok.all():
+        return [xy]
+    edges = np.flatnonzero(np.diff(np.r_[0, ok.astype(np.int8), 0]))
+    return [xy[a:b] for a, b in zip(edges[::2], edges[1::2]) if b - a >= 2]
+
+
+def line_coverage(coords, origin, spacing, width):
+    """Fraction of each pixel (centers at integer coords) covered by lines of `width` px at
+    origin + k * spacing: exact box-filter antialiasing, vectorized along one axis."""
+    d = np.abs(((coords - origin) / spacing + 0.5) % 1.0 - 0.5) * spacing
+    return np.clip(np.minimum(d + 0.5, width / 2) - np.maximum(d - 0.5, -width / 2), 0.0, 1.0).astype(np.float32)
+
+
+GRID_LEVELS = 15   # antialiasing levels of each grid layer; (minor, major) pairs index one 256-entry LUT
+
+
+def grid_lut(paper_rgb, minor_rgb, major_rgb):
+    """1 x 256 x 3 uint8 colour of a pixel covered a/15 by minor and b/15 by major lines at a*16+b."""
+    paper = np.asarray(paper_rgb, float)
+    minor = paper if minor_rgb is None else np.asarray(minor_rgb, float)
+    major = paper if major_rgb is None else np.asarray(major_rgb, float)
+    cov = np.arange(16) / GRID_LEVELS
+    colour = paper + np.minimum(cov, 1.0)[:, None, None] * (minor - paper)          # 16 x 1 x 3
+    colour = colour + np.minimum(cov, 1.0)[None, :, None] * (major - colour)        # 16 x 16 x 3
+    return np.clip(np.rint(colour), 0, 255).astype(np.uint8).reshape(1, 256, 3)
+
+
+def draw_paper(geom, paper_rgb, minor_rgb, major_rgb, minor_w, major_w):
+    """uint8 H x W x 3 paper with a 1 mm / 5 mm grid (layers with colour None are absent).
+    The grid is separable, so coverage is computed per row and per column and combined through a
+    colour lookup table: no float image is ever built."""
+    h, w = geom['height'], geom['width']
+    rows, cols = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
+    oy, ox = geom['grid_origin']
+    quantize = lambda cov: np.rint(cov * GRID_LEVELS).astype(np.uint8)
+    idx = np.zeros((h, w), np.uint8)
+    for rgb, spacing, width, weight in ((minor_rgb, geom['px_per_mm'], minor_w, 16),
+                                        (major_rgb, geom['x_grid'], major_w, 1)):
+        if rgb is None:
+            continue
+        idx += np.maximum.outer(quantize(line_coverage(rows, oy, spacing, width)),
+                                quantize(line_coverage(cols, ox, spacing, width))) * np.uint8(weight)
+    return cv2.LUT(cv2.merge([idx, idx, idx]), grid_lut(paper_rgb, minor_rgb, major_rgb))
+
+
+def blend_marks(img, mask, rgb, alpha):
+    """Blend the trace colour into img where the antialiased mask is set (in place). Only the few
+    percent of pixels that carry ink are touched."""
+    flat, ink = img.reshape(-1, 3), np.flatnonzero(mask)
+    a = mask.ravel()[ink].astype(np.float32)[:, None] * np.float32(alpha / 255.0)
+    under = flat[ink].astype(np.float32)
+    flat[ink] = np.clip(under + a * (np.asarray(rgb, np.float32) - under) + 0.5, 0, 255).astype(np.uint8)
+    return img
+
+
+def pick_style(rng, knobs):
+    """Style family and colours: paper, minor/major grid (None = absent), trace."""
+    p = np.asarray(knobs['style_probs'], float)
+    style = STYLES[rng.choice(len(STYLES), p=p / p.sum())]
+    jitter = lambda rgb, s=12: tuple(float(np.clip(c + rng.uniform(-s, s), 0, 255)) for c in rgb)
+    paper = (255.0, 255.0, 255.0)
+    if rng.random() < knobs['tint_prob']:   # cream, bluish or grayish paper
+        paper = tuple(float(255 - x) for x in rng.uniform(0, [12, 18, 30])[rng.permutation(3)])
+    if style == 'bw':
+        minor = (float(rng.uniform(185, 230)),) * 3 if rng.random() < 0.8 else None
+        major = (float(rng.uniform(90, 170)),) * 3
+    elif style == 'nogrid':
+        minor = major = None
+    else:
+        names = ['red', 'pink'] if style == 'classic' else list(GRID_COLOURS)
+        minor, major = (jitter(c) for c in GRID_COLOURS[names[rng.integers(len(names))]])
+    trace_name = list(TRACE_COLOURS)[rng.choice(3, p=[0.6, 0.2, 0.2])]
+    trace = jitter(TRACE_COLOURS[trace_name], 8)
+    if style == 'bw':
+        trace = (float(rng.uniform(0, 40)),) * 3
+    return style, paper, minor, major, trace
+
+
+def draw_lead_label(mask, text, x, y_top, font, scale, thick):
+    """putText with its top-left at (x, y_top); returns its box as [row, col] corners."""
+    (tw, th), below = cv2.getTextSize(text, font, scale, thick)
+    org = (int(round(x)), int(round(y_top + th)))
+    cv2.putText(mask, text, org, font, scale, 255, thick, cv2.LINE_AA)
+    return [[org[1] - th, org[0]], [org[1] - th, org[0] + tw], [org[1] + below, org[0] + tw], [org[1] + below, org[0]]]
+
+
+def header_lines(rng):
+    """A few lines of the sort printed above a real ECG: speeds, an id, a date, intervals."""
+    tokens = [
+        '25mm/s', '10mm/mV', f'ID: {rng.integers(10**6, 10**8)}',
+        f'{rng.integers(2005, 2025)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d} '
+        f'{rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}',
+        f'HR {rng.integers(45, 140)} bpm', f'PR {rng.integers(120, 210)} ms', f'QRS {rng.integers(70, 120)} ms',
+        f'QT/QTc {rng.integers(320, 440)}/{rng.integers(380, 470)} ms', f'Age: {rng.integers(18, 95)}',
+        ['Sex: M', 'Sex: F'][rng.integers(2)], '0.05-150 Hz', ['Sinus rhythm', 'Normal ECG', 'Unconfirmed'][rng.integers(3)],
+    ]
+    order = rng.permutation(len(tokens))
+    n_lines = int(rng.integers(1, 4))
+    per_line = len(tokens) // n_lines
+    return ['   '.join(tokens[k] for k in order[i * per_line:(i + 1) * per_line][:5]) for i in range(n_lines)]
+
+
+def draw_page_marks(mask, geom, rng, knobs, sig_len):
+    """Calibration pulses, column separators, lead labels and header into the trace mask.
+    Returns the lead-label boxes in lead_entries order."""
+    ppmv, mm = geom['px_per_mv'], geom['px_per_mm']
+    font = [cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX][rng.integers(2)]
+    scale = rng.uniform(2.6, 3.6) * mm / 22.0        # cap height ~3 mm (22 px at scale 1)
+    thick = max(1, int(round(scale * rng.uniform(1.2, 2.2))))
+    for base in geom['row_baselines']:  # 1 mV x 0.2 s pulse, then the trace starts
+        pulse = np.array([[geom['x_cal'], base], [geom['x_cal'], base - CAL_PULSE_MV * ppmv],
+                          [geom['x_start'], base - CAL_PULSE_MV * ppmv], [geom['x_start'], base]])
+        cv2.polylines(mask, [to_cv_points(pulse)], False, 255, max(1, int(round(0.25 * mm))), cv2.LINE_AA, PX_SHIFT)
+    if rng.random() < knobs['separator_prob']:
+        half = rng.uniform(0.25, 0.4) * ppmv
+        for base in geom['row_baselines'][:3]:
+            for j in range(1, N_COLUMNS):
+                x = geom['x_start'] + j * COLUMN_S * geom['px_per_s']
+                seg = np.array([[x, base - half], [x, base + half]])
+                cv2.polylines(mask, [to_cv_points(seg)], False, 255, max(1, int(round(0.5 * mm))), cv2.LINE_AA, PX_SHIFT)
+    label_dy = rng.uniform(3.5, 6.0) * mm
+    boxes = []
+    for lead, r, j, _, _ in lead_entries(sig_len):
+        x = geom['x_start'] + j * COLUMN_S * geom['px_per_s'] + mm * rng.uniform(0.0, 1.5)
+        boxes.append(draw_lead_label(mask, lead, x, geom['row_baselines'][r] + label_dy, font, scale, thick))
+    if rng.random() < knobs['header_prob']:
+        y = rng.uniform(6, 12) * mm
+        for line in header_lines(rng):
+            draw_lead_label(mask, line, geom['x_cal'], y, font, scale * 0.9, thick)
+            y += 6.0 * mm
+    return boxes
+
+
+def trace_stroke(rng, knobs, dpi):
+    """cv2 thickness and opacity for a trace of the drawn physical width. An antialiased cv2 line
+    of thickness 1 is ~1.3 px wide, so thinner traces are drawn fainter instead of thinner."""
+    width = rng.uniform(*knobs['line_width']) * dpi / 200.0
+    thickness = 1 if width < 2.2 else int(round(width - 1.0))
+    alpha = float(np.clip(0.75 + 0.25 * (width - 0.5) / 0.5, 0.75, 1.0))
+    return width, thickness, alpha
+
+
+def rotation_matrix(geom, angle_deg):
+    """2 x 3 affine for a clockwise-on-screen rotation by angle_deg about the image center
+    (cv2 calls counter-clockwise positive, hence the minus)."""
+    center = ((geom['width'] - 1) / 2.0, (geom['height'] - 1) / 2.0)
+    return cv2.getRotationMatrix2D(center, -angle_deg, 1.0)
+
+
+def apply_affine(xy, m):
+    return xy @ m[:, :2].T + m[:, 2]
+
+
+def tone_lut(cast, contrast, brightness):
+    """Per-channel colour cast, contrast and brightness as one 1 x 256 x 3 lookup table."""
+    v = np.arange(256, dtype=float)[:, None] * np.asarray(cast, float)[None, :]
+    return np.clip(np.rint((v - 128.0) * contrast + 128.0 + brightness), 0, 255).astype(np.uint8).reshape(1, 256, 3)
+
+
+def degrade(img, rng, knobs, style, dpi):
+    """Scanner/photo effects on the uint8 RGB page: blur, colour cast, brightness/contrast,
+    noise, JPEG. 'noisy' gets all of them, stronger."""
+    noisy = style == 'noisy'
+    s = dpi / 200.0
+    if noisy or rng.random() < knobs['blur_prob']:
+        sigma = rng.uniform(0.6, 1.4) * s if noisy else rng.uniform(0.3, 1.0) * s
+        img = cv2.GaussianBlur(img, (0, 0), sigma)
+    cast = np.ones(3)
+    if noisy or rng.random() < knobs['tint_prob']:
+        spread = 0.12 if noisy else 0.06
+        cast = rng.uniform(1 - spread, 1 + spread / 3, 3)
+    contrast = rng.uniform(0.75, 1.1) if noisy else rng.uniform(0.9, 1.1)
+    brightness = rng.uniform(-30, 15) if noisy else rng.uniform(-10, 10)
+    img = cv2.LUT(img, tone_lut(cast, contrast, brightness))
+    if noisy or rng.random() < knobs['noise_prob']:
+        sigma = rng.uniform(8, 20) if noisy else rng.uniform(1.5, 7)
+        noise = np.rint(sigma * rng.standard_normal(img.shape[:2], dtype=np.float32)).astype(np.int16)
+        img = cv2.add(img, cv2.merge([noise, noise, noise]), dtype=cv2.CV_8U)   # saturating
+    if (rng.random() < 0.7) if noisy else (rng.random() < knobs['jpeg_prob']):
+        quality = int(rng.uniform(25, 60) if noisy else rng.uniform(40, 90))
+        ok, buf = cv2.imencode('.jpg', cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        img = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    if style == 'bw':
+        img = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return img
+
+
+def box_corners(top, left, bottom, right):
+    return np.array([[left, top], [right, top], [right, bottom], [left, bottom]], float)  # [x, y]
+
+
+def corners_json(xy):
+    """ecg-image-kit corner dict: '0'..'3' -> [row, col] ints."""
+    return {str(k): [int(round(y)), int(round(x))] for k, (x, y) in enumerate(xy)}
+
+
+def check_knobs(knobs):
+    unknown = set(knobs) - set(DEFAULT_KNOBS)
+    if unknown:
+        raise TypeError(f'unknown image knob(s): {sorted(unknown)}; known: {sorted(DEFAULT_KNOBS)}')
+    return {**DEFAULT_KNOBS, **knobs}
+
+
+def render_image(signals_df, fs, rng, **knobs):
+    """Paper-ECG image of a 10 s 12-lead record (standard 3 x 4 layout + lead II rhythm strip).
+    Returns (H x W x 3 uint8 RGB, ecg-image-kit style JSON dict with the extra keys)."""
+    knobs = check_knobs(knobs)
+    fs = float(fs)
+    signals = {lead: signals_df[lead].to_numpy(np.float64) for lead in LEADS}
+    sig_len = len(signals_df)
+    dpi = int(knobs['dpi_choices'][rng.integers(len(knobs['dpi_choices']))])
+    style, paper, minor, major, trace_rgb = pick_style(rng, knobs)
+    geom = page_geometry(dpi, rng, knobs['jitter_mm'])
+    minor_w, major_w = rng.uniform(0.6, 1.0) * dpi / 200.0, rng.uniform(1.0, 2.0) * dpi / 200.0
+    img = draw_paper(geom, paper, minor, major, minor_w, major_w)
+
+    # every dark mark goes into one antialiased mask, blended once in the trace colour
+    mask = np.zeros((geom['height'], geom['width']), np.uint8)
+    label_boxes = draw_page_marks(mask, geom, rng, knobs, sig_len)
+    width, thickness, alpha = trace_stroke(rng, knobs, dpi)
+    entries, points = lead_entries(sig_len), []
+    for lead, r, j, start, end in entries:
+        xy = lead_points(signals[lead], fs, start, end, j, geom['row_baselines'][r], geom)
+        points.append(xy)
+        runs = finite_runs(xy)
+        if runs:
+            cv2.polylines(mask, [to_cv_points(run) for run in runs], False, 255, thickness, cv2.LINE_AA, PX_SHIFT)
+    blend_marks(img, mask, trace_rgb, alpha)
+
+    angle = float(rng.uniform(-1, 1) * knobs['max_rotation']) + 0.0   # no -0.0 in the JSON
+    m = rotation_matrix(geom, angle)
+    if angle != 0.0:
+        fill = tuple(float(v) for v in ((rng.uniform(0, 60),) * 3 if rng.random() < 0.5 else paper))
+        img = cv2.warpAffine(img, m, (geom['width'], geom['height']), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    img = degrade(img, rng, knobs, style, dpi)
+
+    meta = dict(style=style, paper=paper, minor=minor, major=major, trace=trace_rgb, width_px=width,
+                angle=angle, matrix=m, label_boxes=label_boxes)
+    return img, image_json(fs, geom, entries, points, meta, knobs)
+
+
+def image_json(fs, geom, entries, points, meta, knobs):
+    """The ecg-image-kit JSON (same key names and types) plus rotation/grid/baseline keys."""
+    m, ppmv = meta['matrix'], geom['px_per_mv']
+    leads = []
+    for (lead, r, j, start, end), xy, tbox in zip(entries, points, meta['label_boxes']):
+        base = geom['row_baselines'][r]
+        # NaN samples (not drawn) are listed at their 0 mV position; the CSV says they are NaN
+        xy = np.where(np.isfinite(xy), xy, np.stack([xy[:, 0], np.full(len(xy), base)], 1))
+        top, bottom = xy[:, 1].min(), xy[:, 1].max()
+        left, right = xy[:, 0].min(), xy[:, 0].max()
+        if j == 0:   # like ecg-image-kit, the first column's box includes its calibration pulse
+            top, bottom, left = min(top, base - CAL_PULSE_MV * ppmv), max(bottom, base), geom['x_cal']
+        box = box_corners(np.floor(top), np.floor(left), np.ceil(bottom), np.ceil(right))
+        final = np.round(apply_affine(xy, m), 3)
+        leads.append({
+            'lead_bounding_box': corners_json(apply_affine(box, m)),
+            'text_bounding_box': corners_json(apply_affine(np.array(tbox, float)[:, ::-1], m)),
+            'lead_name': lead, 'start_sample': int(start), 'end_sample': int(end),
+            'plotted_pixels': final[:, ::-1].tolist(),
+        })
+    rotate = knobs['max_rotation']
+    return {
+        'sampling_frequency': fs, 'width': geom['width'], 'height': geom['height'],
+        'grid_line_color_major': [round(c, 2) for c in meta['major']] if meta['major'] else [],
+        'grid_line_color_minor': [round(c, 2) for c in meta['minor']] if meta['minor'] else [],
+        'ecg_plot_color': [round(c, 2) for c in meta['trace']],
+        'x_grid': geom['x_grid'], 'y_grid': geom['y_grid'], 'resolution': geom['dpi'], 'pad_inches': 0,
+        'dc_pulse': True, 'bw': meta['style'] == 'bw', 'gridlines': meta['major'] is not None,
+        'number_of_columns_in_image': N_COLUMNS, 'full_mode_lead': FULL_MODE_LEAD,
+        'rotate': int(rotate) if float(rotate).is_integer() else float(rotate),
+        'leads': leads,
+        # extra keys (not in ecg-image-kit)
+        'rotation_deg': meta['angle'],
+        'rotation_center': [(geom['height'] - 1) / 2.0, (geom['width'] - 1) / 2.0],
+        'grid_origin': [round(v, 4) for v in geom['grid_origin']],
+        'style': meta['style'],
+        'baseline_rows': [round(geom['row_baselines'][r], 4) for _, r, _, _, _ in entries],
+        'trace_width_px': round(meta['width_px'], 3),
+        'paper_color': [round(c, 2) for c in meta['paper']],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folder: records, images, train.csv; parallel and deterministic
+# ----------------------------------------------------------------------------------------------
+
+def write_images(df, fs, rec_id, rec_dir, seed, i, images_per_id, knobs):
+    for k in range(1, images_per_id + 1):
+        img, meta = render_image(df, fs, np.random.default_rng([seed, i, k]), **knobs)
+        stem = rec_dir / f'{rec_id}-{k:04d}'
+        cv2.imwrite(str(stem) + '.png', cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+        with open(str(stem) + '.json', 'w') as f:
+            json.dump(meta, f, separators=(",", ":"), allow_nan=False)
+
+
+def make_sim_record(i, out, seed, images_per_id, fs_choices, nan_mask_prob, knobs):
+    """Record i: signals from rng([seed, i]), CSV, then its images."""
+    rng = np.random.default_rng([seed, i])
+    fs = int(fs_choices[rng.integers(len(fs_choices))])
+    rec_id = str(1000000 * (seed + 1) + i)
+    df = round_mv(synthesize_record(rng, fs))
+    if rng.random() < nan_mask_prob:
+        df = nan_mask(df)
+    rec_dir = Path(out) / rec_id
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    write_signal_csv(df, rec_dir / f'{rec_id}.csv')
+    write_images(df, fs, rec_id, rec_dir, seed, i, images_per_id, knobs)
+    return rec_id, str(fs), str(len(df))
+
+
+def read_csv_index(csv_root, n=None):
+    """Rows (id, fs, sig_len) of csv_root/train.csv as strings, first n if given."""
+    path = Path(csv_root) / 'train.csv'
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: missing (expected columns id,fs,sig_len)')
+    index = pd.read_csv(path, dtype=str)
+    missing = {'id', 'fs', 'sig_len'} - set(index.columns)
+    if missing:
+        raise ValueError(f'{path}: missing column(s) {sorted(missing)}; has {list(index.columns)}')
+    rows = list(index[['id', 'fs', 'sig_len']].itertuples(index=False, name=None))
+    return rows if n is None else rows[:n]
+
+
+def read_signal_csv(path, sig_len=None):
+    """12-lead CSV with a clear error naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: signal CSV missing')
+    df = pd.read_csv(path)
+    missing = [lead for lead in LEADS if lead not in df.columns]
+    if missing:
+        raise ValueError(f'{path}: missing lead column(s) {missing}; has {list(df.columns)}')
+    if sig_len is not None and len(df) != sig_len:
+        raise ValueError(f'{path}: {len(df)} rows but train.csv says sig_len={sig_len}')
+    return df[LEADS].astype(np.float64)
+
+
+def make_existing_record(i, rows, csv_root, out, seed, images_per_id, knobs):
+    """Record i of csv_root: copy its CSV into OUT (unless OUT is csv_root) and render images."""
+    rec_id, fs, sig_len = rows[i]
+    src = Path(csv_root) / rec_id / f'{rec_id}.csv'
+    df = read_signal_csv(src, int(float(sig_len)))
+    rec_dir = Path(out) / rec_id
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    dst = rec_dir / f'{rec_id}.csv'
+    if not (dst.exists() and os.path.samefile(src, dst)):
+        shutil.copyfile(src, dst)
+    write_images(df, float(fs), rec_id, rec_dir, seed, i, images_per_id, knobs)
+    return rec_id, fs, sig_len
+
+
+def quiet_worker():
+    cv2.setNumThreads(1)   # one process per core already; avoid oversubscription
+
+
+def run_jobs(job, count, workers, progress):
+    bar = partial(tqdm, total=count, desc='simulating', unit='rec', disable=not progress)
+    if workers <= 1 or count <= 1:
+        return [r for r in bar(map(job, range(count)))]
+    with Pool(workers, initializer=quiet_worker) as pool:
+        return [r for r in bar(pool.imap(job, range(count), chunksize=1))]
+
+
+def generate(out, n=None, seed=0, images_per_id=1, workers=1, csv_root=None, fs_choices=FS_CHOICES,
+             nan_mask_prob=0.5, progress=False, **knobs):
+    """Write n simulated records (or render the records of csv_root) into out; returns the ids.
+    Deterministic in seed whatever the worker count."""
+    knobs = check_knobs(knobs)
+    if seed < 0:
+        raise ValueError('seed must be >= 0')
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if csv_root is not None:
+        rows = read_csv_index(csv_root, n)
+        job = partial(make_existing_record, rows=rows, csv_root=str(csv_root), out=str(out), seed=seed,
+                      images_per_id=images_per_id, knobs=knobs)
+        count = len(rows)
+    else:
+        if n is None:
+            raise ValueError('n is required without csv_root')
+        job = partial(make_sim_record, out=str(out), seed=seed, images_per_id=images_per_id,
+                      fs_choices=tuple(fs_choices), nan_mask_prob=nan_mask_prob, knobs=knobs)
+        count = n
+    results = run_jobs(job, count, workers, progress)
+    index = out / 'train.csv'
+    same = csv_root is not None and index.exists() and os.path.samefile(Path(csv_root) / 'train.csv', index)
+    if not same:   # never truncate the user's own train.csv when rendering in place
+        with open(index, 'w') as f:
+            f.write('id,fs,sig_len\n' + ''.join(','.join(r) + '\n' for r in results))
+    return [r[0] for r in results]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', required=True, help='output folder (Kaggle train layout)')
+    p.add_argument('--n', type=int, default=None, help='records to simulate (with --csv_root: first n, default all)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--images_per_id', type=int, default=1)
+    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument('--csv_root', default=None, help='render images for existing signals DIR/train.csv + DIR/{id}/{id}.csv')
+    p.add_argument('--fs_choices', type=int, nargs='+', default=list(FS_CHOICES))
+    p.add_argument('--nan_mask_prob', type=float, default=0.5, help='records NaN-masked like Kaggle training CSVs')
+    p.add_argument('--dpi_choices', type=int, nargs='+', default=list(DPI_CHOICES))
+    p.add_argument('--max_rotation', type=float, default=DEFAULT_KNOBS['max_rotation'], help='degrees')
+    p.add_argument('--style_probs', type=float, nargs=5, default=list(DEFAULT_KNOBS['style_probs']),
+                   metavar=('CLASSIC', 'COLOR', 'BW', 'NOGRID', 'NOISY'))
+    for knob in ('noise_prob', 'blur_prob', 'jpeg_prob', 'tint_prob', 'header_prob', 'separator_prob', 'jitter_mm'):
+        p.add_argument(f'--{knob}', type=float, default=DEFAULT_KNOBS[knob])
+    p.add_argument('--line_width', type=float, nargs=2, default=list(DEFAULT_KNOBS['line_width']),
+                   metavar=('MIN', 'MAX'), help='trace width in px at 200 dpi')
+    args = p.parse_args(argv)
+    if args.csv_root is None and args.n is None:
+        p.error('--n is required unless --csv_root is given')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    knobs = {k: getattr(args, k) for k in DEFAULT_KNOBS}
+    knobs['dpi_choices'], knobs['style_probs'] = tuple(args.dpi_choices), tuple(args.style_probs)
+    knobs['line_width'] = tuple(args.line_width)
+    t0 = time.time()
+    ids = generate(args.out, args.n, args.seed, args.images_per_id, args.workers, csv_root=args.csv_root,
+                   fs_choices=args.fs_choices, nan_mask_prob=args.nan_mask_prob, progress=True, **knobs)
+    print(f'wrote {len(ids)} records x {args.images_per_id} image(s) to {args.out} in {time.time() - t0:.1f} s')
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
