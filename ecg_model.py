@@ -1,0 +1,345 @@
+"""Multi-head U-Net for ECG image digitization, and the decoding of its outputs into signals.
+
+One segmentation-models-pytorch U-Net (encoder selectable, default resnet34) whose last layer gives
+every per-pixel map at the input size (H, W), plus smp's pooled auxiliary head for the page rotation:
+
+    seg       (B, 13, H, W)  lead label logits (0 background, 1..12 leads; rhythm strip = its lead)
+    grid      (B, 1, H, W)   major grid-line logits
+    baseline  (B, 1, H, W)   0 mV line logits
+    theta     (B,)           page rotation in degrees (positive = clockwise on screen)
+    trace     (B, 26, H, W)  signal head maps: 13 trace channels (12 leads + rhythm strip) and their
+                             13 zero-mV-line channels
+    signal    (B, 12, 5000)  mV at 500 Hz, decoded from `trace`
+
+Decoding (the signal head), as the best Kaggle digitizers do: turn the trace maps into the page's own
+frame (undo the rotation), then per column a softmax over rows gives the trace's row with sub-pixel
+precision (soft-argmax) and the 0 mV row likewise; (0 mV row - trace row) / px_per_mv is the value;
+each channel's columns map linearly onto its time window. Every step is differentiable in the maps,
+so the signal loss trains the head end to end.
+"""
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import segmentation_models_pytorch as smp
+
+N_LEADS = 12
+N_TRACES = 13
+RHYTHM = 12
+RHYTHM_LEAD = 1                     # lead II
+FS = 500
+N_SAMPLES = 5000
+SECONDS = 10.0
+LAYOUT_COLUMN = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]   # I II III | aVR aVL aVF | V1 V2 V3 | V4 V5 V6
+COLUMN_SECONDS = 2.5
+PAGE_HEIGHT_MM = 8.5 * 25.4
+PAGE_ASPECT = 11.0 / 8.5            # US letter, landscape: ecg-image-kit's and the simulator's page
+MM_PER_MV = 10.0
+PRESENCE_THRESHOLD = 0.5
+HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
+HEAD_CHANNELS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 2 * N_TRACES}
+
+
+class ECGDigitizer(nn.Module):
+    """U-Net with heads seg / grid / baseline / theta / signal; forward returns a dict (shapes above)."""
+
+    def __init__(self, encoder='resnet34', decoder_channels=(256, 128, 64, 32, 16)):
+        super().__init__()
+        self.encoder_name = encoder
+        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3,
+                             classes=sum(HEAD_CHANNELS.values()), decoder_channels=decoder_channels,
+                             aux_params={'classes': 1, 'pooling': 'avg', 'dropout': 0.0})
+
+    def forward(self, image, geometry=None):
+        """image (B, 3, H, W) -> dict of head outputs. `geometry` (optional dict of theta, trace_window,
+        trace_span, px_per_mv, page_aspect, as the dataset gives them) fixes the decoding frame: the
+        trainer passes the truth so the signal loss teaches the maps, not a geometry guess; without
+        it everything is read from the image (evaluation, inference)."""
+        maps, theta_pred = self.unet(image)
+        out = dict(zip(HEAD_CHANNELS, torch.split(maps, list(HEAD_CHANNELS.values()), dim=1)))
+        out['theta'] = theta_pred.squeeze(1)
+        return decode_outputs(out, geometry)
+
+
+def decode_outputs(out, geometry=None):
+    """(Re)decode the signal of a forward's maps, with given or estimated geometry (adds 'signal',
+    'trace_rows', 'decode_theta' to out). Cheap next to the U-Net, so evaluation decodes twice."""
+    geometry = geometry or {}
+    page_aspect = geometry.get('page_aspect')
+    theta = geometry.get('theta')
+    if theta is None:
+        theta = estimate_theta(out['baseline'], out['theta'], page_aspect)
+    out = dict(out)
+    out['signal'], out['trace_rows'] = decode_signal(out['trace'], theta, geometry.get('trace_window'),
+                                                     geometry.get('trace_span'), geometry.get('px_per_mv'),
+                                                     page_aspect)
+    out['decode_theta'] = theta
+    return out
+
+
+GEOMETRY_KEYS = ('theta', 'trace_window', 'trace_span', 'px_per_mv', 'page_aspect')
+
+
+def true_geometry(batch):
+    """The decoding geometry a dataset batch knows."""
+    return {key: batch[key] for key in GEOMETRY_KEYS}
+
+
+# ---------------------------------------------------------------- geometry
+
+def default_px_per_mv(height):
+    """Input rows per mV of a full page: 10 mm per mV on an 8.5 in tall page."""
+    return height * MM_PER_MV / PAGE_HEIGHT_MM
+
+
+def default_windows(batch, device):
+    """(B, 13, 2) seconds [first, last sample] each channel shows in the standard 3x4 + rhythm layout."""
+    starts = torch.tensor([c * COLUMN_SECONDS for c in LAYOUT_COLUMN] + [0.0], device=device)
+    ends = torch.tensor([(c + 1) * COLUMN_SECONDS for c in LAYOUT_COLUMN] + [SECONDS], device=device) - 1 / FS
+    return torch.stack([starts, ends], dim=1).expand(batch, -1, -1)
+
+
+def column_soft_argmax(logits):
+    """(B, C, H, W) -> expected row per column (B, C, W) under a softmax over rows, and the column's
+    presence logit (a smooth max over rows)."""
+    rows = torch.arange(logits.shape[-2], device=logits.device, dtype=torch.float32).view(1, 1, -1, 1)
+    logits = logits.float()
+    prob = torch.softmax(logits, dim=2)
+    presence = torch.logsumexp(logits, dim=2) - math.log(logits.shape[-2])
+    return (prob * rows).sum(dim=2), presence
+
+
+def spans_from_presence(presence):
+    """(B, 13, W) presence logits -> (B, 13, 2) first and last column where the trace is present."""
+    present = presence.sigmoid() > PRESENCE_THRESHOLD
+    cols = torch.arange(presence.shape[-1], device=presence.device, dtype=torch.float32)
+    first = torch.where(present, cols, torch.full_like(cols, float('inf'))).amin(-1)
+    last = torch.where(present, cols, torch.full_like(cols, -float('inf'))).amax(-1)
+    missing = ~present.any(-1)
+    first = torch.where(missing, torch.full_like(first, float('nan')), first)
+    last = torch.where(missing, torch.full_like(last, float('nan')), last)
+    return torch.stack([first, last], dim=-1)
+
+
+def sample_columns(values, window, span):
+    """Read (B, 13, W) per-column values at each 500 Hz instant: channel c's window [t0, t1] maps
+    linearly onto its column span [x0, x1]. Returns (B, 13, 5000) values and a validity mask."""
+    t = torch.arange(N_SAMPLES, device=values.device, dtype=torch.float32) / FS
+    t0, t1 = window[..., :1], window[..., 1:]
+    x0, x1 = span[..., :1], span[..., 1:]
+    x = x0 + (t - t0) / (t1 - t0).clamp(min=1e-6) * (x1 - x0)
+    valid = (t >= t0 - 1e-6) & (t <= t1 + 1e-6) & torch.isfinite(x)
+    width = values.shape[-1]
+    x = torch.nan_to_num(x, nan=0.0).clamp(0, width - 1)
+    left = x.floor().long().clamp(max=width - 2)
+    frac = x - left
+    v_left = values.gather(-1, left)
+    v_right = values.gather(-1, left + 1)
+    return v_left * (1 - frac) + v_right * frac, valid
+
+
+def channels_to_leads(values, valid):
+    """(B, 13, 5000) channel readings -> (B, 12, 5000) leads: the rhythm strip wins where it is shown."""
+    leads = torch.where(valid[:, :N_LEADS], values[:, :N_LEADS], torch.zeros_like(values[:, :N_LEADS]))
+    shown = valid[:, :N_LEADS].clone()
+    rhythm = valid[:, RHYTHM]
+    leads[:, RHYTHM_LEAD] = torch.where(rhythm, values[:, RHYTHM], leads[:, RHYTHM_LEAD])
+    shown[:, RHYTHM_LEAD] |= rhythm
+    return leads, shown
+
+
+def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv):
+    """Shared by the model and the round-trip bound: page-frame rows per column -> (B, 12, 5000) mV.
+
+    trace_rows, zero_rows, presence: (B, 13, W); window, span: (B, 13, 2) or None; px_per_mv (B,)."""
+    batch = trace_rows.shape[0]
+    if window is None:
+        window = default_windows(batch, trace_rows.device)
+    if span is None:
+        span = spans_from_presence(presence)
+    value = (zero_rows - trace_rows) / px_per_mv.view(-1, 1, 1)
+    value = torch.nan_to_num(value, nan=0.0)
+    sampled, valid = sample_columns(value, window, span)
+    return channels_to_leads(sampled, valid)
+
+
+def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None):
+    """Signal head: (B, 26, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read."""
+    batch, _, height, width = trace.shape
+    device = trace.device
+    if page_aspect is None:
+        page_aspect = torch.full((batch,), PAGE_ASPECT, device=device)
+    if px_per_mv is None:
+        px_per_mv = torch.full((batch,), default_px_per_mv(height), device=device)
+    page = to_page_frame_batch(trace, theta_deg, page_aspect)
+    trace_rows, presence = column_soft_argmax(page[:, :N_TRACES])
+    zero_rows, _ = column_soft_argmax(page[:, N_TRACES:])
+    signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv.float())
+    return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, page_logits=page)
+
+
+def to_page_frame_batch(maps, theta_deg, page_aspect):
+    """Per-sample de-rotation (each sample has its own angle and page shape)."""
+    if theta_deg is None:
+        return maps
+    theta_deg = theta_deg.to(maps.device).float()
+    if bool((theta_deg.abs() < 1e-6).all()):
+        return maps
+    grid = page_grid(theta_deg, page_aspect.to(maps.device).float(), maps.shape[-2:]).to(maps.dtype)
+    return F.grid_sample(maps, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+
+
+def page_grid(theta_deg, page_aspect, size_hw):
+    """affine_grid for: image point = R(theta) page point, about the centre. In pixels of a page of
+    aspect a = W_png / H_png, normalized x counts half-widths and y half-heights, so the rotation's
+    off-diagonal terms are scaled by 1/a and a."""
+    t = torch.deg2rad(theta_deg)
+    cos, sin, zero = torch.cos(t), torch.sin(t), torch.zeros_like(t)
+    row_x = torch.stack([cos, -sin / page_aspect, zero], -1)
+    row_y = torch.stack([sin * page_aspect, cos, zero], -1)
+    matrix = torch.stack([row_x, row_y], 1)
+    return F.affine_grid(matrix, (len(t), 1, *size_hw), align_corners=False)
+
+
+def estimate_theta(baseline_logits, theta_regressed, page_aspect=None, max_deg=8.0):
+    """Page rotation from the predicted 0 mV lines by the projection-profile method (the shear that
+    makes the lines' row histogram sharpest), refined to 0.01 deg; falls back to the regression head
+    when too few line pixels are predicted. Not differentiable: used to choose the decoding frame."""
+    batch, _, height, width = baseline_logits.shape
+    out = theta_regressed.detach().float().clone()
+    aspect = page_aspect if page_aspect is not None else torch.full((batch,), PAGE_ASPECT)
+    for b in range(batch):
+        prob = baseline_logits[b, 0].detach().float().sigmoid()
+        rows, cols = torch.nonzero(prob > 0.5, as_tuple=True)
+        if not width // 4 <= len(rows) <= 16 * width:   # a few long lines, not blobs: else trust the head
+            continue
+        weight = prob[rows, cols]
+        stretch = (width / height) / float(aspect[b])
+        best = 0.0
+        for step, reach in ((0.25, max_deg), (0.02, 0.3)):
+            angles = best + torch.arange(-reach, reach + step / 2, step)
+            slopes = torch.tan(torch.deg2rad(angles)) / stretch   # input rows per input column
+            sheared = rows.float()[None] - slopes[:, None] * (cols.float()[None] - (width - 1) / 2)
+            best = float(angles[profile_sharpness(sheared, weight, height).argmax()])
+        out[b] = best
+    return out.to(theta_regressed.device)
+
+
+def profile_sharpness(sheared_rows, weight, height, bins_per_row=4):
+    """(A, N) candidate row positions of N weighted pixels -> (A,) sum of squared histogram counts.
+    Linear splatting into quarter-row bins keeps sub-row shears apart on short inputs."""
+    n_bins = height * bins_per_row
+    pos = (sheared_rows * bins_per_row).clamp(0, n_bins - 2)
+    low = pos.floor()
+    frac = pos - low
+    offset = n_bins * torch.arange(len(pos))[:, None]
+    index = torch.cat([(low.long() + offset).flatten(), (low.long() + 1 + offset).flatten()])
+    mass = torch.cat([((1 - frac) * weight).flatten(), (frac * weight).flatten()])
+    hist = torch.bincount(index, mass, minlength=n_bins * len(pos)).view(len(pos), n_bins)
+    return hist.pow(2).sum(1)
+
+
+# ---------------------------------------------------------------- building and weights
+
+def hub_reachable(timeout=3.0):
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_encoder_file(model, path):
+    """Load a local encoder weights file (.pth/.pt state dict, e.g. torchvision's resnet34, or
+    smp-hub's .safetensors) into the encoder; fails naming the file when the keys do not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'--pretrained_path {path}: file not found')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = state.get('state_dict', state) if isinstance(state, dict) else state
+    state = {k.removeprefix('encoder.'): v for k, v in state.items()}
+    encoder = model.unet.encoder
+    own = encoder.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(usable) < 0.9 * len(own):
+        raise ValueError(f'--pretrained_path {path}: only {len(usable)} of {len(own)} {model.encoder_name} '
+                         f'encoder tensors match (is it a {model.encoder_name} state dict?)')
+    encoder.load_state_dict(usable, strict=False)
+    return len(usable)
+
+
+def load_imagenet_encoder(model):
+    """ImageNet encoder weights the way smp gets them (Hugging Face hub, or its local cache). Without
+    a network it goes offline at once instead of retrying for half a minute, and says what to do."""
+    if not hub_reachable():
+        os.environ['HF_HUB_OFFLINE'] = '1'
+        import huggingface_hub.constants as hub_constants
+        hub_constants.HF_HUB_OFFLINE = True
+    try:
+        encoder = smp.encoders.get_encoder(model.encoder_name, in_channels=3, weights='imagenet')
+    except Exception as exc:
+        raise RuntimeError(
+            f'--pretrained: ImageNet weights for {model.encoder_name} could not be had ({type(exc).__name__}: '
+            f'the hub is not reachable and the weights are not in the local Hugging Face cache). '
+            f'Run once with network access, or pass --pretrained_path FILE with a local encoder state dict '
+            f'(e.g. torchvision resnet34 .pth or smp-hub model.safetensors), or train without --pretrained.'
+        ) from exc
+    model.unet.encoder.load_state_dict(encoder.state_dict())
+
+
+def build_model(encoder='resnet34', pretrained=False, pretrained_path=None):
+    model = ECGDigitizer(encoder)
+    if pretrained_path:
+        load_encoder_file(model, pretrained_path)
+    elif pretrained:
+        load_imagenet_encoder(model)
+    return model
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- pictures
+
+TRACE_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                 (240, 50, 230), (150, 150, 0), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128),
+                 (60, 180, 75)]
+
+
+def page_to_image_xy(x, y, theta_deg, page_aspect, size_hw):
+    """Page-frame input pixels -> image-frame input pixels (the turn that to_page_frame_batch undoes)."""
+    height, width = size_hw
+    xn, yn = (2 * x + 1) / width - 1, (2 * y + 1) / height - 1
+    t = math.radians(float(theta_deg))
+    xi = math.cos(t) * xn - math.sin(t) / page_aspect * yn
+    yi = math.sin(t) * page_aspect * xn + math.cos(t) * yn
+    return ((xi + 1) * width - 1) / 2, ((yi + 1) * height - 1) / 2
+
+
+def draw_prediction(image, outputs, index, page_aspect=PAGE_ASPECT, thickness=1):
+    """(H, W, 3) uint8 RGB with the traces the model reads drawn over it, lead by lead."""
+    import cv2
+    import numpy as np
+    picture = np.ascontiguousarray(image).copy()
+    rows = outputs['trace_rows']
+    theta = float(outputs['decode_theta'][index])
+    present = (rows['presence'][index].sigmoid() > PRESENCE_THRESHOLD).cpu().numpy()
+    trace = rows['trace'][index].detach().float().cpu().numpy()
+    for channel in range(N_TRACES):
+        cols = np.flatnonzero(present[channel])
+        if len(cols) < 2:
+            continue
+        x, y = page_to_image_xy(cols.astype(np.float64), trace[channel, cols], theta, page_aspect, picture.shape[:2])
+        points = np.round(np.stack([x, y], 1) * 16).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(picture, [points], False, TRACE_COLOURS[channel], thickness, cv2.LINE_AA, shift=4)
+    return picture

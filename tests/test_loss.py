@@ -1,0 +1,73 @@
+"""ecg_trainer.CompositeLoss: every term, the weights, per-sample validity, and that it rewards right maps."""
+import pytest
+import torch
+
+import ecg_model as em
+import ecg_trainer as et
+import production_dataset as pdx
+
+SIZE = (64, 336)
+
+
+@pytest.fixture(scope='module')
+def batch(fixture_dirs):
+    images, signals = fixture_dirs
+    dataset = pdx.ECGImageDataset(images, signals, target_size=SIZE)
+    return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+
+
+def random_outputs(batch, seed=0):
+    torch.manual_seed(seed)
+    n, (h, w) = len(batch['image']), SIZE
+    out = {'seg': torch.randn(n, 13, h, w), 'grid': torch.randn(n, 1, h, w), 'baseline': torch.randn(n, 1, h, w),
+           'trace': torch.randn(n, 26, h, w), 'theta': torch.randn(n)}
+    return em.decode_outputs(out, em.true_geometry(batch))
+
+
+def outputs_from_targets(batch):
+    """Maps that put all their mass on the targets: what a perfect network would emit."""
+    n, (h, w) = len(batch['image']), SIZE
+    rows = torch.arange(h).view(1, 1, h, 1).float()
+
+    def band(top, bot):   # log of the row mass a trace from top to bot leaves in each column
+        lo = torch.nan_to_num(top, nan=-9).unsqueeze(2) - 0.5
+        hi = torch.nan_to_num(bot, nan=-9).unsqueeze(2) + 0.5
+        overlap = (torch.minimum(hi, rows + 0.5) - torch.maximum(lo, rows - 0.5)).clamp(min=0)
+        return torch.log(overlap + 1e-4) + 6   # offset sets the presence logit (logsumexp over rows)
+
+    page = torch.cat([band(batch['trace_top'], batch['trace_bot']),
+                      band(batch['baseline_row'], batch['baseline_row'])], 1)
+    # the maps live in the image frame: turn the page-frame targets back by the true angle
+    back = em.to_page_frame_batch(page, -batch['theta'], batch['page_aspect'])
+    seg = torch.nn.functional.one_hot(batch['seg'], 13).permute(0, 3, 1, 2).float() * 20 - 10
+    out = {'seg': seg, 'grid': batch['grid'].unsqueeze(1) * 20 - 10, 'baseline': batch['baseline'].unsqueeze(1) * 20 - 10,
+           'trace': back, 'theta': batch['theta'].clone()}
+    return em.decode_outputs(out, em.true_geometry(batch))
+
+
+def test_every_term_is_returned_and_weighted(batch):
+    losses = et.CompositeLoss()(random_outputs(batch), batch)
+    for name in ['total', 'seg', 'grid', 'baseline', 'theta', 'signal', 'trace_ce', 'zero_ce', 'presence_bce',
+                 'signal_l1', 'signal_snr_db']:
+        assert torch.isfinite(losses[name]), name
+    expected = sum(w * losses[k] for k, w in et.DEFAULT_LOSS_WEIGHTS.items())
+    assert torch.allclose(losses['total'], expected)
+    heavier = et.CompositeLoss({'signal': 3.0})(random_outputs(batch), batch)
+    assert torch.allclose(heavier['total'] - losses['total'], losses['signal'])
+
+
+def test_invalid_targets_are_skipped_not_faked(batch):
+    out = random_outputs(batch)
+    assert float(et.CompositeLoss()(out, batch)['grid']) == 0.0      # ecg-image-kit: no grid geometry
+    no_theta = dict(batch, theta_valid=torch.zeros_like(batch['theta_valid']))
+    assert float(et.CompositeLoss()(out, no_theta)['theta']) == 0.0
+    with_grid = dict(batch, grid_valid=torch.ones_like(batch['grid_valid']))
+    assert float(et.CompositeLoss()(out, with_grid)['grid']) > 0.1
+
+
+def test_maps_on_the_targets_score_far_better_than_random(batch):
+    good = et.CompositeLoss()(outputs_from_targets(batch), batch)
+    bad = et.CompositeLoss()(random_outputs(batch), batch)
+    for name in ['seg', 'baseline', 'theta', 'trace_ce', 'zero_ce', 'presence_bce', 'signal_l1']:
+        assert good[name] < 0.5 * bad[name], name
+    assert good['signal_snr_db'] > bad['signal_snr_db'] + 10   # 64 rows: 1 mV is 3 px, so not the cap

@@ -1,0 +1,94 @@
+"""ecg_model: heads and shapes, the decoding path (round-trip bound, de-rotation, rotation estimate),
+and encoder weights (offline --pretrained fails fast, a local file loads)."""
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ecg_model as em
+import ecg_trainer as et
+import production_dataset as pdx
+
+SIZE = (128, 672)
+ENCODER = 'timm-regnetx_002'
+
+
+@pytest.fixture(scope='module')
+def fixture_batch(fixture_dirs):
+    images, signals = fixture_dirs
+    dataset = pdx.ECGImageDataset(images, signals, target_size=SIZE)
+    return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+
+
+def test_forward_returns_every_head_at_input_size():
+    model = em.build_model(ENCODER).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 320))
+    assert out['seg'].shape == (2, 13, 64, 320)
+    assert out['grid'].shape == (2, 1, 64, 320) and out['baseline'].shape == (2, 1, 64, 320)
+    assert out['theta'].shape == (2,) and out['signal'].shape == (2, 12, 5000)
+    assert torch.isfinite(out['signal']).all()
+
+
+def test_round_trip_bound_of_true_targets_is_high(fixture_batch):
+    """Decoding the targets themselves through the model's decoding path recovers the signal."""
+    b = fixture_batch
+    centre = (b['trace_top'] + b['trace_bot']) / 2
+    signal, shown = em.decode_rows(centre, b['baseline_row'], None, b['trace_window'], b['trace_span'], b['px_per_mv'])
+    metrics = et.signal_metrics(signal, b['signal'], b['signal_mask'])
+    assert metrics['pearson'] > 0.97 and metrics['snr_db'] > 15
+    assert bool((shown | ~b['signal_mask']).all())      # every scored sample is decoded
+
+
+def test_default_layout_windows_and_spans_from_presence_match_truth(fixture_batch):
+    b = fixture_batch
+    windows = em.default_windows(len(b['image']), 'cpu')
+    assert torch.allclose(windows, b['trace_window'], atol=0.005)
+    presence = torch.where(torch.isfinite(b['trace_top']), 10.0, -10.0)
+    spans = em.spans_from_presence(presence)
+    assert (spans - b['trace_span']).abs().max() < 1.0
+
+
+def test_derotation_puts_image_frame_traces_on_page_frame_targets(fixture_batch):
+    b = fixture_batch
+    one_hot = F.one_hot(b['seg'], 13).permute(0, 3, 1, 2).float()[:, 1:] * 20 - 10
+    page = em.to_page_frame_batch(one_hot, b['theta'], b['page_aspect'])
+    rows, presence = em.column_soft_argmax(page)
+    centre = (b['trace_top'] + b['trace_bot']) / 2
+    for i in range(len(rows)):
+        assert abs(float(b['theta'][i])) < 0.1 or abs(float(b['theta'][i])) > 1   # both kinds present
+        for lead in (0, 6, 11):
+            ok = torch.isfinite(centre[i, lead]) & (presence[i, lead].sigmoid() > 0.5)
+            assert ok.sum() > 50
+            assert (rows[i, lead][ok] - centre[i, lead][ok]).abs().median() < 0.75
+
+
+def test_rotation_estimated_from_zero_mv_lines(fixture_batch):
+    b = fixture_batch
+    logits = (b['baseline'].unsqueeze(1) * 20 - 10)
+    theta = em.estimate_theta(logits, torch.zeros(len(logits)), b['page_aspect'])
+    assert (theta - b['theta']).abs().max() < 0.1
+
+
+def test_pretrained_offline_fails_fast_with_clear_message():
+    if em.hub_reachable():
+        pytest.skip('the weights hub is reachable here')
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match='--pretrained_path'):
+        em.build_model('resnet18', pretrained=True)
+    assert time.perf_counter() - start < 15
+
+
+def test_pretrained_path_loads_local_encoder_file(tmp_path):
+    import torchvision
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / 'resnet18.pth'
+    torch.save(reference.state_dict(), path)
+    model = em.build_model('resnet18', pretrained_path=path)
+    assert torch.equal(model.unet.encoder.conv1.weight, reference.conv1.weight)
+    assert torch.equal(model.unet.encoder.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+    torch.save({'something': torch.zeros(3)}, tmp_path / 'wrong.pth')
+    with pytest.raises(ValueError, match='wrong.pth: only 0 of'):
+        em.build_model('resnet18', pretrained_path=tmp_path / 'wrong.pth')
