@@ -423,8 +423,9 @@ def main(argv=None):
         (run_dir / 'checkpoints').mkdir(parents=True, exist_ok=True)
         with open(run_dir / 'config.json', 'w') as handle:
             json.dump(config, handle, indent=2)
-        # purge_step drops points a crashed run logged after its last checkpoint: no duplicated steps
-        writer = SummaryWriter(run_dir / 'tensorboard', purge_step=state['global_step'] or None)
+        # purge_step drops points a crashed run logged after its last checkpoint (step > saved step)
+        purge = state['global_step'] + 1 if state['global_step'] else None
+        writer = SummaryWriter(run_dir / 'tensorboard', purge_step=purge)
         log.info('run folder %s; watch with: tensorboard --logdir %s', run_dir, run_dir / 'tensorboard')
     criterion = ecg_trainer.CompositeLoss(config['loss_weights'])
     started = time.perf_counter()
@@ -446,7 +447,7 @@ def main(argv=None):
             log.info(epoch_summary(state['epoch'], config['epochs'], train_means, val_means,
                                    time.perf_counter() - epoch_start))
             writer.flush()
-        if config['time_budget_min'] and time.perf_counter() - started > 60 * config['time_budget_min']:
+        if config['time_budget_min'] is not None and time.perf_counter() - started > 60 * config['time_budget_min']:
             log.info('time budget of %.1f min reached after epoch %d', config['time_budget_min'], state['epoch'])
             break
     if rank == 0:

@@ -1,0 +1,121 @@
+"""production_trainer CLI on tiny simulator data: run files, TensorBoard tags, resume, torchrun, --pretrained."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import PYTHON, ROOT, run_cli
+
+TINY = ['--image_size', '64', '320', '--encoder', 'timm-regnetx_002', '--batch_size', '4', '--num_workers', '0',
+        '--log_every', '1']
+TAGS = [f'{split}/{name}_loss' for split in ('Train', 'Val') for name in
+        ('total', 'seg', 'grid', 'baseline', 'theta', 'signal')] + ['Val/pearson', 'Val/snr_db', 'Train/lr']
+
+
+def train(sim_data, out, *extra):
+    result = run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY,
+                     '--output_dir', out, *extra)
+    runs = sorted(Path(out).glob('run_*'))
+    return runs[-1], result
+
+
+def scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir / 'tensorboard'), size_guidance={'scalars': 0, 'images': 0}).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.fixture(scope='module')
+def debug_run(sim_data, tmp_path_factory):
+    config = tmp_path_factory.mktemp('cfg') / 'config.json'
+    config.write_text(json.dumps({'loss_weights': {'seg': 1.2, 'grid': 0.4, 'signal': 3.0}}))
+    return train(sim_data, tmp_path_factory.mktemp('exp'), '--debug', '--save_every', '1', '--config', config,
+                 '--loss_weight_grid', '0.7')
+
+
+def test_debug_run_writes_every_file(debug_run):
+    run_dir, result = debug_run
+    names = sorted(p.name for p in (run_dir / 'checkpoints').iterdir())
+    assert names == ['best.pth', 'epoch_1.pth', 'epoch_2.pth', 'epoch_3.pth', 'last.pth']
+    log = (run_dir / 'logs' / 'train.log').read_text()
+    assert log.count('epoch 3/3') == 1 and 'debug mode: 100 samples, 3 epochs' in log
+    assert 'val loss' in log and 'img/s' in log
+    checkpoint = torch.load(run_dir / 'checkpoints' / 'last.pth', weights_only=False)
+    for key in ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'global_step', 'best_metric', 'config', 'rng'):
+        assert key in checkpoint, key
+    assert checkpoint['epoch'] == 3 and checkpoint['global_step'] == 3 * 2   # 11 train images, batch 4, drop_last
+
+
+def test_config_records_resolved_settings_and_loss_weights(debug_run):
+    run_dir, _ = debug_run
+    config = json.loads((run_dir / 'config.json').read_text())
+    # CLI beats the --config file, which beats the defaults
+    assert config['loss_weights'] == {'seg': 1.2, 'grid': 0.7, 'baseline': 0.8, 'theta': 0.3, 'signal': 3.0}
+    assert config['epochs'] == 3 and config['max_samples'] == 100 and config['device'] == 'cpu'
+    assert config['image_size'] == [64, 320] and config['encoder'] == 'timm-regnetx_002'
+
+
+def test_tensorboard_has_the_guides_tags_and_images(debug_run):
+    run_dir, _ = debug_run
+    events = EventAccumulator(str(run_dir / 'tensorboard'), size_guidance={'scalars': 0, 'images': 0}).Reload()
+    tags = events.Tags()
+    for tag in TAGS:
+        assert tag in tags['scalars'], tag
+    assert any(t.startswith('Val/prediction') for t in tags['images'])
+    steps = [s for s, _ in scalars(run_dir, 'Train/total_loss')]
+    assert steps == list(range(1, 7))
+    assert all(0 < v < 100 for _, v in scalars(run_dir, 'Train/total_loss'))
+    assert len(scalars(run_dir, 'Val/snr_db')) == 3
+
+
+def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path):
+    common = ['--epochs', '2', '--seed', '3', '--max_samples', '12']
+    whole, _ = train(sim_data, tmp_path / 'whole', *common)
+    part, _ = train(sim_data, tmp_path / 'part', *common, '--time_budget_min', '0')   # stops after epoch 1
+    first = torch.load(part / 'checkpoints' / 'last.pth', weights_only=False)
+    assert first['epoch'] == 1
+    result = run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY, *common,
+                     '--output_dir', tmp_path / 'elsewhere', '--resume', part / 'checkpoints' / 'last.pth')
+    assert 'resumed from' in result.stdout and not (tmp_path / 'elsewhere').exists()   # same run folder
+    assert torch.load(part / 'checkpoints' / 'last.pth', weights_only=False)['epoch'] == 2
+    a = scalars(whole, 'Train/total_loss')
+    b = scalars(part, 'Train/total_loss')
+    assert [s for s, _ in b] == [s for s, _ in a]            # no duplicated or missing steps
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5)
+    final_a = torch.load(whole / 'checkpoints' / 'last.pth', weights_only=False)['model']
+    final_b = torch.load(part / 'checkpoints' / 'last.pth', weights_only=False)['model']
+    for key in final_a:
+        assert torch.allclose(final_a[key].float(), final_b[key].float(), atol=1e-6), key
+
+
+def test_torchrun_two_cpu_processes(sim_data, tmp_path):
+    result = run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                     'production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY,
+                     '--force_cpu', '--epochs', '2', '--max_samples', '12', '--output_dir', tmp_path)
+    runs = list(tmp_path.glob('run_*'))
+    assert len(runs) == 1, 'rank 0 alone makes the run folder'
+    log = (runs[0] / 'logs' / 'train.log').read_text()
+    assert 'world size 2' in log and log.count('epoch 2/2') == 1
+    checkpoint = torch.load(runs[0] / 'checkpoints' / 'last.pth', weights_only=False)
+    # 11 train images, 2 ranks x batch 4, drop_last: one step per epoch
+    assert checkpoint['epoch'] == 2 and checkpoint['global_step'] == 2
+
+
+def test_pretrained_offline_fails_fast_on_the_cli(sim_data, tmp_path):
+    import ecg_model
+    if ecg_model.hub_reachable():
+        pytest.skip('the weights hub is reachable here')
+    start = time.perf_counter()
+    result = run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY,
+                     '--encoder', 'resnet18', '--pretrained', '--output_dir', tmp_path, check=False)
+    assert result.returncode != 0 and time.perf_counter() - start < 60
+    assert 'could not be had' in result.stderr and '--pretrained_path' in result.stderr
+    assert 'Retrying' not in result.stderr
+
+
+def test_bad_data_path_fails_clearly(tmp_path):
+    result = run_cli('production_trainer.py', '--sim_root', tmp_path / 'nope', '--csv_root', tmp_path, *TINY,
+                     '--output_dir', tmp_path, check=False)
+    assert result.returncode != 0 and 'nope: --sim_root is not a folder' in result.stderr
