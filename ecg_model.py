@@ -43,14 +43,16 @@ MM_PER_MV = 10.0
 PRESENCE_THRESHOLD = 0.5
 HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
 HEAD_CHANNELS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 2 * N_TRACES}
+DECODER_CHANNELS = (128, 64, 32, 32, 16)   # half smp's default width: 2x faster on CPU, traces are simple shapes
 
 
 class ECGDigitizer(nn.Module):
     """U-Net with heads seg / grid / baseline / theta / signal; forward returns a dict (shapes above)."""
 
-    def __init__(self, encoder='resnet34', decoder_channels=(256, 128, 64, 32, 16)):
+    def __init__(self, encoder='resnet34', decoder_channels=DECODER_CHANNELS):
         super().__init__()
         self.encoder_name = encoder
+        self.model_args = {'encoder': encoder, 'decoder_channels': list(decoder_channels)}
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3,
                              classes=sum(HEAD_CHANNELS.values()), decoder_channels=decoder_channels,
                              aux_params={'classes': 1, 'pooling': 'avg', 'dropout': 0.0})
@@ -296,8 +298,8 @@ def load_imagenet_encoder(model):
     model.unet.encoder.load_state_dict(encoder.state_dict())
 
 
-def build_model(encoder='resnet34', pretrained=False, pretrained_path=None):
-    model = ECGDigitizer(encoder)
+def build_model(encoder='resnet34', pretrained=False, pretrained_path=None, decoder_channels=DECODER_CHANNELS):
+    model = ECGDigitizer(encoder, decoder_channels)
     if pretrained_path:
         load_encoder_file(model, pretrained_path)
     elif pretrained:

@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument('--image_size', type=int, nargs=2, default=list(pdx.DEFAULT_IMAGE_SIZE), metavar=('H', 'W'),
                    help='network input; wide beats tall at a given pixel count (DESIGN.md)')
     p.add_argument('--encoder', default='resnet34', help='segmentation-models-pytorch encoder name')
+    p.add_argument('--decoder_channels', type=int, nargs=5, default=list(ecg_model.DECODER_CHANNELS),
+                   help='U-Net decoder widths, deepest first')
     p.add_argument('--val_fraction', type=float, default=0.1, help='share of record ids held out for validation')
     p.add_argument('--seed', type=int, default=42, help='seed for the split, initial weights, shuffling, augmentation')
     p.add_argument('--output_dir', default='experiments', help='where run folders are made')
@@ -256,7 +258,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, epoch, global_step, be
     return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
             'global_step': global_step, 'best_metric': best_metric, 'config': config, 'rng': rng_state(),
-            'model_args': {'encoder': config['encoder']}}
+            'model_args': unwrap(model).model_args}
 
 
 def load_model(path, device='cpu'):
@@ -372,7 +374,8 @@ def setup(args):
 
 def build_training(config, device, amp, world_size, steps_per_epoch):
     seed_everything(config['seed'])
-    model = ecg_model.build_model(config['encoder'], config['pretrained'], config['pretrained_path'])
+    model = ecg_model.build_model(config['encoder'], config['pretrained'], config['pretrained_path'],
+                                  config['decoder_channels'])
     model = model.to(device)
     if device.type in ('cuda', 'cpu'):
         model = model.to(memory_format=torch.channels_last)

@@ -29,3 +29,14 @@ def sim_data(tmp_path_factory):
     out = tmp_path_factory.mktemp('sim')
     run_cli('ecg_simulator.py', '--out', out, '--n', 12, '--seed', 7, '--workers', 2, '--dpi_choices', 100)
     return out
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(sim_data, tmp_path_factory):
+    """best.pth of a 1-epoch run of the real trainer CLI at 64 x 320 on sim_data (weights barely trained:
+    for checking files and shapes, not accuracy)."""
+    out = tmp_path_factory.mktemp('tiny_run')
+    run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, '--image_size', '64', '320',
+            '--encoder', 'timm-regnetx_002', '--batch_size', '4', '--num_workers', '0', '--epochs', '1',
+            '--max_samples', '12', '--output_dir', out)
+    return next(out.glob('run_*/checkpoints/best.pth'))

@@ -12,7 +12,7 @@ import ecg_trainer as et
 import production_dataset as pdx
 
 SIZE = (128, 672)
-ENCODER = 'timm-regnetx_002'
+ENCODER = 'tu-regnetx_002'
 
 
 @pytest.fixture(scope='module')

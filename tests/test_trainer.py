@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import PYTHON, ROOT, run_cli
 
-TINY = ['--image_size', '64', '320', '--encoder', 'timm-regnetx_002', '--batch_size', '4', '--num_workers', '0',
+TINY = ['--image_size', '64', '320', '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0',
         '--log_every', '1']
 TAGS = [f'{split}/{name}_loss' for split in ('Train', 'Val') for name in
         ('total', 'seg', 'grid', 'baseline', 'theta', 'signal')] + ['Val/pearson', 'Val/snr_db', 'Train/lr']
@@ -54,7 +54,7 @@ def test_config_records_resolved_settings_and_loss_weights(debug_run):
     # CLI beats the --config file, which beats the defaults
     assert config['loss_weights'] == {'seg': 1.2, 'grid': 0.7, 'baseline': 0.8, 'theta': 0.3, 'signal': 3.0}
     assert config['epochs'] == 3 and config['max_samples'] == 100 and config['device'] == 'cpu'
-    assert config['image_size'] == [64, 320] and config['encoder'] == 'timm-regnetx_002'
+    assert config['image_size'] == [64, 320] and config['encoder'] == 'tu-regnetx_002'
 
 
 def test_tensorboard_has_the_guides_tags_and_images(debug_run):

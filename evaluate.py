@@ -1,0 +1,211 @@
+"""Score a trained checkpoint on a data set.
+
+    python evaluate.py --checkpoint experiments/run_xxx/checkpoints/best.pth
+    python evaluate.py --checkpoint best.pth --sim_root /path/to/simulations --csv_root /path/to/train
+
+Without --sim_root / --csv_root it scores the validation split recorded in the run's config.json.
+Reports Pearson and SNR (dB, Kaggle-style) overall, per lead, per sampling rate and per image style;
+the rotation error in degrees; the 0 mV line error in input pixels; the seg Dice; and the round-trip
+bound (the ground-truth targets decoded by the same path, the best any model can do at this input
+size) beside the model's score. A table goes to the terminal, JSON and CSV reports beside the
+checkpoint ({checkpoint stem}_eval.json / .csv).
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import ecg_model
+import ecg_trainer
+import production_dataset as pdx
+from production_trainer import load_model, pick_device
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Score a checkpoint: Pearson, SNR, theta, baseline, Dice, round-trip bound.')
+    p.add_argument('--checkpoint', required=True, help='best.pth / last.pth of a run')
+    p.add_argument('--sim_root', help='images to score (default: the run\'s validation split)')
+    p.add_argument('--csv_root', help='signals of those images')
+    p.add_argument('--max_samples', type=int, default=None, help='score at most this many images')
+    p.add_argument('--batch_size', type=int, default=4)
+    p.add_argument('--num_workers', type=int, default=0)
+    p.add_argument('--output', help='report path stem (default: beside the checkpoint)')
+    p.add_argument('--force_cpu', action='store_true')
+    return p.parse_args(argv)
+
+
+def evaluation_refs(config, sim_root=None, csv_root=None, max_samples=None):
+    """The images to score: the given roots, or the run's own validation split."""
+    if sim_root or csv_root:
+        if not (sim_root and csv_root):
+            raise SystemExit('give both --sim_root and --csv_root, or neither (the run\'s validation split)')
+        refs, problems = pdx.find_samples(sim_root, csv_root, max_samples)
+        return refs, problems
+    refs, problems = pdx.find_samples(config['sim_root'], config['csv_root'], config['max_samples'])
+    _, val_refs = pdx.split_by_record(refs, config['val_fraction'], config['seed'])
+    return val_refs[:max_samples] if max_samples else val_refs, problems
+
+
+def seg_dice(logits, target):
+    """(B,) mean Dice over the lead classes present in each target."""
+    pred = logits.argmax(1)
+    scores = []
+    for b in range(len(pred)):
+        per_class = []
+        for c in target[b].unique().tolist():
+            if c == 0:
+                continue
+            p, t = pred[b] == c, target[b] == c
+            per_class.append(2 * (p & t).sum().item() / max(1, p.sum().item() + t.sum().item()))
+        scores.append(float(np.mean(per_class)) if per_class else float('nan'))
+    return torch.tensor(scores)
+
+
+def baseline_error_px(predicted_rows, true_rows):
+    """(B,) mean |predicted - true| 0 mV row over the columns each lead is plotted, in input pixels."""
+    ok = torch.isfinite(true_rows)
+    diff = (predicted_rows - torch.nan_to_num(true_rows)).abs() * ok
+    return diff.sum((1, 2)) / ok.sum((1, 2)).clamp(min=1)
+
+
+def round_trip(batch):
+    """Ground truth decoded through the model's decoding path: (B, 12, 5000)."""
+    centre = (batch['trace_top'] + batch['trace_bot']) / 2
+    signal, _ = ecg_model.decode_rows(centre, batch['baseline_row'], None, batch['trace_window'],
+                                      batch['trace_span'], batch['px_per_mv'])
+    return signal
+
+
+@torch.no_grad()
+def score_batches(model, loader, device):
+    """Per-image numbers for the whole loader."""
+    rows, model_stats, bound_stats = [], [], []
+    for batch in tqdm(loader, desc='evaluating', leave=False):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        outputs = model(batch['image'], {'page_aspect': batch['page_aspect']})
+        outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}
+        model_stats.append(ecg_trainer.record_stats(outputs['signal'], batch['signal'], batch['signal_mask']))
+        bound_stats.append(ecg_trainer.record_stats(round_trip(batch), batch['signal'], batch['signal_mask']))
+        theta_err = (outputs['decode_theta'] - batch['theta']).abs().cpu()
+        dice = seg_dice(outputs['seg'], batch['seg'])
+        base = baseline_error_px(outputs['trace_rows']['zero'], batch['baseline_row']).cpu()
+        for i in range(len(batch['image'])):
+            rows.append({'record_id': batch['record_id'][i], 'fs': float(batch['fs'][i]), 'style': batch['style'][i],
+                         'theta_true': float(batch['theta'][i]), 'theta_valid': bool(batch['theta_valid'][i] > 0),
+                         'theta_error_deg': float(theta_err[i]), 'seg_dice': float(dice[i]),
+                         'baseline_error_px': float(base[i])})
+    return pd.DataFrame(rows), ecg_trainer.concat_stats(model_stats), ecg_trainer.concat_stats(bound_stats)
+
+
+def subset(stats, index):
+    return {k: v[index] for k, v in stats.items()}
+
+
+def group_report(frame, model_stats, bound_stats, column):
+    """Pearson and SNR of the model and the bound for each value of one column (fs, style)."""
+    out = {}
+    for value, group in frame.groupby(column):
+        index = torch.tensor(group.index.to_numpy())
+        m, b = ecg_trainer.summarize(subset(model_stats, index)), ecg_trainer.summarize(subset(bound_stats, index))
+        out[str(value)] = {'n': len(group), 'pearson': m['pearson'], 'snr_db': m['snr_db'],
+                           'bound_pearson': b['pearson'], 'bound_snr_db': b['snr_db']}
+    return out
+
+
+def build_report(frame, model_stats, bound_stats):
+    model_sum = ecg_trainer.summarize(model_stats)
+    bound_sum = ecg_trainer.summarize(bound_stats)
+    rotated = frame[frame.theta_valid & (frame.theta_true.abs() > 0.5)]
+    valid_theta = frame[frame.theta_valid]
+    return {
+        'n_images': len(frame),
+        'pearson': model_sum['pearson'], 'snr_db': model_sum['snr_db'],
+        'bound_pearson': bound_sum['pearson'], 'bound_snr_db': bound_sum['snr_db'],
+        'per_lead': {lead: {'pearson': model_sum['pearson_per_lead'][i], 'snr_db': model_sum['snr_db_per_lead'][i],
+                            'bound_pearson': bound_sum['pearson_per_lead'][i],
+                            'bound_snr_db': bound_sum['snr_db_per_lead'][i]}
+                     for i, lead in enumerate(pdx.LEADS)},
+        'per_fs': group_report(frame, model_stats, bound_stats, 'fs'),
+        'per_style': group_report(frame, model_stats, bound_stats, 'style'),
+        'theta_error_deg': float(valid_theta.theta_error_deg.mean()) if len(valid_theta) else float('nan'),
+        'theta_error_deg_rotated': float(rotated.theta_error_deg.mean()) if len(rotated) else float('nan'),
+        'baseline_error_px': float(frame.baseline_error_px.mean()),
+        'seg_dice': float(frame.seg_dice.mean()),
+    }
+
+
+def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_samples=None, batch_size=4,
+                        num_workers=0, force_cpu=False):
+    """Score one checkpoint -> (report dict, per-image DataFrame)."""
+    device = pick_device(force_cpu, 0)
+    model, checkpoint = load_model(checkpoint_path, device)
+    config = checkpoint['config']
+    refs, problems = evaluation_refs(config, sim_root, csv_root, max_samples)
+    dataset = pdx.ECGImageDataset(refs=refs, target_size=config['image_size'])
+    for path, message in problems + dataset.problems:
+        print(f'skipped {path}: {message}')
+    if len(dataset) == 0:
+        raise SystemExit('no usable image to evaluate')
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    frame, model_stats, bound_stats = score_batches(model, loader, device)
+    report = build_report(frame, model_stats, bound_stats)
+    report.update(checkpoint=str(checkpoint_path), image_size=config['image_size'], encoder=config['encoder'],
+                  epoch=checkpoint['epoch'], skipped=len(problems) + len(dataset.problems))
+    return report, frame
+
+
+def fmt(value, digits=3):
+    return 'nan' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.{digits}f}'
+
+
+def print_table(report):
+    print(f"\n{report['n_images']} images, input {report['image_size'][0]}x{report['image_size'][1]}, "
+          f"epoch {report['epoch']}")
+    print(f"{'':14s}{'pearson':>9s}{'snr dB':>9s}{'bound r':>9s}{'bound dB':>9s}")
+    print(f"{'overall':14s}{fmt(report['pearson']):>9s}{fmt(report['snr_db'], 2):>9s}"
+          f"{fmt(report['bound_pearson']):>9s}{fmt(report['bound_snr_db'], 2):>9s}")
+    for title, block in (('lead', report['per_lead']), ('fs', report['per_fs']), ('style', report['per_style'])):
+        for name, row in block.items():
+            print(f"{title + ' ' + name:14s}{fmt(row['pearson']):>9s}{fmt(row['snr_db'], 2):>9s}"
+                  f"{fmt(row['bound_pearson']):>9s}{fmt(row['bound_snr_db'], 2):>9s}")
+    print(f"theta error {fmt(report['theta_error_deg'], 2)} deg (rotated pages {fmt(report['theta_error_deg_rotated'], 2)}), "
+          f"0 mV line error {fmt(report['baseline_error_px'], 2)} px, seg Dice {fmt(report['seg_dice'])}")
+
+
+def strict_json(value):
+    """NaN (a lead or group with nothing to score) -> null, so strict JSON readers accept the report."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_reports(report, frame, stem):
+    stem = Path(stem)
+    with open(stem.with_name(stem.name + '_eval.json'), 'w') as handle:
+        json.dump(strict_json(report), handle, indent=2, allow_nan=False)
+    frame.to_csv(stem.with_name(stem.name + '_eval.csv'), index=False)
+    return stem.with_name(stem.name + '_eval.json'), stem.with_name(stem.name + '_eval.csv')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(f'{args.checkpoint}: checkpoint not found')
+    report, frame = evaluate_checkpoint(args.checkpoint, args.sim_root, args.csv_root, args.max_samples,
+                                        args.batch_size, args.num_workers, args.force_cpu)
+    print_table(report)
+    stem = args.output or str(Path(args.checkpoint).with_suffix(''))
+    json_path, csv_path = write_reports(report, frame, stem)
+    print(f'reports: {json_path} {csv_path}')
+
+
+if __name__ == '__main__':
+    main()

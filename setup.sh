@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv in the project (once) and install the pinned requirements into it.
+# Re-running is cheap: pip only installs what is missing. Used by train.sh, .ci/run and the README.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt; then
+    echo "[setup] pip could not install requirements.txt into .venv" >&2
+    exit 1
+fi
+.venv/bin/python -c "import torch, segmentation_models_pytorch, albumentations, cv2; print('[setup] ready: torch', torch.__version__)"

@@ -1,0 +1,127 @@
+"""inference.py CLI on tiny simulator images: Kaggle CSV layout, NaN where not shown, --fs, folder mode, --wfdb,
+images without JSON, RGBA and JPEG input, clear errors."""
+import shutil
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import wfdb
+
+from conftest import run_cli
+
+LEADS = ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
+COLUMN = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]   # the standard layout's 2.5 s column of each lead
+
+
+def expected_finite(n_rows):
+    """(n_rows, 12) bool: II for all 10 s (rhythm strip), every other lead only in its quarter."""
+    quarter = n_rows // 4
+    finite = np.zeros((n_rows, 12), bool)
+    for lead, column in enumerate(COLUMN):
+        finite[column * quarter:(column + 1) * quarter, lead] = True
+    finite[:, 1] = True
+    return finite
+
+
+def first_png(sim_data):
+    return sorted(sim_data.glob('*/*-0001.png'))[0]
+
+
+@pytest.fixture(scope='module')
+def single(sim_data, tiny_checkpoint, tmp_path_factory):
+    """One PNG copied alone (no JSON beside it, as in real use), digitized at the default 500 Hz."""
+    folder = tmp_path_factory.mktemp('lone')
+    image = shutil.copy(first_png(sim_data), folder / 'scan.png')
+    csv = folder / 'out' / 'result.csv'
+    result = run_cli('inference.py', '--image', image, '--checkpoint', tiny_checkpoint, '--output', csv)
+    return csv, result
+
+
+@pytest.fixture(scope='module')
+def folder(sim_data, tiny_checkpoint, tmp_path_factory):
+    """A folder of a plain PNG, an opaque RGBA PNG of the same page and a JPEG in a subfolder (no JSONs),
+    plus a non-image file to be ignored; digitized at 250 Hz with --wfdb, two images a batch."""
+    root = tmp_path_factory.mktemp('scans')
+    source = first_png(sim_data)
+    shutil.copy(source, root / 'plain.png')
+    bgr = cv2.imread(str(source), cv2.IMREAD_COLOR)
+    cv2.imwrite(str(root / 'rgba.png'), cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA))
+    (root / 'sub').mkdir()
+    cv2.imwrite(str(root / 'sub' / 'photo.jpg'), cv2.imread(str(sorted(sim_data.glob('*/*-0001.png'))[1])))
+    (root / 'notes.txt').write_text('not an image')
+    out = tmp_path_factory.mktemp('signals')
+    result = run_cli('inference.py', '--image', root, '--checkpoint', tiny_checkpoint, '--output', out,
+                     '--fs', '250', '--wfdb', '--batch_size', '2')
+    return out, result
+
+
+def test_single_image_writes_kaggle_csv(single):
+    csv, result = single
+    frame = pd.read_csv(csv)
+    assert list(frame.columns) == LEADS
+    assert len(frame) == 5000
+    assert str(csv) in result.stdout
+
+
+def test_single_image_nan_layout_and_values(single):
+    frame = pd.read_csv(single[0])
+    finite = np.isfinite(frame.to_numpy())
+    assert finite[:, 1].all()                                            # II: the rhythm strip, 10 s
+    assert np.flatnonzero(finite[:, 0]).tolist() == list(range(1250))   # I: first column only
+    assert np.flatnonzero(finite[:, 11]).tolist() == list(range(3750, 5000))
+    assert (finite == expected_finite(5000)).all()
+    values = frame.to_numpy()[finite]
+    assert np.abs(values).max() < 20                                     # mV
+    assert np.abs(values).max() > 0                                      # not an all-zero placeholder
+
+
+def test_folder_mode_one_csv_per_image_named_by_stem(folder):
+    out, result = folder
+    assert sorted(p.name for p in out.glob('*.csv')) == ['photo.csv', 'plain.csv', 'rgba.csv']
+    assert 'wrote 3 signal(s)' in result.stdout
+
+
+def test_fs_250_rows_and_layout_scaled(folder):
+    out, _ = folder
+    for csv in out.glob('*.csv'):
+        frame = pd.read_csv(csv)
+        assert list(frame.columns) == LEADS and len(frame) == 2500
+        finite = np.isfinite(frame.to_numpy())
+        assert (finite == expected_finite(2500)).all(), csv.name
+        assert np.abs(frame.to_numpy()[finite]).max() < 20
+
+
+def test_rgba_reads_as_the_same_page_and_jpeg_works(folder):
+    out, _ = folder
+    plain, rgba = pd.read_csv(out / 'plain.csv'), pd.read_csv(out / 'rgba.csv')
+    # an opaque alpha channel changes nothing the model sees
+    np.testing.assert_allclose(rgba.to_numpy(), plain.to_numpy(), atol=1e-3, equal_nan=True)
+    assert np.isfinite(pd.read_csv(out / 'photo.csv')['II']).all()
+
+
+def test_wfdb_record_reads_back(folder):
+    out, _ = folder
+    assert (out / 'plain.hea').is_file() and (out / 'plain.dat').is_file()
+    record = wfdb.rdrecord(str(out / 'plain'))
+    assert record.n_sig == 12 and record.fs == 250 and record.sig_name == LEADS and record.units == ['mV'] * 12
+    csv = pd.read_csv(out / 'plain.csv').to_numpy()
+    assert record.p_signal.shape == csv.shape
+    assert (np.isnan(record.p_signal) == np.isnan(csv)).all()           # not shown stays NaN
+    np.testing.assert_allclose(record.p_signal, csv, atol=2e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize('case', ['missing image', 'not an image', 'missing checkpoint'])
+def test_bad_inputs_fail_naming_the_file(case, tiny_checkpoint, tmp_path):
+    image, checkpoint = tmp_path / 'nope.png', tiny_checkpoint
+    if case == 'not an image':
+        image.write_text('this is text, not a PNG')
+    if case == 'missing checkpoint':
+        image.write_text('unused')
+        checkpoint = tmp_path / 'missing.pth'
+    result = run_cli('inference.py', '--image', image, '--checkpoint', checkpoint, '--output', tmp_path / 'o.csv',
+                     check=False)
+    assert result.returncode != 0
+    named = checkpoint if case == 'missing checkpoint' else image
+    assert str(named) in result.stderr and 'Traceback' not in result.stderr
+    assert not (tmp_path / 'o.csv').exists()
