@@ -37,6 +37,6 @@ def tiny_checkpoint(sim_data, tmp_path_factory):
     for checking files and shapes, not accuracy)."""
     out = tmp_path_factory.mktemp('tiny_run')
     run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, '--image_size', '64', '320',
-            '--encoder', 'timm-regnetx_002', '--batch_size', '4', '--num_workers', '0', '--epochs', '1',
+            '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0', '--epochs', '1',
             '--max_samples', '12', '--output_dir', out)
     return next(out.glob('run_*/checkpoints/best.pth'))

@@ -1,0 +1,28 @@
+"""The benchmark scripts stay working: their quick modes run and report sane numbers."""
+import json
+
+from conftest import ROOT, run_cli
+
+
+def test_bench_quality_quick_reports_every_number(tmp_path):
+    result = run_cli('bench_quality.py', '--quick', '--out', tmp_path / 'quality')
+    report = json.loads((tmp_path / 'quality' / 'report.json').read_text())
+    for block in ('heldout', 'fixture'):
+        assert report[block]['n_images'] >= 1
+        assert -1 <= report[block]['pearson'] <= 1 and report[block]['bound_pearson'] > 0.5
+        assert set(report[block]['per_lead']) == {'I', 'II', 'III', 'aVR', 'aVL', 'aVF',
+                                                  'V1', 'V2', 'V3', 'V4', 'V5', 'V6'}
+    assert report['fixture']['n_images'] == 4
+    assert report['train_images_per_s'] > 0 and report['epochs_done'] == 1
+    assert '64x320' in report['bound_by_input_size']
+    assert 'held-out simulator' in result.stdout and 'ecg-image-kit fixture' in result.stdout
+
+
+def test_bench_dataset_quick(tmp_path):
+    result = run_cli('bench_dataset.py', '--quick', '--n', '3', '--dpi', '100', '--image_size', '64', '320',
+                     '--out', tmp_path / 'ds')
+    report = json.loads((ROOT / 'bench_out' / 'bench_dataset.json').read_text())
+    assert report['images'] == 3 and report['page_px'] == [1100, 850]
+    assert 0 < report['simulator_render_s_per_image'] < 5
+    assert report['dataset_s_per_sample_cache'] < report['dataset_s_per_sample_no_cache']
+    assert report['cache_mib_per_sample'] > 64 * 320 * 3 / 2 ** 20

@@ -1,0 +1,39 @@
+"""evaluate.py on a tiny trained checkpoint: the run's validation split by default, any data set on request."""
+import json
+import math
+
+import pandas as pd
+
+import production_dataset as pdx
+from conftest import run_cli
+
+
+def test_evaluate_scores_the_runs_validation_split(tiny_checkpoint):
+    result = run_cli('evaluate.py', '--checkpoint', tiny_checkpoint)
+    report = json.loads(tiny_checkpoint.with_name('best_eval.json').read_text())
+    frame = pd.read_csv(tiny_checkpoint.with_name('best_eval.csv'))
+    assert report['n_images'] == 1 == len(frame)          # 12 records, val_fraction 0.1
+    assert 'overall' in result.stdout and 'lead V6' in result.stdout and 'reports:' in result.stdout
+    assert set(report['per_lead']) == set(pdx.LEADS)
+    assert -1 <= report['pearson'] <= 1 and report['snr_db'] < report['bound_snr_db']
+    assert 0.5 < report['bound_pearson'] <= 1 and report['bound_snr_db'] > 2
+    assert 0 <= report['seg_dice'] <= 1 and report['baseline_error_px'] >= 0
+    assert math.isfinite(report['theta_error_deg'])
+
+
+def test_evaluate_on_the_ecg_image_kit_fixture(tiny_checkpoint, fixture_dirs, tmp_path):
+    images, signals = fixture_dirs
+    result = run_cli('evaluate.py', '--checkpoint', tiny_checkpoint, '--sim_root', images, '--csv_root', signals,
+                     '--output', tmp_path / 'fx')
+    report = json.loads((tmp_path / 'fx_eval.json').read_text())
+    assert report['n_images'] == 4
+    assert set(report['per_fs']) == {'256.0', '512.0'} and set(report['per_style']) == {'ecg-image-kit'}
+    assert report['per_fs']['256.0']['n'] == 2
+    # the rotated fixture pages are among the scored ones
+    assert report['theta_error_deg_rotated'] is not None and report['theta_error_deg_rotated'] >= 0
+    assert report['bound_pearson'] > 0.8
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    result = run_cli('evaluate.py', '--checkpoint', tmp_path / 'none.pth', check=False)
+    assert result.returncode != 0 and 'none.pth: checkpoint not found' in result.stderr
