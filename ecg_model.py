@@ -213,10 +213,10 @@ def estimate_theta(baseline_logits, theta_regressed, page_aspect=None, max_deg=8
     makes the lines' row histogram sharpest), refined to 0.01 deg; falls back to the regression head
     when too few line pixels are predicted. Not differentiable: used to choose the decoding frame."""
     batch, _, height, width = baseline_logits.shape
-    out = theta_regressed.detach().float().clone()
+    out = theta_regressed.detach().float().cpu().clone()
     aspect = page_aspect if page_aspect is not None else torch.full((batch,), PAGE_ASPECT)
     for b in range(batch):
-        prob = baseline_logits[b, 0].detach().float().sigmoid()
+        prob = baseline_logits[b, 0].detach().float().sigmoid().cpu()   # the search is small: CPU on any device
         rows, cols = torch.nonzero(prob > 0.5, as_tuple=True)
         if not width // 4 <= len(rows) <= 16 * width:   # a few long lines, not blobs: else trust the head
             continue

@@ -1,0 +1,220 @@
+"""Picture of what a checkpoint sees and predicts on one ECG image, with the truth when it is known.
+
+    python visualize.py --image test.png --checkpoint best.pth
+    python visualize.py --image test.png --checkpoint best.pth --output out.png --csv truth.csv --fs 500
+
+Top: the input image at the model's input size (upscaled when small) with the predicted lead mask (lead
+colours, semi-transparent), the predicted 0 mV lines (green) and the traces the signal head reads.
+Below: one small plot per lead, in the page's 3 x 4 arrangement, of the predicted signal in mV over the
+seconds the image shows it (II: all 10 s), the truth over it in black and Pearson r in the title.
+Truth comes from --csv, or by itself when the image sits in the Kaggle layout (OUT/{id}/{id}-0001.png
+beside OUT/{id}/{id}.csv, with OUT/train.csv). Writes {image_stem}_visualization.png beside the image
+unless --output says otherwise.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')   # files only: no display on servers and in tests
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+import ecg_model
+import ecg_trainer
+import inference
+import production_dataset as pdx
+
+MIN_PANEL_WIDTH = 1200         # px: a 320 px wide input is upscaled x4 to stay legible
+FIGURE_WIDTH_IN = 16
+MAX_PANEL_HEIGHT_IN = 7
+LEAD_ROW_HEIGHT_IN = 2.2
+DPI = 100
+SEG_ALPHA = 0.45               # lead mask over the image: enough to see, not enough to hide the trace
+BASELINE_COLOUR = np.array([0, 200, 0])
+BASELINE_ALPHA = 0.7           # an untrained model's 0 mV map can cover the page: keep the image visible
+SEG_MIN_PROB = 0.5             # colour only pixels the model is fairly sure belong to a lead
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Draw what a checkpoint predicts on one ECG image.')
+    parser.add_argument('--image', required=True, type=Path, help='PNG or JPEG of an ECG page')
+    parser.add_argument('--checkpoint', required=True, type=Path, help='a trained .pth (e.g. checkpoints/best.pth)')
+    parser.add_argument('--output', type=Path, help='PNG to write (default: {image_stem}_visualization.png beside '
+                                                    'the image)')
+    parser.add_argument('--csv', type=Path, help='true signal, a Kaggle signal CSV (columns I..V6 in mV)')
+    parser.add_argument('--fs', type=float, help='sampling rate of --csv in Hz (default: from a JSON beside the '
+                                                 'image, else train.csv two levels up, else rows / 10 s)')
+    parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'],
+                        help='auto: CUDA, else MPS, else CPU')
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- truth
+
+def record_id(image_path):
+    """Kaggle / ecg-image-kit image names are {id}-{k}.png."""
+    return image_path.stem.rsplit('-', 1)[0]
+
+
+def find_truth_csv(image_path):
+    """OUT/{id}/{id}.csv beside OUT/{id}/{id}-k.png, or None."""
+    path = image_path.parent / f'{record_id(image_path)}.csv'
+    return path if path.is_file() else None
+
+
+def truth_fs(csv_path, image_path, n_rows, given_fs):
+    """(fs, where it came from): --fs, the image's JSON, train.csv two levels up, else rows / 10 s."""
+    if given_fs:
+        return given_fs, '--fs'
+    json_path = image_path.with_suffix('.json')
+    if json_path.is_file():
+        fs = pdx.read_json(json_path).get('sampling_frequency')
+        if fs:
+            return float(fs), json_path.name
+    train_csv = image_path.parent.parent / 'train.csv'
+    if train_csv.is_file():
+        records = pdx.read_train_csv(train_csv.parent)
+        if csv_path.stem in records:
+            return records[csv_path.stem][0], str(train_csv)
+    return n_rows / pdx.SECONDS, 'rows / 10 s'   # Kaggle signals are 10 s long
+
+
+def load_truth(csv_path, image_path, given_fs):
+    """Kaggle signal CSV -> ((12, 5000) mV at 500 Hz with NaN where not recorded, description)."""
+    n_rows = len(pd.read_csv(csv_path, usecols=[0]))
+    fs, source = truth_fs(csv_path, image_path, n_rows, given_fs)
+    return pdx.load_signal(csv_path, fs, n_rows), f'{csv_path} at {fs:g} Hz (fs from {source})'
+
+
+def resolve_truth(args):
+    """(truth (12, 5000) or None, description). An explicit --csv must load; one found by itself may fail
+    quietly (with a note), since the picture is still useful without it."""
+    if args.csv is not None:
+        if not args.csv.is_file():
+            raise inference.InputError(f'{args.csv}: truth CSV not found')
+        try:
+            return load_truth(args.csv, args.image, args.fs)
+        except (pdx.SampleError, ValueError) as exc:
+            raise inference.InputError(f'{args.csv}: cannot use as truth ({exc})') from exc
+    found = find_truth_csv(args.image)
+    if found is None:
+        return None, 'none (no --csv, and no {id}.csv beside the image)'
+    try:
+        return load_truth(found, args.image, args.fs)
+    except (pdx.SampleError, ValueError) as exc:
+        return None, f'none ({found} unusable: {exc})'
+
+
+def pearson(pred, truth):
+    """pred (12, 5000), truth (12, 5000) with NaN -> (12,) r over the samples the image shows and the truth has."""
+    mask = inference.layout_mask() & np.isfinite(truth)
+    r = ecg_trainer.pearson_per_lead(torch.from_numpy(pred)[None], torch.from_numpy(np.nan_to_num(truth))[None],
+                                     torch.from_numpy(mask)[None])
+    return r[0].numpy()
+
+
+# ---------------------------------------------------------------- pictures
+
+def overlay_panel(picture, outputs, page_aspect):
+    """(H, W, 3) uint8 input picture -> the same with the seg mask (lead colours, blended), the 0 mV lines
+    (green) and the traces the signal head reads (draw_prediction) on it, upscaled for legibility."""
+    panel = picture.astype(np.float32)
+    prob = outputs['seg'][0].float().softmax(0)
+    label = prob.argmax(0).cpu().numpy()
+    sure = (label > 0) & (prob.amax(0).cpu().numpy() > SEG_MIN_PROB)
+    panel[sure] = (1 - SEG_ALPHA) * panel[sure] + SEG_ALPHA * pdx.LEAD_COLOURS[label[sure]]
+    baseline = outputs['baseline'][0, 0].float().sigmoid().cpu().numpy() > 0.5
+    panel[baseline] = (1 - BASELINE_ALPHA) * panel[baseline] + BASELINE_ALPHA * BASELINE_COLOUR
+    panel = ecg_model.draw_prediction(panel.round().astype(np.uint8), outputs, 0, page_aspect=page_aspect)
+    scale = max(1, -(-MIN_PANEL_WIDTH // panel.shape[1]))
+    # nearest keeps each input pixel a crisp block: the picture shows exactly what the model saw
+    return cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+
+
+def lead_axes(figure, grid_spec):
+    """12 (axis, row, column) in the page's arrangement: I aVR V1 V4 / II aVL V2 V5 / III aVF V3 V6."""
+    axes = []
+    for lead, column in enumerate(ecg_model.LAYOUT_COLUMN):
+        row = ecg_model.LAYOUT_COLUMN[:lead].count(column)
+        axes.append((figure.add_subplot(grid_spec[1 + row, column]), row, column))
+    return axes
+
+
+def plot_lead(ax, lead, pred, truth, r):
+    """One lead: the predicted mV over the seconds the image shows it, the truth over it when known."""
+    t = np.arange(pdx.N_SAMPLES) / pdx.FS
+    shown = inference.layout_mask()[lead]
+    colour = np.array(ecg_model.TRACE_COLOURS[lead]) / 255
+    if truth is not None:
+        ax.plot(t, np.where(shown, truth[lead], np.nan), color='black', lw=0.8, label='truth')
+    ax.plot(t, np.where(shown, pred[lead], np.nan), color=colour, lw=0.8, label='predicted')
+    ax.set_xlim(t[shown][0], t[shown][-1])
+    title = pdx.LEADS[lead] + ('' if r is None else f'   r = {r:.2f}' if np.isfinite(r) else '   r = n/a')
+    ax.set_title(title, fontsize=9, loc='left')
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def draw_figure(panel, pred, truth, r, title, path):
+    """Top: the overlay panel; below: 3 x 4 lead plots (mV vs s). Written as PNG to path."""
+    panel_in = min(FIGURE_WIDTH_IN * panel.shape[0] / panel.shape[1], MAX_PANEL_HEIGHT_IN)
+    figure = plt.figure(figsize=(FIGURE_WIDTH_IN, panel_in + 3 * LEAD_ROW_HEIGHT_IN + 0.5), dpi=DPI,
+                        layout='constrained')
+    grid_spec = figure.add_gridspec(4, 4, height_ratios=[panel_in] + [LEAD_ROW_HEIGHT_IN] * 3)
+    top = figure.add_subplot(grid_spec[0, :])
+    top.imshow(panel)
+    top.set_axis_off()
+    for lead, (ax, row, column) in enumerate(lead_axes(figure, grid_spec)):
+        plot_lead(ax, lead, pred, truth, None if r is None else r[lead])
+        if column == 0:
+            ax.set_ylabel('mV', fontsize=8)
+        if row == 2:
+            ax.set_xlabel('s', fontsize=8)
+    figure.axes[1].legend(fontsize=7, loc='upper right')
+    figure.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI, bbox_inches='tight')
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- driving
+
+def predict(args):
+    """-> (model outputs for the one image, the (H, W, 3) picture the model saw, the page aspect)."""
+    if not args.image.is_file():
+        raise inference.InputError(f'{args.image}: image not found')
+    rgb = inference.read_rgb(args.image)
+    device = inference.pick_device(args.device)
+    model, size_hw = inference.load_checkpoint(args.checkpoint, device)
+    tensor, picture, aspect = inference.model_input(rgb, size_hw)
+    return inference.run_model(model, tensor[None], [aspect], device), picture, aspect
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        truth, truth_note = resolve_truth(args)
+        outputs, picture, aspect = predict(args)
+    except inference.InputError as exc:
+        sys.exit(f'error: {exc}')
+    pred = outputs['signal'][0].float().cpu().numpy()
+    r = None if truth is None else pearson(pred, truth)
+    theta = float(outputs['decode_theta'][0])
+    title = f'{args.image.name}   checkpoint {args.checkpoint.name}   rotation {theta:+.2f} deg'
+    if r is not None and np.isfinite(r).any():
+        title += f'   mean Pearson r {np.nanmean(r):.3f}'
+    output = args.output or args.image.with_name(f'{args.image.stem}_visualization.png')
+    draw_figure(overlay_panel(picture, outputs, aspect), pred, truth, r, title, output)
+    print(f'truth: {truth_note}')
+    if r is not None:
+        print('Pearson r per lead: ' + ' '.join(f'{lead} {v:.3f}' for lead, v in zip(pdx.LEADS, r)))
+    print(f'wrote {output}')
+
+
+if __name__ == '__main__':
+    main()
