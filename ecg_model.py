@@ -56,6 +56,9 @@ class ECGDigitizer(nn.Module):
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3,
                              classes=sum(HEAD_CHANNELS.values()), decoder_channels=decoder_channels,
                              aux_params={'classes': 1, 'pooling': 'avg', 'dropout': 0.0})
+        # a 1x1 head: the decoder's 3x3 convs already see the neighbourhood; smp's 3x3 head over 41
+        # channels at full resolution costs as much as the whole last decoder stage
+        self.unet.segmentation_head[0] = nn.Conv2d(decoder_channels[-1], sum(HEAD_CHANNELS.values()), 1)
 
     def forward(self, image, geometry=None):
         """image (B, 3, H, W) -> dict of head outputs. `geometry` (optional dict of theta, trace_window,
