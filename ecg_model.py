@@ -110,13 +110,14 @@ def default_windows(batch, device):
 
 
 def column_soft_argmax(logits):
-    """(B, C, H, W) -> expected row per column (B, C, W) under a softmax over rows, and the column's
-    presence logit (a smooth max over rows)."""
+    """(B, C, H, W) -> expected row per column (B, C, W) under a softmax over rows, the column's
+    presence logit (a smooth max over rows), and the log-probabilities (B, C, H, W) the loss reuses."""
     rows = torch.arange(logits.shape[-2], device=logits.device, dtype=torch.float32).view(1, 1, -1, 1)
     logits = logits.float()
-    prob = torch.softmax(logits, dim=2)
-    presence = torch.logsumexp(logits, dim=2) - math.log(logits.shape[-2])
-    return (prob * rows).sum(dim=2), presence
+    log_norm = torch.logsumexp(logits, dim=2, keepdim=True)
+    log_prob = logits - log_norm
+    expected = (log_prob.exp() * rows).sum(dim=2)
+    return expected, log_norm.squeeze(2) - math.log(logits.shape[-2]), log_prob
 
 
 def spans_from_presence(presence):
@@ -182,10 +183,11 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     if px_per_mv is None:
         px_per_mv = torch.full((batch,), default_px_per_mv(height), device=device)
     page = to_page_frame_batch(trace, theta_deg, page_aspect)
-    trace_rows, presence = column_soft_argmax(page[:, :N_TRACES])
-    zero_rows, _ = column_soft_argmax(page[:, N_TRACES:])
+    trace_rows, presence, trace_log_prob = column_soft_argmax(page[:, :N_TRACES])
+    zero_rows, _, zero_log_prob = column_soft_argmax(page[:, N_TRACES:])
     signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv.float())
-    return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, page_logits=page)
+    return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
+                        zero_log_prob=zero_log_prob)
 
 
 def to_page_frame_batch(maps, theta_deg, page_aspect):

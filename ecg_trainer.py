@@ -261,17 +261,25 @@ def map_bce(logits, target, valid, pos_weight):
     return masked_mean(per_pixel.mean((1, 2)), valid)
 
 
-def row_band_ce(page_logits, top, bot):
-    """Column-wise cross-entropy of page-frame maps (B, C, H, W) against the rows each column's trace
-    spans (top..bot, (B, C, W), NaN where absent): the target mass of row r is the overlap of
-    [r - 0.5, r + 0.5] with [top - 0.5, bot + 0.5], so its soft-argmax is the trace's centre."""
-    rows = torch.arange(page_logits.shape[2], device=page_logits.device, dtype=torch.float32).view(1, 1, -1, 1)
+def row_band_ce(log_prob, top, bot):
+    """Column-wise cross-entropy of page-frame row log-probabilities (B, C, H, W) against the rows each
+    column's trace spans (top..bot, (B, C, W), NaN where absent): the target mass of row r is the
+    overlap of [r - 0.5, r + 0.5] with [top - 0.5, bot + 0.5], so its soft-argmax is the trace's centre.
+    Only the K rows a band can touch are gathered (K = widest band + 2), not all H."""
+    height = log_prob.shape[2]
     present = torch.isfinite(top) & torch.isfinite(bot)
-    lo = torch.nan_to_num(top, nan=0.0).unsqueeze(2) - 0.5
-    hi = torch.nan_to_num(bot, nan=0.0).unsqueeze(2) + 0.5
-    overlap = (torch.minimum(hi, rows + 0.5) - torch.maximum(lo, rows - 0.5)).clamp(min=0)
+    if not present.any():
+        return log_prob.sum() * 0
+    lo = torch.nan_to_num(top, nan=0.0) - 0.5
+    hi = torch.nan_to_num(bot, nan=0.0) + 0.5
+    k = int(torch.ceil((hi - lo)[present].max()).item()) + 2
+    first = torch.floor(lo + 0.5).clamp(0, height - 1)
+    rows = first.unsqueeze(2) + torch.arange(k, device=log_prob.device).view(1, 1, -1, 1)
+    overlap = (torch.minimum(hi.unsqueeze(2), rows + 0.5) - torch.maximum(lo.unsqueeze(2), rows - 0.5)).clamp(min=0)
+    overlap = overlap * (rows <= height - 1)          # rows past the bottom edge hold no mass
     target = overlap / overlap.sum(2, keepdim=True).clamp(min=1e-6)
-    ce = -(target * torch.log_softmax(page_logits.float(), dim=2)).sum(2)
+    picked = log_prob.gather(2, rows.clamp(max=height - 1).long())
+    ce = -(target * picked).sum(2)
     return masked_mean(ce, present)
 
 
@@ -289,9 +297,8 @@ def signal_terms(outputs, batch):
     """The signal head's loss parts: where each lead's trace and 0 mV line lie per column, where the
     trace is present, and the decoded signal itself (L1 in mV + SNR-style)."""
     rows = outputs['trace_rows']
-    page = rows['page_logits']
-    trace_ce = row_band_ce(page[:, :13], batch['trace_top'], batch['trace_bot'])
-    zero_ce = row_band_ce(page[:, 13:], batch['baseline_row'], batch['baseline_row'])
+    trace_ce = row_band_ce(rows['trace_log_prob'], batch['trace_top'], batch['trace_bot'])
+    zero_ce = row_band_ce(rows['zero_log_prob'], batch['baseline_row'], batch['baseline_row'])
     present = torch.isfinite(batch['trace_top']).float()
     presence = F.binary_cross_entropy_with_logits(rows['presence'], present)
     mask = batch['signal_mask']

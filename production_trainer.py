@@ -317,9 +317,14 @@ def dist_world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+SIGNAL_PARTS = ['trace_ce', 'zero_ce', 'presence_bce', 'signal_l1', 'signal_snr_db']
+
+
 def log_losses(writer, split, losses, step):
     for name in ['total'] + LOSS_NAMES:
         writer.add_scalar(f'{split}/{name}_loss', losses[name], step)
+    for name in SIGNAL_PARTS:   # what the signal loss is made of, to see which part stalls
+        writer.add_scalar(f'{split}/signal_parts/{name}', losses[name], step)
 
 
 @torch.no_grad()

@@ -71,3 +71,19 @@ def test_maps_on_the_targets_score_far_better_than_random(batch):
     for name in ['seg', 'baseline', 'theta', 'trace_ce', 'zero_ce', 'presence_bce', 'signal_l1']:
         assert good[name] < 0.5 * bad[name], name
     assert good['signal_snr_db'] > bad['signal_snr_db'] + 10   # 64 rows: 1 mV is 3 px, so not the cap
+
+
+def test_row_band_ce_gather_matches_the_dense_definition():
+    """The K-row gather equals the plain sum over every row, bands at the edges and gaps included."""
+    torch.manual_seed(0)
+    log_prob = torch.log_softmax(torch.randn(2, 13, 40, 50), 2)
+    top = torch.rand(2, 13, 50) * 45 - 2           # some bands run off the top and bottom edges
+    bot = top + torch.rand(2, 13, 50) * 6
+    top[0, 0, :10] = bot[0, 0, :10] = float('nan')
+    rows = torch.arange(40).float().view(1, 1, -1, 1)
+    for b in (bot, top):
+        lo, hi = torch.nan_to_num(top).unsqueeze(2) - 0.5, torch.nan_to_num(b).unsqueeze(2) + 0.5
+        overlap = (torch.minimum(hi, rows + 0.5) - torch.maximum(lo, rows - 0.5)).clamp(min=0)
+        target = overlap / overlap.sum(2, keepdim=True).clamp(min=1e-6)
+        dense = et.masked_mean(-(target * log_prob).sum(2), torch.isfinite(top))
+        assert torch.allclose(et.row_band_ce(log_prob, top, b), dense, atol=1e-6)
