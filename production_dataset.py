@@ -45,9 +45,6 @@ N_SAMPLES = int(FS * SECONDS)
 N_TRACES = 13            # 12 leads + the rhythm strip
 RHYTHM = 12              # trace channel of the rhythm strip
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
-PAGE_HEIGHT_MM = 8.5 * 25.4        # ecg-image-kit and the simulator print on US letter, landscape
-MM_PER_MV = 10.0
-GRID_MM = 5.0                      # x_grid / y_grid are pixels per 5 mm
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
@@ -426,7 +423,7 @@ def signal_shown_mask(page, signal, fs):
     return shown & np.isfinite(signal)
 
 
-def read_image(path, size_hw, offset_png=None):
+def read_image(path, size_hw):
     """PNG (RGB or RGBA, any dpi metadata) -> RGB uint8 at (H, W); area interpolation keeps thin traces."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)   # drops alpha; ecg-image-kit's RGBA is opaque
     if image is None:

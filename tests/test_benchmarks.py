@@ -19,7 +19,7 @@ def test_bench_quality_quick_reports_every_number(tmp_path):
 
 
 def test_bench_dataset_quick(tmp_path):
-    result = run_cli('bench_dataset.py', '--quick', '--n', '3', '--dpi', '100', '--image_size', '64', '320',
+    run_cli('bench_dataset.py', '--quick', '--n', '3', '--dpi', '100', '--image_size', '64', '320',
                      '--out', tmp_path / 'ds')
     report = json.loads((ROOT / 'bench_out' / 'bench_dataset.json').read_text())
     assert report['images'] == 3 and report['page_px'] == [1100, 850]

@@ -1,5 +1,4 @@
 """production_dataset: resampling, targets on simulator and ecg-image-kit output, bad input, cache."""
-import json
 import math
 import shutil
 

@@ -23,7 +23,7 @@ def test_evaluate_scores_the_runs_validation_split(tiny_checkpoint):
 
 def test_evaluate_on_the_ecg_image_kit_fixture(tiny_checkpoint, fixture_dirs, tmp_path):
     images, signals = fixture_dirs
-    result = run_cli('evaluate.py', '--checkpoint', tiny_checkpoint, '--sim_root', images, '--csv_root', signals,
+    run_cli('evaluate.py', '--checkpoint', tiny_checkpoint, '--sim_root', images, '--csv_root', signals,
                      '--output', tmp_path / 'fx')
     report = json.loads((tmp_path / 'fx_eval.json').read_text())
     assert report['n_images'] == 4

@@ -2,7 +2,6 @@
 and encoder weights (offline --pretrained fails fast, a local file loads)."""
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import PYTHON, ROOT, run_cli
+from conftest import run_cli
 
 TINY = ['--image_size', '64', '320', '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0',
         '--log_every', '1']
@@ -91,7 +91,7 @@ def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path
 
 
 def test_torchrun_two_cpu_processes(sim_data, tmp_path):
-    result = run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+    run_cli('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                      'production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY,
                      '--force_cpu', '--epochs', '2', '--max_samples', '12', '--output_dir', tmp_path)
     runs = list(tmp_path.glob('run_*'))
