@@ -100,7 +100,9 @@ def summary_lines(report):
              f"SNR {fixture['snr_db']:.2f} dB  (bound {fixture['bound_snr_db']:.2f} dB); "
              f"theta error {fixture['theta_error_deg']:.2f} deg",
              f"training: {report['train_minutes']:.1f} min, {report['train_images_per_s']:.2f} images/s, "
-             f"{report['epochs_done']} epochs; total wall {report['wall_minutes']:.1f} min"]
+             f"{report['epochs_done']} epochs; total wall {report['wall_minutes']:.1f} min",
+             f"untrained model of the same architecture on the held-out set: pearson "
+             f"{report['heldout_untrained']['pearson']:.3f}, SNR {report['heldout_untrained']['snr_db']:.2f} dB"]
     lines += [f"  bound at {size}: {v['bound_snr_db']:.2f} dB, r {v['bound_pearson']:.3f}"
               for size, v in report['bound_by_input_size'].items()]
     return lines
@@ -121,8 +123,10 @@ def main(argv=None):
     best = run_dir / 'checkpoints' / 'best.pth'
     heldout, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data')
     fixture, _ = evaluate.evaluate_checkpoint(best, FIXTURE / 'images', FIXTURE / 'signals')
+    untrained, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data', untrained=True)
     sizes = [tuple(cfg['image_size'])] if args.quick else SIZES
     report = {'settings': cfg, 'run_dir': str(run_dir), 'heldout': heldout, 'fixture': fixture,
+              'heldout_untrained': {k: untrained[k] for k in ('pearson', 'snr_db', 'theta_error_deg', 'seg_dice')},
               'train_minutes': train_minutes, 'train_images_per_s': sum(speeds) / max(1, len(speeds)),
               'epochs_done': torch.load(best, weights_only=False)['epoch'],
               'bound_by_input_size': bound_at_sizes(out / 'heldout_data', sizes, 8 if args.quick else 30),

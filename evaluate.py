@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument('--num_workers', type=int, default=0)
     p.add_argument('--output', help='report path stem (default: beside the checkpoint)')
     p.add_argument('--force_cpu', action='store_true')
+    p.add_argument('--untrained', action='store_true',
+                   help='score a freshly initialized model of the same architecture (the chance level)')
     return p.parse_args(argv)
 
 
@@ -141,10 +143,13 @@ def build_report(frame, model_stats, bound_stats):
 
 
 def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_samples=None, batch_size=4,
-                        num_workers=0, force_cpu=False):
-    """Score one checkpoint -> (report dict, per-image DataFrame)."""
+                        num_workers=0, force_cpu=False, untrained=False):
+    """Score one checkpoint (or, untrained, a fresh model of its architecture) -> (report, per-image frame)."""
     device = pick_device(force_cpu, 0)
     model, checkpoint = load_model(checkpoint_path, device)
+    if untrained:
+        torch.manual_seed(checkpoint['config']['seed'])
+        model = ecg_model.ECGDigitizer(**checkpoint['model_args']).to(device).eval()
     config = checkpoint['config']
     refs, problems = evaluation_refs(config, sim_root, csv_root, max_samples)
     dataset = pdx.ECGImageDataset(refs=refs, target_size=config['image_size'])
@@ -155,7 +160,8 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     frame, model_stats, bound_stats = score_batches(model, loader, device)
     report = build_report(frame, model_stats, bound_stats)
-    report.update(checkpoint=str(checkpoint_path), image_size=config['image_size'], encoder=config['encoder'],
+    report.update(checkpoint=str(checkpoint_path), untrained=untrained, image_size=config['image_size'],
+                  encoder=config['encoder'],
                   epoch=checkpoint['epoch'], skipped=len(problems) + len(dataset.problems))
     return report, frame
 
@@ -200,9 +206,9 @@ def main(argv=None):
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f'{args.checkpoint}: checkpoint not found')
     report, frame = evaluate_checkpoint(args.checkpoint, args.sim_root, args.csv_root, args.max_samples,
-                                        args.batch_size, args.num_workers, args.force_cpu)
+                                        args.batch_size, args.num_workers, args.force_cpu, args.untrained)
     print_table(report)
-    stem = args.output or str(Path(args.checkpoint).with_suffix(''))
+    stem = args.output or str(Path(args.checkpoint).with_suffix('')) + ('_untrained' if args.untrained else '')
     json_path, csv_path = write_reports(report, frame, stem)
     print(f'reports: {json_path} {csv_path}')
 

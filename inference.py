@@ -15,11 +15,9 @@ import os
 os.environ.setdefault('PYTORCH_ENABLE_MPS_FALLBACK', '1')   # must precede the torch import
 
 import argparse
-import math
 import re
 import sys
 from collections import Counter
-from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -27,7 +25,6 @@ import numpy as np
 import pandas as pd
 import torch
 import wfdb
-from scipy.interpolate import CubicSpline
 from tqdm import tqdm
 
 import ecg_model
@@ -149,35 +146,13 @@ def shown_signal(signal):
     return np.where(layout_mask(), signal.astype(np.float64), np.nan)
 
 
-def resample_run_to(run, start, fs):
-    """One finite 500 Hz run starting at sample `start` -> (n_first, values on the fs grid t = n / fs).
-    resample_poly does the anti-aliased rate change (edges padded by point reflection, as the dataset
-    does); a cubic spline shifts it onto the grid when the run starts between two fs instants."""
-    ratio = Fraction(fs).limit_denominator(1000) / MODEL_FS
-    n_rows = round(SECONDS * fs)
-    t0, t_end = start / MODEL_FS, (start + len(run)) / MODEL_FS
-    n_first = math.ceil(t0 * fs - 1e-9)
-    n_last = min(math.ceil(t_end * fs - 1e-9) - 1, n_rows - 1)
-    n = np.arange(n_first, n_last + 1)
-    if len(run) < 4:
-        return n_first, np.interp(n / fs, t0 + np.arange(len(run)) / MODEL_FS, run)
-    resampled = pdx.resample_odd_padded(run, ratio.numerator, ratio.denominator)
-    if abs(n_first / fs - t0) < 1e-9 and len(resampled) >= len(n):
-        return n_first, resampled[:len(n)]
-    return n_first, CubicSpline(t0 + np.arange(len(resampled)) / float(fs), resampled)(n / fs)
-
-
 def resample_signal(signal, fs):
-    """(12, 5000) at 500 Hz with NaN gaps -> (12, round(10 * fs)); each finite run on its own, so NaN never
-    smears into the shown samples and the gaps stay where they were."""
+    """(12, 5000) at 500 Hz with NaN gaps -> (12, round(10 * fs)); each finite run on its own (the
+    dataset's resampler, run the other way), so NaN never smears and the gaps stay where they were."""
     if fs == MODEL_FS:
         return signal
-    out = np.full((len(signal), round(SECONDS * fs)), np.nan)
-    for lead, values in enumerate(signal):
-        for start, end in pdx.find_finite_runs(values):
-            n_first, resampled = resample_run_to(values[start:end], start, fs)
-            out[lead, n_first:n_first + len(resampled)] = resampled
-    return out
+    n_out = round(SECONDS * fs)
+    return np.stack([pdx.resample_lead(values, MODEL_FS, fs, n_out) for values in signal]).astype(np.float64)
 
 
 def write_csv(signal, path):

@@ -90,35 +90,35 @@ def resample_odd_padded(run, up, down):
     return out[skip:skip + math.ceil(len(run) * up / down)]
 
 
-def resample_run(run, fs, start):
-    """Resample one finite run that starts at input sample `start` onto the 500 Hz grid t = m / 500.
+def resample_run(run, fs, start, fs_out=FS, n_out=N_SAMPLES):
+    """Resample one finite run that starts at input sample `start` onto the grid t = m / fs_out.
 
-    Returns (m_first, values) with values at m_first, m_first + 1, ...  resample_poly does the
+    Returns (m_first, values) with values at m_first, m_first + 1, ... (< n_out). resample_poly does the
     anti-aliased rate change; a cubic spline places the result on the grid when the run's first
-    sample falls between two 500 Hz instants (e.g. 1025 Hz)."""
-    ratio = Fraction(FS, 1) / Fraction(fs).limit_denominator(1000)
+    sample falls between two output instants (e.g. 1025 Hz to 500 Hz)."""
+    ratio = Fraction(fs_out).limit_denominator(1000) / Fraction(fs).limit_denominator(1000)
     t0 = start / fs
     t_end = (start + len(run)) / fs        # sample n stands for [n / fs, (n + 1) / fs)
-    m_first = math.ceil(t0 * FS - 1e-9)
-    m_last = min(math.ceil(t_end * FS - 1e-9) - 1, N_SAMPLES - 1)
+    m_first = math.ceil(t0 * fs_out - 1e-9)
+    m_last = min(math.ceil(t_end * fs_out - 1e-9) - 1, n_out - 1)
     if m_last < m_first:
         return m_first, np.zeros(0, np.float32)
-    if len(run) < 4:
-        t = t0 + np.arange(len(run)) / fs
-        return m_first, np.interp(np.arange(m_first, m_last + 1) / FS, t, run).astype(np.float32)
-    resampled = run if ratio == 1 else resample_odd_padded(run, ratio.numerator, ratio.denominator)
-    t = t0 + np.arange(len(resampled)) / FS
     m = np.arange(m_first, m_last + 1)
-    if abs(m_first / FS - t0) < 1e-9 and len(resampled) >= len(m):
+    if len(run) < 4:
+        return m_first, np.interp(m / fs_out, t0 + np.arange(len(run)) / fs, run).astype(np.float32)
+    resampled = run if ratio == 1 else resample_odd_padded(run, ratio.numerator, ratio.denominator)
+    if abs(m_first / fs_out - t0) < 1e-9 and len(resampled) >= len(m):
         return m_first, resampled[:len(m)].astype(np.float32)
-    return m_first, CubicSpline(t, resampled)(m / FS).astype(np.float32)
+    t = t0 + np.arange(len(resampled)) / fs_out
+    return m_first, CubicSpline(t, resampled)(m / fs_out).astype(np.float32)
 
 
-def resample_lead(values, fs):
-    """One lead at fs (NaN where not recorded) -> (5000,) at 500 Hz, NaN outside the finite runs."""
-    out = np.full(N_SAMPLES, np.nan, np.float32)
+def resample_lead(values, fs, fs_out=FS, n_out=N_SAMPLES):
+    """One lead at fs (NaN where not recorded) -> (n_out,) at fs_out (default 500 Hz x 10 s), NaN
+    outside the finite runs: each run is resampled on its own, so NaN never smears."""
+    out = np.full(n_out, np.nan, np.float32)
     for start, end in find_finite_runs(values):
-        m_first, resampled = resample_run(values[start:end].astype(np.float64), fs, start)
+        m_first, resampled = resample_run(values[start:end].astype(np.float64), fs, start, fs_out, n_out)
         out[m_first:m_first + len(resampled)] = resampled
     return out
 

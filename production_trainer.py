@@ -299,10 +299,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
         scaler.update()
         scheduler.step()
         state['global_step'] += 1
-        n = len(batch['image'])
-        count += n
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+        count += add_losses(sums, losses, len(batch['image']))
         speed = count * dist_world() / (time.perf_counter() - start)
         bar.set_postfix(loss=f'{float(losses["total"]):.3f}', img_s=f'{speed:.2f}')
         if writer and state['global_step'] % config['log_every'] == 0:
@@ -311,6 +308,13 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
     means = {name: total / max(count, 1) for name, total in sums.items()}
     means['images_per_s'] = count * dist_world() / (time.perf_counter() - start)
     return means
+
+
+def add_losses(sums, losses, n):
+    """Accumulate a batch's loss terms, weighted by its n images, for the epoch means; returns n."""
+    for name, value in losses.items():
+        sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+    return n
 
 
 def dist_world():
@@ -338,14 +342,12 @@ def validate(model, loader, criterion, amp, device):
         with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
             outputs = model(batch['image'], ecg_model.true_geometry(batch))
             losses = criterion(outputs, batch)
-        predicted = ecg_model.decode_outputs({k: v.float() for k, v in outputs.items() if torch.is_tensor(v)})
+        predicted = ecg_model.decode_outputs({k: v.float() for k, v in outputs.items() if torch.is_tensor(v)},
+                                             {'page_aspect': batch['page_aspect']})
         stats.append(ecg_trainer.record_stats(predicted['signal'], batch['signal'], batch['signal_mask']))
         valid = batch['theta_valid'] > 0
         theta_err.append((predicted['decode_theta'] - batch['theta']).abs()[valid].cpu())
-        n = len(batch['image'])
-        count += n
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+        count += add_losses(sums, losses, len(batch['image']))
         if shown is None:
             shown = (batch, predicted)
     means = {name: total / max(count, 1) for name, total in sums.items()}

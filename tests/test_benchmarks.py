@@ -26,3 +26,12 @@ def test_bench_dataset_quick(tmp_path):
     assert 0 < report['simulator_render_s_per_image'] < 5
     assert report['dataset_s_per_sample_cache'] < report['dataset_s_per_sample_no_cache']
     assert report['cache_mib_per_sample'] > 64 * 320 * 3 / 2 ** 20
+
+
+def test_bench_train_step_runs_each_precision(tmp_path):
+    result = run_cli('bench_train_step.py', '--encoders', 'tu-regnetx_002', '--image_size', '64', '320',
+                     '--batch_size', '2', '--steps', '1', '--data', tmp_path / 'data')
+    report = json.loads((ROOT / 'bench_out' / 'bench_train_step.json').read_text())
+    assert [r['precision'] for r in report['results']] == ['fp32', 'bf16']
+    assert all(r['images_per_s'] > 0 and r['last_loss'] < 1e3 for r in report['results'])
+    assert 'img/s' in result.stdout

@@ -37,3 +37,10 @@ def test_evaluate_on_the_ecg_image_kit_fixture(tiny_checkpoint, fixture_dirs, tm
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     result = run_cli('evaluate.py', '--checkpoint', tmp_path / 'none.pth', check=False)
     assert result.returncode != 0 and 'none.pth: checkpoint not found' in result.stderr
+
+
+def test_untrained_baseline_is_scored_and_written_apart(tiny_checkpoint):
+    result = run_cli('evaluate.py', '--checkpoint', tiny_checkpoint, '--untrained')
+    report = json.loads(tiny_checkpoint.with_name('best_untrained_eval.json').read_text())
+    assert report['untrained'] is True and report['n_images'] == 1
+    assert abs(report['pearson']) < 0.5 and 'overall' in result.stdout
