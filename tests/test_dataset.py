@@ -1,4 +1,5 @@
 """production_dataset: resampling, targets on simulator and ecg-image-kit output, bad input, cache."""
+import json
 import math
 import shutil
 
@@ -241,3 +242,27 @@ def test_validation_cli_reports_counts_rates_and_writes_preview(tmp_path, fixtur
     import cv2
     picture = cv2.imread(str(preview))
     assert picture.shape == (4 * SIZE[0], SIZE[1], 3) and picture.std() > 20
+
+
+def test_padded_png_is_detected_and_coordinates_shifted(tmp_path, fixture_dirs):
+    """ecg-image-kit with pad_inches > 0 borders the PNG by pad * dpi px but leaves the JSON unshifted."""
+    import cv2
+    images, signals = fixture_dirs
+    pad = 40   # px: pad_inches 0.2 at 200 dpi
+    (tmp_path / 'images').mkdir()
+    png = cv2.imread(str(images / 'fx2048-0001.png'), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(tmp_path / 'images' / 'fx2048-0001.png'),
+                cv2.copyMakeBorder(png, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(255, 255, 255, 255)))
+    meta = json.loads((images / 'fx2048-0001.json').read_text())
+    meta['pad_inches'] = pad / meta['resolution']
+    (tmp_path / 'images' / 'fx2048-0001.json').write_text(json.dumps(meta))
+    padded = pdx.ECGImageDataset(tmp_path / 'images', signals, target_size=SIZE)
+    assert len(padded) == 1 and not [p for p in padded.problems if 'fx2048-0001' in p[0]]
+    sample = padded[0]
+    gray = pdx.denormalize(sample['image']).mean(axis=2)
+    seg = sample['seg'].numpy()
+    assert np.median(gray[seg > 0]) < 0.8 * np.median(gray[seg == 0])
+    meta['pad_inches'] = 0.05      # a border that does not match: a clear error, not a silent shift
+    (tmp_path / 'images' / 'fx2048-0001.json').write_text(json.dumps(meta))
+    wrong = pdx.ECGImageDataset(tmp_path / 'images', signals, target_size=SIZE)
+    assert len(wrong) == 0 and 'PNG is 2280x1780 but its JSON says 2200x1700' in wrong.problems[-1][1]

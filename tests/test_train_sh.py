@@ -43,3 +43,9 @@ def test_ids_that_do_not_match_fail_early(tmp_path, sim_data):
     assert result.returncode != 0
     assert 'no usable sample' in result.stderr and 'is not in' in result.stdout
     assert 'Step 3' not in result.stdout
+
+
+def test_folder_without_images_fails_early(tmp_path, sim_data):
+    (tmp_path / 'empty').mkdir()
+    result = run_train_sh(tmp_path, '-y', '--sim_root', tmp_path / 'empty', '--csv_root', sim_data)
+    assert result.returncode != 0 and 'no PNG images found' in result.stderr
