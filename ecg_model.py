@@ -7,8 +7,8 @@ every per-pixel map at the input size (H, W), plus smp's pooled auxiliary head f
     grid      (B, 1, H, W)   major grid-line logits
     baseline  (B, 1, H, W)   0 mV line logits
     theta     (B,)           page rotation in degrees (positive = clockwise on screen)
-    trace     (B, 26, H, W)  signal head maps: 13 trace channels (12 leads + rhythm strip) and their
-                             13 zero-mV-line channels
+    trace     (B, 39, H, W)  signal head maps: 13 trace channels (12 leads + rhythm strip), their
+                             13 zero-mV-line channels and 13 presence channels
     signal    (B, 12, 5000)  mV at 500 Hz, decoded from `trace`
 
 Decoding (the signal head), as the best Kaggle digitizers do: turn the trace maps into the page's own
@@ -42,7 +42,7 @@ PAGE_ASPECT = 11.0 / 8.5            # US letter, landscape: ecg-image-kit's and 
 MM_PER_MV = 10.0
 PRESENCE_THRESHOLD = 0.5
 HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
-HEAD_CHANNELS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 2 * N_TRACES}
+HEAD_CHANNELS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 3 * N_TRACES}
 DECODER_CHANNELS = (128, 64, 32, 32, 16)   # half smp's default width: 2x faster on CPU, traces are simple shapes
 
 
@@ -110,14 +110,18 @@ def default_windows(batch, device):
 
 
 def column_soft_argmax(logits):
-    """(B, C, H, W) -> expected row per column (B, C, W) under a softmax over rows, the column's
-    presence logit (a smooth max over rows), and the log-probabilities (B, C, H, W) the loss reuses."""
+    """(B, C, H, W) -> expected row per column (B, C, W) under a softmax over rows, and the
+    log-probabilities (B, C, H, W) the loss reuses."""
     rows = torch.arange(logits.shape[-2], device=logits.device, dtype=torch.float32).view(1, 1, -1, 1)
-    logits = logits.float()
-    log_norm = torch.logsumexp(logits, dim=2, keepdim=True)
-    log_prob = logits - log_norm
-    expected = (log_prob.exp() * rows).sum(dim=2)
-    return expected, log_norm.squeeze(2) - math.log(logits.shape[-2]), log_prob
+    log_prob = torch.log_softmax(logits.float(), dim=2)
+    return (log_prob.exp() * rows).sum(dim=2), log_prob
+
+
+def column_presence(logits):
+    """(B, C, H, W) presence maps -> (B, C, W) logit that the strip is drawn in each column: a smooth
+    max over rows, so a column is present where the map fires near the trace. Its own channels: the
+    softmax of the trace maps cannot say whether a column holds a trace at all."""
+    return torch.logsumexp(logits.float(), dim=2) - math.log(logits.shape[-2])
 
 
 def spans_from_presence(presence):
@@ -175,7 +179,7 @@ def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv):
 
 
 def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None):
-    """Signal head: (B, 26, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read."""
+    """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read."""
     batch, _, height, width = trace.shape
     device = trace.device
     if page_aspect is None:
@@ -183,8 +187,9 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     if px_per_mv is None:
         px_per_mv = torch.full((batch,), default_px_per_mv(height), device=device)
     page = to_page_frame_batch(trace, theta_deg, page_aspect)
-    trace_rows, presence, trace_log_prob = column_soft_argmax(page[:, :N_TRACES])
-    zero_rows, _, zero_log_prob = column_soft_argmax(page[:, N_TRACES:])
+    trace_rows, trace_log_prob = column_soft_argmax(page[:, :N_TRACES])
+    zero_rows, zero_log_prob = column_soft_argmax(page[:, N_TRACES:2 * N_TRACES])
+    presence = column_presence(page[:, 2 * N_TRACES:])
     signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv.float())
     return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
                         zero_log_prob=zero_log_prob)

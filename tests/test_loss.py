@@ -20,7 +20,7 @@ def random_outputs(batch, seed=0):
     torch.manual_seed(seed)
     n, (h, w) = len(batch['image']), SIZE
     out = {'seg': torch.randn(n, 13, h, w), 'grid': torch.randn(n, 1, h, w), 'baseline': torch.randn(n, 1, h, w),
-           'trace': torch.randn(n, 26, h, w), 'theta': torch.randn(n)}
+           'trace': torch.randn(n, 39, h, w), 'theta': torch.randn(n)}
     return em.decode_outputs(out, em.true_geometry(batch))
 
 
@@ -35,8 +35,8 @@ def outputs_from_targets(batch):
         overlap = (torch.minimum(hi, rows + 0.5) - torch.maximum(lo, rows - 0.5)).clamp(min=0)
         return torch.log(overlap + 1e-4) + 6   # offset sets the presence logit (logsumexp over rows)
 
-    page = torch.cat([band(batch['trace_top'], batch['trace_bot']),
-                      band(batch['baseline_row'], batch['baseline_row'])], 1)
+    trace = band(batch['trace_top'], batch['trace_bot'])
+    page = torch.cat([trace, band(batch['baseline_row'], batch['baseline_row']), trace], 1)   # presence fires on the trace
     # the maps live in the image frame: turn the page-frame targets back by the true angle
     back = em.to_page_frame_batch(page, -batch['theta'], batch['page_aspect'])
     seg = torch.nn.functional.one_hot(batch['seg'], 13).permute(0, 3, 1, 2).float() * 20 - 10
