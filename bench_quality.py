@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument('--image_size', type=int, nargs=2, metavar=('H', 'W'))
     p.add_argument('--encoder')
     p.add_argument('--workers', type=int, default=2, help='simulator processes')
+    p.add_argument('--run_dir', help='evaluate this finished run instead of training a new one')
+    p.add_argument('--checkpoint', default='best', choices=['best', 'last'], help='which checkpoint to score')
     return p.parse_args(argv)
 
 
@@ -116,11 +118,14 @@ def main(argv=None):
     simulate(out / 'train_data', cfg['train_records'], TRAIN_SEED, args.workers, args.quick)
     simulate(out / 'heldout_data', cfg['heldout_records'], HELDOUT_SEED, args.workers, args.quick)
     train_start = time.perf_counter()
-    run_dir = train(out / 'train_data', out / 'runs', cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else train(out / 'train_data', out / 'runs', cfg)
     train_minutes = (time.perf_counter() - train_start) / 60
     log = (run_dir / 'logs' / 'train.log').read_text()
     speeds = [float(part.split()[0]) for part in log.split('| ')[1:] if part.strip().endswith('img/s')]
-    best = run_dir / 'checkpoints' / 'best.pth'
+    if args.run_dir:   # the run's own log holds how long its epochs took
+        train_minutes = sum(float(part.split()[0]) for part in log.split('| ')[1:]
+                            if part.strip().endswith(' s') and part.split()[0].replace('.', '').isdigit()) / 60
+    best = run_dir / 'checkpoints' / f'{args.checkpoint}.pth'
     heldout, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data')
     fixture, _ = evaluate.evaluate_checkpoint(best, FIXTURE / 'images', FIXTURE / 'signals')
     untrained, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data', untrained=True)

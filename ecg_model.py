@@ -40,6 +40,9 @@ COLUMN_SECONDS = 2.5
 PAGE_HEIGHT_MM = 8.5 * 25.4
 PAGE_ASPECT = 11.0 / 8.5            # US letter, landscape: ecg-image-kit's and the simulator's page
 MM_PER_MV = 10.0
+MM_PER_S = 25.0
+TRACE_START = 118 / 2200            # where ecg-image-kit starts the traces (after the 1 mV pulse), page widths
+START_PRIOR_WEIGHT = 0.01           # per column off the usual start: only breaks ties of a flat presence
 PRESENCE_THRESHOLD = 0.5
 HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
 HEAD_CHANNELS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 3 * N_TRACES}
@@ -124,16 +127,25 @@ def column_presence(logits):
     return torch.logsumexp(logits.float(), dim=2) - math.log(logits.shape[-2])
 
 
-def spans_from_presence(presence):
-    """(B, 13, W) presence logits -> (B, 13, 2) first and last column where the trace is present."""
-    present = presence.sigmoid() > PRESENCE_THRESHOLD
-    cols = torch.arange(presence.shape[-1], device=presence.device, dtype=torch.float32)
-    first = torch.where(present, cols, torch.full_like(cols, float('inf'))).amin(-1)
-    last = torch.where(present, cols, torch.full_like(cols, -float('inf'))).amax(-1)
-    missing = ~present.any(-1)
-    first = torch.where(missing, torch.full_like(first, float('nan')), first)
-    last = torch.where(missing, torch.full_like(last, float('nan')), last)
-    return torch.stack([first, last], dim=-1)
+def layout_spans(presence, window, page_aspect):
+    """(B, 13, W) presence logits -> (B, 13, 2) column spans on one time axis for the whole page.
+
+    The page's own scale fixes the pixels per second (25 mm/s on a page 8.5 in tall and page_aspect
+    wide), so no strip can come out stretched; only the start (t = 0) is read from the image: where a
+    10 s box best covers the columns in which any strip is present. Per-strip presence ends would put
+    each lead's few hundred columns on its own, noisier scale."""
+    batch, _, width = presence.shape
+    page_width_mm = PAGE_HEIGHT_MM * page_aspect.float().view(-1, 1, 1)
+    px_per_s = MM_PER_S * width / page_width_mm                                   # (B, 1, 1)
+    box = torch.round(SECONDS * px_per_s.view(-1)).long().clamp(1, width)
+    covered = presence.sigmoid().amax(1) - 0.5                                    # (B, W)
+    cumulative = F.pad(covered.cumsum(-1), (1, 0))
+    starts = torch.arange(width, device=presence.device)
+    ends = (starts[None] + box[:, None]).clamp(max=width)
+    score = cumulative.gather(1, ends) - cumulative[:, :width]
+    score = score - START_PRIOR_WEIGHT * (starts[None] - TRACE_START * width).abs()
+    x0 = score.argmax(1).float().view(-1, 1, 1)
+    return x0 + window * px_per_s
 
 
 def sample_columns(values, window, span):
@@ -163,15 +175,17 @@ def channels_to_leads(values, valid):
     return leads, shown
 
 
-def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv):
+def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect=None):
     """Shared by the model and the round-trip bound: page-frame rows per column -> (B, 12, 5000) mV.
 
     trace_rows, zero_rows, presence: (B, 13, W); window, span: (B, 13, 2) or None; px_per_mv (B,)."""
     batch = trace_rows.shape[0]
+    if page_aspect is None:
+        page_aspect = torch.full((batch,), PAGE_ASPECT, device=trace_rows.device)
     if window is None:
         window = default_windows(batch, trace_rows.device)
     if span is None:
-        span = spans_from_presence(presence)
+        span = layout_spans(presence, window, page_aspect)
     value = (zero_rows - trace_rows) / px_per_mv.view(-1, 1, 1)
     value = torch.nan_to_num(value, nan=0.0)
     sampled, valid = sample_columns(value, window, span)
@@ -190,7 +204,7 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     trace_rows, trace_log_prob = column_soft_argmax(page[:, :N_TRACES])
     zero_rows, zero_log_prob = column_soft_argmax(page[:, N_TRACES:2 * N_TRACES])
     presence = column_presence(page[:, 2 * N_TRACES:])
-    signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv.float())
+    signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv.float(), page_aspect)
     return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
                         zero_log_prob=zero_log_prob)
 

@@ -41,13 +41,15 @@ def test_round_trip_bound_of_true_targets_is_high(fixture_batch):
     assert bool((shown | ~b['signal_mask']).all())      # every scored sample is decoded
 
 
-def test_default_layout_windows_and_spans_from_presence_match_truth(fixture_batch):
+def test_layout_windows_and_page_time_axis_match_truth(fixture_batch):
     b = fixture_batch
     windows = em.default_windows(len(b['image']), 'cpu')
     assert torch.allclose(windows, b['trace_window'], atol=0.005)
     presence = torch.where(torch.isfinite(b['trace_top']), 10.0, -10.0)
-    spans = em.spans_from_presence(presence)
-    assert (spans - b['trace_span']).abs().max() < 1.0
+    spans = em.layout_spans(presence, windows, b['page_aspect'])
+    assert (spans - b['trace_span']).abs().max() < 1.5        # start to a column, scale from the page
+    flat = em.layout_spans(torch.zeros_like(presence), windows, b['page_aspect'])   # nothing learned yet
+    assert (flat - b['trace_span']).abs().max() < 2.0          # the usual start of an ecg-image-kit page
 
 
 def test_derotation_puts_image_frame_traces_on_page_frame_targets(fixture_batch):
