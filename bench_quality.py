@@ -11,7 +11,7 @@
    (../shared/fixtures/ecg-image-kit, made by no part of this toolkit).
 4. Reports the round-trip bound (ground truth decoded through the same path) at several input sizes,
    so a GPU user sees what a larger input buys.
-Prints a summary and writes bench_out/quality/report.json.
+Prints a summary and writes bench_out/quality/report_{H}x{W}.json.
 """
 import argparse
 import json
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument('--train_records', type=int)
     p.add_argument('--image_size', type=int, nargs=2, metavar=('H', 'W'))
     p.add_argument('--encoder')
+    p.add_argument('--epochs', type=int, help='epochs the schedule is laid out for (the budget may stop sooner)')
+    p.add_argument('--lr', type=float)
     p.add_argument('--workers', type=int, default=2, help='simulator processes')
     p.add_argument('--run_dir', help='evaluate this finished run instead of training a new one')
     p.add_argument('--checkpoint', default='best', choices=['best', 'last'], help='which checkpoint to score')
@@ -52,7 +54,7 @@ def parse_args(argv=None):
 
 def settings(args):
     chosen = dict(QUICK if args.quick else FULL)
-    for key in ('budget_min', 'train_records', 'image_size', 'encoder'):
+    for key in ('budget_min', 'train_records', 'image_size', 'encoder', 'epochs', 'lr'):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     chosen['image_size'] = list(chosen['image_size'])
@@ -129,7 +131,7 @@ def main(argv=None):
     heldout, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data')
     fixture, _ = evaluate.evaluate_checkpoint(best, FIXTURE / 'images', FIXTURE / 'signals')
     untrained, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data', untrained=True)
-    sizes = [tuple(cfg['image_size'])] if args.quick else SIZES
+    sizes = [tuple(cfg['image_size'])] if args.quick else sorted(set(SIZES) | {tuple(cfg['image_size'])})
     report = {'settings': cfg, 'run_dir': str(run_dir), 'heldout': heldout, 'fixture': fixture,
               'heldout_untrained': {k: untrained[k] for k in ('pearson', 'snr_db', 'theta_error_deg', 'seg_dice')},
               'train_minutes': train_minutes, 'train_images_per_s': sum(speeds) / max(1, len(speeds)),
@@ -137,10 +139,11 @@ def main(argv=None):
               'bound_by_input_size': bound_at_sizes(out / 'heldout_data', sizes, 8 if args.quick else 30),
               'wall_minutes': (time.perf_counter() - started) / 60}
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / 'report.json', 'w') as handle:
+    path = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}.json'
+    with open(path, 'w') as handle:
         json.dump(evaluate.strict_json(report), handle, indent=2, allow_nan=False)
     print('\n'.join(summary_lines(report)))
-    print(f'report: {out / "report.json"}')
+    print(f'report: {path}')
     return report
 
 

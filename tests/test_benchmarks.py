@@ -6,7 +6,7 @@ from conftest import ROOT, run_cli
 
 def test_bench_quality_quick_reports_every_number(tmp_path):
     result = run_cli('bench_quality.py', '--quick', '--out', tmp_path / 'quality')
-    report = json.loads((tmp_path / 'quality' / 'report.json').read_text())
+    report = json.loads((tmp_path / 'quality' / 'report_64x320.json').read_text())
     for block in ('heldout', 'fixture'):
         assert report[block]['n_images'] >= 1
         assert -1 <= report[block]['pearson'] <= 1 and report[block]['bound_pearson'] > 0.5
