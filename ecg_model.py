@@ -46,7 +46,8 @@ START_PRIOR_WEIGHT = 0.01           # per column off the usual start: only break
 PRESENCE_THRESHOLD = 0.5
 HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
 HEAD_CHANNELS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 3 * N_TRACES}
-DECODER_CHANNELS = (128, 64, 32, 32, 16)   # half smp's default width: 2x faster on CPU, traces are simple shapes
+DECODER_CHANNELS = (128, 64, 32, 32, 16)
+COORD_CHANNELS = 2   # x and y of each pixel beside RGB: which lead a trace is follows from where it is   # half smp's default width: 2x faster on CPU, traces are simple shapes
 
 
 class ECGDigitizer(nn.Module):
@@ -56,7 +57,7 @@ class ECGDigitizer(nn.Module):
         super().__init__()
         self.encoder_name = encoder
         self.model_args = {'encoder': encoder, 'decoder_channels': list(decoder_channels)}
-        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3,
+        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3 + COORD_CHANNELS,
                              classes=sum(HEAD_CHANNELS.values()), decoder_channels=decoder_channels,
                              aux_params={'classes': 1, 'pooling': 'avg', 'dropout': 0.0})
         # a 1x1 head: the decoder's 3x3 convs already see the neighbourhood; smp's 3x3 head over 41
@@ -68,10 +69,19 @@ class ECGDigitizer(nn.Module):
         trace_span, px_per_mv, page_aspect, as the dataset gives them) fixes the decoding frame: the
         trainer passes the truth so the signal loss teaches the maps, not a geometry guess; without
         it everything is read from the image (evaluation, inference)."""
-        maps, theta_pred = self.unet(image)
+        maps, theta_pred = self.unet(with_coordinates(image))
         out = dict(zip(HEAD_CHANNELS, torch.split(maps, list(HEAD_CHANNELS.values()), dim=1)))
         out['theta'] = theta_pred.squeeze(1)
         return decode_outputs(out, geometry)
+
+
+def with_coordinates(image):
+    """(B, 3, H, W) -> (B, 5, H, W): RGB plus x and y in [-1, 1] (CoordConv), so the network can tell
+    the 13 strips apart by their place on the page without learning position from context alone."""
+    batch, _, height, width = image.shape
+    y = torch.linspace(-1, 1, height, device=image.device, dtype=image.dtype).view(1, 1, -1, 1)
+    x = torch.linspace(-1, 1, width, device=image.device, dtype=image.dtype).view(1, 1, 1, -1)
+    return torch.cat([image, x.expand(batch, 1, height, width), y.expand(batch, 1, height, width)], dim=1)
 
 
 def decode_outputs(out, geometry=None):
@@ -296,11 +306,26 @@ def load_encoder_file(model, path):
     encoder = model.unet.encoder
     own = encoder.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    usable.update({k: widen_first_conv(v, own[k]) for k, v in state.items()
+                   if k in own and k not in usable and is_rgb_conv(v, own[k])})
     if len(usable) < 0.9 * len(own):
         raise ValueError(f'--pretrained_path {path}: only {len(usable)} of {len(own)} {model.encoder_name} '
                          f'encoder tensors match (is it a {model.encoder_name} state dict?)')
     encoder.load_state_dict(usable, strict=False)
     return len(usable)
+
+
+def is_rgb_conv(weight, own):
+    """An ImageNet first conv (out, 3, k, k) where ours takes RGB + coordinates (out, 5, k, k)."""
+    return weight.dim() == 4 and own.dim() == 4 and weight.shape[1] == 3 and \
+        own.shape[1] == 3 + COORD_CHANNELS and weight.shape[0] == own.shape[0] and weight.shape[2:] == own.shape[2:]
+
+
+def widen_first_conv(weight, own):
+    """RGB filters kept as they were, coordinate filters start at zero (the pretrained start unchanged)."""
+    wide = torch.zeros_like(own)
+    wide[:, :3] = weight
+    return wide
 
 
 def load_imagenet_encoder(model):
@@ -319,7 +344,9 @@ def load_imagenet_encoder(model):
             f'Run once with network access, or pass --pretrained_path FILE with a local encoder state dict '
             f'(e.g. torchvision resnet34 .pth or smp-hub model.safetensors), or train without --pretrained.'
         ) from exc
-    model.unet.encoder.load_state_dict(encoder.state_dict())
+    own = model.unet.encoder.state_dict()
+    model.unet.encoder.load_state_dict({k: widen_first_conv(v, own[k]) if is_rgb_conv(v, own[k]) else v
+                                        for k, v in encoder.state_dict().items()})
 
 
 def build_model(encoder='resnet34', pretrained=False, pretrained_path=None, decoder_channels=DECODER_CHANNELS):

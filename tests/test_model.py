@@ -89,7 +89,8 @@ def test_pretrained_path_loads_local_encoder_file(tmp_path):
     path = tmp_path / 'resnet18.pth'
     torch.save(reference.state_dict(), path)
     model = em.build_model('resnet18', pretrained_path=path)
-    assert torch.equal(model.unet.encoder.conv1.weight, reference.conv1.weight)
+    first = model.unet.encoder.conv1.weight          # RGB + x, y coordinates in
+    assert torch.equal(first[:, :3], reference.conv1.weight) and not first[:, 3:].any()
     assert torch.equal(model.unet.encoder.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
     torch.save({'something': torch.zeros(3)}, tmp_path / 'wrong.pth')
     with pytest.raises(ValueError, match='wrong.pth: only 0 of'):
