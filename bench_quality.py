@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent
 FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'ecg-image-kit'
 TRAIN_SEED, HELDOUT_SEED = 100, 200
 SIZES = [(384, 504), (512, 672), (256, 1344), (512, 1344), (512, 2688)]
-FULL = dict(train_records=480, heldout_records=60, budget_min=30.0, image_size=(256, 1344),
-            encoder='tu-regnetx_002', batch_size=4, lr=1e-3, epochs=4)
+FULL = dict(train_records=480, heldout_records=60, budget_min=30.0, image_size=(128, 672),
+            encoder='tu-regnetx_002', batch_size=4, lr=1e-3, epochs=20)   # 20 epochs fill 30 min at 5 img/s
 QUICK = dict(train_records=12, heldout_records=4, budget_min=0.0, image_size=(64, 320),
              encoder='tu-regnetx_002', batch_size=4, lr=1e-3, epochs=1)
 

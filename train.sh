@@ -61,7 +61,7 @@ if torch.cuda.is_available():
 elif torch.backends.mps.is_available():
     print('mps', 4, min(2, cpus), 'resnet34', 256, 1344)
 else:
-    print('cpu', 4, min(2, cpus), 'tu-regnetx_002', 256, 1344)
+    print('cpu', 4, min(2, cpus), 'tu-regnetx_002', 128, 672)   # 4x the steps of 256 x 1344: measured better in 30 min
 EOF
 )
 if [ -n "${IMAGE_SIZE:-}" ]; then read -r IMAGE_H IMAGE_W <<< "$IMAGE_SIZE"; fi
