@@ -8,7 +8,9 @@ if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt; then
+# this machine's pip config names local wheel folders that may be absent: drop those warnings only
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); then
     echo "[setup] pip could not install requirements.txt into .venv" >&2
     exit 1
 fi

@@ -18,7 +18,7 @@ EPOCHS="${EPOCHS:-100}"
 OUTPUT_DIR="${OUTPUT_DIR:-experiments}"
 DEMO_DIR="${DEMO_DIR:-demo_data}"
 DEMO_RECORDS="${DEMO_RECORDS:-110}"
-DEMO_EPOCHS="${DEMO_EPOCHS:-4}"
+DEMO_EPOCHS="${DEMO_EPOCHS:-10}"
 # IMAGE_SIZE="H W" and ENCODER_OVERRIDE=name replace the per-device suggestion (tests use tiny ones).
 ASSUME_YES=0
 TRAINER_ARGS=()
