@@ -303,7 +303,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
         speed = count * dist_world() / (time.perf_counter() - start)
         bar.set_postfix(loss=f'{float(losses["total"].detach()):.3f}', img_s=f'{speed:.2f}')
         if writer and state['global_step'] % config['log_every'] == 0:
-            log_losses(writer, 'Train', {k: float(v) for k, v in losses.items()}, state['global_step'])
+            log_losses(writer, 'Train', {k: float(v.detach()) for k, v in losses.items()}, state['global_step'])
             writer.add_scalar('Train/lr', scheduler.get_last_lr()[0], state['global_step'])
     means = {name: total / max(count, 1) for name, total in sums.items()}
     means['images_per_s'] = count * dist_world() / (time.perf_counter() - start)
