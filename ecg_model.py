@@ -376,9 +376,6 @@ def build_model(encoder='resnet34', pretrained=False, pretrained_path=None, deco
     return model
 
 
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
 
 # ---------------------------------------------------------------- pictures
 
