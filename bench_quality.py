@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+import ecg_checkpoint
 import ecg_trainer
 import evaluate
+import production_trainer
 import production_dataset as pdx
 
 ROOT = Path(__file__).resolve().parent
@@ -122,11 +124,10 @@ def main(argv=None):
     train_start = time.perf_counter()
     run_dir = Path(args.run_dir) if args.run_dir else train(out / 'train_data', out / 'runs', cfg)
     train_minutes = (time.perf_counter() - train_start) / 60
-    log = (run_dir / 'logs' / 'train.log').read_text()
-    speeds = [float(part.split()[0]) for part in log.split('| ')[1:] if part.strip().endswith('img/s')]
-    if args.run_dir:   # the run's own log holds how long its epochs took
-        train_minutes = sum(float(part.split()[0]) for part in log.split('| ')[1:]
-                            if part.strip().endswith(' s') and part.split()[0].replace('.', '').isdigit()) / 60
+    epochs = production_trainer.read_metrics(run_dir)
+    speeds = [epoch['train']['images_per_s'] for epoch in epochs]
+    if args.run_dir:   # the run's own metrics hold how long its epochs took
+        train_minutes = sum(epoch['seconds'] for epoch in epochs) / 60
     best = run_dir / 'checkpoints' / f'{args.checkpoint}.pth'
     heldout, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data')
     fixture, _ = evaluate.evaluate_checkpoint(best, FIXTURE / 'images', FIXTURE / 'signals')
@@ -135,7 +136,7 @@ def main(argv=None):
     report = {'settings': cfg, 'run_dir': str(run_dir), 'heldout': heldout, 'fixture': fixture,
               'heldout_untrained': {k: untrained[k] for k in ('pearson', 'snr_db', 'theta_error_deg', 'seg_dice')},
               'train_minutes': train_minutes, 'train_images_per_s': sum(speeds) / max(1, len(speeds)),
-              'epochs_done': torch.load(best, weights_only=False)['epoch'],
+              'epochs_done': ecg_checkpoint.load(best)['epoch'],
               'bound_by_input_size': bound_at_sizes(out / 'heldout_data', sizes, 8 if args.quick else 30),
               'wall_minutes': (time.perf_counter() - started) / 60}
     out.mkdir(parents=True, exist_ok=True)

@@ -28,19 +28,11 @@ import torch.nn.functional as F
 
 import segmentation_models_pytorch as smp
 
-N_LEADS = 12
-N_TRACES = 13
-RHYTHM = 12
-RHYTHM_LEAD = 1                     # lead II
-FS = 500
-N_SAMPLES = 5000
-SECONDS = 10.0
-LAYOUT_COLUMN = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]   # I II III | aVR aVL aVF | V1 V2 V3 | V4 V5 V6
-COLUMN_SECONDS = 2.5
-PAGE_HEIGHT_MM = 8.5 * 25.4
-PAGE_ASPECT = 11.0 / 8.5            # US letter, landscape: ecg-image-kit's and the simulator's page
-MM_PER_MV = 10.0
-MM_PER_S = 25.0
+from ecg_page import (FS, LEADS, MM_PER_MV, MM_PER_S, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT, PAGE_HEIGHT_MM,
+                      RHYTHM, SECONDS, STANDARD)
+
+LAYOUT = STANDARD                   # the page the 13 output strips are laid out for
+RHYTHM_LEAD = LEADS.index(LAYOUT.rhythm[0])
 TRACE_START = 118 / 2200            # where ecg-image-kit starts the traces (after the 1 mV pulse), page widths
 START_PRIOR_WEIGHT = 0.01           # per column off the usual start: only breaks ties of a flat presence
 LINE_PIXELS_PER_COLUMN = 4          # the rotation search reads as many pixels as four page-wide 0 mV lines
@@ -49,8 +41,8 @@ SUBROW_OFFSETS = torch.tensor([-0.375, -0.125, 0.125, 0.375])
 PRESENCE_THRESHOLD = 0.5
 HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
 HEAD_CHANNELS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 3 * N_TRACES}
-DECODER_CHANNELS = (128, 64, 32, 32, 16)
-COORD_CHANNELS = 2   # x and y of each pixel beside RGB: which lead a trace is follows from where it is   # half smp's default width: 2x faster on CPU, traces are simple shapes
+DECODER_CHANNELS = (128, 64, 32, 32, 16)   # half smp's default width: 2x faster on CPU, traces are simple shapes
+COORD_CHANNELS = 2   # x and y of each pixel beside RGB: which lead a trace is follows from where it is
 
 
 class ECGDigitizer(nn.Module):
@@ -93,8 +85,9 @@ def decode_outputs(out, geometry=None):
     geometry = geometry or {}
     page_aspect = geometry.get('page_aspect')
     theta = geometry.get('theta')
-    if theta is None:
-        theta = estimate_theta(out['baseline'], out['theta'], page_aspect)
+    if theta is None:   # NaN maps of a diverged model must give a (useless) angle, not a crash
+        theta = estimate_theta(torch.nan_to_num(out['baseline'].float(), nan=-1e4, posinf=1e4, neginf=-1e4),
+                               torch.nan_to_num(out['theta'].float()), page_aspect)
     out = dict(out)
     out['signal'], out['trace_rows'] = decode_signal(out['trace'], theta, geometry.get('trace_window'),
                                                      geometry.get('trace_span'), geometry.get('px_per_mv'),
@@ -119,9 +112,10 @@ def default_px_per_mv(height):
 
 
 def default_windows(batch, device):
-    """(B, 13, 2) seconds [first, last sample] each channel shows in the standard 3x4 + rhythm layout."""
-    starts = torch.tensor([c * COLUMN_SECONDS for c in LAYOUT_COLUMN] + [0.0], device=device)
-    ends = torch.tensor([(c + 1) * COLUMN_SECONDS for c in LAYOUT_COLUMN] + [SECONDS], device=device) - 1 / FS
+    """(B, 13, 2) seconds [first, last sample] each channel shows in LAYOUT (the standard 3x4 + rhythm)."""
+    windows = [LAYOUT.short_window(lead) for lead in LEADS] + [(0.0, SECONDS)]
+    starts = torch.tensor([start for start, _ in windows], device=device)
+    ends = torch.tensor([end for _, end in windows], device=device) - 1 / FS
     return torch.stack([starts, ends], dim=1).expand(batch, -1, -1)
 
 

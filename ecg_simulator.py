@@ -32,20 +32,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-LEADS = ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
+from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN, PAGE_W_IN, SECONDS,
+                      STANDARD)
+
 PRIMARY_LEADS = ['I', 'II', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']  # the rest follow from I and II
-LAYOUT = [['I', 'aVR', 'V1', 'V4'],     # row 0
-          ['II', 'aVL', 'V2', 'V5'],    # row 1
-          ['III', 'aVF', 'V3', 'V6']]   # row 2; row 3 is the lead II rhythm strip
-FULL_MODE_LEAD = 'II'
-N_COLUMNS = 4
-DURATION_S = 10.0
-COLUMN_S = DURATION_S / N_COLUMNS
-PAGE_W_IN, PAGE_H_IN = 11.0, 8.5
-MM_PER_S, MM_PER_MV = 25.0, 10.0
-CAL_PULSE_S, CAL_PULSE_MV = 0.2, 1.0
+LAYOUT = [list(row) for row in STANDARD.rows]   # rows of short strips; the rhythm strip goes below them
+FULL_MODE_LEAD = STANDARD.rhythm[0]
+N_COLUMNS = STANDARD.n_columns
+COLUMN_S = STANDARD.column_seconds
 PX_SHIFT = 4                     # cv2 sub-pixel bits: coordinates are drawn to 1/16 px
-WAVES = ['P', 'Q', 'R', 'S', 'T']
 
 FS_CHOICES = (250, 256, 500, 512, 1000, 1025)
 DPI_CHOICES = (100, 150, 200, 250, 300)
@@ -126,7 +121,7 @@ def beat_times(rng, rr):
     resp_period = rng.uniform(3.0, 6.0)
     t = -rng.uniform(0.0, rr) - rr
     times = []
-    while t < DURATION_S + 2 * rr:
+    while t < SECONDS + 2 * rr:
         times.append(t)
         t += rr * (1.0 + 0.03 * rng.standard_normal() + 0.04 * np.sin(2 * np.pi * t / resp_period))
     return np.array(times)
@@ -163,7 +158,7 @@ def derive_limb_leads(primary):
 
 def synthesize_record(rng, fs):
     """10 s of 12-lead ECG at fs Hz in mV: DataFrame of round(10 * fs) rows x LEADS."""
-    sig_len = int(round(DURATION_S * fs))
+    sig_len = int(round(SECONDS * fs))
     t = np.arange(sig_len) / fs
     rr = 60.0 / rng.uniform(45.0, 140.0)
     centers, widths, vectors = wave_params(rng, rr)
@@ -225,8 +220,9 @@ def page_geometry(dpi, rng, jitter_mm):
     h_mm = PAGE_H_IN * 25.4
     rhythm_mm = h_mm - 21.0 + rng.uniform(-1, 1) * jitter_mm * 2
     spacing_mm = 36.0 + rng.uniform(-1, 1) * jitter_mm * 2
-    rows_mm = [rhythm_mm - (3 - r) * spacing_mm + (rng.uniform(-0.5, 0.5) * jitter_mm if r < 3 else 0.0)
-               for r in range(4)]
+    n_short = len(LAYOUT)   # rows of short strips above the rhythm strip
+    rows_mm = [rhythm_mm - (n_short - r) * spacing_mm + (rng.uniform(-0.5, 0.5) * jitter_mm if r < n_short else 0.0)
+               for r in range(n_short + 1)]
     geom['row_baselines'] = [m * px_per_mm for m in rows_mm]
     # a major intersection anywhere in the first large square: the grid is not tied to the trace
     geom['grid_origin'] = [rng.uniform(0, geom['y_grid']), rng.uniform(0, geom['x_grid'])]
@@ -237,10 +233,10 @@ def lead_entries(sig_len):
     """(lead, layout row, layout column, start, end) in ecg-image-kit's order: bottom grid row
     first, then up, then the rhythm strip."""
     entries = []
-    for r in (2, 1, 0):
+    for r in reversed(range(len(LAYOUT))):
         for j, lead in enumerate(LAYOUT[r]):
             entries.append((lead, r, j) + column_bounds(sig_len, j))
-    entries.append((FULL_MODE_LEAD, 3, 0, 0, sig_len))
+    entries.append((FULL_MODE_LEAD, len(LAYOUT), 0, 0, sig_len))
     return entries
 
 
@@ -375,7 +371,7 @@ def draw_page_marks(mask, geom, rng, knobs, sig_len):
         cv2.polylines(mask, [to_cv_points(pulse)], False, 255, max(1, int(round(0.25 * mm))), cv2.LINE_AA, PX_SHIFT)
     if rng.random() < knobs['separator_prob']:
         half = rng.uniform(0.25, 0.4) * ppmv
-        for base in geom['row_baselines'][:3]:
+        for base in geom['row_baselines'][:len(LAYOUT)]:
             for j in range(1, N_COLUMNS):
                 x = geom['x_start'] + j * COLUMN_S * geom['px_per_s']
                 seg = np.array([[x, base - half], [x, base + half]])

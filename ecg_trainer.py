@@ -19,10 +19,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ecg_page import FS
+
 # ---- metrics ----
 
-LEADS = ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
-FS = 500
 MAX_SHIFT_S = 0.2        # Kaggle forgives a time shift of up to 0.2 s per lead
 SNR_CAP = 384.0          # Kaggle's cap on a record's power ratio: 10*log10(384) = 25.84 dB
 SNR_DB_FLOOR = -384.0    # Kaggle floors the final dB at -cap, so a zero mean ratio is not -inf
@@ -227,6 +227,7 @@ def concat_stats(stats_list):
 
 # ---- composite loss ----
 
+SIGNAL_PARTS = ['trace_ce', 'zero_ce', 'presence_bce', 'signal_l1', 'signal_snr_db']   # logged beside the losses
 DEFAULT_LOSS_WEIGHTS = {'seg': 1.0, 'grid': 0.5, 'baseline': 0.8, 'theta': 0.3, 'signal': 2.0}
 GRID_POS_WEIGHT = 3.0       # grid lines cover a few % of the pixels
 BASELINE_POS_WEIGHT = 10.0  # 0 mV lines cover about 1 % of the pixels
@@ -305,8 +306,7 @@ def signal_terms(outputs, batch):
     l1 = masked_mean((outputs['signal'].float() - batch['signal']).abs(), mask)
     snr = snr_style_loss(outputs['signal'].float(), batch['signal'], mask)
     total = trace_ce + zero_ce + presence + l1 + SNR_LOSS_WEIGHT * snr
-    return total, {'trace_ce': trace_ce, 'zero_ce': zero_ce, 'presence_bce': presence,
-                   'signal_l1': l1, 'signal_snr_db': -snr}
+    return total, dict(zip(SIGNAL_PARTS, (trace_ce, zero_ce, presence, l1, -snr)))
 
 
 class CompositeLoss(torch.nn.Module):

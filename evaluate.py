@@ -21,10 +21,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import ecg_checkpoint
 import ecg_model
 import ecg_trainer
+import inference
 import production_dataset as pdx
-from production_trainer import load_model, pick_device
+from ecg_page import LEADS
 
 
 def parse_args(argv=None):
@@ -46,7 +48,7 @@ def evaluation_refs(config, sim_root=None, csv_root=None, max_samples=None):
     """The images to score: the given roots, or the run's own validation split."""
     if sim_root or csv_root:
         if not (sim_root and csv_root):
-            raise SystemExit('give both --sim_root and --csv_root, or neither (the run\'s validation split)')
+            raise pdx.InputError('give both --sim_root and --csv_root, or neither (the run\'s validation split)')
         refs, problems = pdx.find_samples(sim_root, csv_root, max_samples)
         return refs, problems
     refs, problems = pdx.find_samples(config['sim_root'], config['csv_root'], config['max_samples'])
@@ -132,7 +134,7 @@ def build_report(frame, model_stats, bound_stats):
         'per_lead': {lead: {'pearson': model_sum['pearson_per_lead'][i], 'snr_db': model_sum['snr_db_per_lead'][i],
                             'bound_pearson': bound_sum['pearson_per_lead'][i],
                             'bound_snr_db': bound_sum['snr_db_per_lead'][i]}
-                     for i, lead in enumerate(pdx.LEADS)},
+                     for i, lead in enumerate(LEADS)},
         'per_fs': group_report(frame, model_stats, bound_stats, 'fs'),
         'per_style': group_report(frame, model_stats, bound_stats, 'style'),
         'theta_error_deg': float(valid_theta.theta_error_deg.mean()) if len(valid_theta) else float('nan'),
@@ -145,18 +147,18 @@ def build_report(frame, model_stats, bound_stats):
 def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_samples=None, batch_size=4,
                         num_workers=0, force_cpu=False, untrained=False):
     """Score one checkpoint (or, untrained, a fresh model of its architecture) -> (report, per-image frame)."""
-    device = pick_device(force_cpu, 0)
-    model, checkpoint = load_model(checkpoint_path, device)
+    device = inference.pick_device('cpu' if force_cpu else 'auto')
+    model, checkpoint = ecg_checkpoint.load_model(checkpoint_path, device)
     if untrained:
         torch.manual_seed(checkpoint['config']['seed'])
         model = ecg_model.ECGDigitizer(**checkpoint['model_args']).to(device).eval()
     config = checkpoint['config']
     refs, problems = evaluation_refs(config, sim_root, csv_root, max_samples)
-    dataset = pdx.ECGImageDataset(refs=refs, target_size=config['image_size'])
+    dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint))
     for path, message in problems + dataset.problems:
         print(f'skipped {path}: {message}')
     if len(dataset) == 0:
-        raise SystemExit('no usable image to evaluate')
+        raise pdx.InputError('no usable image to evaluate')
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     frame, model_stats, bound_stats = score_batches(model, loader, device)
     report = build_report(frame, model_stats, bound_stats)
@@ -203,8 +205,6 @@ def write_reports(report, frame, stem):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f'{args.checkpoint}: checkpoint not found')
     report, frame = evaluate_checkpoint(args.checkpoint, args.sim_root, args.csv_root, args.max_samples,
                                         args.batch_size, args.num_workers, args.force_cpu, args.untrained)
     print_table(report)
@@ -214,4 +214,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    pdx.run_cli(main)

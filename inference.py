@@ -16,24 +16,21 @@ os.environ.setdefault('PYTORCH_ENABLE_MPS_FALLBACK', '1')   # must precede the t
 
 import argparse
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 import wfdb
 from tqdm import tqdm
 
+import ecg_checkpoint
 import ecg_model
 import production_dataset as pdx
-from production_trainer import load_model
+from ecg_page import FS as MODEL_FS, LEADS, SECONDS   # the model's signal: 500 Hz over 10 s
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
-MODEL_FS = ecg_model.FS                # the model's signal: 500 Hz over 10 s
-SECONDS = ecg_model.SECONDS
 CSV_DECIMALS = 3
 WFDB_ADC_GAIN = 1000.0                 # digital units per mV: 1 uV steps, as PTB-XL stores its records
 WFDB_MAX_MV = 32.767                   # fmt 16 holds +-32767 uV; -32768 is wfdb's NaN code
@@ -43,9 +40,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Digitize ECG images into 12-lead signal CSVs (Kaggle layout).')
     parser.add_argument('--image', required=True, type=Path, help='an image, or a folder searched recursively')
     parser.add_argument('--checkpoint', required=True, type=Path, help='a trained .pth (e.g. checkpoints/best.pth)')
-    parser.add_argument('--output', required=True, type=Path,
-                        help='CSV path for one image (or a folder to put {image_stem}.csv in); '
-                             'a folder for --image DIR')
+    parser.add_argument('--output', required=True,
+                        help='CSV path for one image, or a folder (existing, or named with a trailing /) to put '
+                             '{image_stem}.csv in; a folder for --image DIR')
     parser.add_argument('--fs', type=float, default=MODEL_FS, help='sampling rate of the output in Hz (default 500)')
     parser.add_argument('--batch_size', type=int, default=4, help='images per forward pass in folder mode')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'],
@@ -53,10 +50,6 @@ def parse_args(argv=None):
     parser.add_argument('--wfdb', action='store_true',
                         help='also write {stem}.hea/.dat (WFDB, fmt 16, 1000 units/mV, not-shown samples as NaN)')
     return parser.parse_args(argv)
-
-
-class InputError(Exception):
-    """A problem with a file the user named: reported as one line, without a traceback."""
 
 
 # ---------------------------------------------------------------- inputs
@@ -67,21 +60,16 @@ def pick_device(name):
             return torch.device('cuda')
         return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
     if name == 'cuda' and not torch.cuda.is_available():
-        raise InputError('--device cuda: CUDA is not available on this machine')
+        raise pdx.InputError('--device cuda: CUDA is not available on this machine')
     if name == 'mps' and not torch.backends.mps.is_available():
-        raise InputError('--device mps: MPS is not available on this machine')
+        raise pdx.InputError('--device mps: MPS is not available on this machine')
     return torch.device(name)
 
 
 def load_checkpoint(path, device):
-    """(model in eval mode, its input size (H, W)); a missing or broken file is an InputError naming it."""
-    if not path.is_file():
-        raise InputError(f'{path}: checkpoint not found')
-    try:
-        model, checkpoint = load_model(path, device)
-    except Exception as exc:   # torch.load / pickle / state-dict errors come in many types
-        raise InputError(f'{path}: not a readable checkpoint of this toolkit ({type(exc).__name__}: {exc})') from exc
-    return model, tuple(int(v) for v in checkpoint['config']['image_size'])
+    """(model in eval mode, its input size (H, W)); a missing or broken file is an pdx.InputError naming it."""
+    model, checkpoint = ecg_checkpoint.load_model(path, device)
+    return model, ecg_checkpoint.input_size(checkpoint)
 
 
 def find_images(path):
@@ -89,35 +77,11 @@ def find_images(path):
     if path.is_dir():
         images = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
-            raise InputError(f'{path}: no {"/".join(IMAGE_SUFFIXES)} image in this folder')
+            raise pdx.InputError(f'{path}: no {"/".join(IMAGE_SUFFIXES)} image in this folder')
         return images
     if not path.is_file():
-        raise InputError(f'{path}: image not found')
+        raise pdx.InputError(f'{path}: image not found')
     return [path]
-
-
-def read_rgb(path):
-    """Any image cv2 decodes -> (H, W, 3) uint8 RGB at its own size. Gray is repeated; RGBA is composited
-    over white paper (a transparent page is paper, not black); 16-bit is scaled to 8."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise InputError(f'{path}: unreadable image (cv2 could not decode it)')
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
-        alpha = image[..., 3:].astype(np.float32) / 255.0
-        image = (image[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
-    return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
-
-
-def model_input(rgb, size_hw):
-    """(h, w, 3) uint8 page -> normalized (3, H, W) float tensor, the (H, W, 3) uint8 picture the model
-    sees (INTER_AREA keeps thin traces, as in training), and the page aspect w / h of the original."""
-    resized = cv2.resize(rgb, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_AREA)
-    image = (resized.astype(np.float32) / 255.0 - pdx.IMAGENET_MEAN) / pdx.IMAGENET_STD
-    return torch.from_numpy(image.transpose(2, 0, 1).copy()), resized, rgb.shape[1] / rgb.shape[0]
 
 
 @torch.inference_mode()
@@ -131,14 +95,9 @@ def run_model(model, images, aspects, device):
 # ---------------------------------------------------------------- signals
 
 def layout_mask():
-    """(12, 5000) bool: which 500 Hz samples the standard layout shows (II: all 10 s via the rhythm strip;
-    every other lead: its 2.5 s column)."""
-    column = int(ecg_model.COLUMN_SECONDS * MODEL_FS)
-    mask = np.zeros((ecg_model.N_LEADS, ecg_model.N_SAMPLES), bool)
-    for lead, col in enumerate(ecg_model.LAYOUT_COLUMN):
-        mask[lead, col * column:(col + 1) * column] = True
-    mask[ecg_model.RHYTHM_LEAD] = True
-    return mask
+    """(12, 5000) bool: which 500 Hz samples the model's page layout shows (II: all 10 s via the rhythm
+    strip; every other lead: its 2.5 s column)."""
+    return ecg_model.LAYOUT.shown_mask()
 
 
 def shown_signal(signal):
@@ -158,7 +117,7 @@ def resample_signal(signal, fs):
 def write_csv(signal, path):
     """(12, N) mV -> Kaggle signal CSV: header I..V6, 3 decimals, empty cells where NaN."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(signal.T, columns=pdx.LEADS).to_csv(path, index=False, float_format=f'%.{CSV_DECIMALS}f')
+    pd.DataFrame(signal.T, columns=LEADS).to_csv(path, index=False, float_format=f'%.{CSV_DECIMALS}f')
 
 
 def write_wfdb(signal, fs, csv_path):
@@ -166,26 +125,28 @@ def write_wfdb(signal, fs, csv_path):
     are written as wfdb's NaN code (-32768), which wfdb.rdrecord reads back as NaN. Returns the .hea path."""
     record = re.sub(r'[^-\w]', '_', csv_path.stem)   # wfdb accepts letters, digits, '-' and '_' only
     p_signal = np.clip(signal.T, -WFDB_MAX_MV, WFDB_MAX_MV)
-    wfdb.wrsamp(record, fs=fs, units=['mV'] * len(pdx.LEADS), sig_name=list(pdx.LEADS), p_signal=p_signal,
-                fmt=['16'] * len(pdx.LEADS), adc_gain=[WFDB_ADC_GAIN] * len(pdx.LEADS),
-                baseline=[0] * len(pdx.LEADS), write_dir=str(csv_path.parent))
+    wfdb.wrsamp(record, fs=fs, units=['mV'] * len(LEADS), sig_name=list(LEADS), p_signal=p_signal,
+                fmt=['16'] * len(LEADS), adc_gain=[WFDB_ADC_GAIN] * len(LEADS),
+                baseline=[0] * len(LEADS), write_dir=str(csv_path.parent))
     return csv_path.parent / f'{record}.hea'
 
 
 # ---------------------------------------------------------------- driving
 
 def output_paths(images, args):
-    """Where each image's CSV goes: --output itself for one image (or inside it when it is a folder),
-    {output}/{image_stem}.csv in folder mode."""
-    if not (args.image.is_dir() or args.output.is_dir()):
-        return [args.output]
-    if args.output.exists() and not args.output.is_dir():
-        raise InputError(f'{args.output}: --output must be a folder when --image is a folder')
+    """Where each image's CSV goes: --output itself for one image (or inside it when it is a folder, or
+    named as one with a trailing /), {output}/{image_stem}.csv in folder mode."""
+    output = Path(args.output)
+    as_folder = args.output.endswith(('/', os.sep)) or output.is_dir()
+    if not (args.image.is_dir() or as_folder):
+        return [output]
+    if output.exists() and not output.is_dir():
+        raise pdx.InputError(f'{output}: --output must be a folder when --image is a folder')
     stems = [image.stem for image in images]
     twins = sorted(stem for stem, n in Counter(stems).items() if n > 1)
     if twins:   # a.png and sub/a.jpg would overwrite each other's a.csv
-        raise InputError(f'{args.image}: several images share the stem(s) {twins}; outputs are named by stem')
-    return [args.output / f'{stem}.csv' for stem in stems]
+        raise pdx.InputError(f'{args.image}: several images share the stem(s) {twins}; outputs are named by stem')
+    return [output / f'{stem}.csv' for stem in stems]
 
 
 def read_batch(paths, size_hw):
@@ -194,8 +155,8 @@ def read_batch(paths, size_hw):
     tensors, aspects, read, problems = [], [], [], []
     for path in paths:
         try:
-            tensor, _, aspect = model_input(read_rgb(path), size_hw)
-        except InputError as exc:
+            tensor, _, aspect = pdx.preprocess(pdx.read_rgb(path), size_hw)   # the one path, shared with training
+        except pdx.InputError as exc:
             problems.append(str(exc))
             continue
         tensors.append(tensor)
@@ -234,21 +195,18 @@ def write_outputs(signal, csv_path, image_path, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.fs <= 0 or args.batch_size < 1:
-            raise InputError('--fs and --batch_size must be positive')
-        images = find_images(args.image)
-        device = pick_device(args.device)
-        model, size_hw = load_checkpoint(args.checkpoint, device)
-        problems = digitize(model, size_hw, images, output_paths(images, args), args, device)
-    except InputError as exc:
-        sys.exit(f'error: {exc}')
+    if args.fs <= 0 or args.batch_size < 1:
+        raise pdx.InputError('--fs and --batch_size must be positive')
+    images = find_images(args.image)
+    device = pick_device(args.device)
+    model, size_hw = load_checkpoint(args.checkpoint, device)
+    problems = digitize(model, size_hw, images, output_paths(images, args), args, device)
     n_rows = round(SECONDS * args.fs)
     print(f'wrote {len(images) - len(problems)} signal(s) of {n_rows} rows at {args.fs:g} Hz '
           f'(model input {size_hw[0]}x{size_hw[1]}, device {device}) to {args.output}')
     if problems:
-        sys.exit('error: could not read ' + '; '.join(problems))
+        raise pdx.InputError('could not read ' + '; '.join(problems))
 
 
 if __name__ == '__main__':
-    main()
+    pdx.run_cli(main)

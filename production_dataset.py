@@ -22,6 +22,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,22 +40,43 @@ from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-LEADS = ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
-FS = 500
-SECONDS = 10.0
-N_SAMPLES = int(FS * SECONDS)
-N_TRACES = 13            # 12 leads + the rhythm strip
-RHYTHM = 12              # trace channel of the rhythm strip
+from ecg_page import FS, LEADS, N_LEADS, N_SAMPLES, N_TRACES, RHYTHM, SECONDS
+
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
+MAX_ABS_MV = 20.0                  # physiological ECG stays within a few mV; 20 allows pacing spikes
+PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the PNG (antialiasing, rounding)
+MIN_PAGE_SIDE = 128                # px: a 50 dpi letter page is 425 px tall; less cannot hold 13 strips
+MIN_PAGE_CONTRAST = 2.0            # grey-level std: below it the image is one colour
 
 log = logging.getLogger('production_dataset')
 
 
-class SampleError(ValueError):
+class InputError(Exception):
+    """A problem with what the user gave (a path, a file, a flag): the message names it and says what is
+    wrong; the scripts print it as one line, without a traceback (ECG_TRACEBACK=1 shows it)."""
+
+
+class SampleError(InputError, ValueError):
     """A sample that cannot be used; the message names the file and the problem."""
+
+
+def run_cli(main):
+    """Run a script's main(): a problem with the user's input ends in one line and exit status 1, Ctrl-C in
+    exit status 130, without a traceback (ECG_TRACEBACK=1 shows it, for bug reports). Bugs keep theirs."""
+    try:
+        return main()
+    except InputError as exc:
+        if os.environ.get('ECG_TRACEBACK'):
+            raise
+        sys.exit(f'error: {exc}')
+    except KeyboardInterrupt:
+        if os.environ.get('ECG_TRACEBACK'):
+            raise
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
 
 
 @dataclass
@@ -139,7 +162,17 @@ def read_signal_csv(path, fs, sig_len):
     if abs(len(frame) - SECONDS * fs) > max(2, 0.01 * SECONDS * fs):
         raise SampleError(f'{path}: {len(frame)} rows disagree with fs={fs:g} Hz for {SECONDS:g} s '
                           f'(expected {SECONDS * fs:g})')
-    values = frame[LEADS].to_numpy(np.float64)
+    try:
+        values = frame[LEADS].to_numpy(np.float64)
+    except ValueError as exc:
+        raise SampleError(f'{path}: lead columns must hold numbers in mV ({exc})') from exc
+    infinite = [lead for lead, column in zip(LEADS, values.T) if np.isinf(column).any()]
+    if infinite:
+        raise SampleError(f'{path}: leads {infinite} hold infinite values')
+    with np.errstate(invalid='ignore'):
+        wild = [lead for lead, column in zip(LEADS, values.T) if (np.abs(column) > MAX_ABS_MV).any()]
+    if wild:
+        raise SampleError(f'{path}: leads {wild} exceed {MAX_ABS_MV:g} mV (not an ECG in mV; wrong units?)')
     empty = [lead for lead, column in zip(LEADS, values.T) if not np.isfinite(column).any()]
     if empty:
         raise SampleError(f'{path}: leads {empty} are entirely NaN')
@@ -156,14 +189,22 @@ def load_signal(path, fs, sig_len):
 
 def read_train_csv(csv_root):
     """csv_root/train.csv -> {id: (fs, sig_len)}; ids kept as strings (Kaggle ids are digits)."""
+    if not Path(csv_root).is_dir():
+        raise InputError(f'{csv_root}: --csv_root is not a folder')
     path = Path(csv_root) / 'train.csv'
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: train.csv (id,fs,sig_len) not found under --csv_root')
-    table = pd.read_csv(path, dtype={'id': str})
+        raise InputError(f'{path}: train.csv (id,fs,sig_len) not found under --csv_root')
+    try:
+        table = pd.read_csv(path, dtype={'id': str})
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:   # binary or broken file
+        raise InputError(f'{path}: not a readable CSV ({type(exc).__name__}); expected columns id,fs,sig_len') from exc
     missing = {'id', 'fs', 'sig_len'} - set(table.columns)
     if missing:
-        raise ValueError(f'{path}: missing columns {sorted(missing)}; expected id,fs,sig_len')
-    return {row.id: (float(row.fs), int(row.sig_len)) for row in table.itertuples()}
+        raise InputError(f'{path}: missing columns {sorted(missing)}; expected id,fs,sig_len')
+    try:
+        return {row.id: (float(row.fs), int(row.sig_len)) for row in table.itertuples()}
+    except (TypeError, ValueError) as exc:
+        raise InputError(f'{path}: fs and sig_len must be numbers ({exc})') from exc
 
 
 def find_samples(sim_root, csv_root, max_samples=None):
@@ -172,8 +213,10 @@ def find_samples(sim_root, csv_root, max_samples=None):
     Returns (refs, problems): problems are (path, message) for files that cannot be paired."""
     sim_root, csv_root = Path(sim_root), Path(csv_root)
     if not sim_root.is_dir():
-        raise FileNotFoundError(f'{sim_root}: --sim_root is not a folder')
+        raise InputError(f'{sim_root}: --sim_root is not a folder')
     records = read_train_csv(csv_root)
+    if not any(sim_root.rglob('*.png')):
+        raise InputError(f'{sim_root}: no .png image anywhere under --sim_root (expected {{id}}-{{k}}.png + .json)')
     refs, problems, ids_with_images = [], [], set()
     for png in sorted(sim_root.rglob('*.png')):
         record_id = png.stem.rsplit('-', 1)[0]
@@ -252,7 +295,8 @@ def parse_page(ref):
     json_fs = float(meta.get('sampling_frequency', ref.fs))
     if abs(json_fs - ref.fs) > 1e-6:
         raise SampleError(f'{ref.json}: sampling_frequency {json_fs:g} disagrees with train.csv fs {ref.fs:g}')
-    offset = page_offset(meta, png_size(ref.png), ref.png)
+    png_wh = png_size(ref.png)
+    offset = page_offset(meta, png_wh, ref.png)
     leads = meta['leads']
     channels = trace_channels(leads, ref.json)
     entries = []
@@ -266,6 +310,7 @@ def parse_page(ref):
             raise SampleError(f'{ref.json}: lead {entry["lead_name"]} samples [{start}, {end}) outside '
                               f'the signal of {ref.sig_len} rows')
         xy = pixels[:, ::-1] + offset   # JSON gives [row, col]
+        check_inside(xy, png_wh, ref.json, entry['lead_name'])
         entries.append(dict(channel=channel, lead=LEADS.index(entry['lead_name']),
                             start=start, end=end, xy=xy))
     rotation = meta.get('rotation_deg')
@@ -278,6 +323,17 @@ def parse_page(ref):
     return dict(entries=entries, px_per_mv=2 * float(meta['y_grid']),
                 rotation_deg=None if rotation is None else float(rotation),
                 grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style', 'ecg-image-kit'))
+
+
+def check_inside(xy, png_wh, path, lead):
+    """Plotted pixels must lie on the image: outside it the JSON belongs to another image or size."""
+    finite = xy[np.isfinite(xy).all(axis=1)]
+    low, high = -0.5 - PLOTTED_MARGIN_PX, np.asarray(png_wh) - 0.5 + PLOTTED_MARGIN_PX
+    outside = ((finite < low) | (finite > high)).any(axis=1)
+    if outside.any():
+        x, y = finite[np.argmax(outside)]
+        raise SampleError(f'{path}: lead {lead} has {int(outside.sum())} plotted_pixels outside the '
+                          f'{png_wh[0]}x{png_wh[1]} image (e.g. row {y:.0f}, col {x:.0f})')
 
 
 def zero_mv_points(entry, values, px_per_mv, theta_deg):
@@ -415,7 +471,7 @@ def trace_targets(page, values, theta_deg, scale_xy, size_hw, fs, png_wh):
 
 def signal_shown_mask(page, signal, fs):
     """(12, 5000) bool: finite in the CSV and inside a window that the image plots for that lead."""
-    shown = np.zeros((12, N_SAMPLES), bool)
+    shown = np.zeros((N_LEADS, N_SAMPLES), bool)
     for entry in page['entries']:
         first = math.ceil(entry['start'] / fs * FS - 1e-9)
         last = math.floor((entry['end'] - 1) / fs * FS + 1e-9)
@@ -423,23 +479,69 @@ def signal_shown_mask(page, signal, fs):
     return shown & np.isfinite(signal)
 
 
+def read_rgb(path):
+    """Any image cv2 decodes -> (h, w, 3) uint8 RGB at its own size. Gray is repeated; RGBA is composited
+    over white paper (a transparent page is paper, not black); 16-bit is scaled to 8. Refuses images too
+    small or too blank to be an ECG page, so nobody trains on them or reads a signal out of them."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise SampleError(f'{path}: unreadable image (cv2 could not decode its pixels)')
+    if image.dtype == np.uint16:
+        image = (image // 257).astype(np.uint8)
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    elif image.shape[2] == 4:
+        alpha = image[..., 3:].astype(np.float32) / 255.0
+        image = cv2.cvtColor((image[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8),
+                             cv2.COLOR_BGR2RGB)
+    else:
+        image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+    check_page_pixels(image, path)
+    return image
+
+
+def check_page_pixels(rgb, path):
+    """An ECG page has some size and some ink: a 1x1 or one-colour image is a mistake, not a page."""
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_PAGE_SIDE:
+        raise SampleError(f'{path}: image is {width}x{height} px, too small for an ECG page '
+                          f'(at least {MIN_PAGE_SIDE} px a side)')
+    if float(rgb.std()) < MIN_PAGE_CONTRAST:
+        raise SampleError(f'{path}: image is blank (one colour, no trace or grid to read)')
+
+
+def resize_page(rgb, size_hw):
+    """(h, w, 3) uint8 page -> (H, W, 3) uint8 at the network's input size; area interpolation keeps thin
+    traces (a 1 px trace survives a 4x shrink as a grey line instead of vanishing between samples)."""
+    return cv2.resize(rgb, (int(size_hw[1]), int(size_hw[0])), interpolation=cv2.INTER_AREA)
+
+
+def normalize(picture):
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 tensor, ImageNet-normalized as the encoders expect."""
+    image = (picture.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(image.transpose(2, 0, 1).copy())
+
+
+def preprocess(rgb, size_hw):
+    """The one path from a page to the network, for training, evaluation and inference:
+    (h, w, 3) uint8 RGB -> ((3, H, W) input tensor, (H, W, 3) uint8 picture, page aspect w / h)."""
+    picture = resize_page(rgb, size_hw)
+    return normalize(picture), picture, rgb.shape[1] / rgb.shape[0]
+
+
 def read_image(path, size_hw):
-    """PNG (RGB or RGBA, any dpi metadata) -> RGB uint8 at (H, W); area interpolation keeps thin traces."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)   # drops alpha; ecg-image-kit's RGBA is opaque
-    if image is None:
-        raise SampleError(f'{path}: unreadable PNG (cv2 could not decode it)')
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return cv2.resize(image, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_AREA), image.shape[1::-1]
+    """Page file -> ((H, W, 3) uint8 RGB picture at the input size, (w, h) of the file)."""
+    rgb = read_rgb(path)
+    return resize_page(rgb, size_hw), rgb.shape[1::-1]
 
 
-def build_sample(ref, size_hw, signal=None):
+def build_sample(ref, size_hw):
     """Read one sample and build every target at the input size (no augmentation).
 
     Returns a dict of numpy arrays; raises SampleError naming the file on bad input."""
     page = parse_page(ref)
     raw = read_signal_csv(ref.csv, ref.fs, ref.sig_len)
-    if signal is None:
-        signal = np.stack([resample_lead(column, ref.fs) for column in raw.T])
+    signal = np.stack([resample_lead(column, ref.fs) for column in raw.T])
     theta = page['rotation_deg']
     theta_valid = theta is not None
     if theta is None:
@@ -465,9 +567,11 @@ def build_sample(ref, size_hw, signal=None):
 
 
 def check_sample(ref):
-    """Cheap full check of one sample's JSON, PNG header and CSV; raises SampleError."""
+    """Full check of one sample before training: JSON, CSV values and the decoded pixels (a PNG whose
+    header reads but whose pixels do not would otherwise end a long run); raises SampleError."""
     parse_page(ref)
     read_signal_csv(ref.csv, ref.fs, ref.sig_len)
+    read_rgb(ref.png)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -541,8 +645,8 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
     'baseline_row': (lambda h, w: (N_TRACES, w), torch.float32),
     'trace_window': (lambda h, w: (N_TRACES, 2), torch.float32),
     'trace_span': (lambda h, w: (N_TRACES, 2), torch.float32),
-    'signal': (lambda h, w: (12, N_SAMPLES), torch.float32),
-    'signal_mask': (lambda h, w: (12, N_SAMPLES), torch.bool),
+    'signal': (lambda h, w: (N_LEADS, N_SAMPLES), torch.float32),
+    'signal_mask': (lambda h, w: (N_LEADS, N_SAMPLES), torch.bool),
     'theta': (lambda h, w: (), torch.float32),
     'theta_valid': (lambda h, w: (), torch.float32),
     'grid_valid': (lambda h, w: (), torch.float32),
@@ -652,9 +756,8 @@ class ECGImageDataset(Dataset):
         return sample
 
     def to_tensors(self, sample, ref):
-        image = (sample['image'].astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
         out = {name: torch.as_tensor(np.array(sample[name])) for name in CACHE_FIELDS if name != 'image'}
-        out['image'] = torch.from_numpy(image.transpose(2, 0, 1).copy())
+        out['image'] = normalize(sample['image'])
         out['seg'] = out['seg'].long()
         out['grid'] = out['grid'].float()
         out['baseline'] = out['baseline'].float()
@@ -742,4 +845,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

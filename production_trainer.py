@@ -20,11 +20,14 @@ os.environ.setdefault('PYTORCH_ENABLE_MPS_FALLBACK', '1')   # must precede the t
 import argparse
 import json
 import logging
+import logging.handlers
 import math
 import random
+import signal
 import sys
 import time
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +38,31 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import ecg_checkpoint
 import ecg_model
 import ecg_trainer
 import production_dataset as pdx
 
-LOSS_NAMES = ['seg', 'grid', 'baseline', 'theta', 'signal']
+LOSS_NAMES = list(ecg_trainer.DEFAULT_LOSS_WEIGHTS)
+ARCHITECTURE_KEYS = ('encoder', 'decoder_channels', 'image_size')   # a resumed run cannot change these
+RECORDED_KEYS = ('run_dir', 'device', 'world_size', 'amp_enabled', 'amp_dtype_used', 'grad_scaler',
+                 'select_metric_used')   # written into config.json by a run; ignored when it is read back
+SELECT_METRICS = {'snr_db': max, 'pearson': max, 'val_loss': min, 'latest': None}   # what best.pth means
+MAX_BAD_STEPS = 20      # non-finite losses or gradients in a row before the run is stopped
 DEBUG_SAMPLES = 100
 DEBUG_EPOCHS = 3
 WARMUP_FRACTION = 0.05
 TB_IMAGES = 3
+PROGRESS_SECONDS = 0.1 if sys.stderr.isatty() else 30.0   # a log file gets a progress line every 30 s
 log = logging.getLogger('production_trainer')
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description='Train the multi-head U-Net that reads ECG images back into 12-lead signals.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--sim_root', required=True, help='folder of {id}-{k}.png + .json images (searched recursively)')
-    p.add_argument('--csv_root', required=True, help='folder of train.csv and {id}/{id}.csv signals')
+    p.add_argument('--sim_root', help='folder of {id}-{k}.png + .json images (searched recursively); required '
+                                      'unless --config or --resume gives it')
+    p.add_argument('--csv_root', help='folder of train.csv and {id}/{id}.csv signals; required likewise')
     p.add_argument('--batch_size', type=int, default=4, help='images per step (per GPU under torchrun)')
     p.add_argument('--num_workers', type=int, default=2, help='DataLoader worker processes')
     p.add_argument('--epochs', type=int, default=100, help='passes over the training split')
@@ -60,18 +71,23 @@ def parse_args(argv=None):
     p.add_argument('--debug', action='store_true', help=f'quick check: {DEBUG_SAMPLES} samples, {DEBUG_EPOCHS} epochs')
     p.add_argument('--pretrained', action='store_true', help='ImageNet encoder weights (needs the hub or its cache)')
     p.add_argument('--pretrained_path', help='local encoder weights file to start from instead of the hub')
-    p.add_argument('--resume', help='checkpoint to continue from (its run folder is reused)')
+    p.add_argument('--resume', help='checkpoint to continue from: its run folder, model and settings are reused '
+                                    '(flags given here override the settings that may change)')
     p.add_argument('--force_cpu', action='store_true', help='train on the CPU even if a GPU is there')
     p.add_argument('--cache', action='store_true', help='decode every sample once into shared memory')
     for name, weight in ecg_trainer.DEFAULT_LOSS_WEIGHTS.items():
-        p.add_argument(f'--loss_weight_{name}', type=float, default=None, help=f'weight of the {name} loss (default {weight})')
-    p.add_argument('--config', help='JSON file of settings; a "loss_weights" block sets the loss weights')
+        p.add_argument(f'--loss_weight_{name}', type=float, default=weight, help=f'weight of the {name} loss')
+    p.add_argument('--config', help='JSON file of settings: any flag of this CLI by its name (image_size, lr, ...), '
+                                    'and a "loss_weights" block; CLI > --config file > defaults')
     p.add_argument('--image_size', type=int, nargs=2, default=list(pdx.DEFAULT_IMAGE_SIZE), metavar=('H', 'W'),
                    help='network input; wide beats tall at a given pixel count (DESIGN.md)')
     p.add_argument('--encoder', default='resnet34', help='segmentation-models-pytorch encoder name')
     p.add_argument('--decoder_channels', type=int, nargs=5, default=list(ecg_model.DECODER_CHANNELS),
                    help='U-Net decoder widths, deepest first')
     p.add_argument('--val_fraction', type=float, default=0.1, help='share of record ids held out for validation')
+    p.add_argument('--select_metric', choices=list(SELECT_METRICS), default=None,
+                   help='what best.pth means: validation snr_db, pearson or val_loss, or simply the latest epoch '
+                        '(default: snr_db with a validation split, latest without)')
     p.add_argument('--seed', type=int, default=42, help='seed for the split, initial weights, shuffling, augmentation')
     p.add_argument('--output_dir', default='experiments', help='where run folders are made')
     p.add_argument('--save_every', type=int, default=10, help='keep epoch_N.pth every N epochs')
@@ -84,32 +100,94 @@ def parse_args(argv=None):
     p.add_argument('--log_every', type=int, default=10, help='steps between TensorBoard training points')
     p.add_argument('--time_budget_min', type=float, default=None,
                    help='stop after the epoch that crosses this many minutes (benchmarks)')
-    return p.parse_args(argv)
+    return p
 
 
-# ---------------------------------------------------------------- setup
+def explicit_flags(argv):
+    """The settings the command line itself gives, without argparse's defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
 
-def resolve_config(args):
-    """Every setting of the run, as config.json records it: CLI > --config file > defaults."""
-    config = vars(args).copy()
-    file_config = {}
-    if args.config:
-        with open(args.config) as handle:
+
+def settings_file(path, known):
+    """--config JSON -> {setting: value}; its "loss_weights" block becomes loss_weight_* settings."""
+    try:
+        with open(path) as handle:
             file_config = json.load(handle)
-    weights = dict(ecg_trainer.DEFAULT_LOSS_WEIGHTS)
-    weights.update(file_config.get('loss_weights', {}))
-    for name in LOSS_NAMES:
-        cli = config.pop(f'loss_weight_{name}')
-        if cli is not None:
-            weights[name] = cli
-    unknown = set(file_config.get('loss_weights', {})) - set(LOSS_NAMES)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise pdx.InputError(f'{path}: --config is not a readable JSON file ({exc})') from exc
+    if not isinstance(file_config, dict):
+        raise pdx.InputError(f'{path}: --config must hold a JSON object of settings')
+    weights = file_config.pop('loss_weights', None) or {}
+    unknown_weights = sorted(set(weights) - set(LOSS_NAMES))
+    if unknown_weights:
+        raise pdx.InputError(f'{path}: unknown loss_weights {unknown_weights}; known: {LOSS_NAMES}')
+    settings = {f'loss_weight_{name}': value for name, value in weights.items()}
+    for key in RECORDED_KEYS + ('config', 'resume'):
+        file_config.pop(key, None)
+    unknown = sorted(set(file_config) - set(known))
     if unknown:
-        raise SystemExit(f'{args.config}: unknown loss_weights {sorted(unknown)}; known: {LOSS_NAMES}')
-    config['loss_weights'] = weights
+        raise pdx.InputError(f'{path}: unknown settings {unknown}; every flag of production_trainer.py --help '
+                             f'can be set by its name (e.g. "lr", "image_size")')
+    return {**settings, **file_config}
+
+
+def checkpoint_settings(checkpoint, known):
+    """The settings a checkpoint's run was started with, as flag names (for --resume)."""
+    config = dict(checkpoint['config'])
+    settings = {f'loss_weight_{k}': v for k, v in config.pop('loss_weights', {}).items() if k in LOSS_NAMES}
+    settings.update({k: v for k, v in config.items() if k in known and k not in ('resume', 'config')})
+    return settings
+
+
+def resume_conflicts(chosen, resumed):
+    """'--flag X (checkpoint: Y)' for each architecture setting a resumed run is asked to change."""
+    return [f'--{key} {chosen[key]} (checkpoint: {resumed[key]})' for key in ARCHITECTURE_KEYS
+            if key in chosen and key in resumed and list(np.atleast_1d(chosen[key])) != list(np.atleast_1d(resumed[key]))]
+
+
+def resolve_config(argv=None):
+    """Every setting of the run, as config.json records it: CLI > --config file > the resumed checkpoint's
+    settings > defaults. A resumed run keeps its model: a flag that would change it is an error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    known = set(vars(args))
+    cli = explicit_flags(argv)
+    from_file = settings_file(args.config, known) if args.config else {}
+    config = vars(parser.parse_args([]))
+    resumed = {}
+    if args.resume:
+        resumed = checkpoint_settings(ecg_checkpoint.load(args.resume), known)
+        config.update(resumed)
+    config.update(from_file)
+    config.update(cli)
+    conflicts = resume_conflicts({**from_file, **cli}, resumed)
+    if conflicts:
+        raise pdx.InputError(f'--resume {args.resume}: a resumed run keeps the model it was trained with; '
+                             f'drop {", ".join(conflicts)} or start a new run')
+    config['changed_on_resume'] = {k: [resumed[k], config[k]] for k in resumed
+                                   if k in cli or k in from_file if resumed[k] != config[k]}
+    config['loss_weights'] = {name: config.pop(f'loss_weight_{name}') for name in LOSS_NAMES}
+    for key in ('sim_root', 'csv_root'):
+        if not config[key]:
+            raise pdx.InputError(f'--{key} is required (or give it in --config, or --resume a run that had it)')
     if args.debug:
         config['max_samples'] = min(config['max_samples'] or DEBUG_SAMPLES, DEBUG_SAMPLES)
         config['epochs'] = DEBUG_EPOCHS
+    config['select_metric_used'] = select_metric(config)
     return config
+
+
+def select_metric(config):
+    """What best.pth means for this run; asking for a validation metric without a split is an error."""
+    has_val = config['val_fraction'] > 0
+    chosen = config['select_metric'] or ('snr_db' if has_val else 'latest')
+    if chosen != 'latest' and not has_val:
+        raise pdx.InputError(f'--select_metric {chosen} needs a validation split; with --val_fraction 0 use '
+                             f'--select_metric latest')
+    return chosen
 
 
 def setup_distributed():
@@ -142,9 +220,18 @@ def amp_settings(device, amp, amp_dtype):
     return True, (torch.bfloat16 if bf16 else torch.float16), not bf16
 
 
-def make_run_dir(output_dir, resume):
-    if resume:
-        return Path(resume).resolve().parent.parent
+def resume_run_dir(path):
+    """The run folder a checkpoint belongs to: RUN/checkpoints/NAME.pth beside RUN/config.json."""
+    path = Path(path).resolve()
+    run_dir = path.parent.parent
+    if path.parent.name != 'checkpoints' or not (run_dir / 'config.json').is_file():
+        raise pdx.InputError(f'--resume {path}: cannot tell which run it belongs to (expected '
+                             f'RUN/checkpoints/{path.name} with RUN/config.json); resume from a run folder\'s '
+                             f'checkpoint, or start a new run with --pretrained_path for its encoder')
+    return run_dir
+
+
+def new_run_dir(output_dir):
     run_dir = Path(output_dir) / datetime.now().strftime('run_%Y%m%d_%H%M%S')
     suffix = 1
     while run_dir.exists():   # two runs started within one second
@@ -153,19 +240,46 @@ def make_run_dir(output_dir, resume):
     return run_dir
 
 
-def setup_logging(run_dir, rank):
+def make_run_folders(run_dir):
+    """logs/ and checkpoints/ of the run; an unwritable place is one clear error."""
+    try:
+        for sub in ('logs', 'checkpoints'):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        probe = run_dir / 'checkpoints' / '.write_test'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as exc:
+        raise pdx.InputError(f'{run_dir}: cannot write the run folder here ({exc.strerror or exc}); '
+                             f'choose another --output_dir') from exc
+
+
+def setup_logging(rank):
+    """Console logging now; what is logged before the run folder exists is held and written to train.log
+    once the inputs are checked and the folder is made (add_log_file), so a failed start leaves no file."""
     log.handlers.clear()
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
-    formatter = logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%Y-%m-%d %H:%M:%S')
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if rank == 0:
-        (run_dir / 'logs').mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(run_dir / 'logs' / 'train.log'))
-    for handler in handlers:
-        handler.setFormatter(formatter)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(LOG_FORMAT)
+    held = logging.handlers.MemoryHandler(capacity=10 ** 6, flushLevel=logging.CRITICAL + 1)
+    for handler in (console, held):
         log.addHandler(handler)
-    logging.getLogger('production_dataset').handlers = handlers
+    logging.getLogger('production_dataset').handlers = [console, held]
+
+
+LOG_FORMAT = logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%Y-%m-%d %H:%M:%S')
+
+
+def add_log_file(run_dir):
+    """train.log joins the console (appending on --resume), starting with the lines held so far."""
+    handler = logging.FileHandler(run_dir / 'logs' / 'train.log')
+    handler.setFormatter(LOG_FORMAT)
+    for logger in (log, logging.getLogger('production_dataset')):
+        for held in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+            held.setTarget(handler)
+            held.close()   # flushes into train.log
+            logger.removeHandler(held)
+        logger.addHandler(handler)
 
 
 def seed_everything(seed):
@@ -175,11 +289,14 @@ def seed_everything(seed):
 
 
 def build_datasets(config):
+    """Every sample checked (JSON, CSV values, decoded pixels) before anything is written; bad ones
+    are named and skipped, and a data set with nothing usable stops the run here."""
     refs, problems = pdx.find_samples(config['sim_root'], config['csv_root'], config['max_samples'])
     for path, message in problems:
         log.warning('skipped %s: %s', path, message)
     if not refs:
-        raise SystemExit(f'no images paired with signals under {config["sim_root"]} / {config["csv_root"]}')
+        raise pdx.InputError(f'no images paired with signals under --sim_root {config["sim_root"]} / '
+                             f'--csv_root {config["csv_root"]}')
     train_refs, val_refs = pdx.split_by_record(refs, config['val_fraction'], config['seed'])
     common = dict(target_size=config['image_size'], cache=config['cache'], progress=True)
     train = pdx.ECGImageDataset(refs=train_refs, augment=not config['no_augment'], **common)
@@ -188,13 +305,21 @@ def build_datasets(config):
     log.info('data: %d train / %d val images (%d records), %d skipped as bad', len(train), len(val),
              len({r.record_id for r in refs}), skipped)
     if len(train) == 0:
-        raise SystemExit('no usable training sample; run production_dataset.py on the data to see why')
+        raise pdx.InputError('no usable training sample; run production_dataset.py on the data to see why')
+    if val_refs and len(val) == 0:
+        raise pdx.InputError('no usable validation sample (all were bad, see above); fix them or use '
+                             '--val_fraction 0 --select_metric latest')
     return train, val
+
+
+def ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which saves before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_loaders(train, val, config, world_size, rank, device):
     common = dict(batch_size=config['batch_size'], num_workers=config['num_workers'],
-                  pin_memory=device.type == 'cuda', persistent_workers=False)
+                  pin_memory=device.type == 'cuda', persistent_workers=False, worker_init_fn=ignore_sigint)
     if world_size > 1:
         sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=config['seed'],
                                      drop_last=True)
@@ -229,48 +354,39 @@ def build_optimizer(model, config, steps_per_epoch):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def rng_state():
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash mid-write never corrupts the checkpoint."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + '.tmp')
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def checkpoint_state(model, optimizer, scheduler, scaler, epoch, global_step, best_metric, config):
-    return {'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
-            'global_step': global_step, 'best_metric': best_metric, 'config': config, 'rng': rng_state(),
-            'model_args': unwrap(model).model_args}
-
-
-def load_model(path, device='cpu'):
-    """A trained model and its checkpoint dict, for evaluate / inference / visualize."""
-    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    model = ecg_model.ECGDigitizer(**checkpoint['model_args'])
-    model.load_state_dict(checkpoint['model'])
-    return model.to(device).eval(), checkpoint
-
-
 def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------- stopping cleanly
+
+class TrainingStopped(Exception):
+    """Ctrl-C or SIGTERM: the step in progress is finished, last.pth is saved, the run can be resumed."""
+
+
+class TrainingDiverged(Exception):
+    """Too many non-finite steps in a row: the weights on disk are the last finite ones."""
+
+
+def install_stop_handlers(stop):
+    """SIGINT/SIGTERM set stop['signal']; the loop finishes its step and saves. A second Ctrl-C stops at once."""
+    def request_stop(signum, frame):
+        if stop['signal'] is not None:
+            raise KeyboardInterrupt
+        stop['signal'] = signal.Signals(signum).name
+        log.warning('%s: finishing this step, then saving last.pth (Ctrl-C again to quit without saving)',
+                    stop['signal'])
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+def all_ranks_agree(flag, device, op='min'):
+    """A bool every DDP rank must share (skip a step, stop): min = all true, max = any true."""
+    if not dist.is_initialized():
+        return bool(flag)
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN if op == 'min' else dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 # ---------------------------------------------------------------- train and validate
@@ -279,34 +395,61 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp, device, writer, state, config, rank):
-    model.train()
-    sums, count, start = {}, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f'epoch {state["epoch"] + 1}/{config["epochs"]}', disable=rank != 0, leave=False)
-    for batch in bar:
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
-            outputs = model(batch['image'], ecg_model.true_geometry(batch))
-            losses = criterion(outputs, batch)
-        if not torch.isfinite(losses['total']):
-            raise FloatingPointError(f'non-finite loss at step {state["global_step"]}: '
-                                     f'{ {k: float(v) for k, v in losses.items()} }')
+def train_step(model, batch, criterion, optimizer, scaler, amp, device):
+    """Forward, backward, update -> (losses, updated). A non-finite loss or gradient skips the update
+    (as GradScaler does for fp16 overflow), so one bad step never reaches the weights."""
+    with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
+        outputs = model(batch['image'], ecg_model.true_geometry(batch))
+        losses = criterion(outputs, batch)
+    optimizer.zero_grad(set_to_none=True)
+    if not all_ranks_agree(torch.isfinite(losses['total']).item(), device):
+        return losses, False
+    scaler.scale(losses['total']).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    if not scaler.is_enabled() and not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses['total']).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        return losses, False
+    scaler.step(optimizer)
+    scaler.update()
+    return losses, True
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp, device, writer, state, config,
+                    stop, rank):
+    """One pass over the loader from state['step_in_epoch'] (a resumed epoch loads the batches it already
+    trained on again, so the data order and augmentation stay the uninterrupted run's, but skips them)."""
+    model.train()
+    sums, count, skipped, start = {}, 0, 0, time.perf_counter()
+    bar = tqdm(islice(loader, state['step_in_epoch'], None), total=len(loader), initial=state['step_in_epoch'],
+               desc=f'epoch {state["epoch"] + 1}/{config["epochs"]}', disable=rank != 0, leave=False,
+               mininterval=PROGRESS_SECONDS)
+    for batch in bar:
+        losses, updated = train_step(model, to_device(batch, device), criterion, optimizer, scaler, amp, device)
         state['global_step'] += 1
-        count += add_losses(sums, losses, len(batch['image']))
-        speed = count * dist_world() / (time.perf_counter() - start)
+        state['step_in_epoch'] += 1
+        if updated:
+            scheduler.step()
+            state['bad_steps'] = 0
+            count += add_losses(sums, losses, len(batch['image']))
+        else:
+            skipped += 1
+            state['bad_steps'] += 1
+            log.warning('step %d skipped: non-finite loss or gradient (%d in a row)', state['global_step'],
+                        state['bad_steps'])
+            if state['bad_steps'] >= MAX_BAD_STEPS:
+                raise TrainingDiverged(f'{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient '
+                                       f'(last at step {state["global_step"]})')
+        speed = (count + skipped * config['batch_size']) * dist_world() / (time.perf_counter() - start)
         bar.set_postfix(loss=f'{float(losses["total"].detach()):.3f}', img_s=f'{speed:.2f}')
-        if writer and state['global_step'] % config['log_every'] == 0:
+        if writer and updated and state['global_step'] % config['log_every'] == 0:
             log_losses(writer, 'Train', {k: float(v.detach()) for k, v in losses.items()}, state['global_step'])
             writer.add_scalar('Train/lr', scheduler.get_last_lr()[0], state['global_step'])
+        if all_ranks_agree(stop['signal'] is not None, device, op='max'):
+            raise TrainingStopped(stop['signal'] or 'a stop on another rank')
     means = {name: total / max(count, 1) for name, total in sums.items()}
-    means['images_per_s'] = count * dist_world() / (time.perf_counter() - start)
+    means['images_per_s'] = (count + skipped * config['batch_size']) * dist_world() / (time.perf_counter() - start)
+    means['skipped_steps'] = skipped
     return means
 
 
@@ -321,13 +464,10 @@ def dist_world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-SIGNAL_PARTS = ['trace_ce', 'zero_ce', 'presence_bce', 'signal_l1', 'signal_snr_db']
-
-
 def log_losses(writer, split, losses, step):
     for name in ['total'] + LOSS_NAMES:
         writer.add_scalar(f'{split}/{name}_loss', losses[name], step)
-    for name in SIGNAL_PARTS:   # what the signal loss is made of, to see which part stalls
+    for name in ecg_trainer.SIGNAL_PARTS:   # what the signal loss is made of, to see which part stalls
         writer.add_scalar(f'{split}/signal_parts/{name}', losses[name], step)
 
 
@@ -365,24 +505,100 @@ def log_val_images(writer, shown, step):
         writer.add_image(f'Val/prediction_{i}', picture, step, dataformats='HWC')
 
 
+# ---------------------------------------------------------------- checkpoints and records
+
+def select_value(config, state, val_means):
+    """The number best.pth is chosen by (None: nothing to compare, e.g. a NaN metric)."""
+    name = config['select_metric_used']
+    if name == 'latest':
+        return float(state['epoch'])
+    value = val_means['total'] if name == 'val_loss' else val_means[name]
+    return value if math.isfinite(value) else None
+
+
+def is_better(config, value, best):
+    if value is None:
+        return False
+    if best is None:
+        return True
+    return value < best if SELECT_METRICS[config['select_metric_used']] is min else value > best
+
+
+def save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, improved=False, epoch_end=True):
+    """last.pth always; epoch_N.pth every --save_every epochs; best.pth when the chosen metric improved.
+    Weights that are not finite are never written: the previous files stay."""
+    checkpoint = ecg_checkpoint.training_state(unwrap(model), optimizer, scheduler, scaler, state, config)
+    checkpoint['rng'] = state['epoch_rng']
+    folder = run_dir / 'checkpoints'
+    names = ['last.pth']
+    if epoch_end and config['save_every'] and state['epoch'] % config['save_every'] == 0:
+        names.append(f'epoch_{state["epoch"]}.pth')
+    if improved:
+        names.append('best.pth')
+    for name in names:
+        ecg_checkpoint.save(folder / name, checkpoint)
+
+
+def append_metrics(run_dir, state, train_means, val_means, lr, seconds):
+    """logs/metrics.jsonl: one JSON line per epoch with every scalar logged (NaN as null), for benchmarks."""
+    record = {'epoch': state['epoch'], 'global_step': state['global_step'], 'seconds': seconds, 'lr': lr,
+              'train': {k: v for k, v in train_means.items() if isinstance(v, (int, float))},
+              'val': None if val_means is None else {k: v for k, v in val_means.items() if isinstance(v, (int, float))},
+              'select_metric': state['select_metric'], 'best_metric': state['best_metric']}
+    with open(run_dir / 'logs' / 'metrics.jsonl', 'a') as handle:
+        handle.write(json.dumps(json_safe(record), allow_nan=False) + '\n')
+
+
+def json_safe(value):
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def read_metrics(run_dir):
+    """The run's logs/metrics.jsonl as a list of dicts (benchmarks and tests read this, not the log text)."""
+    path = Path(run_dir) / 'logs' / 'metrics.jsonl'
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def epoch_summary(epoch, epochs, train, val, seconds):
+    line = (f'epoch {epoch}/{epochs} | train loss {train["total"]:.4f} (signal {train["signal"]:.4f}) '
+            f'| {train["images_per_s"]:.2f} img/s | {seconds:.0f} s')
+    if train['skipped_steps']:
+        line += f' | {train["skipped_steps"]} steps skipped (non-finite)'
+    if val:
+        line += (f' | val loss {val["total"]:.4f} pearson {val["pearson"]:.4f} snr {val["snr_db"]:.2f} dB '
+                 f'theta err {val["theta_error_deg"]:.2f} deg')
+    return line
+
+
 # ---------------------------------------------------------------- main
 
-def setup(args):
-    config = resolve_config(args)
+def setup(argv):
+    """Settings, device and data, all checked before anything is written; then the run folder."""
+    config = resolve_config(argv)
     rank, world_size, local_rank = setup_distributed()
+    setup_logging(rank)
     device = pick_device(config['force_cpu'], local_rank)
     amp = amp_settings(device, config['amp'], config['amp_dtype'])
-    run_dir = make_run_dir(config['output_dir'], config['resume'])
-    setup_logging(run_dir, rank)
+    run_dir = resume_run_dir(config['resume']) if config['resume'] else new_run_dir(config['output_dir'])
+    if config['pretrained_path'] and not Path(config['pretrained_path']).is_file():
+        raise pdx.InputError(f'--pretrained_path {config["pretrained_path"]}: file not found')
+    train, val = build_datasets(config)
     config.update(run_dir=str(run_dir), device=str(device), world_size=world_size,
                   amp_enabled=amp[0], amp_dtype_used=str(amp[1]).replace('torch.', ''), grad_scaler=amp[2])
-    return config, rank, world_size, device, amp, run_dir
+    return config, rank, world_size, device, amp, run_dir, train, val
 
 
 def build_training(config, device, amp, world_size, steps_per_epoch):
     seed_everything(config['seed'])
-    model = ecg_model.build_model(config['encoder'], config['pretrained'], config['pretrained_path'],
-                                  config['decoder_channels'])
+    try:
+        model = ecg_model.build_model(config['encoder'], config['pretrained'], config['pretrained_path'],
+                                      config['decoder_channels'])
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        if not (config['pretrained'] or config['pretrained_path']):
+            raise
+        raise pdx.InputError(str(exc)) from exc
     model = model.to(device)
     if device.type in ('cuda', 'cpu'):
         model = model.to(memory_format=torch.channels_last)
@@ -393,96 +609,122 @@ def build_training(config, device, amp, world_size, steps_per_epoch):
     return model, optimizer, scheduler, scaler
 
 
-def resume_from(path, model, optimizer, scheduler, scaler, device):
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+def resume_from(path, model, optimizer, scheduler, scaler, device, config):
+    """Weights, optimizer, schedule, RNG and progress of a checkpoint -> the training state."""
+    checkpoint = ecg_checkpoint.load(path, map_location=device)
     unwrap(model).load_state_dict(checkpoint['model'])
     optimizer.load_state_dict(checkpoint['optimizer'])
     scheduler.load_state_dict(checkpoint['scheduler'])
     scaler.load_state_dict(checkpoint['scaler'])
-    set_rng_state(checkpoint['rng'])
-    log.info('resumed from %s: epoch %d done, step %d, best %.3f', path, checkpoint['epoch'],
-             checkpoint['global_step'], checkpoint['best_metric'])
-    return {'epoch': checkpoint['epoch'], 'global_step': checkpoint['global_step'],
-            'best_metric': checkpoint['best_metric']}
+    ecg_checkpoint.set_rng_state(checkpoint['rng'])
+    state = {key: checkpoint[key] for key in ('epoch', 'step_in_epoch', 'global_step', 'best_metric')}
+    log.info('resumed from %s: epoch %d, step %d of it done (global step %d), best %s %s', path,
+             state['epoch'], state['step_in_epoch'], state['global_step'], checkpoint['select_metric'],
+             state['best_metric'])
+    if checkpoint['select_metric'] != config['select_metric_used']:
+        state['best_metric'] = None   # a best by another measure cannot be compared
+    for key, (old, new) in config['changed_on_resume'].items():
+        log.info('resume: %s changed from %s to %s', key, old, new)
+    return state
 
 
-def epoch_summary(epoch, epochs, train, val, seconds):
-    line = (f'epoch {epoch}/{epochs} | train loss {train["total"]:.4f} (signal {train["signal"]:.4f}) '
-            f'| {train["images_per_s"]:.2f} img/s | {seconds:.0f} s')
-    if val:
-        line += (f' | val loss {val["total"]:.4f} pearson {val["pearson"]:.4f} snr {val["snr_db"]:.2f} dB '
-                 f'theta err {val["theta_error_deg"]:.2f} deg')
-    return line
+def open_run_folder(run_dir, config, state, rank):
+    """Folders, train.log, config.json and TensorBoard of the run (rank 0 only; others get None)."""
+    if rank != 0:
+        return None
+    make_run_folders(run_dir)
+    add_log_file(run_dir)
+    stale = ecg_checkpoint.remove_stale_tmp(run_dir / 'checkpoints')
+    if stale:
+        log.info('removed unfinished saves of an interrupted run: %s', ', '.join(stale))
+    with open(run_dir / 'config.json', 'w') as handle:
+        json.dump(config, handle, indent=2)
+    # purge_step drops points a crashed run logged after its last checkpoint (step > saved step)
+    purge = state['global_step'] + 1 if state['global_step'] else None
+    writer = SummaryWriter(run_dir / 'tensorboard', purge_step=purge)
+    log.info('run folder %s; watch with: tensorboard --logdir %s', run_dir, run_dir / 'tensorboard')
+    return writer
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    config, rank, world_size, device, amp, run_dir = setup(args)
-    log.info('device %s, world size %d, amp %s (%s), grad scaler %s', device, world_size, amp[0],
-             config['amp_dtype_used'], amp[2])
-    if config['debug']:
-        log.info('debug mode: %d samples, %d epochs', config['max_samples'], config['epochs'])
-    train, val = build_datasets(config)
-    train_loader, val_loader = build_loaders(train, val, config, world_size, rank, device)
-    model, optimizer, scheduler, scaler = build_training(config, device, amp, world_size, len(train_loader))
-    state = {'epoch': 0, 'global_step': 0, 'best_metric': -float('inf')}
-    if config['resume']:
-        state = resume_from(config['resume'], model, optimizer, scheduler, scaler, device)
-    writer = None
-    if rank == 0:
-        (run_dir / 'checkpoints').mkdir(parents=True, exist_ok=True)
-        with open(run_dir / 'config.json', 'w') as handle:
-            json.dump(config, handle, indent=2)
-        # purge_step drops points a crashed run logged after its last checkpoint (step > saved step)
-        purge = state['global_step'] + 1 if state['global_step'] else None
-        writer = SummaryWriter(run_dir / 'tensorboard', purge_step=purge)
-        log.info('run folder %s; watch with: tensorboard --logdir %s', run_dir, run_dir / 'tensorboard')
+def end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, writer, train_means, val_means, seconds):
+    """Rank 0 after each epoch: TensorBoard, checkpoints, metrics.jsonl and the log line."""
+    if val_means is not None:
+        log_losses(writer, 'Val', val_means, state['global_step'])
+        for name in ('pearson', 'snr_db', 'theta_error_deg'):
+            writer.add_scalar(f'Val/{name}', val_means[name], state['global_step'])
+    value = select_value(config, state, val_means)
+    improved = is_better(config, value, state['best_metric'])
+    if improved:
+        state['best_metric'] = value
+    save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, improved)
+    append_metrics(run_dir, state, train_means, val_means, scheduler.get_last_lr()[0], seconds)
+    log.info(epoch_summary(state['epoch'], config['epochs'], train_means, val_means, seconds))
+    writer.flush()
+
+
+def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders, writer, state, stop, rank, run_dir):
+    train_loader, val_loader = loaders
     criterion = ecg_trainer.CompositeLoss(config['loss_weights'])
     started = time.perf_counter()
     while state['epoch'] < config['epochs']:
         epoch_start = time.perf_counter()
         set_loader_epoch(train_loader, state['epoch'], config['seed'])
+        state['epoch_rng'] = ecg_checkpoint.rng_state()   # saved with a mid-epoch stop: its replay starts here
         train_means = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, amp, device,
-                                      writer, state, config, rank)
+                                      writer, state, config, stop, rank)
         state['epoch'] += 1
+        state['step_in_epoch'] = 0
         val_means = None
         if rank == 0 and val_loader is not None:
             val_means, shown = validate(unwrap(model), val_loader, criterion, amp, device)
-            log_losses(writer, 'Val', val_means, state['global_step'])
-            for name in ('pearson', 'snr_db', 'theta_error_deg'):
-                writer.add_scalar(f'Val/{name}', val_means[name], state['global_step'])
             log_val_images(writer, shown, state['global_step'])
         if rank == 0:
-            save_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, val_means)
-            log.info(epoch_summary(state['epoch'], config['epochs'], train_means, val_means,
-                                   time.perf_counter() - epoch_start))
-            writer.flush()
+            state['epoch_rng'] = ecg_checkpoint.rng_state()
+            end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, writer, train_means, val_means,
+                      time.perf_counter() - epoch_start)
         if config['time_budget_min'] is not None and time.perf_counter() - started > 60 * config['time_budget_min']:
             log.info('time budget of %.1f min reached after epoch %d', config['time_budget_min'], state['epoch'])
             break
+
+
+def main(argv=None):
+    config, rank, world_size, device, amp, run_dir, train, val = setup(argv)
+    log.info('device %s, world size %d, amp %s (%s), grad scaler %s, best.pth by %s', device, world_size, amp[0],
+             config['amp_dtype_used'], amp[2], config['select_metric_used'])
+    if config['debug']:
+        log.info('debug mode: %d samples, %d epochs', config['max_samples'], config['epochs'])
+    loaders = build_loaders(train, val, config, world_size, rank, device)
+    model, optimizer, scheduler, scaler = build_training(config, device, amp, world_size, len(loaders[0]))
+    state = {'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'best_metric': None, 'bad_steps': 0,
+             'select_metric': config['select_metric_used']}
+    if config['resume']:
+        state.update(resume_from(config['resume'], model, optimizer, scheduler, scaler, device, config))
+    writer = open_run_folder(run_dir, config, state, rank)
+    stop = {'signal': None}
+    install_stop_handlers(stop)
+    try:
+        train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders, writer, state, stop, rank,
+                   run_dir)
+    except TrainingStopped as exc:
+        if rank == 0:
+            save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, epoch_end=False)
+            log.warning('stopped by %s at epoch %d, step %d of it; saved %s. Resume with:\n  python '
+                        'production_trainer.py --resume %s', exc, state['epoch'] + 1, state['step_in_epoch'],
+                        run_dir / 'checkpoints' / 'last.pth', run_dir / 'checkpoints' / 'last.pth')
+        sys.exit(130)
+    except (TrainingDiverged, ecg_checkpoint.NonFiniteError) as exc:
+        raise pdx.InputError(f'training diverged: {exc}; {run_dir / "checkpoints"} keeps the last finite '
+                             f'weights. Lower --lr (now {config["lr"]:g}) or check the data') from exc
+    finally:
+        if writer:
+            writer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if rank == 0:
-        writer.close()
-        log.info('done: best val SNR %.2f dB; checkpoints in %s', state['best_metric'], run_dir / 'checkpoints')
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        log.info('done: best.pth by %s = %s; checkpoints in %s', config['select_metric_used'],
+                 state['best_metric'], run_dir / 'checkpoints')
     return run_dir
 
 
-def save_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, val_means):
-    """last.pth every epoch, epoch_N.pth every --save_every, best.pth on the best validation SNR."""
-    metric = val_means['snr_db'] if val_means else -state['epoch']   # no val split: latest is best
-    improved = metric > state['best_metric'] or not math.isfinite(state['best_metric'])
-    if improved and math.isfinite(metric):
-        state['best_metric'] = metric
-    checkpoint = checkpoint_state(model, optimizer, scheduler, scaler, state['epoch'], state['global_step'],
-                                  state['best_metric'], config)
-    folder = run_dir / 'checkpoints'
-    save_checkpoint(folder / 'last.pth', checkpoint)
-    if config['save_every'] and state['epoch'] % config['save_every'] == 0:
-        save_checkpoint(folder / f'epoch_{state["epoch"]}.pth', checkpoint)
-    if improved:
-        save_checkpoint(folder / 'best.pth', checkpoint)
-
-
 if __name__ == '__main__':
-    main()
+    pdx.run_cli(main)

@@ -12,7 +12,6 @@ beside OUT/{id}/{id}.csv, with OUT/train.csv). Writes {image_stem}_visualization
 unless --output says otherwise.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +27,7 @@ import ecg_model
 import ecg_trainer
 import inference
 import production_dataset as pdx
+from ecg_page import FS, LEADS, N_SAMPLES, SECONDS
 
 MIN_PANEL_WIDTH = 1200         # px: a 320 px wide input is upscaled x4 to stay legible
 FIGURE_WIDTH_IN = 16
@@ -81,7 +81,7 @@ def truth_fs(csv_path, image_path, n_rows, given_fs):
         records = pdx.read_train_csv(train_csv.parent)
         if csv_path.stem in records:
             return records[csv_path.stem][0], str(train_csv)
-    return n_rows / pdx.SECONDS, 'rows / 10 s'   # Kaggle signals are 10 s long
+    return n_rows / SECONDS, 'rows / 10 s'   # Kaggle signals are 10 s long
 
 
 def load_truth(csv_path, image_path, given_fs):
@@ -96,11 +96,11 @@ def resolve_truth(args):
     quietly (with a note), since the picture is still useful without it."""
     if args.csv is not None:
         if not args.csv.is_file():
-            raise inference.InputError(f'{args.csv}: truth CSV not found')
+            raise pdx.InputError(f'{args.csv}: truth CSV not found')
         try:
             return load_truth(args.csv, args.image, args.fs)
         except (pdx.SampleError, ValueError) as exc:
-            raise inference.InputError(f'{args.csv}: cannot use as truth ({exc})') from exc
+            raise pdx.InputError(f'{args.csv}: cannot use as truth ({exc})') from exc
     found = find_truth_csv(args.image)
     if found is None:
         return None, 'none (no --csv, and no {id}.csv beside the image)'
@@ -137,24 +137,24 @@ def overlay_panel(picture, outputs, page_aspect):
 
 
 def lead_axes(figure, grid_spec):
-    """12 (axis, row, column) in the page's arrangement: I aVR V1 V4 / II aVL V2 V5 / III aVF V3 V6."""
+    """12 (axis, row, column) in LEADS order, placed as the page shows them (I aVR V1 V4 / II aVL V2 V5 / ...)."""
     axes = []
-    for lead, column in enumerate(ecg_model.LAYOUT_COLUMN):
-        row = ecg_model.LAYOUT_COLUMN[:lead].count(column)
-        axes.append((figure.add_subplot(grid_spec[1 + row, column]), row, column))
-    return axes
+    for row, leads in enumerate(ecg_model.LAYOUT.rows):
+        for column, lead in enumerate(leads):
+            axes.append((LEADS.index(lead), figure.add_subplot(grid_spec[1 + row, column]), row, column))
+    return [(ax, row, column) for _, ax, row, column in sorted(axes, key=lambda item: item[0])]
 
 
 def plot_lead(ax, lead, pred, truth, r):
     """One lead: the predicted mV over the seconds the image shows it, the truth over it when known."""
-    t = np.arange(pdx.N_SAMPLES) / pdx.FS
+    t = np.arange(N_SAMPLES) / FS
     shown = inference.layout_mask()[lead]
     colour = np.array(ecg_model.TRACE_COLOURS[lead]) / 255
     if truth is not None:
         ax.plot(t, np.where(shown, truth[lead], np.nan), color='black', lw=0.8, label='truth')
     ax.plot(t, np.where(shown, pred[lead], np.nan), color=colour, lw=0.8, label='predicted')
     ax.set_xlim(t[shown][0], t[shown][-1])
-    title = pdx.LEADS[lead] + ('' if r is None else f'   r = {r:.2f}' if np.isfinite(r) else '   r = n/a')
+    title = LEADS[lead] + ('' if r is None else f'   r = {r:.2f}' if np.isfinite(r) else '   r = n/a')
     ax.set_title(title, fontsize=9, loc='left')
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
@@ -163,9 +163,11 @@ def plot_lead(ax, lead, pred, truth, r):
 def draw_figure(panel, pred, truth, r, title, path):
     """Top: the overlay panel; below: 3 x 4 lead plots (mV vs s). Written as PNG to path."""
     panel_in = min(FIGURE_WIDTH_IN * panel.shape[0] / panel.shape[1], MAX_PANEL_HEIGHT_IN)
-    figure = plt.figure(figsize=(FIGURE_WIDTH_IN, panel_in + 3 * LEAD_ROW_HEIGHT_IN + 0.5), dpi=DPI,
+    n_rows = len(ecg_model.LAYOUT.rows)
+    figure = plt.figure(figsize=(FIGURE_WIDTH_IN, panel_in + n_rows * LEAD_ROW_HEIGHT_IN + 0.5), dpi=DPI,
                         layout='constrained')
-    grid_spec = figure.add_gridspec(4, 4, height_ratios=[panel_in] + [LEAD_ROW_HEIGHT_IN] * 3)
+    grid_spec = figure.add_gridspec(1 + n_rows, ecg_model.LAYOUT.n_columns,
+                                    height_ratios=[panel_in] + [LEAD_ROW_HEIGHT_IN] * n_rows)
     top = figure.add_subplot(grid_spec[0, :])
     top.imshow(panel)
     top.set_axis_off()
@@ -173,7 +175,7 @@ def draw_figure(panel, pred, truth, r, title, path):
         plot_lead(ax, lead, pred, truth, None if r is None else r[lead])
         if column == 0:
             ax.set_ylabel('mV', fontsize=8)
-        if row == 2:
+        if row == n_rows - 1:
             ax.set_xlabel('s', fontsize=8)
     figure.axes[1].legend(fontsize=7, loc='upper right')
     figure.suptitle(title, fontsize=10)
@@ -187,21 +189,18 @@ def draw_figure(panel, pred, truth, r, title, path):
 def predict(args):
     """-> (model outputs for the one image, the (H, W, 3) picture the model saw, the page aspect)."""
     if not args.image.is_file():
-        raise inference.InputError(f'{args.image}: image not found')
-    rgb = inference.read_rgb(args.image)
+        raise pdx.InputError(f'{args.image}: image not found')
+    rgb = pdx.read_rgb(args.image)
     device = inference.pick_device(args.device)
     model, size_hw = inference.load_checkpoint(args.checkpoint, device)
-    tensor, picture, aspect = inference.model_input(rgb, size_hw)
+    tensor, picture, aspect = pdx.preprocess(rgb, size_hw)
     return inference.run_model(model, tensor[None], [aspect], device), picture, aspect
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        truth, truth_note = resolve_truth(args)
-        outputs, picture, aspect = predict(args)
-    except inference.InputError as exc:
-        sys.exit(f'error: {exc}')
+    truth, truth_note = resolve_truth(args)
+    outputs, picture, aspect = predict(args)
     pred = outputs['signal'][0].float().cpu().numpy()
     r = None if truth is None else pearson(pred, truth)
     theta = float(outputs['decode_theta'][0])
@@ -212,9 +211,9 @@ def main(argv=None):
     draw_figure(overlay_panel(picture, outputs, aspect), pred, truth, r, title, output)
     print(f'truth: {truth_note}')
     if r is not None:
-        print('Pearson r per lead: ' + ' '.join(f'{lead} {v:.3f}' for lead, v in zip(pdx.LEADS, r)))
+        print('Pearson r per lead: ' + ' '.join(f'{lead} {v:.3f}' for lead, v in zip(LEADS, r)))
     print(f'wrote {output}')
 
 
 if __name__ == '__main__':
-    main()
+    pdx.run_cli(main)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ecg_page  # noqa: E402
 import ecg_trainer as E  # noqa: E402
 
 T = 5000
@@ -36,7 +37,7 @@ def full_mask(x):
 
 
 def test_constants():
-    assert E.LEADS == ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
+    assert ecg_page.LEADS == ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
     assert E.FS == 500 and E.SNR_CAP == 384
 
 

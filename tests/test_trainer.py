@@ -42,7 +42,7 @@ def test_debug_run_writes_every_file(debug_run):
     log = (run_dir / 'logs' / 'train.log').read_text()
     assert log.count('epoch 3/3') == 1 and 'debug mode: 100 samples, 3 epochs' in log
     assert 'val loss' in log and 'img/s' in log
-    checkpoint = torch.load(run_dir / 'checkpoints' / 'last.pth', weights_only=False)
+    checkpoint = torch.load(run_dir / 'checkpoints' / 'last.pth')
     for key in ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'global_step', 'best_metric', 'config', 'rng'):
         assert key in checkpoint, key
     assert checkpoint['epoch'] == 3 and checkpoint['global_step'] == 3 * 2   # 11 train images, batch 4, drop_last
@@ -74,18 +74,18 @@ def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path
     common = ['--epochs', '2', '--seed', '3', '--max_samples', '12']
     whole, _ = train(sim_data, tmp_path / 'whole', *common)
     part, _ = train(sim_data, tmp_path / 'part', *common, '--time_budget_min', '0')   # stops after epoch 1
-    first = torch.load(part / 'checkpoints' / 'last.pth', weights_only=False)
+    first = torch.load(part / 'checkpoints' / 'last.pth')
     assert first['epoch'] == 1
     result = run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY, *common,
                      '--output_dir', tmp_path / 'elsewhere', '--resume', part / 'checkpoints' / 'last.pth')
     assert 'resumed from' in result.stdout and not (tmp_path / 'elsewhere').exists()   # same run folder
-    assert torch.load(part / 'checkpoints' / 'last.pth', weights_only=False)['epoch'] == 2
+    assert torch.load(part / 'checkpoints' / 'last.pth')['epoch'] == 2
     a = scalars(whole, 'Train/total_loss')
     b = scalars(part, 'Train/total_loss')
     assert [s for s, _ in b] == [s for s, _ in a]            # no duplicated or missing steps
     assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5)
-    final_a = torch.load(whole / 'checkpoints' / 'last.pth', weights_only=False)['model']
-    final_b = torch.load(part / 'checkpoints' / 'last.pth', weights_only=False)['model']
+    final_a = torch.load(whole / 'checkpoints' / 'last.pth')['model']
+    final_b = torch.load(part / 'checkpoints' / 'last.pth')['model']
     for key in final_a:
         assert torch.allclose(final_a[key].float(), final_b[key].float(), atol=1e-6), key
 
@@ -98,7 +98,7 @@ def test_torchrun_two_cpu_processes(sim_data, tmp_path):
     assert len(runs) == 1, 'rank 0 alone makes the run folder'
     log = (runs[0] / 'logs' / 'train.log').read_text()
     assert 'world size 2' in log and log.count('epoch 2/2') == 1
-    checkpoint = torch.load(runs[0] / 'checkpoints' / 'last.pth', weights_only=False)
+    checkpoint = torch.load(runs[0] / 'checkpoints' / 'last.pth')
     # 11 train images, 2 ranks x batch 4, drop_last: one step per epoch
     assert checkpoint['epoch'] == 2 and checkpoint['global_step'] == 2
 

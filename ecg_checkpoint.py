@@ -1,0 +1,173 @@
+"""Checkpoints, written and read in one place: the trainer saves through here; evaluate.py, inference.py
+and visualize.py load through here without importing the trainer.
+
+A checkpoint is a dict that `torch.load(path)` reads with its default weights_only=True (no pickled
+Python objects, so loading a file from elsewhere cannot run code):
+
+    model, model_args           state dict and ECGDigitizer(**model_args)
+    image_size, preprocessing   the input (H, W) and how a page becomes the input tensor
+    layouts                     the page layouts the model was trained on (ecg_page.LAYOUTS names)
+    config                      every setting of the run (config.json)
+    optimizer, scheduler, scaler, epoch, step_in_epoch, global_step, best_metric, select_metric, rng
+                                what --resume needs to continue exactly
+
+Saving writes a temporary file and renames it, so a crash mid-write never leaves a broken file; it
+refuses weights that are not finite, so a diverged run never overwrites good weights.
+"""
+import errno
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ecg_model
+import production_dataset as pdx
+from ecg_page import STANDARD
+
+FORMAT = 2                                   # 1: numpy RNG pickled (needs weights_only=False)
+PREPROCESSING = {'resize': 'cv2.INTER_AREA', 'mean': pdx.IMAGENET_MEAN.tolist(), 'std': pdx.IMAGENET_STD.tolist(),
+                 'coord_channels': ecg_model.COORD_CHANNELS, 'rgba': 'composited over white'}
+TRAINED_LAYOUTS = [STANDARD.name]            # the model's 13 strips are laid out for this page
+REQUIRED_KEYS = ('model', 'model_args', 'config')
+
+
+class CheckpointError(pdx.InputError):
+    """A checkpoint that cannot be read or used: the message names the file and what is wrong."""
+
+
+class NonFiniteError(RuntimeError):
+    """Weights or optimizer state hold NaN or inf: such a state is never written to disk."""
+
+
+# ---------------------------------------------------------------- RNG state as plain tensors
+
+def rng_state():
+    """Python, numpy, torch (and CUDA) generator states in types weights_only loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+             'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                       'has_gauss': int(has_gauss), 'gauss': float(gauss)}}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    n = state['numpy']
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ---------------------------------------------------------------- save
+
+def training_state(model, optimizer, scheduler, scaler, progress, config):
+    """The whole checkpoint dict. `model` is the bare ECGDigitizer (not DDP); `progress` holds epoch,
+    step_in_epoch, global_step, best_metric and select_metric."""
+    return {'format': FORMAT, 'model': model.state_dict(), 'model_args': model.model_args,
+            'image_size': list(config['image_size']), 'preprocessing': PREPROCESSING,
+            'layouts': TRAINED_LAYOUTS, 'config': config, 'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'rng': rng_state(),
+            **{key: progress[key] for key in ('epoch', 'step_in_epoch', 'global_step', 'best_metric',
+                                              'select_metric')}}
+
+
+def non_finite_tensors(state, prefix=''):
+    """Names of floating tensors anywhere in a nested dict/list that hold NaN or inf."""
+    if torch.is_tensor(state):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [name for key, value in items for name in non_finite_tensors(value, f'{prefix}.{key}' if prefix else str(key))]
+
+
+def save(path, checkpoint):
+    """Write to path.tmp, then rename over path. Refuses non-finite weights (NonFiniteError) and turns a
+    full disk or an unwritable folder into a CheckpointError that says so; path is never left broken."""
+    path = Path(path)
+    bad = non_finite_tensors({'model': checkpoint['model'], 'optimizer': checkpoint.get('optimizer', {})})
+    if bad:
+        raise NonFiniteError(f'not saving {path}: {len(bad)} tensors hold NaN/inf (first: {bad[0]}); '
+                             f'the previous {path.name} is kept')
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if tmp.is_file():
+            tmp.unlink()
+        raise CheckpointError(f'{path}: could not be written ({write_problem(exc, path.parent)}); '
+                              f'the previous {path.name}, if any, is kept') from exc
+
+
+def write_problem(exc, folder):
+    """What went wrong writing into folder, in words: torch reports a full disk as 'unexpected pos'."""
+    free = shutil.disk_usage(folder).free if folder.exists() else None
+    if getattr(exc, 'errno', None) == errno.ENOSPC or (free is not None and free < 64 * 2 ** 20):
+        return f'disk full: {0 if free is None else free / 2 ** 20:.0f} MiB free on {folder}'
+    if isinstance(exc, PermissionError) or getattr(exc, 'errno', None) in (errno.EACCES, errno.EROFS):
+        return f'no permission to write in {folder}'
+    return f'{type(exc).__name__}: {exc}'
+
+
+def remove_stale_tmp(folder):
+    """Leftovers of saves that a crash or kill -9 interrupted -> removed; returns their names."""
+    stale = sorted(Path(folder).glob('*.pth.tmp')) if Path(folder).is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return [tmp.name for tmp in stale]
+
+
+# ---------------------------------------------------------------- load
+
+def load(path, map_location='cpu'):
+    """A checkpoint dict of this toolkit, read safely (weights_only); every problem is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: checkpoint not found')
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:   # truncated zip, text file, foreign pickle: torch raises many types
+        raise CheckpointError(f'{path}: not a readable checkpoint of this toolkit ({load_problem(exc)})') from exc
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
+        have = sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f'{path}: not a checkpoint of this toolkit (needs {list(REQUIRED_KEYS)}, has {have}); '
+                              f'a bare state dict can be given to the trainer as --pretrained_path only if it '
+                              f'is an encoder')
+    return checkpoint
+
+
+def load_problem(exc):
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if 'Weights only load failed' in str(exc):
+        return 'it holds pickled Python objects, which are not loaded for safety; checkpoints of this ' \
+               'toolkit before format 2 did, train again or re-save it'
+    return f'{type(exc).__name__}: {text[:200]}'
+
+
+def build_model(checkpoint, path, device='cpu'):
+    """ECGDigitizer of the checkpoint's architecture with its weights, in eval mode on device."""
+    try:
+        model = ecg_model.ECGDigitizer(**checkpoint['model_args'])
+        model.load_state_dict(checkpoint['model'])
+    except (RuntimeError, TypeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError(f'{path}: weights do not fit the architecture it names '
+                              f'{checkpoint.get("model_args")} ({first})') from exc
+    return model.to(device).eval()
+
+
+def load_model(path, device='cpu'):
+    """(model in eval mode on device, checkpoint dict), for evaluate / inference / visualize."""
+    checkpoint = load(path)
+    return build_model(checkpoint, path, device), checkpoint
+
+
+def input_size(checkpoint):
+    """(H, W) the model was trained at."""
+    size = checkpoint.get('image_size', checkpoint['config'].get('image_size'))
+    return tuple(int(v) for v in size)
