@@ -57,18 +57,31 @@ class PageScale:
 # Grid: grid-ness map -> 2-D spectrum -> ray angle -> harmonic comb -> px per mm
 # ----------------------------------------------------------------------------------------------
 
+def percentile_u8(a, q):
+    """q-th percentile (0..100) of a uint8 array, from its histogram (no sort)."""
+    cum = np.cumsum(np.bincount(a.ravel(), minlength=256))
+    return int(np.searchsorted(cum, q / 100.0 * cum[-1]))
+
+
 def paper_colour(rgb):
-    """(3,) float: median colour of the brighter half of the page (paper dominates any grid)."""
-    small = rgb[::4, ::4].reshape(-1, 3).astype(np.float32)
-    lum = small.sum(1)
-    return np.median(small[lum >= np.median(lum)], axis=0)
+    """(3,) float: per-channel median of the brighter half of the page (paper dominates any grid)."""
+    small = rgb[::4, ::4]
+    lum = small.astype(np.uint16).sum(2)
+    bright = small[lum >= np.median(lum)]
+    return np.array([percentile_u8(bright[:, c], 50) for c in range(3)], np.float32)
 
 
-def gridness(rgb):
-    """(h, w) float32 distance of each pixel's colour from the paper's. Lines of any hue, and grey
-    lines on white, all stand out; the trace stands out too but is not periodic."""
-    diff = rgb.astype(np.float32) - paper_colour(rgb)
-    return np.sqrt((diff * diff).sum(-1))
+def max_channel(rgb):
+    """(H, W) uint8 brightest channel: the trace is dark in all three, a coloured grid is not."""
+    r, g, b = cv2.split(rgb)
+    return cv2.max(cv2.max(r, g), b)
+
+
+def gridness(rgb, paper):
+    """(h, w) float32 distance of each pixel's colour from the paper's (3,) colour. Lines of any
+    hue, and grey lines on white, all stand out; the trace stands out too but is not periodic."""
+    d = cv2.absdiff(rgb, np.full_like(rgb, np.clip(np.rint(paper), 0, 255).astype(np.uint8))).astype(np.float32)
+    return cv2.sqrt(cv2.transform(d * d, np.ones((1, 3), np.float32)))
 
 
 def central_square(rgb, n):
@@ -107,12 +120,22 @@ def ray_contrast(spec, angle_deg, radii):
     return along - ndimage.median_filter(along, BACKGROUND_BINS, mode='nearest')
 
 
-def find_ray_angle(spec, base_deg, radii):
-    """Angle (degrees) within MAX_ANGLE_DEG of base_deg along which the spectrum is most peaked."""
-    angles = np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-9, ANGLE_STEP_DEG) + base_deg
-    score = np.array([np.clip(ray_contrast(spec, a, radii), 0, None).mean() for a in angles])
-    i = int(np.argmax(score))
-    return float(angles[i] + ANGLE_STEP_DEG * parabolic_offset(score, i))
+def angle_scores(spec, angles, radii):
+    """(len(angles),) how peaked the spectrum is along each ray: mean squared positive contrast,
+    so a few strong grid harmonics outweigh the many weak ones of the trace rows' spacing."""
+    return np.array([(np.clip(ray_contrast(spec, a, radii), 0, None) ** 2).mean() for a in angles])
+
+
+def find_grid_angles(spec, radii):
+    """(x ray angle, y ray angle) in degrees: the two line families are searched together (the
+    paper's lines are square to each other), then each is refined on its own by a parabola."""
+    offsets = np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-9, ANGLE_STEP_DEG)
+    sx, sy = angle_scores(spec, offsets, radii), angle_scores(spec, offsets + 90.0, radii)
+    i = int(np.argmax(sx + sy))
+    near = np.arange(max(i - 2, 0), min(i + 3, len(offsets)))
+    ix, iy = near[np.argmax(sx[near])], near[np.argmax(sy[near])]
+    return (float(offsets[ix] + ANGLE_STEP_DEG * parabolic_offset(sx, ix)),
+            float(offsets[iy] + 90.0 + ANGLE_STEP_DEG * parabolic_offset(sy, iy)))
 
 
 def parabolic_offset(v, i):
@@ -146,46 +169,52 @@ def refine_peak(spec, kx, ky):
     return ix + parabolic_offset(across, 1), iy + parabolic_offset(down, 1)
 
 
-def comb_score(f0, r, s, tol):
-    """How well harmonics of f0 explain peaks at radii r with strengths s: explained strength
-    minus half a typical peak for every harmonic below the highest explained one that is missing
-    (so f0/2 loses to f0, and 2*f0 loses the odd harmonics). Returns (score, hit, h)."""
-    h = np.rint(r / f0)
-    hit = (h >= 1) & (np.abs(r - h * f0) < tol)
-    if not hit.any():
-        return -np.inf, hit, h
-    missing = int(h[hit].max()) - len(np.unique(h[hit]))
-    return float(s[hit].sum() - 0.5 * np.median(s) * missing), hit, h
+def comb_hits(f0, r, tol):
+    """(hit, h), each (len(f0), len(r)): peak j is harmonic h[i, j] of candidate f0[i]."""
+    h = np.rint(r[None, :] / f0[:, None])
+    return (h >= 1) & (np.abs(r[None, :] - h * f0[:, None]) < tol), h
 
 
-def refine_f0(f0, r, s):
-    """(score, f0, hit, h): the comb near f0 refit by least squares over its harmonics (the highest
-    weigh most), then scored with the tight tolerance."""
-    _, hit, h = comb_score(f0, r, s, HARMONIC_TOL_BINS[0])
-    if hit.sum() >= 2:
-        f0 = float((h[hit] * r[hit]).sum() / (h[hit] ** 2).sum())
-    return (*comb_score(f0, r, s, HARMONIC_TOL_BINS[1]),)[:1] + (f0,) + comb_score(f0, r, s, HARMONIC_TOL_BINS[1])[1:]
+def comb_scores(f0, r, s, tol):
+    """(len(f0),) how well harmonics of each f0 explain peaks at radii r with strengths s:
+    explained strength minus half a typical peak for every harmonic below the highest explained
+    one that is missing (so f0/2 loses to f0, and 2*f0 loses the odd harmonics)."""
+    hit, h = comb_hits(f0, r, tol)
+    missing = (h * hit).max(1) - hit.sum(1)
+    return (s[None, :] * hit).sum(1) - 0.5 * np.median(s) * missing
+
+
+def refit(f0, r, tol):
+    """(len(f0),) each candidate refit by least squares over the harmonics it explains (the
+    highest weigh most); unchanged where it explains fewer than two."""
+    hit, h = comb_hits(f0, r, tol)
+    num, den = (hit * h * r[None, :]).sum(1), (hit * h * h).sum(1)
+    return np.where(hit.sum(1) >= 2, num / np.maximum(den, 1), f0)
 
 
 def fit_comb(r, s, f_lo, f_hi):
     """(f0, hit, harmonic numbers) of the best comb with fundamental in [f_lo, f_hi], or None.
-    Candidates are every peak divided by 1..15."""
+    Candidates are every peak divided by 1..15, each refit on its loosely matched harmonics and
+    scored on the tightly matched ones."""
     cands = (r[:, None] / np.arange(1, 16)[None, :]).ravel()
-    cands = cands[(cands >= f_lo) & (cands <= f_hi)]
+    cands = refit(cands[(cands >= f_lo) & (cands <= f_hi)], r, HARMONIC_TOL_BINS[0])
     if len(cands) == 0:
         return None
-    score, f0, hit, h = max((refine_f0(f, r, s) for f in cands), key=lambda t: t[0])
-    return None if hit.sum() < 2 else (f0, hit, h)
+    f0 = cands[int(np.argmax(comb_scores(cands, r, s, HARMONIC_TOL_BINS[1])))]
+    hit, h = comb_hits(np.array([f0]), r, HARMONIC_TOL_BINS[1])
+    return None if hit.sum() < 2 else (float(f0), hit[0], h[0])
 
 
-def measure_axis(spec, base_deg):
-    """One line family: dict(period_px of the lattice fundamental, angle_deg, peaks, minor_seen,
-    strength) or None. base_deg 0 reads the vertical lines (x spacing), 90 the horizontal ones."""
-    n = spec.shape[0]
-    f_lo = n / (MAJOR_MM * PX_PER_MM_RANGE[1])
-    f_hi = n / (MAJOR_MM * PX_PER_MM_RANGE[0])
-    radii = np.arange(int(f_lo * 0.8), n // 2 - 1, dtype=np.float32)
-    angle = find_ray_angle(spec, base_deg, radii)
+def comb_band(n):
+    """(lowest, highest) lattice fundamental in bins of an n-point DFT over PX_PER_MM_RANGE."""
+    return n / (MAJOR_MM * PX_PER_MM_RANGE[1]), n / (MAJOR_MM * PX_PER_MM_RANGE[0])
+
+
+def measure_axis(spec, angle, radii):
+    """One line family along the ray at angle (degrees; ~0 reads the vertical lines, so the x
+    spacing, ~90 the horizontal ones): dict(period_px of the lattice fundamental, angle_deg,
+    n_harmonics, minor_seen, harmonics, strength) or None."""
+    f_lo, f_hi = comb_band(spec.shape[0])
     contrast = ray_contrast(spec, angle, radii)
     idx = ray_peaks(contrast, radii)
     if len(idx) < 2:
@@ -202,21 +231,25 @@ def measure_axis(spec, base_deg):
     other = hit & (h % 5 != 0)
     # minor lines distinguished: peaks at multiples of 5 clearly stronger than the others
     minor_seen = bool(fifth.any() and other.any() and s[fifth].mean() > s[other].mean() + 0.5)
-    return dict(period_px=n / f0, angle_deg=angle, n_harmonics=int(hit.sum()), minor_seen=minor_seen,
+    return dict(period_px=spec.shape[0] / f0, angle_deg=angle, n_harmonics=int(hit.sum()), minor_seen=minor_seen,
                 harmonics=h[hit].astype(int).tolist(), strength=float(s[hit].mean()))
 
 
 def measure_grid(rgb):
     """(x axis dict, y axis dict) from the central FFT_SIZE square (either may be None)."""
     square = central_square(rgb, FFT_SIZE)
-    spec = log_spectrum(gridness(square))
-    return measure_axis(spec, 0.0), measure_axis(spec, 90.0)
+    spec = log_spectrum(gridness(square, paper_colour(square)))
+    n = spec.shape[0]
+    radii = np.arange(int(comb_band(n)[0] * 0.8), n // 2 - 1, dtype=np.float32)
+    angle_x, angle_y = find_grid_angles(spec, radii)
+    return measure_axis(spec, angle_x, radii), measure_axis(spec, angle_y, radii)
 
 
 # ----------------------------------------------------------------------------------------------
 # Calibration pulse: dark ink -> de-rotated -> vertical strokes paired under a flat top
 # ----------------------------------------------------------------------------------------------
 
+PULSE_REGION = 0.45               # pulses open the rows: only the left part of the page is searched
 SOLID_PX = 15                     # dark areas this thick are fill or scanner bed, not strokes
 TRACE_PERCENTILE = 0.3            # the trace covers ~0.5 % of a page: its darker half sets 'full ink'
 INK_MIN, INK_FLOOR = 90, 50       # coverage for a stroke pixel; below the floor measure as paper
@@ -228,23 +261,23 @@ PULSE_MM_RANGE = (4.0, 25.0)      # pulse height: 5..20 mm/mV, with slack
 PULSE_PX_RANGE = (10, 700)        # when px per mm is unknown
 PULSE_ASPECT = (0.3, 5.0)         # height / width: 5 mm/mV at 50 mm/s .. 20 mm/mV at 25 mm/s
 TOP_COVERAGE = 0.8                # share of the columns between the edges inked along the top
+STROKE_GAP_PX = 5
 EDGE_MAX_SLOPE = 0.03            # px per row (1.7 deg) a pulse edge may lean after de-rotation
 SIZE_TOL = 0.08                   # pulses of one page agree in height and width to 8 %
 INK_ANGLE_WIDTH = 640             # ink mask width for the rotation search when there is no grid
 
 
-def ink_coverage(rgb):
-    """(H, W) uint8 0..255: how much of each pixel the trace ink covers, linear between paper and
-    the darkest strokes (so a line's coverage summed across it is its width in px). Solid dark
-    areas (a scanner bed or rotation fill around the page) are zeroed: they are not strokes."""
-    v = rgb.max(axis=2)                                    # the trace is dark in every channel
-    paper = float(paper_colour(rgb).max())
+def ink_coverage(v, paper):
+    """(H, W) uint8 0..255 from the max-channel image v: how much of each pixel the trace ink
+    covers, linear between paper and the darkest strokes (so a line's coverage summed across it
+    is its width in px). Solid dark areas (a scanner bed or rotation fill around the page) are
+    zeroed: they are not strokes."""
     solid = cv2.morphologyEx((v < 0.5 * paper).astype(np.uint8), cv2.MORPH_OPEN, np.ones((SOLID_PX, SOLID_PX), np.uint8))
     solid = cv2.dilate(solid, np.ones((5, 5), np.uint8)).astype(bool)
     rest = v[::2, ::2][~solid[::2, ::2]]
-    trace = float(np.percentile(rest, TRACE_PERCENTILE)) if rest.size else 0.0
+    trace = percentile_u8(rest, TRACE_PERCENTILE) if rest.size else 0
     trace = min(trace, paper - 40.0)
-    cov = np.clip((paper - v.astype(np.float32)) * (255.0 / (paper - trace)), 0, 255).astype(np.uint8)
+    cov = cv2.convertScaleAbs(cv2.subtract(np.full_like(v, int(paper)), v), alpha=255.0 / (paper - trace))
     cov[solid] = 0
     return cov
 
@@ -252,53 +285,64 @@ def ink_coverage(rgb):
 def ink_levels(cov):
     """(stroke threshold, measuring floor) on coverage, raised above the grid's own coverage when
     the grid lines are dark (grey or black-and-white grids) so that they are not taken for ink."""
-    grid = float(np.percentile(cov[::2, ::2], GRID_PERCENTILE))
+    grid = float(percentile_u8(cov[::2, ::2], GRID_PERCENTILE))
     return int(np.clip(grid + 45, INK_MIN, 200)), int(max(INK_FLOOR, grid + 25))
 
 
-def ink_angle(cov):
+def ink_angle(v, paper):
     """Rotation (degrees, clockwise positive) that makes the ink's row profile sharpest: trace
-    baselines and text lines run along the paper. For pages without a grid."""
-    scale = min(1.0, INK_ANGLE_WIDTH / cov.shape[1])
-    small = cv2.resize(cov, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA).astype(np.float32)
-    h, w = small.shape
-    angles = np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-9, 0.25)
-    sharp = []
-    for a in angles:
+    baselines and text lines run along the paper. For pages without a grid. Coarse 1 degree
+    steps, then quarter degrees around the best, on a small copy."""
+    scale = min(1.0, INK_ANGLE_WIDTH / v.shape[1])
+    small = cv2.resize(v, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    cov = ink_coverage(small, paper).astype(np.float32)
+    h, w = cov.shape
+
+    def sharpness(a):
         m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), a, 1.0)
-        rows = cv2.warpAffine(small, m, (w, h), flags=cv2.INTER_LINEAR).sum(1)
-        sharp.append(float((rows * rows).sum()) + 1e-6)
+        rows = cv2.warpAffine(cov, m, (w, h), flags=cv2.INTER_LINEAR).sum(1)
+        return float((rows * rows).sum()) + 1e-6
+
+    coarse = np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-9, 1.0)
+    best = coarse[int(np.argmax([sharpness(a) for a in coarse]))]
+    fine = best + np.arange(-1.0, 1.0 + 1e-9, 0.25)
+    sharp = np.log([sharpness(a) for a in fine])
     i = int(np.argmax(sharp))
-    return float(angles[i] + 0.25 * parabolic_offset(np.log(sharp), i))
+    return float(fine[i] + 0.25 * parabolic_offset(sharp, i))
 
 
-def deskew(img, angle_deg):
-    """Undo a clockwise rotation by angle_deg about the image centre (same size, black fill)."""
-    if abs(angle_deg) < 0.05:
-        return img
+def deskew(img, angle_deg, width=None, fill=0):
+    """Undo a clockwise rotation by angle_deg about the image centre; only the left `width`
+    columns of the result are computed (all when None)."""
     h, w = img.shape[:2]
+    width = w if width is None else width
+    if abs(angle_deg) < 0.05:
+        return img[:, :width]
     m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle_deg, 1.0)
-    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(img, m, (width, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
 
 def strokes(ink, length, vertical):
-    """(k, 5) int stats (x, y, w, h, area) of straight ink strokes at least `length` px long."""
-    kernel = np.ones((length, 1) if vertical else (1, length), np.uint8)
-    opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, kernel)
+    """(k, 5) int stats (x, y, w, h, area) of straight ink strokes at least `length` px long.
+    Gaps of up to STROKE_GAP_PX along a stroke are bridged first: a faint thin line drops
+    below the ink threshold here and there."""
+    shape = (length, 1) if vertical else (1, length)
+    gap = (STROKE_GAP_PX, 1) if vertical else (1, STROKE_GAP_PX)
+    closed = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones(gap, np.uint8))
+    opened = cv2.morphologyEx(closed, cv2.MORPH_OPEN, np.ones(shape, np.uint8))
     _, _, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     return stats[1:]
 
 
 def half_max_ends(profile):
-    """(first, last) sub-pixel positions where the run of profile around its middle crosses half
-    its 90th-percentile plateau (a grid line crossing nearby makes a separate run)."""
+    """(first, last) sub-pixel positions where profile crosses half its 90th-percentile plateau,
+    dips inside bridged (a faint stretch of a thin line); the caller bounds the profile tightly
+    so that a grid line crossing beyond a stroke's end is not taken for it."""
     level = 0.5 * np.percentile(profile, 90)
-    mid = len(profile) // 2
-    if profile[mid] < level:
+    above = np.flatnonzero(profile >= level)
+    if len(above) == 0:
         return None
-    below = profile < level
-    i = mid - int(np.argmax(below[mid::-1])) + 1 if below[:mid].any() else 0
-    j = mid + int(np.argmax(below[mid:])) - 1 if below[mid:].any() else len(profile) - 1
+    i, j = above[0], above[-1]
     lo = i - (profile[i] - level) / max(profile[i] - profile[i - 1], 1e-6) if i > 0 else float(i)
     hi = j + (profile[j] - level) / max(profile[j] - profile[j + 1], 1e-6) if j < len(profile) - 1 else float(j)
     return float(lo), float(hi)
@@ -332,13 +376,13 @@ def measure_pulse(dark, a, b):
     cx_a, cx_b = la + cx_a, lb + cx_b
     thick = float(cols_a.sum(1).mean() / 255.0)
     y0 = max(ya - 2 * pad, 0)
-    rise = dark[y0: ya + ha + 2 * pad, la: xa + wa + pad].astype(np.float32).sum(1)
+    rise = dark[ya - 2: ya + ha + 2, la: xa + wa + pad].astype(np.float32).sum(1)
     ends = half_max_ends(rise)
     inner = dark[y0: ya + int(thick) + 2 * pad, int(cx_a + thick + 1): int(cx_b - thick)].astype(np.float32)
     if ends is None or inner.size == 0 or inner.sum() <= 0:
         return None
     top = y0 + float((inner.sum(1) * np.arange(inner.shape[0])).sum() / inner.sum())
-    bottom = y0 + ends[1] - CAP_FRACTION * thick
+    bottom = ya - 2 + ends[1] - CAP_FRACTION * thick
     return dict(height_px=bottom - top, width_px=cx_b - cx_a, x=cx_a, y=bottom, thickness=thick)
 
 
@@ -420,10 +464,12 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
     foot in the de-rotated page], thickness, angle_deg) or None. px_per_mm (from the grid)
     narrows the height search to PULSE_MM_RANGE[0]..max_mm and lets grey grid lines be told from
     ink; angle_deg (clockwise) is measured from the ink when not given."""
-    cov = ink_coverage(rgb)
+    v = max_channel(rgb)
+    paper = float(paper_colour(rgb).max())
     if angle_deg is None:
-        angle_deg = ink_angle(cov)
-    cov = deskew(cov, angle_deg)
+        angle_deg = ink_angle(v, paper)
+    v = deskew(v, angle_deg, width=int(rgb.shape[1] * PULSE_REGION), fill=255)
+    cov = ink_coverage(v, paper)
     ink_min, floor = ink_levels(cov)
     ink = (cov >= ink_min).astype(np.uint8)
     if px_per_mm:
@@ -444,6 +490,7 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
 
 SNAP_TOL = 0.15                   # a measured gain or speed within 15 % of a standard one is it
 AXIS_AGREE = 0.1                  # x and y spacings within 10 %: square pixels, both trusted
+STRONG_HARMONICS, STRONG_CONTRAST = 5, 3.5   # a lone line family: harmonics, mean log contrast
 PULSE_ONLY_MIN_COUNT = 2          # without a grid, pulses on at least two rows must agree
 
 
@@ -457,29 +504,36 @@ def axis_confidence(axis):
     return 0.0 if axis is None else min(1.0, axis['n_harmonics'] / 10) * (1.0 if axis['minor_seen'] else 0.7)
 
 
+def is_strong(axis):
+    """A line family convincing on its own (without the other family agreeing)."""
+    return axis is not None and axis['n_harmonics'] >= STRONG_HARMONICS and axis['strength'] >= STRONG_CONTRAST
+
+
 def combine_axes(ax, ay):
     """(px_per_mm_x, px_per_mm_y, angle_deg, confidence) from the two line families, or None.
-    One family alone stands for both (square pixels). Spacings 5x apart mean one family's comb
-    was read at its 1 mm lines (its 5 mm lines were too faint): the larger is right."""
-    if ax is None and ay is None:
+    Paper has both families at one spacing: two that agree are a grid; a lone or disagreeing
+    family counts only when strong on its own (text and trace rows make weak lone combs) and then
+    stands for both (square pixels). Spacings 5x apart mean one family's comb was read at its
+    1 mm lines (its 5 mm lines too faint): the larger is right."""
+    found = [(a, base) for a, base in ((ax, 0.0), (ay, 90.0)) if a is not None]
+    if not found:
         return None
-    angles = [a['angle_deg'] - base for a, base in ((ax, 0.0), (ay, 90.0)) if a is not None]
-    angle = float(np.mean(angles))
-    if ax is None or ay is None:
-        one = ax or ay
-        px = one['period_px'] / MAJOR_MM
-        return px, px, angle, 0.6 * axis_confidence(one)
-    px_x, px_y = ax['period_px'] / MAJOR_MM, ay['period_px'] / MAJOR_MM
-    conf = 0.5 * (axis_confidence(ax) + axis_confidence(ay))
-    ratio = px_x / px_y
-    if abs(ratio - 1) <= AXIS_AGREE or (ax['minor_seen'] and ay['minor_seen']):
-        return px_x, px_y, angle, conf
-    if abs(ratio / MAJOR_MM - 1) <= AXIS_AGREE or abs(ratio * MAJOR_MM - 1) <= AXIS_AGREE:
-        px = max(px_x, px_y)
-        return px, px, angle, 0.6 * conf
-    strong = ax if axis_confidence(ax) >= axis_confidence(ay) else ay
-    px = strong['period_px'] / MAJOR_MM
-    return px, px, angle, 0.3 * conf
+    angle = float(np.mean([a['angle_deg'] - base for a, base in found]))
+    if len(found) == 2:
+        px_x, px_y = ax['period_px'] / MAJOR_MM, ay['period_px'] / MAJOR_MM
+        conf = 0.5 * (axis_confidence(ax) + axis_confidence(ay))
+        ratio = px_x / px_y
+        if abs(ratio - 1) <= AXIS_AGREE or (ax['minor_seen'] and ay['minor_seen']):
+            return px_x, px_y, angle, conf
+        if abs(ratio / MAJOR_MM - 1) <= AXIS_AGREE or abs(ratio * MAJOR_MM - 1) <= AXIS_AGREE:
+            px = max(px_x, px_y)
+            return px, px, angle, 0.6 * conf
+    strong = [a for a, _ in found if is_strong(a)]
+    if not strong:
+        return None
+    one = max(strong, key=axis_confidence)
+    px = one['period_px'] / MAJOR_MM
+    return px, px, angle, 0.5 * axis_confidence(one)
 
 
 def apply_pulse(scale, pulse, minor_seen):
