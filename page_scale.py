@@ -98,7 +98,7 @@ def log_spectrum(g):
     g = (g - g.mean()) * np.outer(win, win)
     f = cv2.dft(g, flags=cv2.DFT_COMPLEX_OUTPUT)
     power = f[..., 0] ** 2 + f[..., 1] ** 2
-    return np.log(power + power.mean() * 1e-6)
+    return np.log(power + power.mean() * 1e-6 + 1e-12)     # a blank page has no power at all
 
 
 def sample_ray(spec, angle_deg, radii, offsets=(0.0,)):
@@ -193,16 +193,14 @@ def refit(f0, r, tol):
 
 
 def fit_comb(r, s, f_lo, f_hi):
-    """(f0, hit, harmonic numbers) of the best comb with fundamental in [f_lo, f_hi], or None.
-    Candidates are every peak divided by 1..15, each refit on its loosely matched harmonics and
-    scored on the tightly matched ones."""
+    """Fundamental (bins) of the best comb in [f_lo, f_hi] explaining peaks r with strengths s, or
+    None. Candidates are every peak divided by 1..15, each refit on its loosely matched harmonics
+    and scored on the tightly matched ones."""
     cands = (r[:, None] / np.arange(1, 16)[None, :]).ravel()
     cands = refit(cands[(cands >= f_lo) & (cands <= f_hi)], r, HARMONIC_TOL_BINS[0])
     if len(cands) == 0:
         return None
-    f0 = cands[int(np.argmax(comb_scores(cands, r, s, HARMONIC_TOL_BINS[1])))]
-    hit, h = comb_hits(np.array([f0]), r, HARMONIC_TOL_BINS[1])
-    return None if hit.sum() < 2 else (float(f0), hit[0], h[0])
+    return float(cands[int(np.argmax(comb_scores(cands, r, s, HARMONIC_TOL_BINS[1])))])
 
 
 def comb_band(n):
@@ -210,29 +208,51 @@ def comb_band(n):
     return n / (MAJOR_MM * PX_PER_MM_RANGE[1]), n / (MAJOR_MM * PX_PER_MM_RANGE[0])
 
 
-def measure_axis(spec, angle, radii):
-    """One line family along the ray at angle (degrees; ~0 reads the vertical lines, so the x
-    spacing, ~90 the horizontal ones): dict(period_px of the lattice fundamental, angle_deg,
-    n_harmonics, minor_seen, harmonics, strength) or None."""
-    f_lo, f_hi = comb_band(spec.shape[0])
+def ray_harmonics(spec, angle, radii):
+    """(r, s): sub-bin radii and contrasts of the peaks along the ray at angle, or None."""
     contrast = ray_contrast(spec, angle, radii)
     idx = ray_peaks(contrast, radii)
     if len(idx) < 2:
         return None
     a = np.deg2rad(angle)
     pts = [refine_peak(spec, radii[i] * np.cos(a), radii[i] * np.sin(a)) for i in idx]
-    r = np.array([np.hypot(x, y) for x, y in pts])
-    s = contrast[idx]
-    fit = fit_comb(r, s, f_lo, f_hi)
-    if fit is None:
+    return np.array([np.hypot(x, y) for x, y in pts]), contrast[idx]
+
+
+def describe_comb(n, angle, r, s, f0):
+    """Axis dict for the comb of fundamental f0 (bins of an n-point DFT) over peaks (r, s), or
+    None when it explains fewer than two peaks."""
+    hit, h = (a[0] for a in comb_hits(np.array([f0]), r, HARMONIC_TOL_BINS[1]))
+    if hit.sum() < 2:
         return None
-    f0, hit, h = fit
-    fifth = hit & (h % 5 == 0)
-    other = hit & (h % 5 != 0)
+    fifth, other = hit & (h % 5 == 0), hit & (h % 5 != 0)
     # minor lines distinguished: peaks at multiples of 5 clearly stronger than the others
     minor_seen = bool(fifth.any() and other.any() and s[fifth].mean() > s[other].mean() + 0.5)
-    return dict(period_px=spec.shape[0] / f0, angle_deg=angle, n_harmonics=int(hit.sum()), minor_seen=minor_seen,
-                harmonics=h[hit].astype(int).tolist(), strength=float(s[hit].mean()))
+    return dict(period_px=n / f0, angle_deg=angle, n_harmonics=int(hit.sum()), minor_seen=minor_seen,
+                harmonics=h[hit].astype(int).tolist(), strength=float(s[hit].mean()), n=n, peaks=(r, s))
+
+
+def measure_axis(spec, angle, radii):
+    """One line family along the ray at angle (degrees; ~0 reads the vertical lines, so the x
+    spacing, ~90 the horizontal ones): dict(period_px of the lattice fundamental, angle_deg,
+    n_harmonics, minor_seen, harmonics, strength, n, peaks) or None."""
+    found = ray_harmonics(spec, angle, radii)
+    if found is None:
+        return None
+    f0 = fit_comb(*found, *comb_band(spec.shape[0]))
+    return None if f0 is None else describe_comb(spec.shape[0], angle, *found, f0)
+
+
+def joint_refit(ax, ay):
+    """(ax, ay) both refit at the one fundamental, of the two they found, that explains both
+    families' peaks best: paper has one spacing, and aliasing at low dpi can lure one family's
+    comb to a wrong fundamental that the other family does not support."""
+    def total(f):
+        return sum(comb_scores(refit(np.array([f]), *a['peaks'][:1], HARMONIC_TOL_BINS[0]), *a['peaks'],
+                               HARMONIC_TOL_BINS[1])[0] for a in (ax, ay))
+    f = max((a['n'] / a['period_px'] for a in (ax, ay)), key=total)
+    return tuple(describe_comb(a['n'], a['angle_deg'], *a['peaks'],
+                               float(refit(np.array([f]), a['peaks'][0], HARMONIC_TOL_BINS[0])[0])) for a in (ax, ay))
 
 
 def measure_grid(rgb):
@@ -249,6 +269,7 @@ def measure_grid(rgb):
 # Calibration pulse: dark ink -> de-rotated -> vertical strokes paired under a flat top
 # ----------------------------------------------------------------------------------------------
 
+PULSE_SIDE_PX = 1700              # pages with a longer short side are searched downsampled
 PULSE_REGION = 0.45               # pulses open the rows: only the left part of the page is searched
 SOLID_PX = 15                     # dark areas this thick are fill or scanner bed, not strokes
 TRACE_PERCENTILE = 0.3            # the trace covers ~0.5 % of a page: its darker half sets 'full ink'
@@ -459,6 +480,12 @@ def without_long_lines(ink, length):
     return ink & ~(long_h | long_v)
 
 
+def pulse_step(shape):
+    """Integer downsampling for the pulse search: big scans (500 dpi and up) are searched at
+    about 200 dpi, where a pulse is still ~80 px tall."""
+    return max(1, int(min(shape[:2]) / PULSE_SIDE_PX + 0.25))
+
+
 def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1]):
     """The calibration pulse(s): dict(height_px, width_px, count, positions [(x, y) of each rise's
     foot in the de-rotated page], thickness, angle_deg) or None. px_per_mm (from the grid)
@@ -466,20 +493,27 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
     ink; angle_deg (clockwise) is measured from the ink when not given."""
     v = max_channel(rgb)
     paper = float(paper_colour(rgb).max())
+    step = pulse_step(rgb.shape)
+    if step > 1:
+        v = cv2.resize(v, None, fx=1 / step, fy=1 / step, interpolation=cv2.INTER_AREA)
     if angle_deg is None:
         angle_deg = ink_angle(v, paper)
-    v = deskew(v, angle_deg, width=int(rgb.shape[1] * PULSE_REGION), fill=255)
+    v = deskew(v, angle_deg, width=int(v.shape[1] * PULSE_REGION), fill=255)
     cov = ink_coverage(v, paper)
     ink_min, floor = ink_levels(cov)
     ink = (cov >= ink_min).astype(np.uint8)
     if px_per_mm:
-        h_lo, h_hi = PULSE_MM_RANGE[0] * px_per_mm, max_mm * px_per_mm
-        ink = without_long_lines(ink, int(LONG_LINE_MM * px_per_mm))
+        mm = px_per_mm / step
+        h_lo, h_hi = PULSE_MM_RANGE[0] * mm, max_mm * mm
+        ink = without_long_lines(ink, int(LONG_LINE_MM * mm))
     else:
-        h_lo, h_hi = PULSE_PX_RANGE
+        h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step
     dark = np.where(cov >= floor, cov, 0).astype(np.uint8)
     found = consensus(pulse_candidates(ink, dark, h_lo, h_hi))
     if found:
+        for key in ('height_px', 'width_px', 'thickness'):
+            found[key] *= step
+        found['positions'] = [(x * step, y * step) for x, y in found['positions']]
         found['angle_deg'] = angle_deg
     return found
 
@@ -511,10 +545,11 @@ def is_strong(axis):
 
 def combine_axes(ax, ay):
     """(px_per_mm_x, px_per_mm_y, angle_deg, confidence) from the two line families, or None.
-    Paper has both families at one spacing: two that agree are a grid; a lone or disagreeing
-    family counts only when strong on its own (text and trace rows make weak lone combs) and then
-    stands for both (square pixels). Spacings 5x apart mean one family's comb was read at its
-    1 mm lines (its 5 mm lines too faint): the larger is right."""
+    Paper has both families at one spacing: two that agree are a grid. Spacings 5x apart mean one
+    family's comb was read at its 1 mm lines (its 5 mm lines too faint): the larger is right.
+    Other disagreements are settled by refitting both at the fundamental that explains both best.
+    A lone family counts only when strong on its own (text and trace rows make weak lone combs)
+    and then stands for both (square pixels)."""
     found = [(a, base) for a, base in ((ax, 0.0), (ay, 90.0)) if a is not None]
     if not found:
         return None
@@ -523,11 +558,14 @@ def combine_axes(ax, ay):
         px_x, px_y = ax['period_px'] / MAJOR_MM, ay['period_px'] / MAJOR_MM
         conf = 0.5 * (axis_confidence(ax) + axis_confidence(ay))
         ratio = px_x / px_y
-        if abs(ratio - 1) <= AXIS_AGREE or (ax['minor_seen'] and ay['minor_seen']):
+        if abs(ratio - 1) <= AXIS_AGREE:
             return px_x, px_y, angle, conf
         if abs(ratio / MAJOR_MM - 1) <= AXIS_AGREE or abs(ratio * MAJOR_MM - 1) <= AXIS_AGREE:
             px = max(px_x, px_y)
             return px, px, angle, 0.6 * conf
+        jx, jy = joint_refit(ax, ay)
+        if jx is not None and jy is not None:
+            return jx['period_px'] / MAJOR_MM, jy['period_px'] / MAJOR_MM, angle, 0.5 * conf
     strong = [a for a, _ in found if is_strong(a)]
     if not strong:
         return None
