@@ -28,8 +28,10 @@ from scipy import ndimage
 MAJOR_MM = 5.0                    # the lattice fundamental: every ECG grid emphasises 5 mm lines
 PX_PER_MM_RANGE = (1.8, 26.0)     # 45 .. 660 dpi
 FFT_SIZE = 1024                   # central square analysed; ~43 mm even at 600 dpi
-MAX_ANGLE_DEG = 10.0
+MAX_ANGLE_DEG = 12.0
 ANGLE_STEP_DEG = 0.2
+SHEAR_STEPS = 15                  # each family refined within 3 deg of the pair: x and y scaled
+                                  # differently make a rotated grid slightly oblique
 PEAK_MIN_LOG = 2.5                # a harmonic stands e^2.5 = 12x above the median of its
                                   # neighbourhood: noise does so at ~1 bin in 2000
 BACKGROUND_BINS = 9               # running-median width along a ray (peaks are ~3 bins wide)
@@ -128,11 +130,11 @@ def angle_scores(spec, angles, radii):
 
 def find_grid_angles(spec, radii):
     """(x ray angle, y ray angle) in degrees: the two line families are searched together (the
-    paper's lines are square to each other), then each is refined on its own by a parabola."""
+    paper's lines are square to each other), then each is refined on its own (SHEAR_STEPS around) by a parabola."""
     offsets = np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-9, ANGLE_STEP_DEG)
     sx, sy = angle_scores(spec, offsets, radii), angle_scores(spec, offsets + 90.0, radii)
     i = int(np.argmax(sx + sy))
-    near = np.arange(max(i - 2, 0), min(i + 3, len(offsets)))
+    near = np.arange(max(i - SHEAR_STEPS, 0), min(i + SHEAR_STEPS + 1, len(offsets)))
     ix, iy = near[np.argmax(sx[near])], near[np.argmax(sy[near])]
     return (float(offsets[ix] + ANGLE_STEP_DEG * parabolic_offset(sx, ix)),
             float(offsets[iy] + 90.0 + ANGLE_STEP_DEG * parabolic_offset(sy, iy)))
@@ -243,16 +245,29 @@ def measure_axis(spec, angle, radii):
     return None if f0 is None else describe_comb(spec.shape[0], angle, *found, f0)
 
 
-def joint_refit(ax, ay):
-    """(ax, ay) both refit at the one fundamental, of the two they found, that explains both
-    families' peaks best: paper has one spacing, and aliasing at low dpi can lure one family's
-    comb to a wrong fundamental that the other family does not support."""
-    def total(f):
-        return sum(comb_scores(refit(np.array([f]), *a['peaks'][:1], HARMONIC_TOL_BINS[0]), *a['peaks'],
-                               HARMONIC_TOL_BINS[1])[0] for a in (ax, ay))
-    f = max((a['n'] / a['period_px'] for a in (ax, ay)), key=total)
-    return tuple(describe_comb(a['n'], a['angle_deg'], *a['peaks'],
-                               float(refit(np.array([f]), a['peaks'][0], HARMONIC_TOL_BINS[0])[0])) for a in (ax, ay))
+def comb_fit_at(axis, f):
+    """(score, f0) of an axis's peaks refit near fundamental f (bins)."""
+    r, s = axis['peaks']
+    f0 = refit(np.array([f]), r, HARMONIC_TOL_BINS[0])
+    return float(comb_scores(f0, r, s, HARMONIC_TOL_BINS[1])[0]), float(f0[0])
+
+
+def reconcile(ax, ay):
+    """(ax, ay) for two families that disagree. Aliasing at low dpi can lure one family's comb to
+    a wrong fundamental: if the other family's fundamental explains its peaks about as well
+    (CROSS_KEEP of its own score), it is refit there. A page really scaled differently along x
+    and y keeps both: there each family's peaks fit only its own comb."""
+    own = {id(a): comb_fit_at(a, a['n'] / a['period_px'])[0] for a in (ax, ay)}
+    moves = []
+    for a, b in ((ax, ay), (ay, ax)):
+        score, f0 = comb_fit_at(a, b['n'] / b['period_px'])
+        if score >= CROSS_KEEP * own[id(a)]:
+            moves.append((score + own[id(b)], a, f0))
+    if not moves:
+        return ax, ay
+    _, moved, f0 = max(moves, key=lambda m: m[0])
+    refit_axis = describe_comb(moved['n'], moved['angle_deg'], *moved['peaks'], f0)
+    return (refit_axis, ay) if moved is ax else (ax, refit_axis)
 
 
 def measure_grid(rgb):
@@ -523,6 +538,7 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
 # ----------------------------------------------------------------------------------------------
 
 SNAP_TOL = 0.15                   # a measured gain or speed within 15 % of a standard one is it
+CROSS_KEEP = 0.8                  # a family refit at the other's fundamental keeps this much score
 AXIS_AGREE = 0.1                  # x and y spacings within 10 %: square pixels, both trusted
 STRONG_HARMONICS, STRONG_CONTRAST = 5, 3.5   # a lone line family: harmonics, mean log contrast
 PULSE_ONLY_MIN_COUNT = 2          # without a grid, pulses on at least two rows must agree
@@ -547,8 +563,8 @@ def combine_axes(ax, ay):
     """(px_per_mm_x, px_per_mm_y, angle_deg, confidence) from the two line families, or None.
     Paper has both families at one spacing: two that agree are a grid. Spacings 5x apart mean one
     family's comb was read at its 1 mm lines (its 5 mm lines too faint): the larger is right.
-    Other disagreements are settled by refitting both at the fundamental that explains both best.
-    A lone family counts only when strong on its own (text and trace rows make weak lone combs)
+    Other disagreements are reconciled (one family refit at the other's fundamental) or, when both
+    are strong, kept: a page resized differently along x and y. A lone family counts only when strong on its own (text and trace rows make weak lone combs)
     and then stands for both (square pixels)."""
     found = [(a, base) for a, base in ((ax, 0.0), (ay, 90.0)) if a is not None]
     if not found:
@@ -563,9 +579,11 @@ def combine_axes(ax, ay):
         if abs(ratio / MAJOR_MM - 1) <= AXIS_AGREE or abs(ratio * MAJOR_MM - 1) <= AXIS_AGREE:
             px = max(px_x, px_y)
             return px, px, angle, 0.6 * conf
-        jx, jy = joint_refit(ax, ay)
+        jx, jy = reconcile(ax, ay)
         if jx is not None and jy is not None:
-            return jx['period_px'] / MAJOR_MM, jy['period_px'] / MAJOR_MM, angle, 0.5 * conf
+            px_x, px_y = jx['period_px'] / MAJOR_MM, jy['period_px'] / MAJOR_MM
+            if abs(px_x / px_y - 1) <= AXIS_AGREE or (is_strong(jx) and is_strong(jy)):
+                return px_x, px_y, angle, 0.5 * conf
     strong = [a for a, _ in found if is_strong(a)]
     if not strong:
         return None

@@ -118,6 +118,16 @@ def test_padded_cropped_rescaled_pages_keep_their_scale(fixture_pages, name, tra
     assert ps.px_per_s(scale) == pytest.approx(FIXTURE_PX_PER_S * k, rel=0.03)
 
 
+@pytest.mark.parametrize('name', ['fx1024-0001', 'fx2048-0002'])
+def test_resized_differently_along_x_and_y(fixture_pages, name):
+    """A page squeezed to a model's input shape: each axis keeps its own scale."""
+    rgb, meta = fixture_pages[name]
+    scale = ps.estimate_scale(cv2.resize(rgb, None, fx=1.0, fy=0.9, interpolation=cv2.INTER_AREA))
+    tx, ty = truth_px_per_mm(meta)
+    assert scale.px_per_mm_x == pytest.approx(tx, rel=0.01)
+    assert scale.px_per_mm_y == pytest.approx(0.9 * ty, rel=0.01)
+
+
 def test_fixture_without_its_grid_falls_back_to_the_pulse(fixture_pages):
     """Grid colours blanked out (every coloured or light pixel made paper): only the black trace,
     text and pulses are left, and the pulse gives px per mV and px per s."""
