@@ -19,7 +19,7 @@ Arrays: rgb is (H, W, 3) uint8 RGB at the page's own resolution; maps are (h, w)
 """
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -43,6 +43,8 @@ PULSE_MV, PULSE_S = 1.0, 0.2
 
 @dataclass
 class PageScale:
+    """What estimate_scale found. px per mV = px_per_mm_y * gain_mm_mv (px_per_mv), px per s =
+    px_per_mm_x * paper_speed_mm_s (px_per_s)."""
     px_per_mm_x: float = float('nan')   # along the paper's time axis (image columns, de-rotated)
     px_per_mm_y: float = float('nan')   # along the paper's voltage axis (image rows, de-rotated)
     source: str | None = None           # 'grid', 'pulse' or None (nothing found)
@@ -87,6 +89,7 @@ def gridness(rgb, paper):
 
 
 def central_square(rgb, n):
+    """(n', n', ...) view of the middle of the page, n' = min(n, H, W): grid is densest there."""
     h, w = rgb.shape[:2]
     n = min(n, h, w)
     top, left = (h - n) // 2, (w - n) // 2
@@ -130,7 +133,8 @@ def angle_scores(spec, angles, radii):
 
 def find_grid_angles(spec, radii):
     """(x ray angle, y ray angle) in degrees: the two line families are searched together (the
-    paper's lines are square to each other), then each is refined on its own (SHEAR_STEPS around) by a parabola."""
+    paper's lines are square to each other), then each on its own within SHEAR_STEPS of the
+    pair's best, refined by a parabola."""
     offsets = np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-9, ANGLE_STEP_DEG)
     sx, sy = angle_scores(spec, offsets, radii), angle_scores(spec, offsets + 90.0, radii)
     i = int(np.argmax(sx + sy))
@@ -148,7 +152,7 @@ def parabolic_offset(v, i):
     return 0.0 if den >= 0 else float(np.clip(0.5 * (v[i - 1] - v[i + 1]) / den, -0.5, 0.5))
 
 
-def ray_peaks(contrast, radii):
+def ray_peaks(contrast):
     """Indices of local maxima of a ray's contrast that stand PEAK_MIN_LOG above background."""
     c = contrast
     is_max = (c[1:-1] >= c[:-2]) & (c[1:-1] > c[2:]) & (c[1:-1] > PEAK_MIN_LOG)
@@ -213,7 +217,7 @@ def comb_band(n):
 def ray_harmonics(spec, angle, radii):
     """(r, s): sub-bin radii and contrasts of the peaks along the ray at angle, or None."""
     contrast = ray_contrast(spec, angle, radii)
-    idx = ray_peaks(contrast, radii)
+    idx = ray_peaks(contrast)
     if len(idx) < 2:
         return None
     a = np.deg2rad(angle)
@@ -286,10 +290,13 @@ def measure_grid(rgb):
 
 PULSE_SIDE_PX = 1700              # pages with a longer short side are searched downsampled
 PULSE_REGION = 0.45               # pulses open the rows: only the left part of the page is searched
+                                  # (a layout with pulses only at the right end is not read)
 SOLID_PX = 15                     # dark areas this thick are fill or scanner bed, not strokes
 TRACE_PERCENTILE = 0.3            # the trace covers ~0.5 % of a page: its darker half sets 'full ink'
 INK_MIN, INK_FLOOR = 90, 50       # coverage for a stroke pixel; below the floor measure as paper
 GRID_PERCENTILE = 96              # the coverage of this percentile of pixels: grid lines, if dark
+INK_ABOVE_GRID, FLOOR_ABOVE_GRID = 45, 25   # stroke threshold and measuring floor over that
+INK_MAX = 200                     # a grid this dark cannot be told from ink anyway
 CAP_FRACTION = 0.45               # a line's half-maximum end lies ~0.43 (round cap) .. 0.5 (square)
                                   # of its width beyond its end point
 LONG_LINE_MM = 30.0               # straight ink this long is grid (grey grids), never a pulse
@@ -297,8 +304,8 @@ PULSE_MM_RANGE = (4.0, 25.0)      # pulse height: 5..20 mm/mV, with slack
 PULSE_PX_RANGE = (10, 700)        # when px per mm is unknown
 PULSE_ASPECT = (0.3, 5.0)         # height / width: 5 mm/mV at 50 mm/s .. 20 mm/mV at 25 mm/s
 TOP_COVERAGE = 0.8                # share of the columns between the edges inked along the top
-STROKE_GAP_PX = 5
-EDGE_MAX_SLOPE = 0.03            # px per row (1.7 deg) a pulse edge may lean after de-rotation
+STROKE_GAP_PX = 5                 # breaks in a faint thin stroke that are bridged
+EDGE_MAX_SLOPE = 0.03             # px per row (1.7 deg) a pulse edge may lean after de-rotation
 SIZE_TOL = 0.08                   # pulses of one page agree in height and width to 8 %
 INK_ANGLE_WIDTH = 640             # ink mask width for the rotation search when there is no grid
 
@@ -308,11 +315,12 @@ def ink_coverage(v, paper):
     covers, linear between paper and the darkest strokes (so a line's coverage summed across it
     is its width in px). Solid dark areas (a scanner bed or rotation fill around the page) are
     zeroed: they are not strokes."""
-    solid = cv2.morphologyEx((v < 0.5 * paper).astype(np.uint8), cv2.MORPH_OPEN, np.ones((SOLID_PX, SOLID_PX), np.uint8))
+    square = np.ones((SOLID_PX, SOLID_PX), np.uint8)
+    solid = cv2.morphologyEx((v < 0.5 * paper).astype(np.uint8), cv2.MORPH_OPEN, square)
     solid = cv2.dilate(solid, np.ones((5, 5), np.uint8)).astype(bool)
     rest = v[::2, ::2][~solid[::2, ::2]]
     trace = percentile_u8(rest, TRACE_PERCENTILE) if rest.size else 0
-    trace = min(trace, paper - 40.0)
+    trace = min(trace, paper - 40.0)                       # a page of faint ink: do not amplify noise
     cov = cv2.convertScaleAbs(cv2.subtract(np.full_like(v, int(paper)), v), alpha=255.0 / (paper - trace))
     cov[solid] = 0
     return cov
@@ -322,7 +330,7 @@ def ink_levels(cov):
     """(stroke threshold, measuring floor) on coverage, raised above the grid's own coverage when
     the grid lines are dark (grey or black-and-white grids) so that they are not taken for ink."""
     grid = float(percentile_u8(cov[::2, ::2], GRID_PERCENTILE))
-    return int(np.clip(grid + 45, INK_MIN, 200)), int(max(INK_FLOOR, grid + 25))
+    return int(np.clip(grid + INK_ABOVE_GRID, INK_MIN, INK_MAX)), int(max(INK_FLOOR, grid + FLOOR_ABOVE_GRID))
 
 
 def ink_angle(v, paper):
@@ -358,14 +366,12 @@ def deskew(img, angle_deg, width=None, fill=0):
     return cv2.warpAffine(img, m, (width, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
 
-def strokes(ink, length, vertical):
-    """(k, 5) int stats (x, y, w, h, area) of straight ink strokes at least `length` px long.
+def vertical_strokes(ink, length):
+    """(k, 5) int stats (x, y, w, h, area) of vertical ink strokes at least `length` px long.
     Gaps of up to STROKE_GAP_PX along a stroke are bridged first: a faint thin line drops
     below the ink threshold here and there."""
-    shape = (length, 1) if vertical else (1, length)
-    gap = (STROKE_GAP_PX, 1) if vertical else (1, STROKE_GAP_PX)
-    closed = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones(gap, np.uint8))
-    opened = cv2.morphologyEx(closed, cv2.MORPH_OPEN, np.ones(shape, np.uint8))
+    closed = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((STROKE_GAP_PX, 1), np.uint8))
+    opened = cv2.morphologyEx(closed, cv2.MORPH_OPEN, np.ones((length, 1), np.uint8))
     _, _, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     return stats[1:]
 
@@ -411,14 +417,14 @@ def measure_pulse(dark, a, b):
         return None
     cx_a, cx_b = la + cx_a, lb + cx_b
     thick = float(cols_a.sum(1).mean() / 255.0)
-    y0 = max(ya - 2 * pad, 0)
-    rise = dark[ya - 2: ya + ha + 2, la: xa + wa + pad].astype(np.float32).sum(1)
+    y0, r0 = max(ya - 2 * pad, 0), max(ya - 2, 0)
+    rise = dark[r0: ya + ha + 2, la: xa + wa + pad].astype(np.float32).sum(1)
     ends = half_max_ends(rise)
     inner = dark[y0: ya + int(thick) + 2 * pad, int(cx_a + thick + 1): int(cx_b - thick)].astype(np.float32)
     if ends is None or inner.size == 0 or inner.sum() <= 0:
         return None
     top = y0 + float((inner.sum(1) * np.arange(inner.shape[0])).sum() / inner.sum())
-    bottom = ya - 2 + ends[1] - CAP_FRACTION * thick
+    bottom = r0 + ends[1] - CAP_FRACTION * thick
     return dict(height_px=bottom - top, width_px=cx_b - cx_a, x=cx_a, y=bottom, thickness=thick)
 
 
@@ -453,7 +459,7 @@ def is_pulse_outline(ink, a, b):
 
 def pulse_candidates(ink, dark, h_lo, h_hi):
     """Every rise/fall pair that outlines a pulse of height in [h_lo, h_hi] px: list of dicts."""
-    vert = strokes(ink, max(6, int(0.7 * h_lo)), vertical=True)
+    vert = vertical_strokes(ink, max(6, int(0.7 * h_lo)))
     vert = vert[(vert[:, 3] <= h_hi * 1.1 + 6) & (vert[:, 2] * 3 <= vert[:, 3])]
     vert = vert[np.argsort(vert[:, 0])]
     found = []
@@ -564,8 +570,8 @@ def combine_axes(ax, ay):
     Paper has both families at one spacing: two that agree are a grid. Spacings 5x apart mean one
     family's comb was read at its 1 mm lines (its 5 mm lines too faint): the larger is right.
     Other disagreements are reconciled (one family refit at the other's fundamental) or, when both
-    are strong, kept: a page resized differently along x and y. A lone family counts only when strong on its own (text and trace rows make weak lone combs)
-    and then stands for both (square pixels)."""
+    are strong, kept: a page resized differently along x and y. A lone family counts only when
+    strong on its own (text and trace rows make weak lone combs) and then stands for both."""
     found = [(a, base) for a, base in ((ax, 0.0), (ay, 90.0)) if a is not None]
     if not found:
         return None
