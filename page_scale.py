@@ -1,0 +1,698 @@
+#!/usr/bin/env python3
+"""Physical scale of a paper-ECG page read from what is printed on it.
+
+The decoder needs pixels per mV and pixels per second. Taking them from the image border (an
+uncropped 8.5 in page) breaks as soon as a page is padded, cropped or rescaled, so this module
+measures them on the page itself:
+
+  1. the grid (main path): 1 mm minor / 5 mm major lines. A windowed 2-D FFT of a central square
+     of a 'grid-ness' map shows each line family as a ray of harmonic peaks, rotated with the page;
+     the ray's angle gives the rotation and the comb's fundamental the 5 mm period, refined to a
+     fraction of a frequency bin from all its harmonics.
+  2. the calibration pulse (fallback and cross-check): the 1 mV x 0.2 s rectangle at the left of
+     each row. Without a grid its height is px per mV (assuming 10 mm/mV for px per mm); with a
+     grid its height and width give the gain (5/10/20 mm/mV) and paper speed (25/50 mm/s).
+
+Arrays: rgb is (H, W, 3) uint8 RGB at the page's own resolution; maps are (h, w) float32.
+
+    python page_scale.py IMAGE...        # prints the scale found per image and the seconds it took
+"""
+import sys
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+MAJOR_MM = 5.0                    # the lattice fundamental: every ECG grid emphasises 5 mm lines
+PX_PER_MM_RANGE = (1.8, 26.0)     # 45 .. 660 dpi
+FFT_SIZE = 1024                   # central square analysed; ~43 mm even at 600 dpi
+MAX_ANGLE_DEG = 12.0
+ANGLE_STEP_DEG = 0.2
+SHEAR_STEPS = 15                  # each family refined within 3 deg of the pair: x and y scaled
+                                  # differently make a rotated grid slightly oblique
+PEAK_MIN_LOG = 2.5                # a harmonic stands e^2.5 = 12x above the median of its
+                                  # neighbourhood: noise does so at ~1 bin in 2000
+BACKGROUND_BINS = 9               # running-median width along a ray (peaks are ~3 bins wide)
+HARMONIC_TOL_BINS = (1.5, 0.5)    # matching a candidate comb, then its least-squares refinement
+STANDARD_GAIN_MM_MV, STANDARD_SPEED_MM_S = 10.0, 25.0
+GAINS_MM_MV, SPEEDS_MM_S = (5.0, 10.0, 20.0), (25.0, 50.0)
+PULSE_MV, PULSE_S = 1.0, 0.2
+
+
+@dataclass
+class PageScale:
+    """What estimate_scale found. px per mV = px_per_mm_y * gain_mm_mv (px_per_mv), px per s =
+    px_per_mm_x * paper_speed_mm_s (px_per_s)."""
+    px_per_mm_x: float = float('nan')   # along the paper's time axis (image columns, de-rotated)
+    px_per_mm_y: float = float('nan')   # along the paper's voltage axis (image rows, de-rotated)
+    source: str | None = None           # 'grid', 'pulse' or None (nothing found)
+    confidence: float = 0.0             # 0..1
+    angle_deg: float = 0.0              # page rotation, positive clockwise on screen
+    gain_mm_mv: float = STANDARD_GAIN_MM_MV
+    paper_speed_mm_s: float = STANDARD_SPEED_MM_S
+    gain_assumed: bool = True           # True: the standard value, not measured on a pulse
+    speed_assumed: bool = True
+    pulse: dict | None = None           # find_calibration_pulse's answer, when one was found
+
+
+# ----------------------------------------------------------------------------------------------
+# Grid: grid-ness map -> 2-D spectrum -> ray angle -> harmonic comb -> px per mm
+# ----------------------------------------------------------------------------------------------
+
+def percentile_u8(a, q):
+    """q-th percentile (0..100) of a uint8 array, from its histogram (no sort)."""
+    cum = np.cumsum(np.bincount(a.ravel(), minlength=256))
+    return int(np.searchsorted(cum, q / 100.0 * cum[-1]))
+
+
+def paper_colour(rgb):
+    """(3,) float: per-channel median of the brighter half of the page (paper dominates any grid)."""
+    small = rgb[::4, ::4]
+    lum = small.astype(np.uint16).sum(2)
+    bright = small[lum >= np.median(lum)]
+    return np.array([percentile_u8(bright[:, c], 50) for c in range(3)], np.float32)
+
+
+def max_channel(rgb):
+    """(H, W) uint8 brightest channel: the trace is dark in all three, a coloured grid is not."""
+    r, g, b = cv2.split(rgb)
+    return cv2.max(cv2.max(r, g), b)
+
+
+def gridness(rgb, paper):
+    """(h, w) float32 distance of each pixel's colour from the paper's (3,) colour. Lines of any
+    hue, and grey lines on white, all stand out; the trace stands out too but is not periodic."""
+    d = cv2.absdiff(rgb, np.full_like(rgb, np.clip(np.rint(paper), 0, 255).astype(np.uint8))).astype(np.float32)
+    return cv2.sqrt(cv2.transform(d * d, np.ones((1, 3), np.float32)))
+
+
+def central_square(rgb, n):
+    """(n', n', ...) view of the middle of the page, n' = min(n, H, W): grid is densest there."""
+    h, w = rgb.shape[:2]
+    n = min(n, h, w)
+    top, left = (h - n) // 2, (w - n) // 2
+    return rgb[top:top + n, left:left + n]
+
+
+def log_spectrum(g):
+    """(n, n) float32 log power of the Hann-windowed map, DC at [0, 0] (rays read with wrap)."""
+    n = g.shape[0]
+    win = np.hanning(n).astype(np.float32)
+    g = (g - g.mean()) * np.outer(win, win)
+    f = cv2.dft(g, flags=cv2.DFT_COMPLEX_OUTPUT)
+    power = f[..., 0] ** 2 + f[..., 1] ** 2
+    return np.log(power + power.mean() * 1e-6 + 1e-12)     # a blank page has no power at all
+
+
+def sample_ray(spec, angle_deg, radii, offsets=(0.0,)):
+    """(len(offsets), len(radii)) spectrum values along a ray from DC at angle_deg (image x right,
+    y down), shifted sideways by each offset in bins. Bilinear, wrapping around the DFT."""
+    n = spec.shape[0]
+    a = np.deg2rad(angle_deg)
+    ux, uy = np.cos(a), np.sin(a)
+    off = np.asarray(offsets, np.float32)[:, None]
+    x = (radii[None, :] * ux - off * uy) % n
+    y = (radii[None, :] * uy + off * ux) % n
+    return cv2.remap(spec, x.astype(np.float32), y.astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_WRAP)
+
+
+def ray_contrast(spec, angle_deg, radii):
+    """(len(radii),) log power along the ray minus its running median: harmonic peaks stand out,
+    the broadband streak of the trace, text and page edges along the same direction does not."""
+    along = sample_ray(spec, angle_deg, radii, offsets=(-1.0, 0.0, 1.0)).max(0)
+    return along - ndimage.median_filter(along, BACKGROUND_BINS, mode='nearest')
+
+
+def angle_scores(spec, angles, radii):
+    """(len(angles),) how peaked the spectrum is along each ray: mean squared positive contrast,
+    so a few strong grid harmonics outweigh the many weak ones of the trace rows' spacing."""
+    return np.array([(np.clip(ray_contrast(spec, a, radii), 0, None) ** 2).mean() for a in angles])
+
+
+def find_grid_angles(spec, radii):
+    """(x ray angle, y ray angle) in degrees: the two line families are searched together (the
+    paper's lines are square to each other), then each on its own within SHEAR_STEPS of the
+    pair's best, refined by a parabola."""
+    offsets = np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-9, ANGLE_STEP_DEG)
+    sx, sy = angle_scores(spec, offsets, radii), angle_scores(spec, offsets + 90.0, radii)
+    i = int(np.argmax(sx + sy))
+    near = np.arange(max(i - SHEAR_STEPS, 0), min(i + SHEAR_STEPS + 1, len(offsets)))
+    ix, iy = near[np.argmax(sx[near])], near[np.argmax(sy[near])]
+    return (float(offsets[ix] + ANGLE_STEP_DEG * parabolic_offset(sx, ix)),
+            float(offsets[iy] + 90.0 + ANGLE_STEP_DEG * parabolic_offset(sy, iy)))
+
+
+def parabolic_offset(v, i):
+    """Sub-sample offset (-0.5..0.5) of the peak of v at index i from a parabola through 3 points."""
+    if i <= 0 or i >= len(v) - 1:
+        return 0.0
+    den = v[i - 1] - 2 * v[i] + v[i + 1]
+    return 0.0 if den >= 0 else float(np.clip(0.5 * (v[i - 1] - v[i + 1]) / den, -0.5, 0.5))
+
+
+def ray_peaks(contrast):
+    """Indices of local maxima of a ray's contrast that stand PEAK_MIN_LOG above background."""
+    c = contrast
+    is_max = (c[1:-1] >= c[:-2]) & (c[1:-1] > c[2:]) & (c[1:-1] > PEAK_MIN_LOG)
+    return np.flatnonzero(is_max) + 1
+
+
+def refine_peak(spec, kx, ky):
+    """Sub-bin (kx, ky) of the spectral maximum nearest (kx, ky): the largest of its 5 x 5
+    neighbourhood, then a parabola through 3 log-power values along each axis (the log of a
+    Hann-windowed line is nearly parabolic, so this is accurate to a few hundredths of a bin)."""
+    n = spec.shape[0]
+    ix, iy = int(round(kx)), int(round(ky))
+    rows = np.arange(iy - 2, iy + 3) % n
+    cols = np.arange(ix - 2, ix + 3) % n
+    patch = spec[np.ix_(rows, cols)]
+    dy, dx = np.unravel_index(int(np.argmax(patch)), patch.shape)
+    ix, iy = ix + dx - 2, iy + dy - 2
+    across = spec[iy % n, np.arange(ix - 1, ix + 2) % n]
+    down = spec[np.arange(iy - 1, iy + 2) % n, ix % n]
+    return ix + parabolic_offset(across, 1), iy + parabolic_offset(down, 1)
+
+
+def comb_hits(f0, r, tol):
+    """(hit, h), each (len(f0), len(r)): peak j is harmonic h[i, j] of candidate f0[i]."""
+    h = np.rint(r[None, :] / f0[:, None])
+    return (h >= 1) & (np.abs(r[None, :] - h * f0[:, None]) < tol), h
+
+
+def comb_scores(f0, r, s, tol):
+    """(len(f0),) how well harmonics of each f0 explain peaks at radii r with strengths s:
+    explained strength minus half a typical peak for every harmonic below the highest explained
+    one that is missing (so f0/2 loses to f0, and 2*f0 loses the odd harmonics)."""
+    hit, h = comb_hits(f0, r, tol)
+    missing = (h * hit).max(1) - hit.sum(1)
+    return (s[None, :] * hit).sum(1) - 0.5 * np.median(s) * missing
+
+
+def refit(f0, r, tol):
+    """(len(f0),) each candidate refit by least squares over the harmonics it explains (the
+    highest weigh most); unchanged where it explains fewer than two."""
+    hit, h = comb_hits(f0, r, tol)
+    num, den = (hit * h * r[None, :]).sum(1), (hit * h * h).sum(1)
+    return np.where(hit.sum(1) >= 2, num / np.maximum(den, 1), f0)
+
+
+def fit_comb(r, s, f_lo, f_hi):
+    """Fundamental (bins) of the best comb in [f_lo, f_hi] explaining peaks r with strengths s, or
+    None. Candidates are every peak divided by 1..15, each refit on its loosely matched harmonics
+    and scored on the tightly matched ones."""
+    cands = (r[:, None] / np.arange(1, 16)[None, :]).ravel()
+    cands = refit(cands[(cands >= f_lo) & (cands <= f_hi)], r, HARMONIC_TOL_BINS[0])
+    if len(cands) == 0:
+        return None
+    return float(cands[int(np.argmax(comb_scores(cands, r, s, HARMONIC_TOL_BINS[1])))])
+
+
+def comb_band(n):
+    """(lowest, highest) lattice fundamental in bins of an n-point DFT over PX_PER_MM_RANGE."""
+    return n / (MAJOR_MM * PX_PER_MM_RANGE[1]), n / (MAJOR_MM * PX_PER_MM_RANGE[0])
+
+
+def ray_harmonics(spec, angle, radii):
+    """(r, s): sub-bin radii and contrasts of the peaks along the ray at angle, or None."""
+    contrast = ray_contrast(spec, angle, radii)
+    idx = ray_peaks(contrast)
+    if len(idx) < 2:
+        return None
+    a = np.deg2rad(angle)
+    pts = [refine_peak(spec, radii[i] * np.cos(a), radii[i] * np.sin(a)) for i in idx]
+    return np.array([np.hypot(x, y) for x, y in pts]), contrast[idx]
+
+
+def describe_comb(n, angle, r, s, f0):
+    """Axis dict for the comb of fundamental f0 (bins of an n-point DFT) over peaks (r, s), or
+    None when it explains fewer than two peaks."""
+    hit, h = (a[0] for a in comb_hits(np.array([f0]), r, HARMONIC_TOL_BINS[1]))
+    if hit.sum() < 2:
+        return None
+    fifth, other = hit & (h % 5 == 0), hit & (h % 5 != 0)
+    # minor lines distinguished: peaks at multiples of 5 clearly stronger than the others
+    minor_seen = bool(fifth.any() and other.any() and s[fifth].mean() > s[other].mean() + 0.5)
+    return dict(period_px=n / f0, angle_deg=angle, n_harmonics=int(hit.sum()), minor_seen=minor_seen,
+                harmonics=h[hit].astype(int).tolist(), strength=float(s[hit].mean()), n=n, peaks=(r, s))
+
+
+def measure_axis(spec, angle, radii):
+    """One line family along the ray at angle (degrees; ~0 reads the vertical lines, so the x
+    spacing, ~90 the horizontal ones): dict(period_px of the lattice fundamental, angle_deg,
+    n_harmonics, minor_seen, harmonics, strength, n, peaks) or None."""
+    found = ray_harmonics(spec, angle, radii)
+    if found is None:
+        return None
+    f0 = fit_comb(*found, *comb_band(spec.shape[0]))
+    return None if f0 is None else describe_comb(spec.shape[0], angle, *found, f0)
+
+
+def comb_fit_at(axis, f):
+    """(score, f0) of an axis's peaks refit near fundamental f (bins)."""
+    r, s = axis['peaks']
+    f0 = refit(np.array([f]), r, HARMONIC_TOL_BINS[0])
+    return float(comb_scores(f0, r, s, HARMONIC_TOL_BINS[1])[0]), float(f0[0])
+
+
+def reconcile(ax, ay):
+    """(ax, ay) for two families that disagree. Aliasing at low dpi can lure one family's comb to
+    a wrong fundamental: if the other family's fundamental explains its peaks about as well
+    (CROSS_KEEP of its own score), it is refit there. A page really scaled differently along x
+    and y keeps both: there each family's peaks fit only its own comb."""
+    own = {id(a): comb_fit_at(a, a['n'] / a['period_px'])[0] for a in (ax, ay)}
+    moves = []
+    for a, b in ((ax, ay), (ay, ax)):
+        score, f0 = comb_fit_at(a, b['n'] / b['period_px'])
+        if score >= CROSS_KEEP * own[id(a)]:
+            moves.append((score + own[id(b)], a, f0))
+    if not moves:
+        return ax, ay
+    _, moved, f0 = max(moves, key=lambda m: m[0])
+    refit_axis = describe_comb(moved['n'], moved['angle_deg'], *moved['peaks'], f0)
+    return (refit_axis, ay) if moved is ax else (ax, refit_axis)
+
+
+def measure_grid(rgb):
+    """(x axis dict, y axis dict) from the central FFT_SIZE square (either may be None)."""
+    square = central_square(rgb, FFT_SIZE)
+    spec = log_spectrum(gridness(square, paper_colour(square)))
+    n = spec.shape[0]
+    radii = np.arange(int(comb_band(n)[0] * 0.8), n // 2 - 1, dtype=np.float32)
+    angle_x, angle_y = find_grid_angles(spec, radii)
+    return measure_axis(spec, angle_x, radii), measure_axis(spec, angle_y, radii)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration pulse: dark ink -> de-rotated -> vertical strokes paired under a flat top
+# ----------------------------------------------------------------------------------------------
+
+PULSE_SIDE_PX = 1700              # pages with a longer short side are searched downsampled
+PULSE_REGION = 0.45               # pulses open the rows: only the left part of the page is searched
+                                  # (a layout with pulses only at the right end is not read)
+SOLID_PX = 15                     # dark areas this thick are fill or scanner bed, not strokes
+TRACE_PERCENTILE = 0.3            # the trace covers ~0.5 % of a page: its darker half sets 'full ink'
+INK_MIN, INK_FLOOR = 90, 50       # coverage for a stroke pixel; below the floor measure as paper
+GRID_PERCENTILE = 96              # the coverage of this percentile of pixels: grid lines, if dark
+INK_ABOVE_GRID, FLOOR_ABOVE_GRID = 45, 25   # stroke threshold and measuring floor over that
+INK_MAX = 200                     # a grid this dark cannot be told from ink anyway
+CAP_FRACTION = 0.45               # a line's half-maximum end lies ~0.43 (round cap) .. 0.5 (square)
+                                  # of its width beyond its end point
+LONG_LINE_MM = 30.0               # straight ink this long is grid (grey grids), never a pulse
+PULSE_MM_RANGE = (4.0, 25.0)      # pulse height: 5..20 mm/mV, with slack
+PULSE_PX_RANGE = (10, 700)        # when px per mm is unknown
+PULSE_ASPECT = (0.3, 5.0)         # height / width: 5 mm/mV at 50 mm/s .. 20 mm/mV at 25 mm/s
+TOP_COVERAGE = 0.8                # share of the columns between the edges inked along the top
+STROKE_GAP_PX = 5                 # breaks in a faint thin stroke that are bridged
+EDGE_MAX_SLOPE = 0.03             # px per row (1.7 deg) a pulse edge may lean after de-rotation
+SIZE_TOL = 0.08                   # pulses of one page agree in height and width to 8 %
+INK_ANGLE_WIDTH = 640             # ink mask width for the rotation search when there is no grid
+
+
+def ink_coverage(v, paper):
+    """(H, W) uint8 0..255 from the max-channel image v: how much of each pixel the trace ink
+    covers, linear between paper and the darkest strokes (so a line's coverage summed across it
+    is its width in px). Solid dark areas (a scanner bed or rotation fill around the page) are
+    zeroed: they are not strokes."""
+    square = np.ones((SOLID_PX, SOLID_PX), np.uint8)
+    solid = cv2.morphologyEx((v < 0.5 * paper).astype(np.uint8), cv2.MORPH_OPEN, square)
+    solid = cv2.dilate(solid, np.ones((5, 5), np.uint8)).astype(bool)
+    rest = v[::2, ::2][~solid[::2, ::2]]
+    trace = percentile_u8(rest, TRACE_PERCENTILE) if rest.size else 0
+    trace = min(trace, paper - 40.0)                       # a page of faint ink: do not amplify noise
+    cov = cv2.convertScaleAbs(cv2.subtract(np.full_like(v, int(paper)), v), alpha=255.0 / (paper - trace))
+    cov[solid] = 0
+    return cov
+
+
+def ink_levels(cov):
+    """(stroke threshold, measuring floor) on coverage, raised above the grid's own coverage when
+    the grid lines are dark (grey or black-and-white grids) so that they are not taken for ink."""
+    grid = float(percentile_u8(cov[::2, ::2], GRID_PERCENTILE))
+    return int(np.clip(grid + INK_ABOVE_GRID, INK_MIN, INK_MAX)), int(max(INK_FLOOR, grid + FLOOR_ABOVE_GRID))
+
+
+def ink_angle(v, paper):
+    """Rotation (degrees, clockwise positive) that makes the ink's row profile sharpest: trace
+    baselines and text lines run along the paper. For pages without a grid. Coarse 1 degree
+    steps, then quarter degrees around the best, on a small copy."""
+    scale = min(1.0, INK_ANGLE_WIDTH / v.shape[1])
+    small = cv2.resize(v, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    cov = ink_coverage(small, paper).astype(np.float32)
+    h, w = cov.shape
+
+    def sharpness(a):
+        m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), a, 1.0)
+        rows = cv2.warpAffine(cov, m, (w, h), flags=cv2.INTER_LINEAR).sum(1)
+        return float((rows * rows).sum()) + 1e-6
+
+    coarse = np.arange(-MAX_ANGLE_DEG, MAX_ANGLE_DEG + 1e-9, 1.0)
+    best = coarse[int(np.argmax([sharpness(a) for a in coarse]))]
+    fine = best + np.arange(-1.0, 1.0 + 1e-9, 0.25)
+    sharp = np.log([sharpness(a) for a in fine])
+    i = int(np.argmax(sharp))
+    return float(fine[i] + 0.25 * parabolic_offset(sharp, i))
+
+
+def deskew(img, angle_deg, width=None, fill=0):
+    """Undo a clockwise rotation by angle_deg about the image centre; only the left `width`
+    columns of the result are computed (all when None)."""
+    h, w = img.shape[:2]
+    width = w if width is None else width
+    if abs(angle_deg) < 0.05:
+        return img[:, :width]
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle_deg, 1.0)
+    return cv2.warpAffine(img, m, (width, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+
+
+def vertical_strokes(ink, length):
+    """(k, 5) int stats (x, y, w, h, area) of vertical ink strokes at least `length` px long.
+    Gaps of up to STROKE_GAP_PX along a stroke are bridged first: a faint thin line drops
+    below the ink threshold here and there."""
+    closed = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones((STROKE_GAP_PX, 1), np.uint8))
+    opened = cv2.morphologyEx(closed, cv2.MORPH_OPEN, np.ones((length, 1), np.uint8))
+    _, _, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    return stats[1:]
+
+
+def half_max_ends(profile):
+    """(first, last) sub-pixel positions where profile crosses half its 90th-percentile plateau,
+    dips inside bridged (a faint stretch of a thin line); the caller bounds the profile tightly
+    so that a grid line crossing beyond a stroke's end is not taken for it."""
+    level = 0.5 * np.percentile(profile, 90)
+    above = np.flatnonzero(profile >= level)
+    if len(above) == 0:
+        return None
+    i, j = above[0], above[-1]
+    lo = i - (profile[i] - level) / max(profile[i] - profile[i - 1], 1e-6) if i > 0 else float(i)
+    hi = j + (profile[j] - level) / max(profile[j] - profile[j + 1], 1e-6) if j < len(profile) - 1 else float(j)
+    return float(lo), float(hi)
+
+
+def edge_column(band):
+    """(centre column, slope in px per row) of a near-vertical edge in a (rows, cols) darkness
+    band: per-row centroids and a straight line through them."""
+    w = band.sum(1)
+    ok = w > 0
+    if ok.sum() < 3:
+        return None, np.inf
+    cx = (band * np.arange(band.shape[1])).sum(1)[ok] / w[ok]
+    slope = np.polyfit(np.flatnonzero(ok), cx, 1)[0]
+    return float((band.sum(0) * np.arange(band.shape[1])).sum() / band.sum()), abs(float(slope))
+
+
+def measure_pulse(dark, a, b):
+    """dict(height_px, width_px, x, y, thickness) of the pulse whose rise is stroke a and fall
+    stroke b (stats rows), from the darkness itself: the rise's half-maximum ends, the top line's
+    centroid and the edges' centroid columns. Heights run centre line to centre line, as drawn.
+    None unless both edges are plumb (on the de-rotated page a QRS stroke leans, a pulse does not)."""
+    xa, ya, wa, ha = (int(v) for v in a[:4])
+    pad = 3
+    mid = dark[ya + ha // 4: ya + 3 * ha // 4].astype(np.float32)
+    la, lb = max(xa - pad, 0), max(int(b[0]) - pad, 0)
+    cols_a, cols_b = mid[:, la: xa + wa + pad], mid[:, lb: int(b[0]) + int(b[2]) + pad]
+    (cx_a, slope_a), (cx_b, slope_b) = edge_column(cols_a), edge_column(cols_b)
+    if max(slope_a, slope_b) > EDGE_MAX_SLOPE:
+        return None
+    cx_a, cx_b = la + cx_a, lb + cx_b
+    thick = float(cols_a.sum(1).mean() / 255.0)
+    y0, r0 = max(ya - 2 * pad, 0), max(ya - 2, 0)
+    rise = dark[r0: ya + ha + 2, la: xa + wa + pad].astype(np.float32).sum(1)
+    ends = half_max_ends(rise)
+    inner = dark[y0: ya + int(thick) + 2 * pad, int(cx_a + thick + 1): int(cx_b - thick)].astype(np.float32)
+    if ends is None or inner.size == 0 or inner.sum() <= 0:
+        return None
+    top = y0 + float((inner.sum(1) * np.arange(inner.shape[0])).sum() / inner.sum())
+    bottom = r0 + ends[1] - CAP_FRACTION * thick
+    return dict(height_px=bottom - top, width_px=cx_b - cx_a, x=cx_a, y=bottom, thickness=thick)
+
+
+def is_pulse_outline(ink, a, b):
+    """Strokes a (rise) and b (fall) start level, one straight flat line joins their tops, the
+    inside is empty and the paper left of the rise is blank (the pulse opens its row): the
+    outline of a pulse, not two QRS strokes, a T wave or a letter."""
+    xa, ya, wa, ha = (int(v) for v in a[:4])
+    xb, yb, wb, hb = (int(v) for v in b[:4])
+    tol = max(3, int(0.12 * ha)) + wa                    # a faint corner may break off
+    overlap = min(ya + ha, yb + hb) - max(ya, yb)
+    if yb > ya + tol or overlap < 0.85 * ha:             # the fall may run on into a QRS
+        return False
+    left, right = xa + wa, xb
+    if right - left < 4:
+        return False
+    margin = (right - left) // 8                           # clear of the corners
+    band = ink[max(ya - ha // 5, 0): ya + ha // 5, left + margin: right - margin]
+    rows = np.arange(band.shape[0], dtype=np.float32)[:, None]
+    count = band.sum(0)
+    if band.size == 0 or (count > 0).mean() < TOP_COVERAGE:
+        return False
+    centre = (band * rows).sum(0)[count > 0] / count[count > 0]
+    if count.max() > 2 * wa + 3 or centre.std() > max(1.0, 0.5 * wa):
+        return False                                       # a hump or a blob, not a line
+    inside = ink[ya + wa + 3: ya + ha - wa - 3, left + 2: right - 2]
+    # the top line starts at the rise: a trace arriving from the left (an inverted QRS between
+    # two S waves looks like a pulse otherwise) or any stroke beside the rise is disqualifying
+    before = ink[max(ya - 2, 0): ya + 3 * ha // 4, max(xa - max((xb - xa) // 2, 3 * wa), 0): max(xa - 1, 0)]
+    return (inside.size == 0 or inside.mean() < 0.1) and before.sum() <= 0.1 * ha
+
+
+def pulse_candidates(ink, dark, h_lo, h_hi):
+    """Every rise/fall pair that outlines a pulse of height in [h_lo, h_hi] px: list of dicts."""
+    vert = vertical_strokes(ink, max(6, int(0.7 * h_lo)))
+    vert = vert[(vert[:, 3] <= h_hi * 1.1 + 6) & (vert[:, 2] * 3 <= vert[:, 3])]
+    vert = vert[np.argsort(vert[:, 0])]
+    found = []
+    for i, a in enumerate(vert):
+        if a[3] < h_lo * 0.9:
+            continue
+        for b in vert[i + 1:]:
+            gap = b[0] - a[0]
+            if gap * PULSE_ASPECT[1] < a[3]:
+                continue
+            if gap * PULSE_ASPECT[0] > a[3]:
+                break
+            if is_pulse_outline(ink, a, b):
+                m = measure_pulse(dark, a, b)
+                if m and h_lo <= m['height_px'] <= h_hi:
+                    found.append(m)
+                break   # the nearest qualifying fall closes this rise
+    return found
+
+
+def consensus(cands):
+    """The group of candidates agreeing in height and width with the most total height: a page
+    repeats its pulse on every row; letters are small and QRS lookalikes rarely agree."""
+    if not cands:
+        return None
+    hw = np.array([[c['height_px'], c['width_px']] for c in cands])
+    groups = [np.flatnonzero((np.abs(hw - row) <= SIZE_TOL * row).all(1)) for row in hw]
+    best = max(groups, key=lambda g: len(g) * np.median(hw[g, 0]))   # many and tall
+    members = [cands[i] for i in best]
+    return dict(height_px=float(np.median(hw[best, 0])), width_px=float(np.median(hw[best, 1])),
+                count=len(members), positions=[(round(c['x'], 1), round(c['y'], 1)) for c in members],
+                thickness=float(np.median([c['thickness'] for c in members])))
+
+
+def without_long_lines(ink, length):
+    """ink with its straight horizontal and vertical runs longer than `length` px removed."""
+    long_h = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((1, length), np.uint8))
+    long_v = cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((length, 1), np.uint8))
+    return ink & ~(long_h | long_v)
+
+
+def pulse_step(shape):
+    """Integer downsampling for the pulse search: big scans (500 dpi and up) are searched at
+    about 200 dpi, where a pulse is still ~80 px tall."""
+    return max(1, int(min(shape[:2]) / PULSE_SIDE_PX + 0.25))
+
+
+def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1]):
+    """The calibration pulse(s): dict(height_px, width_px, count, positions [(x, y) of each rise's
+    foot in the de-rotated page], thickness, angle_deg) or None. px_per_mm (from the grid)
+    narrows the height search to PULSE_MM_RANGE[0]..max_mm and lets grey grid lines be told from
+    ink; angle_deg (clockwise) is measured from the ink when not given."""
+    v = max_channel(rgb)
+    paper = float(paper_colour(rgb).max())
+    step = pulse_step(rgb.shape)
+    if step > 1:
+        v = cv2.resize(v, None, fx=1 / step, fy=1 / step, interpolation=cv2.INTER_AREA)
+    if angle_deg is None:
+        angle_deg = ink_angle(v, paper)
+    v = deskew(v, angle_deg, width=int(v.shape[1] * PULSE_REGION), fill=255)
+    cov = ink_coverage(v, paper)
+    ink_min, floor = ink_levels(cov)
+    ink = (cov >= ink_min).astype(np.uint8)
+    if px_per_mm:
+        mm = px_per_mm / step
+        h_lo, h_hi = PULSE_MM_RANGE[0] * mm, max_mm * mm
+        ink = without_long_lines(ink, int(LONG_LINE_MM * mm))
+    else:
+        h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step
+    dark = np.where(cov >= floor, cov, 0).astype(np.uint8)
+    found = consensus(pulse_candidates(ink, dark, h_lo, h_hi))
+    if found:
+        for key in ('height_px', 'width_px', 'thickness'):
+            found[key] *= step
+        found['positions'] = [(x * step, y * step) for x, y in found['positions']]
+        found['angle_deg'] = angle_deg
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# The page's scale: grid first, pulse for gain and speed or when there is no grid
+# ----------------------------------------------------------------------------------------------
+
+SNAP_TOL = 0.15                   # a measured gain or speed within 15 % of a standard one is it
+CROSS_KEEP = 0.8                  # a family refit at the other's fundamental keeps this much score
+AXIS_AGREE = 0.1                  # x and y spacings within 10 %: square pixels, both trusted
+STRONG_HARMONICS, STRONG_CONTRAST = 5, 3.5   # a lone line family: harmonics, mean log contrast
+PULSE_ONLY_MIN_COUNT = 2          # without a grid, pulses on at least two rows must agree
+
+
+def snap(value, choices, tol=SNAP_TOL):
+    """The choice nearest value (by ratio) if within tol of it, else None."""
+    best = min(choices, key=lambda c: abs(np.log(value / c)))
+    return best if abs(value / best - 1) <= tol else None
+
+
+def axis_confidence(axis):
+    return 0.0 if axis is None else min(1.0, axis['n_harmonics'] / 10) * (1.0 if axis['minor_seen'] else 0.7)
+
+
+def is_strong(axis):
+    """A line family convincing on its own (without the other family agreeing)."""
+    return axis is not None and axis['n_harmonics'] >= STRONG_HARMONICS and axis['strength'] >= STRONG_CONTRAST
+
+
+def combine_axes(ax, ay):
+    """(px_per_mm_x, px_per_mm_y, angle_deg, confidence) from the two line families, or None.
+    Paper has both families at one spacing: two that agree are a grid. Spacings 5x apart mean one
+    family's comb was read at its 1 mm lines (its 5 mm lines too faint): the larger is right.
+    Other disagreements are reconciled (one family refit at the other's fundamental) or, when both
+    are strong, kept: a page resized differently along x and y. A lone family counts only when
+    strong on its own (text and trace rows make weak lone combs) and then stands for both."""
+    found = [(a, base) for a, base in ((ax, 0.0), (ay, 90.0)) if a is not None]
+    if not found:
+        return None
+    angle = float(np.mean([a['angle_deg'] - base for a, base in found]))
+    if len(found) == 2:
+        px_x, px_y = ax['period_px'] / MAJOR_MM, ay['period_px'] / MAJOR_MM
+        conf = 0.5 * (axis_confidence(ax) + axis_confidence(ay))
+        ratio = px_x / px_y
+        if abs(ratio - 1) <= AXIS_AGREE:
+            return px_x, px_y, angle, conf
+        if abs(ratio / MAJOR_MM - 1) <= AXIS_AGREE or abs(ratio * MAJOR_MM - 1) <= AXIS_AGREE:
+            px = max(px_x, px_y)
+            return px, px, angle, 0.6 * conf
+        jx, jy = reconcile(ax, ay)
+        if jx is not None and jy is not None:
+            px_x, px_y = jx['period_px'] / MAJOR_MM, jy['period_px'] / MAJOR_MM
+            if abs(px_x / px_y - 1) <= AXIS_AGREE or (is_strong(jx) and is_strong(jy)):
+                return px_x, px_y, angle, 0.5 * conf
+    strong = [a for a, _ in found if is_strong(a)]
+    if not strong:
+        return None
+    one = max(strong, key=axis_confidence)
+    px = one['period_px'] / MAJOR_MM
+    return px, px, angle, 0.5 * axis_confidence(one)
+
+
+def apply_pulse(scale, pulse, minor_seen):
+    """Gain and speed from a pulse measured against the grid (in place). If the grid's 1 mm lines
+    were never told apart from its 5 mm ones, a pulse 25/50/100 'mm' tall says the lattice read
+    was the 1 mm one: the grid scale is then 5x too small and is corrected."""
+    gain = pulse['height_px'] / scale.px_per_mm_y / PULSE_MV
+    if not minor_seen and snap(gain, GAINS_MM_MV) is None and snap(gain / MAJOR_MM, GAINS_MM_MV):
+        scale.px_per_mm_x *= MAJOR_MM
+        scale.px_per_mm_y *= MAJOR_MM
+        gain /= MAJOR_MM
+    speed = pulse['width_px'] / scale.px_per_mm_x / PULSE_S
+    scale.pulse = pulse
+    if snap(gain, GAINS_MM_MV):
+        scale.gain_mm_mv, scale.gain_assumed = snap(gain, GAINS_MM_MV), False
+    if snap(speed, SPEEDS_MM_S):
+        scale.paper_speed_mm_s, scale.speed_assumed = snap(speed, SPEEDS_MM_S), False
+
+
+def scale_from_pulse(pulse):
+    """PageScale of a page without a grid: the pulse is 1 mV x 0.2 s, so px per mV and px per s
+    are measured; px per mm follows only by assuming 10 mm/mV and 25 mm/s (flagged)."""
+    agree = min(1.0, pulse['count'] / 4)
+    return PageScale(px_per_mm_x=pulse['width_px'] / (PULSE_S * STANDARD_SPEED_MM_S),
+                     px_per_mm_y=pulse['height_px'] / (PULSE_MV * STANDARD_GAIN_MM_MV),
+                     source='pulse', confidence=0.5 * agree, angle_deg=pulse['angle_deg'], pulse=pulse)
+
+
+def estimate_scale(rgb, use_pulse=True):
+    """PageScale of an (H, W, 3) uint8 RGB page: px per mm from the grid (source 'grid'), else
+    from the calibration pulse (source 'pulse'), else source None and NaN px per mm. With
+    use_pulse the pulse also gives gain and paper speed (else the standard 10 mm/mV and 25 mm/s,
+    flagged as assumed)."""
+    ax, ay = measure_grid(rgb)
+    grid = combine_axes(ax, ay)
+    if grid is not None:
+        px_x, px_y, angle, conf = grid
+        scale = PageScale(px_per_mm_x=px_x, px_per_mm_y=px_y, source='grid', confidence=conf, angle_deg=angle)
+        if use_pulse:
+            minor_seen = any(a is not None and a['minor_seen'] for a in (ax, ay))
+            reach = 1.0 if minor_seen else MAJOR_MM       # room for a 5x misread lattice
+            pulse = find_calibration_pulse(rgb, px_y, angle, max_mm=PULSE_MM_RANGE[1] * reach)
+            if pulse is not None:
+                apply_pulse(scale, pulse, minor_seen)
+        return scale
+    if use_pulse:
+        pulse = find_calibration_pulse(rgb)
+        if pulse is not None and pulse['count'] >= PULSE_ONLY_MIN_COUNT:
+            return scale_from_pulse(pulse)
+    return PageScale()
+
+
+estimate_page_scale = estimate_scale     # the name the decoder's brief used
+
+
+def px_per_mv(scale):
+    """Pixels per mV along the page's voltage axis."""
+    return scale.px_per_mm_y * scale.gain_mm_mv
+
+
+def px_per_s(scale):
+    """Pixels per second along the page's time axis."""
+    return scale.px_per_mm_x * scale.paper_speed_mm_s
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: the scale of each image and the seconds it took
+# ----------------------------------------------------------------------------------------------
+
+def read_rgb(path):
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise SystemExit(f'cannot read {path}')
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def describe(scale):
+    if scale.source is None:
+        return 'nothing found'
+    flags = ''.join([' gain assumed' if scale.gain_assumed else '', ' speed assumed' if scale.speed_assumed else ''])
+    return (f'{scale.source}: {scale.px_per_mm_x:.3f} x {scale.px_per_mm_y:.3f} px/mm, '
+            f'{scale.gain_mm_mv:g} mm/mV, {scale.paper_speed_mm_s:g} mm/s{flags}, '
+            f'{px_per_mv(scale):.2f} px/mV, {px_per_s(scale):.1f} px/s, rotation {scale.angle_deg:+.2f} deg, '
+            f'confidence {scale.confidence:.2f}')
+
+
+def main(argv=None):
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        raise SystemExit(__doc__)
+    for path in paths:
+        rgb = read_rgb(path)
+        start = time.perf_counter()
+        scale = estimate_scale(rgb)
+        seconds = time.perf_counter() - start
+        print(f'{path}  {rgb.shape[1]}x{rgb.shape[0]}  {seconds:.3f} s  {describe(scale)}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,275 @@
+"""Tests of page_scale: px per mm, gain and paper speed read from the page itself (grid, pulse),
+on the real ecg-image-kit fixture, its padded / cropped / rescaled copies and simulator pages."""
+import json
+import math
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import FIXTURE, ROOT, run_cli
+
+sys.path.insert(0, str(ROOT))
+import ecg_simulator as sim  # noqa: E402
+import page_scale as ps  # noqa: E402
+
+IMAGES = FIXTURE / 'images'
+FIXTURE_PAGES = ['fx1024-0001', 'fx1024-0002', 'fx2048-0001', 'fx2048-0002']
+FIXTURE_PX_PER_MV, FIXTURE_PX_PER_S = 78.74, 196.85          # the fixture README's facts
+
+
+def read_page(png):
+    """(RGB page, its JSON)."""
+    rgb = cv2.cvtColor(cv2.imread(str(png), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    with open(png.with_suffix('.json')) as f:
+        return rgb, json.load(f)
+
+
+def truth_px_per_mm(meta, k=1.0):
+    """(x, y) px per mm from the JSON: x_grid / y_grid are px per 5 mm."""
+    return meta['x_grid'] / 5 * k, meta['y_grid'] / 5 * k
+
+
+def assert_px_per_mm(scale, meta, rel, k=1.0):
+    tx, ty = truth_px_per_mm(meta, k)
+    assert scale.px_per_mm_x == pytest.approx(tx, rel=rel), (scale, tx)
+    assert scale.px_per_mm_y == pytest.approx(ty, rel=rel), (scale, ty)
+
+
+@pytest.fixture(scope='module')
+def fixture_pages():
+    return {name: read_page(IMAGES / f'{name}.png') for name in FIXTURE_PAGES}
+
+
+@pytest.fixture(scope='module')
+def varied_sim(tmp_path_factory):
+    """8 simulator pages at 75..300 dpi in classic, colour (red, pink, orange, green, blue, grey),
+    black-and-white and noisy styles, rotated up to 5 degrees."""
+    out = tmp_path_factory.mktemp('scale_sim')
+    run_cli('ecg_simulator.py', '--out', out, '--n', 8, '--seed', 2, '--workers', 2,
+            '--dpi_choices', 75, 150, 200, 300, '--style_probs', 0.3, 0.4, 0.15, 0, 0.15)
+    return sorted(out.glob('*/*-0001.png'))
+
+
+@pytest.fixture(scope='module')
+def nogrid_sim(tmp_path_factory):
+    out = tmp_path_factory.mktemp('scale_nogrid')
+    run_cli('ecg_simulator.py', '--out', out, '--n', 4, '--seed', 12, '--workers', 2,
+            '--dpi_choices', 100, 150, 200, '--style_probs', 0, 0, 0, 1, 0)
+    return sorted(out.glob('*/*-0001.png'))
+
+
+# ----------------------------------------------------------------------------------------------
+# The real ecg-image-kit fixture
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', FIXTURE_PAGES)
+def test_fixture_scale_from_grid_within_1_percent(fixture_pages, name):
+    rgb, meta = fixture_pages[name]
+    scale = ps.estimate_scale(rgb)
+    assert scale.source == 'grid' and scale.confidence > 0.5
+    assert_px_per_mm(scale, meta, rel=0.01)
+    # the pulse says 10 mm/mV at 25 mm/s: measured, not assumed
+    assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (10.0, 25.0)
+    assert not scale.gain_assumed and not scale.speed_assumed
+    assert ps.px_per_mv(scale) == pytest.approx(FIXTURE_PX_PER_MV, rel=0.01)
+    assert ps.px_per_s(scale) == pytest.approx(FIXTURE_PX_PER_S, rel=0.01)
+
+
+def test_fixture_rotation_is_read_from_the_grid(fixture_pages):
+    """ecg-image-kit rotates by a whole number of degrees in [-6, 6]: the grid's angle lands on one."""
+    for name in ('fx1024-0001', 'fx2048-0001'):
+        assert abs(ps.estimate_scale(fixture_pages[name][0], use_pulse=False).angle_deg) < 0.1
+    for name in ('fx1024-0002', 'fx2048-0002'):
+        angle = ps.estimate_scale(fixture_pages[name][0], use_pulse=False).angle_deg
+        assert abs(angle) <= 6.2 and abs(angle - round(angle)) < 0.15, angle
+
+
+def pad(rgb, frac=0.12):
+    h, w = rgb.shape[:2]
+    return cv2.copyMakeBorder(rgb, int(frac * h), int(frac * h), int(frac * w), int(frac * w),
+                              cv2.BORDER_CONSTANT, value=(255, 255, 255))
+
+
+def crop(rgb, frac=0.10):
+    h, w = rgb.shape[:2]
+    return np.ascontiguousarray(rgb[int(frac * h): h - int(frac * h), int(frac * w): w - int(frac * w)])
+
+
+TRANSFORMS = {   # name: (page -> page, factor on px per mm)
+    'pad 12%': (pad, 1.0),
+    'crop 10%': (crop, 1.0),
+    'resize 0.6': (lambda rgb: cv2.resize(rgb, None, fx=0.6, fy=0.6, interpolation=cv2.INTER_AREA), 0.6),
+    'resize 1.4': (lambda rgb: cv2.resize(rgb, None, fx=1.4, fy=1.4, interpolation=cv2.INTER_LINEAR), 1.4),
+}
+
+
+@pytest.mark.parametrize('name', ['fx1024-0001', 'fx2048-0002'])
+@pytest.mark.parametrize('transform', list(TRANSFORMS))
+def test_padded_cropped_rescaled_pages_keep_their_scale(fixture_pages, name, transform):
+    """What broke the border-based scale (12 % padding changed lead II's amplitude by 133 %)."""
+    rgb, meta = fixture_pages[name]
+    change, k = TRANSFORMS[transform]
+    scale = ps.estimate_scale(change(rgb))
+    assert scale.source == 'grid'
+    assert_px_per_mm(scale, meta, rel=0.03, k=k)
+    assert ps.px_per_mv(scale) == pytest.approx(FIXTURE_PX_PER_MV * k, rel=0.03)
+    assert ps.px_per_s(scale) == pytest.approx(FIXTURE_PX_PER_S * k, rel=0.03)
+
+
+@pytest.mark.parametrize('name', ['fx1024-0001', 'fx2048-0002'])
+def test_resized_differently_along_x_and_y(fixture_pages, name):
+    """A page squeezed to a model's input shape: each axis keeps its own scale."""
+    rgb, meta = fixture_pages[name]
+    scale = ps.estimate_scale(cv2.resize(rgb, None, fx=1.0, fy=0.9, interpolation=cv2.INTER_AREA))
+    tx, ty = truth_px_per_mm(meta)
+    assert scale.px_per_mm_x == pytest.approx(tx, rel=0.01)
+    assert scale.px_per_mm_y == pytest.approx(0.9 * ty, rel=0.01)
+
+
+def test_fixture_without_its_grid_falls_back_to_the_pulse(fixture_pages):
+    """Grid colours blanked out (every coloured or light pixel made paper): only the black trace,
+    text and pulses are left, and the pulse gives px per mV and px per s."""
+    rgb, _ = fixture_pages['fx1024-0002']
+    spread = rgb.max(2).astype(np.int16) - rgb.min(2)
+    bare = rgb.copy()
+    bare[(spread > 40) | (rgb.min(2) > 150)] = 255
+    scale = ps.estimate_scale(bare)
+    assert scale.source == 'pulse'
+    assert scale.gain_assumed and scale.speed_assumed
+    assert ps.px_per_mv(scale) == pytest.approx(FIXTURE_PX_PER_MV, rel=0.05)
+    assert ps.px_per_s(scale) == pytest.approx(FIXTURE_PX_PER_S, rel=0.05)
+    assert abs(scale.angle_deg - 5.0) < 0.5            # read from the ink: the grid is gone
+
+
+def test_find_calibration_pulse_on_the_fixture(fixture_pages):
+    rgb, _ = fixture_pages['fx1024-0001']
+    pulse = ps.find_calibration_pulse(rgb, px_per_mm=FIXTURE_PX_PER_MV / 10, angle_deg=0.0)
+    assert pulse['count'] == 4                          # one per row
+    assert pulse['height_px'] == pytest.approx(FIXTURE_PX_PER_MV, rel=0.02)         # 1 mV
+    assert pulse['width_px'] == pytest.approx(0.2 * FIXTURE_PX_PER_S, rel=0.03)    # 0.2 s
+    xs = [x for x, _ in pulse['positions']]
+    assert max(xs) - min(xs) < 3 and min(xs) < 0.1 * rgb.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulator pages
+# ----------------------------------------------------------------------------------------------
+
+def check_sim_page(png):
+    rgb, meta = read_page(png)
+    scale = ps.estimate_scale(rgb)
+    if meta['style'] == 'nogrid':
+        if scale.source is not None:                    # a pulse, or honestly nothing
+            assert scale.source == 'pulse'
+            assert ps.px_per_mv(scale) == pytest.approx(2 * meta['y_grid'], rel=0.05)
+        return scale, meta
+    assert scale.source == 'grid', (png.name, meta['style'], meta['resolution'])
+    assert_px_per_mm(scale, meta, rel=0.03)
+    assert abs(scale.angle_deg - meta['rotation_deg']) < 0.3
+    if not scale.gain_assumed:
+        assert scale.gain_mm_mv == 10.0
+    if not scale.speed_assumed:
+        assert scale.paper_speed_mm_s == 25.0
+    return scale, meta
+
+
+def test_sim_data_pages_at_100_dpi(sim_data):
+    for png in sorted(sim_data.glob('*/*-0001.png')):
+        check_sim_page(png)
+
+
+def test_varied_dpi_and_grid_colours(varied_sim):
+    seen = [check_sim_page(png) for png in varied_sim]
+    dpis = {meta['resolution'] for _, meta in seen}
+    assert len(dpis) >= 3, dpis                          # the set really varies
+    measured = [scale for scale, _ in seen if not scale.gain_assumed]
+    assert len(measured) >= len(seen) // 2              # the pulse is usually found too
+
+
+def test_pages_without_grid_use_the_pulse_or_say_nothing(nogrid_sim):
+    results = [check_sim_page(png) for png in nogrid_sim]
+    assert all(meta['style'] == 'nogrid' for _, meta in results)
+    assert sum(scale.source == 'pulse' for scale, _ in results) >= len(results) // 2
+
+
+@pytest.mark.parametrize('gain, speed', [(5.0, 50.0), (20.0, 25.0)])
+def test_gain_and_speed_read_from_the_pulse(monkeypatch, gain, speed):
+    """The simulator's page scale constants set to another gain and speed: the grid is unchanged,
+    the pulse (and the trace) are drawn taller or shorter, wider or narrower."""
+    monkeypatch.setattr(sim, 'MM_PER_MV', gain)
+    monkeypatch.setattr(sim, 'MM_PER_S', speed)
+    rng = np.random.default_rng(3)
+    rgb, meta = sim.render_image(sim.synthesize_record(rng, 250), 250, rng, dpi_choices=(150,),
+                                 style_probs=(1, 1, 0, 0, 0), max_rotation=3.0)
+    scale = ps.estimate_scale(rgb)
+    assert scale.source == 'grid'
+    assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (gain, speed)
+    assert not scale.gain_assumed and not scale.speed_assumed
+    px_mm = meta['y_grid'] / 5
+    assert ps.px_per_mv(scale) == pytest.approx(gain * px_mm, rel=0.01)
+    assert ps.px_per_s(scale) == pytest.approx(speed * px_mm, rel=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logic and edge cases
+# ----------------------------------------------------------------------------------------------
+
+def test_snap_to_standard_values():
+    assert ps.snap(9.3, ps.GAINS_MM_MV) == 10.0
+    assert ps.snap(5.6, ps.GAINS_MM_MV) == 5.0
+    assert ps.snap(21.5, ps.GAINS_MM_MV) == 20.0
+    assert ps.snap(14.0, ps.GAINS_MM_MV) is None          # between two: not a pulse to trust
+    assert ps.snap(48.0, ps.SPEEDS_MM_S) == 50.0
+    assert ps.snap(37.0, ps.SPEEDS_MM_S) is None
+
+
+def test_apply_pulse_sets_gain_and_speed_or_leaves_them_assumed():
+    scale = ps.PageScale(px_per_mm_x=8.0, px_per_mm_y=8.0, source='grid')
+    ps.apply_pulse(scale, dict(height_px=80.0 * 2, width_px=8.0 * 10), minor_seen=True)
+    assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (20.0, 50.0)
+    assert not scale.gain_assumed and not scale.speed_assumed
+    odd = ps.PageScale(px_per_mm_x=8.0, px_per_mm_y=8.0, source='grid')
+    ps.apply_pulse(odd, dict(height_px=8.0 * 14, width_px=8.0 * 5), minor_seen=True)
+    assert odd.gain_assumed and odd.gain_mm_mv == ps.STANDARD_GAIN_MM_MV
+    assert not odd.speed_assumed and odd.paper_speed_mm_s == 25.0
+
+
+def test_a_grid_read_at_its_1_mm_lines_is_corrected_by_the_pulse():
+    """A grid whose 5 mm lines were not told from its 1 mm ones reads 5x too few px per mm; a
+    pulse '50 mm' tall and '25 mm' wide gives it away."""
+    scale = ps.PageScale(px_per_mm_x=1.6, px_per_mm_y=1.6, source='grid')
+    ps.apply_pulse(scale, dict(height_px=80.0, width_px=40.0), minor_seen=False)
+    assert scale.px_per_mm_y == pytest.approx(8.0)
+    assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (10.0, 25.0)
+    kept = ps.PageScale(px_per_mm_x=1.6, px_per_mm_y=1.6, source='grid')
+    ps.apply_pulse(kept, dict(height_px=80.0, width_px=40.0), minor_seen=True)
+    assert kept.px_per_mm_y == 1.6                      # 1 mm lines seen: no second guessing
+
+
+def test_combine_axes_wants_both_line_families_or_one_strong():
+    axis = lambda period, n=8, s=4.5, minor=True, angle=0.0: dict(
+        period_px=period, n_harmonics=n, strength=s, minor_seen=minor, angle_deg=angle)
+    px_x, px_y, angle, conf = ps.combine_axes(axis(39.4, angle=2.0), axis(39.3, angle=92.2))
+    assert (px_x, px_y) == pytest.approx((7.88, 7.86)) and angle == pytest.approx(2.1) and conf > 0.5
+    assert ps.combine_axes(None, axis(47.9, n=3, s=2.6, minor=False)) is None   # a lone weak comb
+    assert ps.combine_axes(None, axis(39.4))[:2] == pytest.approx((7.88, 7.88))
+    assert ps.combine_axes(axis(39.4), axis(7.88, minor=False))[:2] == pytest.approx((7.88, 7.88))
+
+
+@pytest.mark.parametrize('kind', ['blank', 'noise'])
+def test_nothing_found_on_a_page_without_grid_or_pulse(kind):
+    rng = np.random.default_rng(0)
+    rgb = (np.full((850, 1100, 3), 255, np.uint8) if kind == 'blank'
+           else rng.integers(0, 256, (850, 1100, 3), dtype=np.uint8))
+    scale = ps.estimate_scale(rgb)
+    assert scale.source is None and scale.confidence == 0.0
+    assert math.isnan(scale.px_per_mm_x) and math.isnan(ps.px_per_mv(scale))
+    assert ps.find_calibration_pulse(rgb) is None
+
+
+def test_cli_prints_scale_and_seconds():
+    result = run_cli('page_scale.py', IMAGES / 'fx1024-0001.png')
+    line = result.stdout.strip()
+    assert 'fx1024-0001.png' in line and 'grid:' in line and ' s ' in line and '78.7' in line
