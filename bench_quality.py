@@ -11,10 +11,18 @@
    (../shared/fixtures/ecg-image-kit, made by no part of this toolkit).
 4. Reports the round-trip bound (ground truth decoded through the same path) at several input sizes,
    so a GPU user sees what a larger input buys.
+5. With --kit_work (an ecg-image-kit workdir made by ../shared/tools/ecg-image-kit/setup.sh): renders
+   held-out records with the real renderer in its seven styles and reports quality per style; with
+   --kit_train_records N it also renders N training records in every style and trains on the mix.
+6. With --budget_min 60 or more: a scaling curve, the run's epoch checkpoints scored at 15, 30, 60 and
+   120 min of training (table in the report, PNG plot beside it).
+7. With --export_starter: best.pth as the shipped fp16 starter weights (starter/) with its model card.
 Prints a summary and writes bench_out/quality/report_{H}x{W}.json.
 """
 import argparse
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +38,8 @@ import production_dataset as pdx
 
 ROOT = Path(__file__).resolve().parent
 FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'ecg-image-kit'
+KIT_TOOLS = ROOT.parent / 'shared' / 'tools' / 'ecg-image-kit'
+CURVE_MINUTES = (15, 30, 60, 120)
 TRAIN_SEED, HELDOUT_SEED = 100, 200
 SIZES = [(384, 504), (512, 672), (256, 1344), (512, 1344), (512, 2688)]
 FULL = dict(train_records=480, heldout_records=60, budget_min=30.0, image_size=(128, 672),
@@ -51,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument('--workers', type=int, default=2, help='simulator processes')
     p.add_argument('--run_dir', help='evaluate this finished run instead of training a new one')
     p.add_argument('--checkpoint', default='best', choices=['best', 'last'], help='which checkpoint to score')
+    p.add_argument('--kit_work', help='ecg-image-kit workdir (setup.sh): also score real-renderer pages per style')
+    p.add_argument('--kit_records', type=int, default=10, help='held-out records rendered by ecg-image-kit (x7 styles)')
+    p.add_argument('--kit_train_records', type=int, default=0,
+                   help='training records also rendered by ecg-image-kit in all 7 styles and trained on')
+    p.add_argument('--export_starter', action='store_true',
+                   help=f'write best.pth as the shipped starter weights ({ecg_checkpoint.STARTER.relative_to(ROOT)})')
     return p.parse_args(argv)
 
 
@@ -77,11 +93,111 @@ def simulate(folder, records, seed, workers, quick):
 
 
 def train(data, out, cfg):
+    keep_epochs = 1 if cfg['budget_min'] >= min(CURVE_MINUTES[1:]) else 0   # the scaling curve scores them
     run('production_trainer.py', '--sim_root', data, '--csv_root', data, '--output_dir', out,
         '--encoder', cfg['encoder'], '--image_size', *cfg['image_size'], '--batch_size', cfg['batch_size'],
         '--num_workers', 0, '--lr', cfg['lr'], '--epochs', cfg['epochs'], '--cache', '--val_fraction', 0.05,
-        '--time_budget_min', cfg['budget_min'], '--save_every', 0)
+        '--time_budget_min', cfg['budget_min'], '--save_every', keep_epochs)
     return sorted(Path(out).glob('run_*'))[-1]
+
+
+# ---------------------------------------------------------------- the real renderer
+
+def render_kit(work, csv_root, out, records):
+    """ecg-image-kit pages of the first `records` records of csv_root, in its seven styles (render.sh)."""
+    if (out / 'train.csv').is_file():
+        return
+    print(f'$ render.sh {work} {csv_root} {out} {records}', flush=True)
+    subprocess.run(['bash', str(KIT_TOOLS / 'render.sh'), str(work), str(csv_root), str(out), str(records)],
+                   check=True)
+
+
+def mix_kit_into(train_data, kit_pages):
+    """Copy rendered pages beside the simulator's, numbered after them ({id}-{k + 10}), so one data folder
+    holds both and the trainer's record split keeps each record's pages together."""
+    for png in sorted(kit_pages.glob('*/*.png')):
+        record, k = png.stem.rsplit('-', 1)
+        for suffix in ('.png', '.json'):
+            target = train_data / record / f'{record}-{int(k) + 10:04d}{suffix}'
+            if not target.exists():
+                shutil.copyfile(png.with_suffix(suffix), target)
+
+
+# ---------------------------------------------------------------- the scaling curve
+
+def curve_checkpoints(run_dir, budget_min):
+    """{minutes: epoch_N.pth} for each curve mark within the budget: the last epoch done by then."""
+    elapsed, marks = 0.0, {}
+    for epoch in production_trainer.read_metrics(run_dir):
+        elapsed += epoch['seconds'] / 60
+        for minutes in CURVE_MINUTES:
+            if minutes <= budget_min and elapsed <= minutes * 1.02:
+                marks[minutes] = run_dir / 'checkpoints' / f'epoch_{epoch["epoch"]}.pth'
+    return {m: path for m, path in sorted(marks.items()) if path.is_file()}
+
+
+def scaling_curve(run_dir, budget_min, heldout, kit):
+    """Score the epoch checkpoints at 15/30/60/120 min; the rest of the epoch files are removed."""
+    rows = []
+    for minutes, checkpoint in curve_checkpoints(run_dir, budget_min).items():
+        row = {'minutes': minutes, 'epoch': ecg_checkpoint.load(checkpoint)['epoch']}
+        for name, data in (('heldout', heldout), ('kit', kit)):
+            if data is not None:
+                report, _ = evaluate.evaluate_checkpoint(checkpoint, data, data)
+                row.update({f'{name}_{k}': report[k] for k in ('pearson', 'snr_db', 'bound_snr_db')})
+        rows.append(row)
+    kept = {str(p) for p in curve_checkpoints(run_dir, budget_min).values()}
+    for path in (run_dir / 'checkpoints').glob('epoch_*.pth'):
+        if str(path) not in kept:
+            path.unlink()
+    return rows
+
+
+def plot_curve(rows, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    figure, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name in ('heldout', 'kit'):
+        if f'{name}_snr_db' in rows[0]:
+            ax.plot([r['minutes'] for r in rows], [r[f'{name}_snr_db'] for r in rows], 'o-', label=f'{name} SNR')
+            ax.axhline(rows[-1][f'{name}_bound_snr_db'], ls='--', lw=0.8, color=ax.lines[-1].get_color(),
+                       label=f'{name} bound')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('training minutes (2-core CPU)')
+    ax.set_ylabel('SNR dB')
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    figure.savefig(path, bbox_inches='tight')
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- the starter weights
+
+def export_starter(best, report, command):
+    """fp16 weights of best.pth to starter/, with a model card: how they were made and what they read."""
+    ecg_checkpoint.save_weights_only(ecg_checkpoint.load(best), ecg_checkpoint.STARTER)
+    digest = hashlib.sha256(ecg_checkpoint.STARTER.read_bytes()).hexdigest()
+    held, fixture = report['heldout'], report['fixture']
+    lines = [f'# Starter weights: {ecg_checkpoint.STARTER.name}', '',
+             f'- sha256: `{digest}`', f'- size: {ecg_checkpoint.STARTER.stat().st_size / 2 ** 20:.1f} MiB (fp16 weights only)',
+             f'- made by: `{command}` (this repository, 2-core CPU, '
+             f'{report["train_minutes"]:.0f} min of training, {report["epochs_done"]} epochs)',
+             f'- model: {report["settings"]["encoder"]} U-Net, input {report["settings"]["image_size"][0]}x'
+             f'{report["settings"]["image_size"][1]}, standard 3x4 + II layout, simulator pages only',
+             '', '| held-out set | images | Pearson | SNR dB | round-trip bound dB |', '| --- | --- | --- | --- | --- |',
+             f'| simulator (seed {HELDOUT_SEED}) | {held["n_images"]} | {held["pearson"]:.3f} | {held["snr_db"]:.2f} | '
+             f'{held["bound_snr_db"]:.2f} |',
+             f'| ecg-image-kit fixture | {fixture["n_images"]} | {fixture["pearson"]:.3f} | {fixture["snr_db"]:.2f} | '
+             f'{fixture["bound_snr_db"]:.2f} |']
+    if report.get('kit'):
+        kit = report['kit']
+        lines.append(f'| ecg-image-kit renders, 7 styles | {kit["n_images"]} | {kit["pearson"]:.3f} | '
+                     f'{kit["snr_db"]:.2f} | {kit["bound_snr_db"]:.2f} |')
+    lines += ['', 'Use: `inference.py` and `visualize.py` load these when no `--checkpoint` is given; '
+              '`production_trainer.py --init_from starter/ecg_starter.pth --encoder tu-regnetx_002` fine-tunes them.']
+    (ecg_checkpoint.STARTER.parent / 'MODEL_CARD.md').write_text('\n'.join(lines) + '\n')
+    return digest
 
 
 def bound_at_sizes(data, sizes, max_samples):
@@ -111,6 +227,15 @@ def summary_lines(report):
              f"{report['heldout_untrained']['pearson']:.3f}, SNR {report['heldout_untrained']['snr_db']:.2f} dB"]
     lines += [f"  bound at {size}: {v['bound_snr_db']:.2f} dB, r {v['bound_pearson']:.3f}"
               for size, v in report['bound_by_input_size'].items()]
+    if report.get('kit'):
+        kit = report['kit']
+        lines.append(f"ecg-image-kit renders ({kit['n_images']} images): pearson {kit['pearson']:.3f}  "
+                     f"SNR {kit['snr_db']:.2f} dB  (bound {kit['bound_snr_db']:.2f} dB)")
+        lines += [f"  style {name}: pearson {v['pearson']:.3f}  SNR {v['snr_db']:.2f} dB  (bound {v['bound_snr_db']:.2f})"
+                  for name, v in kit['per_style'].items()]
+    for row in report.get('scaling_curve', []):
+        lines.append(f"  after {row['minutes']} min (epoch {row['epoch']}): held-out SNR {row['heldout_snr_db']:.2f} dB, "
+                     f"pearson {row['heldout_pearson']:.3f}")
     return lines
 
 
@@ -121,6 +246,13 @@ def main(argv=None):
     started = time.perf_counter()
     simulate(out / 'train_data', cfg['train_records'], TRAIN_SEED, args.workers, args.quick)
     simulate(out / 'heldout_data', cfg['heldout_records'], HELDOUT_SEED, args.workers, args.quick)
+    kit = None
+    if args.kit_work:
+        kit = out / 'kit_heldout'
+        render_kit(args.kit_work, out / 'heldout_data', kit, args.kit_records)
+        if args.kit_train_records:
+            render_kit(args.kit_work, out / 'train_data', out / 'kit_train', args.kit_train_records)
+            mix_kit_into(out / 'train_data', out / 'kit_train')
     train_start = time.perf_counter()
     run_dir = Path(args.run_dir) if args.run_dir else train(out / 'train_data', out / 'runs', cfg)
     train_minutes = (time.perf_counter() - train_start) / 60
@@ -137,14 +269,21 @@ def main(argv=None):
               'heldout_untrained': {k: untrained[k] for k in ('pearson', 'snr_db', 'theta_error_deg', 'seg_dice')},
               'train_minutes': train_minutes, 'train_images_per_s': sum(speeds) / max(1, len(speeds)),
               'epochs_done': ecg_checkpoint.load(best)['epoch'],
-              'bound_by_input_size': bound_at_sizes(out / 'heldout_data', sizes, 8 if args.quick else 30),
-              'wall_minutes': (time.perf_counter() - started) / 60}
+              'bound_by_input_size': bound_at_sizes(out / 'heldout_data', sizes, 8 if args.quick else 30)}
+    if kit is not None:
+        report['kit'], _ = evaluate.evaluate_checkpoint(best, kit, kit)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}.json'
-    with open(path, 'w') as handle:
+    stem = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}'
+    if cfg['budget_min'] >= min(CURVE_MINUTES[1:]) and not args.run_dir:
+        report['scaling_curve'] = scaling_curve(run_dir, cfg['budget_min'], out / 'heldout_data', kit)
+        plot_curve(report['scaling_curve'], stem.with_name(stem.name + '_curve.png'))
+    if args.export_starter:
+        report['starter_sha256'] = export_starter(best, report, 'python bench_quality.py ' + ' '.join(argv or sys.argv[1:]))
+    report['wall_minutes'] = (time.perf_counter() - started) / 60
+    with open(stem.with_suffix('.json'), 'w') as handle:
         json.dump(evaluate.strict_json(report), handle, indent=2, allow_nan=False)
     print('\n'.join(summary_lines(report)))
-    print(f'report: {path}')
+    print(f'report: {stem.with_suffix(".json")}')
     return report
 
 

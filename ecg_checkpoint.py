@@ -32,6 +32,7 @@ PREPROCESSING = {'resize': 'cv2.INTER_AREA', 'mean': pdx.IMAGENET_MEAN.tolist(),
                  'coord_channels': ecg_model.COORD_CHANNELS, 'rgba': 'composited over white'}
 TRAINED_LAYOUTS = [STANDARD.name]            # the model's 13 strips are laid out for this page
 REQUIRED_KEYS = ('model', 'model_args', 'config')
+STARTER = Path(__file__).resolve().parent / 'starter' / 'ecg_starter.pth'   # shipped weights, see its MODEL_CARD.md
 
 
 class CheckpointError(pdx.InputError):
@@ -120,6 +121,16 @@ def remove_stale_tmp(folder):
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return [tmp.name for tmp in stale]
+
+
+def save_weights_only(checkpoint, path):
+    """A small file to ship or share: fp16 weights and what is needed to use them (no optimizer, no RNG)."""
+    small = {key: checkpoint[key] for key in ('format', 'model_args', 'image_size', 'preprocessing', 'layouts',
+                                             'epoch', 'global_step', 'select_metric', 'best_metric')}
+    small['model'] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint['model'].items()}
+    small['config'] = {k: checkpoint['config'][k] for k in ('encoder', 'decoder_channels', 'image_size', 'lr',
+                                                           'epochs', 'batch_size', 'seed')}
+    save(path, small)
 
 
 # ---------------------------------------------------------------- load

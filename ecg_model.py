@@ -91,7 +91,7 @@ def decode_outputs(out, geometry=None):
     out = dict(out)
     out['signal'], out['trace_rows'] = decode_signal(out['trace'], theta, geometry.get('trace_window'),
                                                      geometry.get('trace_span'), geometry.get('px_per_mv'),
-                                                     page_aspect)
+                                                     page_aspect, geometry.get('px_per_s'))
     out['decode_theta'] = theta
     return out
 
@@ -104,11 +104,38 @@ def true_geometry(batch):
     return {key: batch[key] for key in GEOMETRY_KEYS}
 
 
+def read_geometry(batch):
+    """The decoding geometry an image shows by itself (evaluation, inference): its shape and the scale
+    its grid and pulse give (NaN: not found, the page border is used); rotation and time start are
+    read from the model's maps."""
+    return {'page_aspect': batch['page_aspect'], 'px_per_mv': batch.get('read_px_per_mv'),
+            'px_per_s': batch.get('read_px_per_s')}
+
+
 # ---------------------------------------------------------------- geometry
 
 def default_px_per_mv(height):
     """Input rows per mV of a full page: 10 mm per mV on an 8.5 in tall page."""
     return height * MM_PER_MV / PAGE_HEIGHT_MM
+
+
+def page_px_per_mv(height, batch, device, px_per_mv=None):
+    """(B,) input rows per mV: the scale read from the page where it is known (finite), else the page
+    border's (a padded or cropped page gets that wrong: read_scale in production_dataset reads the grid)."""
+    fallback = torch.full((batch,), default_px_per_mv(height), device=device)
+    if px_per_mv is None:
+        return fallback
+    px_per_mv = px_per_mv.to(device).float().view(-1)
+    return torch.where(torch.isfinite(px_per_mv) & (px_per_mv > 0), px_per_mv, fallback)
+
+
+def page_px_per_s(width, page_aspect, px_per_s=None):
+    """(B,) input columns per second: read from the page where known, else 25 mm/s on the page border."""
+    fallback = MM_PER_S * width / (PAGE_HEIGHT_MM * page_aspect.float().view(-1))
+    if px_per_s is None:
+        return fallback
+    px_per_s = px_per_s.to(fallback.device).float().view(-1)
+    return torch.where(torch.isfinite(px_per_s) & (px_per_s > 0), px_per_s, fallback)
 
 
 def default_windows(batch, device):
@@ -134,16 +161,15 @@ def column_presence(logits):
     return torch.logsumexp(logits.float(), dim=2) - math.log(logits.shape[-2])
 
 
-def layout_spans(presence, window, page_aspect):
+def layout_spans(presence, window, page_aspect, px_per_s=None):
     """(B, 13, W) presence logits -> (B, 13, 2) column spans on one time axis for the whole page.
 
-    The page's own scale fixes the pixels per second (25 mm/s on a page 8.5 in tall and page_aspect
-    wide), so no strip can come out stretched; only the start (t = 0) is read from the image: where a
-    10 s box best covers the columns in which any strip is present. Per-strip presence ends would put
-    each lead's few hundred columns on its own, noisier scale."""
+    The page's own scale fixes the pixels per second (px_per_s (B,) read from the grid, else 25 mm/s on a
+    page 8.5 in tall and page_aspect wide), so no strip can come out stretched; only the start (t = 0) is
+    read from the image: where a 10 s box best covers the columns in which any strip is present.
+    Per-strip presence ends would put each lead's few hundred columns on its own, noisier scale."""
     batch, _, width = presence.shape
-    page_width_mm = PAGE_HEIGHT_MM * page_aspect.float().view(-1, 1, 1)
-    px_per_s = MM_PER_S * width / page_width_mm                                   # (B, 1, 1)
+    px_per_s = page_px_per_s(width, page_aspect, px_per_s).view(-1, 1, 1)
     box = torch.round(SECONDS * px_per_s.view(-1)).long().clamp(1, width)
     covered = presence.sigmoid().amax(1) - 0.5                                    # (B, W)
     cumulative = F.pad(covered.cumsum(-1), (1, 0))
@@ -189,38 +215,55 @@ def channels_to_leads(values, valid):
     return leads, shown
 
 
-def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect=None):
+def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect=None, px_per_s=None):
     """Shared by the model and the round-trip bound: page-frame rows per column -> (B, 12, 5000) mV.
 
-    trace_rows, zero_rows, presence: (B, 13, W); window, span: (B, 13, 2) or None; px_per_mv (B,)."""
+    trace_rows, zero_rows, presence: (B, 13, W); window, span: (B, 13, 2) or None; px_per_mv (B,);
+    px_per_s (B,) or None: the page's columns per second when the span is read from presence."""
     batch = trace_rows.shape[0]
     if page_aspect is None:
         page_aspect = torch.full((batch,), PAGE_ASPECT, device=trace_rows.device)
     if window is None:
         window = default_windows(batch, trace_rows.device)
     if span is None:
-        span = layout_spans(presence, window, page_aspect)
+        span = layout_spans(presence, window, page_aspect, px_per_s)
     value = (zero_rows - trace_rows) / px_per_mv.view(-1, 1, 1)
     value = torch.nan_to_num(value, nan=0.0)
     sampled, valid = sample_columns(value, window, span)
     return channels_to_leads(sampled, valid)
 
 
-def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None):
-    """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read."""
+def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None):
+    """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read.
+    px_per_mv, px_per_s (B,): the page's scale in input pixels; NaN or None falls back to the page border."""
     batch, _, height, width = trace.shape
     device = trace.device
     if page_aspect is None:
         page_aspect = torch.full((batch,), PAGE_ASPECT, device=device)
-    if px_per_mv is None:
-        px_per_mv = torch.full((batch,), default_px_per_mv(height), device=device)
+    px_per_mv = page_px_per_mv(height, batch, device, px_per_mv)
     page = to_page_frame_batch(trace, theta_deg, page_aspect)
     trace_rows, trace_log_prob = column_soft_argmax(page[:, :N_TRACES])
     zero_rows, zero_log_prob = column_soft_argmax(page[:, N_TRACES:2 * N_TRACES])
     presence = column_presence(page[:, 2 * N_TRACES:])
-    signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv.float(), page_aspect)
+    signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s)
     return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
-                        zero_log_prob=zero_log_prob)
+                        zero_log_prob=zero_log_prob, px_per_mv=px_per_mv)
+
+
+def row_spread(out, geometry=None):
+    """How sure the signal head is, per sample: the spread (standard deviation, in mV) of each column's row
+    softmax, read at the same 500 Hz instants as the signal -> (B, 12, 5000). A sharp trace map gives a
+    few hundredths of a mV; a column where the map hesitates between rows gives tenths."""
+    geometry = geometry or {}
+    rows = out['trace_rows']
+    prob = rows['trace_log_prob'].exp()
+    grid = torch.arange(prob.shape[-2], device=prob.device, dtype=prob.dtype).view(1, 1, -1, 1)
+    variance = (prob * (grid - rows['trace'].unsqueeze(2)) ** 2).sum(2)
+    spread_rows = variance.clamp(min=0).sqrt()
+    spread, _ = decode_rows(-spread_rows, torch.zeros_like(spread_rows), rows['presence'],
+                            geometry.get('trace_window'), geometry.get('trace_span'), rows['px_per_mv'],
+                            geometry.get('page_aspect'), geometry.get('px_per_s'))
+    return spread
 
 
 def to_page_frame_batch(maps, theta_deg, page_aspect):

@@ -92,18 +92,19 @@ def score_batches(model, loader, device):
     rows, model_stats, bound_stats = [], [], []
     for batch in tqdm(loader, desc='evaluating', leave=False):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        outputs = model(batch['image'], {'page_aspect': batch['page_aspect']})
+        outputs = model(batch['image'], ecg_model.read_geometry(batch))
         outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}
         model_stats.append(ecg_trainer.record_stats(outputs['signal'], batch['signal'], batch['signal_mask']))
         bound_stats.append(ecg_trainer.record_stats(round_trip(batch), batch['signal'], batch['signal_mask']))
         theta_err = (outputs['decode_theta'] - batch['theta']).abs().cpu()
         dice = seg_dice(outputs['seg'], batch['seg'])
         base = baseline_error_px(outputs['trace_rows']['zero'], batch['baseline_row']).cpu()
+        scale_error = (100 * (batch['read_px_per_mv'] / batch['px_per_mv'] - 1)).cpu()   # NaN: no scale found
         for i in range(len(batch['image'])):
             rows.append({'record_id': batch['record_id'][i], 'fs': float(batch['fs'][i]), 'style': batch['style'][i],
                          'theta_true': float(batch['theta'][i]), 'theta_valid': bool(batch['theta_valid'][i] > 0),
                          'theta_error_deg': float(theta_err[i]), 'seg_dice': float(dice[i]),
-                         'baseline_error_px': float(base[i])})
+                         'baseline_error_px': float(base[i]), 'scale_error_pct': float(scale_error[i])})
     return pd.DataFrame(rows), ecg_trainer.concat_stats(model_stats), ecg_trainer.concat_stats(bound_stats)
 
 
@@ -141,6 +142,8 @@ def build_report(frame, model_stats, bound_stats):
         'theta_error_deg_rotated': float(rotated.theta_error_deg.mean()) if len(rotated) else float('nan'),
         'baseline_error_px': float(frame.baseline_error_px.mean()),
         'seg_dice': float(frame.seg_dice.mean()),
+        'scale_found_share': float(np.isfinite(frame.scale_error_pct).mean()),
+        'scale_error_pct': float(frame.scale_error_pct.abs().mean()),
     }
 
 
@@ -154,7 +157,7 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
         model = ecg_model.ECGDigitizer(**checkpoint['model_args']).to(device).eval()
     config = checkpoint['config']
     refs, problems = evaluation_refs(config, sim_root, csv_root, max_samples)
-    dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint))
+    dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
     for path, message in problems + dataset.problems:
         print(f'skipped {path}: {message}')
     if len(dataset) == 0:
@@ -184,6 +187,8 @@ def print_table(report):
                   f"{fmt(row['bound_pearson']):>9s}{fmt(row['bound_snr_db'], 2):>9s}")
     print(f"theta error {fmt(report['theta_error_deg'], 2)} deg (rotated pages {fmt(report['theta_error_deg_rotated'], 2)}), "
           f"0 mV line error {fmt(report['baseline_error_px'], 2)} px, seg Dice {fmt(report['seg_dice'])}")
+    print(f"scale read from the page on {100 * report['scale_found_share']:.0f} % of images, px per mV off by "
+          f"{fmt(report['scale_error_pct'], 2)} % on average")
 
 
 def strict_json(value):

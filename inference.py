@@ -15,6 +15,7 @@ import os
 os.environ.setdefault('PYTORCH_ENABLE_MPS_FALLBACK', '1')   # must precede the torch import
 
 import argparse
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -34,12 +35,15 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 CSV_DECIMALS = 3
 WFDB_ADC_GAIN = 1000.0                 # digital units per mV: 1 uV steps, as PTB-XL stores its records
 WFDB_MAX_MV = 32.767                   # fmt 16 holds +-32767 uV; -32768 is wfdb's NaN code
+CONFIDENCE_HALF_MV = 0.1               # a row spread of 0.1 mV (1 mm at 10 mm/mV) halves the confidence
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Digitize ECG images into 12-lead signal CSVs (Kaggle layout).')
     parser.add_argument('--image', required=True, type=Path, help='an image, or a folder searched recursively')
-    parser.add_argument('--checkpoint', required=True, type=Path, help='a trained .pth (e.g. checkpoints/best.pth)')
+    parser.add_argument('--checkpoint', type=Path, default=None,
+                        help='a trained .pth (e.g. checkpoints/best.pth); default: the shipped starter weights '
+                             '(starter/MODEL_CARD.md says what they read and how they were made)')
     parser.add_argument('--output', required=True,
                         help='CSV path for one image, or a folder (existing, or named with a trailing /) to put '
                              '{image_stem}.csv in; a folder for --image DIR')
@@ -66,8 +70,19 @@ def pick_device(name):
     return torch.device(name)
 
 
+def checkpoint_path(given):
+    """--checkpoint as given, or the starter weights shipped with the toolkit (and the user is told so)."""
+    if given is not None:
+        return given
+    if not ecg_checkpoint.STARTER.is_file():
+        raise pdx.InputError(f'--checkpoint is needed: no starter weights in this copy ({ecg_checkpoint.STARTER})')
+    print(f'no --checkpoint: using the starter weights {ecg_checkpoint.STARTER} '
+          f'(see {ecg_checkpoint.STARTER.parent / "MODEL_CARD.md"})')
+    return ecg_checkpoint.STARTER
+
+
 def load_checkpoint(path, device):
-    """(model in eval mode, its input size (H, W)); a missing or broken file is an pdx.InputError naming it."""
+    """(model in eval mode, its input size (H, W)); a missing or broken file is an InputError naming it."""
     model, checkpoint = ecg_checkpoint.load_model(path, device)
     return model, ecg_checkpoint.input_size(checkpoint)
 
@@ -85,11 +100,22 @@ def find_images(path):
 
 
 @torch.inference_mode()
-def run_model(model, images, aspects, device):
-    """images (B, 3, H, W), aspects (B,) -> the model's output dict, decoded with each page's real aspect
-    (a squeezed wide input changes the page's shape, and the de-rotation must know it)."""
-    geometry = {'page_aspect': torch.tensor(aspects, dtype=torch.float32, device=device)}
-    return model(images.to(device), geometry=geometry)
+def run_model(model, inputs, device):
+    """read_batch's inputs -> the model's output dict, decoded with each page's real aspect (a squeezed
+    wide input changes the page's shape, and the de-rotation must know it) and the scale its grid and
+    calibration pulse show (padding, cropping or rescaling the page leaves amplitudes right)."""
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return model(inputs['image'], geometry=ecg_model.read_geometry(inputs))
+
+
+def lead_confidence(outputs, inputs):
+    """Per image and lead, how sure the signal head was: the mean spread (mV) of its row softmax over the
+    samples the page shows, and a 0..1 confidence (0.5 at a spread of CONFIDENCE_HALF_MV)."""
+    spread = ecg_model.row_spread(outputs, ecg_model.read_geometry(
+        {k: v.to(outputs['signal'].device) if torch.is_tensor(v) else v for k, v in inputs.items()}))
+    shown = torch.from_numpy(layout_mask()).to(spread.device)
+    mean = (spread * shown).sum(-1) / shown.sum(-1)
+    return mean.float().cpu().numpy(), (1 / (1 + mean / CONFIDENCE_HALF_MV)).float().cpu().numpy()
 
 
 # ---------------------------------------------------------------- signals
@@ -150,19 +176,26 @@ def output_paths(images, args):
 
 
 def read_batch(paths, size_hw):
-    """Read a batch of images; unreadable ones are reported and left out. -> (tensor (B, 3, H, W) or None,
-    aspects, paths read, problems)."""
-    tensors, aspects, read, problems = [], [], [], []
+    """Read a batch of images; unreadable ones are reported and left out. -> (page_inputs or None, paths
+    read, problems)."""
+    pages, read, problems = [], [], []
     for path in paths:
         try:
-            tensor, _, aspect = pdx.preprocess(pdx.read_rgb(path), size_hw)   # the one path, shared with training
+            pages.append(pdx.read_rgb(path))
+            read.append(path)
         except pdx.InputError as exc:
             problems.append(str(exc))
-            continue
-        tensors.append(tensor)
-        aspects.append(aspect)
-        read.append(path)
-    return (torch.stack(tensors) if tensors else None), aspects, read, problems
+    return (page_inputs(pages, size_hw) if pages else None), read, problems
+
+
+def page_inputs(pages, size_hw):
+    """(h, w, 3) uint8 RGB pages -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
+    read_px_per_s (B,), and 'scale', what each page's grid and pulse showed (page_scale)."""
+    rows = [pdx.preprocess(rgb, size_hw)[::2] + pdx.read_scale(rgb, size_hw) for rgb in pages]
+    tensors, aspects, px_per_mv, px_per_s, found = zip(*rows)
+    return {'image': torch.stack(tensors), 'page_aspect': torch.tensor(aspects, dtype=torch.float32),
+            'read_px_per_mv': torch.tensor(px_per_mv, dtype=torch.float32),
+            'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32), 'scale': list(found)}
 
 
 def digitize(model, size_hw, images, csv_paths, args, device):
@@ -171,22 +204,37 @@ def digitize(model, size_hw, images, csv_paths, args, device):
     problems = []
     bar = tqdm(total=len(images), desc='digitizing', unit='img', disable=len(images) == 1)
     for first in range(0, len(images), args.batch_size):
-        batch, aspects, read, bad = read_batch(images[first:first + args.batch_size], size_hw)
+        inputs, read, bad = read_batch(images[first:first + args.batch_size], size_hw)
         problems += bad
-        if batch is not None:
-            signals = run_model(model, batch, aspects, device)['signal'].float().cpu().numpy()
-            for path, signal in zip(read, signals):
-                write_outputs(shown_signal(signal), target[path], path, args)
+        if inputs is not None:
+            outputs = run_model(model, inputs, device)
+            signals = outputs['signal'].float().cpu().numpy()
+            spread, confidence = lead_confidence(outputs, inputs)
+            for i, (path, signal) in enumerate(zip(read, signals)):
+                report = reading_report(path, inputs, outputs, i, spread[i], confidence[i], args)
+                write_outputs(shown_signal(signal), target[path], path, args, report)
         bar.update(len(images[first:first + args.batch_size]))
     bar.close()
     return problems
 
 
-def write_outputs(signal, csv_path, image_path, args):
-    """(12, 5000) mV with NaN gaps -> CSV (and WFDB) at --fs."""
+def reading_report(path, inputs, outputs, i, spread, confidence, args):
+    """What the sidecar JSON tells about one image: the scale found, the rotation, per-lead confidence."""
+    scale = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in inputs['scale'][i].items()}
+    return {'image': str(path), 'checkpoint': str(args.checkpoint), 'fs': args.fs,
+            'rotation_deg': float(outputs['decode_theta'][i]), 'scale': scale,
+            'px_per_mv_input': float(outputs['trace_rows']['px_per_mv'][i]),
+            'leads': {lead: {'row_spread_mv': round(float(s), 4), 'confidence': round(float(c), 3)}
+                      for lead, s, c in zip(LEADS, spread, confidence)}}
+
+
+def write_outputs(signal, csv_path, image_path, args, report):
+    """(12, 5000) mV with NaN gaps -> CSV (and WFDB) at --fs, and {stem}.json: scale found and confidence."""
     signal = resample_signal(signal, args.fs)
     write_csv(signal, csv_path)
-    written = [csv_path]
+    sidecar = csv_path.with_suffix('.json')
+    sidecar.write_text(json.dumps(report, indent=2))
+    written = [csv_path, sidecar]
     if args.wfdb:
         hea = write_wfdb(signal, args.fs, csv_path)
         written += [hea, hea.with_suffix('.dat')]
@@ -199,6 +247,7 @@ def main(argv=None):
         raise pdx.InputError('--fs and --batch_size must be positive')
     images = find_images(args.image)
     device = pick_device(args.device)
+    args.checkpoint = checkpoint_path(args.checkpoint)
     model, size_hw = load_checkpoint(args.checkpoint, device)
     problems = digitize(model, size_hw, images, output_paths(images, args), args, device)
     n_rows = round(SECONDS * args.fs)

@@ -25,7 +25,10 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-MAJOR_MM = 5.0                    # the lattice fundamental: every ECG grid emphasises 5 mm lines
+from ecg_page import CAL_PULSE_MV as PULSE_MV, CAL_PULSE_S as PULSE_S, GAINS_MM_MV, MAJOR_MM
+from ecg_page import MM_PER_MV as STANDARD_GAIN_MM_MV, MM_PER_S as STANDARD_SPEED_MM_S
+from ecg_page import PAPER_SPEEDS_MM_S as SPEEDS_MM_S
+
 PX_PER_MM_RANGE = (1.8, 26.0)     # 45 .. 660 dpi
 FFT_SIZE = 1024                   # central square analysed; ~43 mm even at 600 dpi
 MAX_ANGLE_DEG = 12.0
@@ -36,9 +39,6 @@ PEAK_MIN_LOG = 2.5                # a harmonic stands e^2.5 = 12x above the medi
                                   # neighbourhood: noise does so at ~1 bin in 2000
 BACKGROUND_BINS = 9               # running-median width along a ray (peaks are ~3 bins wide)
 HARMONIC_TOL_BINS = (1.5, 0.5)    # matching a candidate comb, then its least-squares refinement
-STANDARD_GAIN_MM_MV, STANDARD_SPEED_MM_S = 10.0, 25.0
-GAINS_MM_MV, SPEEDS_MM_S = (5.0, 10.0, 20.0), (25.0, 50.0)
-PULSE_MV, PULSE_S = 1.0, 0.2
 
 
 @dataclass

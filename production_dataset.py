@@ -40,6 +40,7 @@ from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import page_scale
 from ecg_page import FS, LEADS, N_LEADS, N_SAMPLES, N_TRACES, RHYTHM, SECONDS
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
@@ -322,7 +323,17 @@ def parse_page(ref):
                     spacing=float(meta['x_grid']))
     return dict(entries=entries, px_per_mv=2 * float(meta['y_grid']),
                 rotation_deg=None if rotation is None else float(rotation),
-                grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style', 'ecg-image-kit'))
+                grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style') or kit_style(meta))
+
+
+def kit_style(meta):
+    """An ecg-image-kit page's look, named from its JSON's switches (it writes no style name), so reports can
+    be broken down per style: 'eik' plus e.g. '+augment+wrinkles+header', or 'eik-plain'."""
+    switches = [('augment', meta.get('augment')), ('wrinkles', meta.get('wrinkles')),
+                ('header', meta.get('printed_text')), ('bw', meta.get('bw')),
+                ('nogrid', meta.get('gridlines') is False), ('padded', float(meta.get('pad_inches') or 0) > 0)]
+    names = [name for name, on in switches if on]
+    return 'eik+' + '+'.join(names) if names else 'eik-plain'
 
 
 def check_inside(xy, png_wh, path, lead):
@@ -530,13 +541,29 @@ def preprocess(rgb, size_hw):
 
 
 def read_image(path, size_hw):
-    """Page file -> ((H, W, 3) uint8 RGB picture at the input size, (w, h) of the file)."""
+    """Page file -> ((H, W, 3) uint8 RGB picture at the input size, (w, h) of the file, its RGB)."""
     rgb = read_rgb(path)
-    return resize_page(rgb, size_hw), rgb.shape[1::-1]
+    return resize_page(rgb, size_hw), rgb.shape[1::-1], rgb
 
 
-def build_sample(ref, size_hw):
-    """Read one sample and build every target at the input size (no augmentation).
+def read_scale(rgb, size_hw):
+    """The page's own scale at the input size, read from its grid and calibration pulse (page_scale):
+    (px_per_mv, px_per_s, what was found). NaN where the page shows neither: the decoder then falls back
+    to the page border. Padding, cropping or rescaling a page leaves this right, the border not."""
+    scale = page_scale.estimate_scale(rgb)
+    found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
+             'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
+             'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y}
+    if scale.source is None:
+        return float('nan'), float('nan'), found
+    rows = size_hw[0] / rgb.shape[0]
+    cols = size_hw[1] / rgb.shape[1]
+    return page_scale.px_per_mv(scale) * rows, page_scale.px_per_s(scale) * cols, found
+
+
+def build_sample(ref, size_hw, scale=False):
+    """Read one sample and build every target at the input size (no augmentation); with scale, also the
+    scale the page itself shows (read_scale: what evaluation decodes with, as inference does).
 
     Returns a dict of numpy arrays; raises SampleError naming the file on bad input."""
     page = parse_page(ref)
@@ -548,7 +575,8 @@ def build_sample(ref, size_hw):
         theta = estimate_rotation(page, raw)
         theta_valid = theta is not None
         theta = theta or 0.0
-    image, png_wh = read_image(ref.png, size_hw)
+    image, png_wh, rgb = read_image(ref.png, size_hw)
+    read_px_per_mv, read_px_per_s, _ = read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), None)
     scale_xy = np.array([size_hw[1] / png_wh[0], size_hw[0] / png_wh[1]])
     targets = trace_targets(page, raw, theta, scale_xy, size_hw, ref.fs, png_wh)
     if page['grid'] is not None:
@@ -562,6 +590,7 @@ def build_sample(ref, size_hw):
                    theta=np.float32(theta), theta_valid=np.float32(theta_valid),
                    grid_valid=np.float32(page['has_grid_info']), style=page['style'],
                    px_per_mv=np.float32(page['px_per_mv'] * scale_xy[1]),
+                   read_px_per_mv=np.float32(read_px_per_mv), read_px_per_s=np.float32(read_px_per_s),
                    page_aspect=np.float32(png_wh[0] / png_wh[1]))
     return targets
 
@@ -651,6 +680,8 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
     'theta_valid': (lambda h, w: (), torch.float32),
     'grid_valid': (lambda h, w: (), torch.float32),
     'px_per_mv': (lambda h, w: (), torch.float32),
+    'read_px_per_mv': (lambda h, w: (), torch.float32),
+    'read_px_per_s': (lambda h, w: (), torch.float32),
     'page_aspect': (lambda h, w: (), torch.float32),
 }
 
@@ -673,9 +704,10 @@ class ECGImageDataset(Dataset):
     DataLoader workers read without copying."""
 
     def __init__(self, sim_root=None, csv_root=None, target_size=DEFAULT_IMAGE_SIZE, augment=False,
-                 cache=False, max_samples=None, refs=None, check=True, progress=False):
+                 cache=False, max_samples=None, refs=None, check=True, progress=False, read_scale=False):
         self.size_hw = tuple(int(v) for v in target_size)
         self.augment = augment
+        self.read_scale = read_scale   # evaluation: decode with the scale the page shows, as inference does
         self.problems = []
         if refs is None:
             refs, problems = find_samples(sim_root, csv_root, max_samples)
@@ -700,7 +732,7 @@ class ECGImageDataset(Dataset):
         samples, refs = [], []
         for ref in tqdm(self.refs, desc='caching samples', disable=not progress):
             try:
-                samples.append(build_sample(ref, self.size_hw))
+                samples.append(build_sample(ref, self.size_hw, self.read_scale))
                 refs.append(ref)
             except SampleError as exc:
                 self.problems.append((str(ref.png), str(exc)))
@@ -725,7 +757,7 @@ class ECGImageDataset(Dataset):
             sample = {name: tensor[index].numpy() for name, tensor in self.cache.items()}
             sample['style'] = self.styles[index]
             return sample
-        return build_sample(self.refs[index], self.size_hw)
+        return build_sample(self.refs[index], self.size_hw, self.read_scale)
 
     def __getitem__(self, index):
         for attempt in range(len(self.refs)):

@@ -71,6 +71,8 @@ def build_parser():
     p.add_argument('--debug', action='store_true', help=f'quick check: {DEBUG_SAMPLES} samples, {DEBUG_EPOCHS} epochs')
     p.add_argument('--pretrained', action='store_true', help='ImageNet encoder weights (needs the hub or its cache)')
     p.add_argument('--pretrained_path', help='local encoder weights file to start from instead of the hub')
+    p.add_argument('--init_from', help='start from the weights of a checkpoint of this toolkit (e.g. the shipped '
+                                       f'{ecg_checkpoint.STARTER}); a new run, fresh optimizer and schedule')
     p.add_argument('--resume', help='checkpoint to continue from: its run folder, model and settings are reused '
                                     '(flags given here override the settings that may change)')
     p.add_argument('--force_cpu', action='store_true', help='train on the CPU even if a GPU is there')
@@ -300,7 +302,7 @@ def build_datasets(config):
     train_refs, val_refs = pdx.split_by_record(refs, config['val_fraction'], config['seed'])
     common = dict(target_size=config['image_size'], cache=config['cache'], progress=True)
     train = pdx.ECGImageDataset(refs=train_refs, augment=not config['no_augment'], **common)
-    val = pdx.ECGImageDataset(refs=val_refs, augment=False, **common)
+    val = pdx.ECGImageDataset(refs=val_refs, augment=False, read_scale=True, **common)
     skipped = len(train.problems) + len(val.problems)
     log.info('data: %d train / %d val images (%d records), %d skipped as bad', len(train), len(val),
              len({r.record_id for r in refs}), skipped)
@@ -483,7 +485,7 @@ def validate(model, loader, criterion, amp, device):
             outputs = model(batch['image'], ecg_model.true_geometry(batch))
             losses = criterion(outputs, batch)
         predicted = ecg_model.decode_outputs({k: v.float() for k, v in outputs.items() if torch.is_tensor(v)},
-                                             {'page_aspect': batch['page_aspect']})
+                                             ecg_model.read_geometry(batch))
         stats.append(ecg_trainer.record_stats(predicted['signal'], batch['signal'], batch['signal_mask']))
         valid = batch['theta_valid'] > 0
         theta_err.append((predicted['decode_theta'] - batch['theta']).abs()[valid].cpu())
@@ -599,6 +601,8 @@ def build_training(config, device, amp, world_size, steps_per_epoch):
         if not (config['pretrained'] or config['pretrained_path']):
             raise
         raise pdx.InputError(str(exc)) from exc
+    if config['init_from']:
+        init_weights(model, config['init_from'])
     model = model.to(device)
     if device.type in ('cuda', 'cpu'):
         model = model.to(memory_format=torch.channels_last)
@@ -607,6 +611,16 @@ def build_training(config, device, amp, world_size, steps_per_epoch):
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp[2])
     return model, optimizer, scheduler, scaler
+
+
+def init_weights(model, path):
+    """--init_from: the weights of another run (or the starter), for a model of the same architecture."""
+    checkpoint = ecg_checkpoint.load(path)
+    if checkpoint['model_args'] != model.model_args:
+        raise pdx.InputError(f'--init_from {path}: its model is {checkpoint["model_args"]}, this run\'s is '
+                             f'{model.model_args}; pass the same --encoder and --decoder_channels')
+    model.load_state_dict(checkpoint['model'])
+    log.info('weights from %s (trained at %s)', path, 'x'.join(map(str, ecg_checkpoint.input_size(checkpoint))))
 
 
 def resume_from(path, model, optimizer, scheduler, scaler, device, config):

@@ -43,7 +43,9 @@ SEG_MIN_PROB = 0.5             # colour only pixels the model is fairly sure bel
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Draw what a checkpoint predicts on one ECG image.')
     parser.add_argument('--image', required=True, type=Path, help='PNG or JPEG of an ECG page')
-    parser.add_argument('--checkpoint', required=True, type=Path, help='a trained .pth (e.g. checkpoints/best.pth)')
+    parser.add_argument('--checkpoint', type=Path, default=None,
+                        help='a trained .pth (e.g. checkpoints/best.pth); default: the shipped starter weights '
+                             '(starter/MODEL_CARD.md says what they read and how they were made)')
     parser.add_argument('--output', type=Path, help='PNG to write (default: {image_stem}_visualization.png beside '
                                                     'the image)')
     parser.add_argument('--csv', type=Path, help='true signal, a Kaggle signal CSV (columns I..V6 in mV)')
@@ -145,8 +147,9 @@ def lead_axes(figure, grid_spec):
     return [(ax, row, column) for _, ax, row, column in sorted(axes, key=lambda item: item[0])]
 
 
-def plot_lead(ax, lead, pred, truth, r):
-    """One lead: the predicted mV over the seconds the image shows it, the truth over it when known."""
+def plot_lead(ax, lead, pred, truth, r, confidence):
+    """One lead: the predicted mV over the seconds the image shows it, the truth over it when known, and
+    in the title r and the signal head's confidence (inference.lead_confidence)."""
     t = np.arange(N_SAMPLES) / FS
     shown = inference.layout_mask()[lead]
     colour = np.array(ecg_model.TRACE_COLOURS[lead]) / 255
@@ -155,12 +158,22 @@ def plot_lead(ax, lead, pred, truth, r):
     ax.plot(t, np.where(shown, pred[lead], np.nan), color=colour, lw=0.8, label='predicted')
     ax.set_xlim(t[shown][0], t[shown][-1])
     title = LEADS[lead] + ('' if r is None else f'   r = {r:.2f}' if np.isfinite(r) else '   r = n/a')
+    title += f'   confidence {confidence:.2f}'
     ax.set_title(title, fontsize=9, loc='left')
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
 
 
-def draw_figure(panel, pred, truth, r, title, path):
+def scale_note(scale):
+    """The scale the page showed, in words for the title."""
+    if scale['source'] is None:
+        return 'scale: none found on the page (page border used)'
+    gain = f"{scale['gain_mm_mv']:g} mm/mV" + (' (assumed)' if scale['gain_assumed'] else '')
+    speed = f"{scale['paper_speed_mm_s']:g} mm/s" + (' (assumed)' if scale['speed_assumed'] else '')
+    return f"scale from the {scale['source']}: {scale['px_per_mm_x']:.2f} px/mm, {gain}, {speed}"
+
+
+def draw_figure(panel, pred, truth, r, confidence, title, path):
     """Top: the overlay panel; below: 3 x 4 lead plots (mV vs s). Written as PNG to path."""
     panel_in = min(FIGURE_WIDTH_IN * panel.shape[0] / panel.shape[1], MAX_PANEL_HEIGHT_IN)
     n_rows = len(ecg_model.LAYOUT.rows)
@@ -172,7 +185,7 @@ def draw_figure(panel, pred, truth, r, title, path):
     top.imshow(panel)
     top.set_axis_off()
     for lead, (ax, row, column) in enumerate(lead_axes(figure, grid_spec)):
-        plot_lead(ax, lead, pred, truth, None if r is None else r[lead])
+        plot_lead(ax, lead, pred, truth, None if r is None else r[lead], confidence[lead])
         if column == 0:
             ax.set_ylabel('mV', fontsize=8)
         if row == n_rows - 1:
@@ -192,9 +205,13 @@ def predict(args):
         raise pdx.InputError(f'{args.image}: image not found')
     rgb = pdx.read_rgb(args.image)
     device = inference.pick_device(args.device)
+    args.checkpoint = inference.checkpoint_path(args.checkpoint)
     model, size_hw = inference.load_checkpoint(args.checkpoint, device)
-    tensor, picture, aspect = pdx.preprocess(rgb, size_hw)
-    return inference.run_model(model, tensor[None], [aspect], device), picture, aspect
+    inputs = inference.page_inputs([rgb], size_hw)
+    outputs = inference.run_model(model, inputs, device)
+    outputs['spread_mv'], outputs['confidence'] = inference.lead_confidence(outputs, inputs)
+    outputs['scale'] = inputs['scale'][0]
+    return outputs, pdx.resize_page(rgb, size_hw), float(inputs['page_aspect'][0])
 
 
 def main(argv=None):
@@ -204,11 +221,12 @@ def main(argv=None):
     pred = outputs['signal'][0].float().cpu().numpy()
     r = None if truth is None else pearson(pred, truth)
     theta = float(outputs['decode_theta'][0])
-    title = f'{args.image.name}   checkpoint {args.checkpoint.name}   rotation {theta:+.2f} deg'
+    title = f'{args.image.name}   checkpoint {args.checkpoint.name}   rotation {theta:+.2f} deg   ' + \
+        scale_note(outputs['scale'])
     if r is not None and np.isfinite(r).any():
         title += f'   mean Pearson r {np.nanmean(r):.3f}'
     output = args.output or args.image.with_name(f'{args.image.stem}_visualization.png')
-    draw_figure(overlay_panel(picture, outputs, aspect), pred, truth, r, title, output)
+    draw_figure(overlay_panel(picture, outputs, aspect), pred, truth, r, outputs['confidence'][0], title, output)
     print(f'truth: {truth_note}')
     if r is not None:
         print('Pearson r per lead: ' + ' '.join(f'{lead} {v:.3f}' for lead, v in zip(LEADS, r)))

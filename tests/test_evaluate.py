@@ -27,7 +27,7 @@ def test_evaluate_on_the_ecg_image_kit_fixture(tiny_checkpoint, fixture_dirs, tm
                      '--output', tmp_path / 'fx')
     report = json.loads((tmp_path / 'fx_eval.json').read_text())
     assert report['n_images'] == 4
-    assert set(report['per_fs']) == {'256.0', '512.0'} and set(report['per_style']) == {'ecg-image-kit'}
+    assert set(report['per_fs']) == {'256.0', '512.0'} and set(report['per_style']) == {'eik-plain', 'eik+augment'}
     assert report['per_fs']['256.0']['n'] == 2
     # the rotated fixture pages are among the scored ones
     assert report['theta_error_deg_rotated'] is not None and report['theta_error_deg_rotated'] >= 0

@@ -1,5 +1,6 @@
 """inference.py CLI on tiny simulator images: Kaggle CSV layout, NaN where not shown, --fs, folder mode, --wfdb,
 images without JSON, RGBA and JPEG input, clear errors."""
+import json
 import shutil
 
 import cv2
@@ -125,3 +126,15 @@ def test_bad_inputs_fail_naming_the_file(case, tiny_checkpoint, tmp_path):
     named = checkpoint if case == 'missing checkpoint' else image
     assert str(named) in result.stderr and 'Traceback' not in result.stderr
     assert not (tmp_path / 'o.csv').exists()
+
+
+def test_sidecar_json_tells_the_scale_found_and_per_lead_confidence(single, sim_data):
+    csv, _ = single
+    report = json.loads(csv.with_suffix('.json').read_text())
+    truth = json.loads(first_png(sim_data).with_suffix('.json').read_text())
+    assert list(report['leads']) == LEADS
+    assert all(0 < lead['confidence'] <= 1 and lead['row_spread_mv'] >= 0 for lead in report['leads'].values())
+    if truth['gridlines']:   # the simulator's JSON knows the grid: 5 mm = x_grid px
+        assert report['scale']['source'] == 'grid'
+        assert report['scale']['px_per_mm_x'] == pytest.approx(truth['x_grid'] / 5, rel=0.03)
+    assert report['px_per_mv_input'] > 0 and abs(report['rotation_deg']) < 10
