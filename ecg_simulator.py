@@ -614,7 +614,8 @@ def quiet_worker():
 
 
 def run_jobs(job, count, workers, progress):
-    bar = partial(tqdm, total=count, desc='simulating', unit='rec', disable=not progress)
+    bar = partial(tqdm, total=count, desc='simulating', unit='rec', disable=not progress,
+                  mininterval=0.1 if sys.stderr.isatty() else 30.0)   # a log file gets a line every 30 s
     if workers <= 1 or count <= 1:
         return [r for r in bar(map(job, range(count)))]
     with Pool(workers, initializer=quiet_worker) as pool:

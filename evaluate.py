@@ -90,7 +90,7 @@ def round_trip(batch):
 def score_batches(model, loader, device):
     """Per-image numbers for the whole loader."""
     rows, model_stats, bound_stats = [], [], []
-    for batch in tqdm(loader, desc='evaluating', leave=False):
+    for batch in tqdm(loader, desc='evaluating', leave=False, mininterval=pdx.PROGRESS_SECONDS):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         outputs = model(batch['image'], ecg_model.read_geometry(batch))
         outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}

@@ -202,7 +202,8 @@ def digitize(model, size_hw, images, csv_paths, args, device):
     """Run every image through the model in batches and write its files; returns the problems met."""
     target = dict(zip(images, csv_paths))
     problems = []
-    bar = tqdm(total=len(images), desc='digitizing', unit='img', disable=len(images) == 1)
+    bar = tqdm(total=len(images), desc='digitizing', unit='img', disable=len(images) == 1,
+               mininterval=pdx.PROGRESS_SECONDS)
     for first in range(0, len(images), args.batch_size):
         inputs, read, bad = read_batch(images[first:first + args.batch_size], size_hw)
         problems += bad

@@ -51,6 +51,7 @@ MAX_ABS_MV = 20.0                  # physiological ECG stays within a few mV; 20
 PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the PNG (antialiasing, rounding)
 MIN_PAGE_SIDE = 128                # px: a 50 dpi letter page is 425 px tall; less cannot hold 13 strips
 MIN_PAGE_CONTRAST = 2.0            # grey-level std: below it the image is one colour
+PROGRESS_SECONDS = 0.1 if sys.stderr.isatty() else 30.0   # a log file (CI, | tee, nohup) gets a bar line every 30 s
 
 log = logging.getLogger('production_dataset')
 
@@ -720,7 +721,7 @@ class ECGImageDataset(Dataset):
 
     def _keep_good(self, refs, progress):
         good = []
-        for ref in tqdm(refs, desc='checking samples', disable=not progress):
+        for ref in tqdm(refs, desc='checking samples', disable=not progress, mininterval=PROGRESS_SECONDS):
             try:
                 check_sample(ref)
                 good.append(ref)
@@ -730,7 +731,8 @@ class ECGImageDataset(Dataset):
 
     def _fill_cache(self, progress):
         samples, refs = [], []
-        for ref in tqdm(self.refs, desc='caching samples', disable=not progress):
+        for ref in tqdm(self.refs, desc='caching samples', disable=not progress,
+                        mininterval=PROGRESS_SECONDS):
             try:
                 samples.append(build_sample(ref, self.size_hw, self.read_scale))
                 refs.append(ref)

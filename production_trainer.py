@@ -53,7 +53,6 @@ DEBUG_SAMPLES = 100
 DEBUG_EPOCHS = 3
 WARMUP_FRACTION = 0.05
 TB_IMAGES = 3
-PROGRESS_SECONDS = 0.1 if sys.stderr.isatty() else 30.0   # a log file gets a progress line every 30 s
 log = logging.getLogger('production_trainer')
 
 
@@ -425,7 +424,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
     sums, count, skipped, start = {}, 0, 0, time.perf_counter()
     bar = tqdm(islice(loader, state['step_in_epoch'], None), total=len(loader), initial=state['step_in_epoch'],
                desc=f'epoch {state["epoch"] + 1}/{config["epochs"]}', disable=rank != 0, leave=False,
-               mininterval=PROGRESS_SECONDS)
+               mininterval=pdx.PROGRESS_SECONDS)
     for batch in bar:
         losses, updated = train_step(model, to_device(batch, device), criterion, optimizer, scaler, amp, device)
         state['global_step'] += 1

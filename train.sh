@@ -7,7 +7,9 @@
 #
 # Point it at your data here, or with SIM_ROOT=... CSV_ROOT=... ./train.sh, or
 # ./train.sh --sim_root DIR --csv_root DIR. With no data configured it makes a demo data set with
-# the built-in simulator and runs the whole path on it (about 10 minutes on a 2-core CPU).
+# the built-in simulator and runs the whole path on it (about 10 minutes on a 2-core CPU): on a CPU it
+# fine-tunes the shipped starter weights (starter/MODEL_CARD.md), then scores the demo's held-out
+# pages and draws one of them (predicted against true traces).
 # Anything after -- goes to production_trainer.py (e.g. -- --epochs 50 --lr 2e-4).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -99,6 +101,11 @@ COMMON=(--sim_root "$SIM_ROOT" --csv_root "$CSV_ROOT" --batch_size "$BATCH" --nu
         --encoder "$ENCODER" --image_size "$IMAGE_H" "$IMAGE_W" --output_dir "$OUTPUT_DIR")
 [ "$DEVICE" = cpu ] && COMMON+=(--lr 1e-3)     # short CPU runs learn from scratch only with a larger step
 [ "$DEMO" = 1 ] && COMMON+=(--cache)
+STARTER=starter/ecg_starter.pth
+if [ "$DEMO" = 1 ] && [ -f "$STARTER" ] && [ "$ENCODER" = tu-regnetx_002 ]; then
+    COMMON+=(--init_from "$STARTER")   # the starter's architecture: the demo fine-tunes a model that reads
+    echo "demo: fine-tuning the starter weights $STARTER (see starter/MODEL_CARD.md)"
+fi
 
 step 3 "quick debug (3 epochs on 100 samples)"
 confirm "Run the quick debug training?"
@@ -113,6 +120,13 @@ echo "run folder: $RUN_DIR"
 echo "watch it:   $PY -m tensorboard.main --logdir $RUN_DIR/tensorboard --port 6006"
 if [ "$DEMO" = 1 ]; then
     $PY evaluate.py --checkpoint "$RUN_DIR/checkpoints/best.pth"
+    # one held-out page (a record of the validation split) drawn with its predicted and true traces
+    HELD_OUT=$($PY -c "import sys, pandas as pd; print(pd.read_csv(sys.argv[1], dtype={'record_id': str}).record_id[0])" \
+               "$RUN_DIR/checkpoints/best_eval.csv")
+    PAGE=$(find "$SIM_ROOT/$HELD_OUT" -name "$HELD_OUT-*.png" | sort | head -1)
+    $PY visualize.py --image "$PAGE" --checkpoint "$RUN_DIR/checkpoints/best.pth" \
+        --output "$RUN_DIR/demo_held_out_page.png"
     echo
-    echo "Demo done. Train on real data with: ./train.sh --sim_root /path/to/simulations --csv_root /path/to/train"
+    echo "Demo done: held-out scores above, picture of a held-out page: $RUN_DIR/demo_held_out_page.png"
+    echo "Train on real data with: ./train.sh --sim_root /path/to/simulations --csv_root /path/to/train"
 fi

@@ -259,3 +259,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, sim_data, tmp_pat
     one_line_error(result, 'not loaded for safety')
     assert not exploit.marker.exists()
     assert torch.load(tiny_run / 'checkpoints' / 'last.pth')['format'] == 2   # plain torch.load: weights_only
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_run, sim_data, tmp_path):
+    best = tiny_run / 'checkpoints' / 'best.pth'
+    result = train(sim_data, tmp_path / 'ok', '--epochs', '1', '--max_samples', '12', '--init_from', best)
+    assert f'weights from {best}' in result.stdout
+    assert torch.load(next((tmp_path / 'ok').glob('run_*/checkpoints/last.pth')))['epoch'] == 1   # a new run
+    result = train(sim_data, tmp_path / 'bad', '--encoder', 'resnet18', '--init_from', best, check=False)
+    one_line_error(result, '--init_from', 'same --encoder')
+    assert not (tmp_path / 'bad').exists()

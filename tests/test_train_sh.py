@@ -25,6 +25,8 @@ def test_unattended_demo_run_goes_through_every_step(tmp_path):
     assert len(runs) == 2                                   # the debug run and the full run
     assert (runs[-1] / 'checkpoints' / 'best.pth').is_file()
     assert (runs[-1] / 'checkpoints' / 'best_eval.json').is_file()
+    assert (runs[-1] / 'demo_held_out_page.png').stat().st_size > 10_000
+    assert sum('it/s]' in line for line in out.splitlines()) < 20, 'progress bars flood a log file'
     assert (tmp_path / 'exp' / 'data_check' / 'preview.png').is_file()
 
 
