@@ -16,6 +16,7 @@ logs/train.log, config.json}.
 import os
 
 os.environ.setdefault('PYTORCH_ENABLE_MPS_FALLBACK', '1')   # must precede the torch import
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # waiting threads sleep: a shared CPU must not collapse (speed.py)
 
 import argparse
 import json
@@ -38,6 +39,7 @@ from tqdm import tqdm
 import ecg_model
 import ecg_trainer
 import production_dataset as pdx
+import speed
 
 LOSS_NAMES = ['seg', 'grid', 'baseline', 'theta', 'signal']
 DEBUG_SAMPLES = 100
@@ -75,9 +77,12 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=42, help='seed for the split, initial weights, shuffling, augmentation')
     p.add_argument('--output_dir', default='experiments', help='where run folders are made')
     p.add_argument('--save_every', type=int, default=10, help='keep epoch_N.pth every N epochs')
-    p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                   help='mixed precision: default on for CUDA (bf16 if supported, else fp16 + GradScaler), '
-                        'off on CPU (bf16 autocast measured no faster on this project\'s CPUs) and MPS')
+    p.add_argument('--amp', nargs='?', const='on', default='auto', choices=['auto', 'on', 'off'],
+                   help='mixed precision; auto: bf16 autocast on CPUs with AMX, fp32 on other CPUs and MPS, '
+                        'bf16 (else fp16 + GradScaler) on CUDA; a bare --amp means on (speed.py)')
+    p.add_argument('--no-amp', dest='amp', action='store_const', const='off', help='same as --amp off')
+    p.add_argument('--threads', type=speed.threads_arg, default='auto',
+                   help='CPU threads; auto: one per core less the cores other processes keep busy (speed.py)')
     p.add_argument('--amp_dtype', choices=['auto', 'fp16', 'bf16'], default='auto', help='autocast dtype when --amp')
     p.add_argument('--max_samples', type=int, default=None, help='use at most this many images')
     p.add_argument('--no_augment', action='store_true', help='train without augmentation')
@@ -131,15 +136,8 @@ def pick_device(force_cpu, local_rank):
 
 
 def amp_settings(device, amp, amp_dtype):
-    """(enabled, dtype, use GradScaler). fp16 needs loss scaling; bf16 has fp32's range and does not."""
-    if amp is None:
-        amp = device.type == 'cuda'
-    if not amp or device.type == 'mps':
-        return False, torch.float32, False
-    if device.type == 'cpu':
-        return True, torch.bfloat16, False
-    bf16 = amp_dtype == 'bf16' or (amp_dtype == 'auto' and torch.cuda.is_bf16_supported())
-    return True, (torch.bfloat16 if bf16 else torch.float16), not bf16
+    """(enabled, dtype, use GradScaler, reason): speed.amp_choice, one choice per machine."""
+    return speed.amp_choice(device, amp, amp_dtype)
 
 
 def make_run_dir(output_dir, resume):
@@ -372,10 +370,12 @@ def setup(args):
     rank, world_size, local_rank = setup_distributed()
     device = pick_device(config['force_cpu'], local_rank)
     amp = amp_settings(device, config['amp'], config['amp_dtype'])
+    threads = speed.set_threads(config['threads'])
     run_dir = make_run_dir(config['output_dir'], config['resume'])
     setup_logging(run_dir, rank)
     config.update(run_dir=str(run_dir), device=str(device), world_size=world_size,
-                  amp_enabled=amp[0], amp_dtype_used=str(amp[1]).replace('torch.', ''), grad_scaler=amp[2])
+                  amp_enabled=amp[0], amp_dtype_used=str(amp[1]).replace('torch.', ''), grad_scaler=amp[2],
+                  amp_reason=amp[3], threads_used=threads[0], threads_reason=threads[1])
     return config, rank, world_size, device, amp, run_dir
 
 
@@ -420,6 +420,9 @@ def main(argv=None):
     config, rank, world_size, device, amp, run_dir = setup(args)
     log.info('device %s, world size %d, amp %s (%s), grad scaler %s', device, world_size, amp[0],
              config['amp_dtype_used'], amp[2])
+    log.info('precision: %s', config['amp_reason'])
+    log.info('threads %d: %s; OMP_WAIT_POLICY %s', config['threads_used'], config['threads_reason'],
+             os.environ.get('OMP_WAIT_POLICY', 'unset'))
     if config['debug']:
         log.info('debug mode: %d samples, %d epochs', config['max_samples'], config['epochs'])
     train, val = build_datasets(config)

@@ -1,0 +1,122 @@
+"""speed.py and the speed flags: the --amp choice per machine (CPU capability mocked), --threads, the
+trainer's log of both, the benchmarks' reports."""
+import json
+
+import pytest
+import torch
+
+import speed
+from conftest import ROOT, run_cli
+
+CPU, CUDA, MPS = torch.device('cpu'), torch.device('cuda'), torch.device('mps')
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Set the mocked capabilities: machine(amx=..., cuda_bf16=...)."""
+    def set_machine(amx=False, cuda_bf16=False):
+        monkeypatch.setattr(speed, 'cpu_has_amx', lambda: amx)
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: cuda_bf16)
+    return set_machine
+
+
+def test_auto_on_a_cpu_with_amx_is_bf16(machine):
+    machine(amx=True)
+    enabled, dtype, scaler, reason = speed.amp_choice(CPU, 'auto')
+    assert (enabled, dtype, scaler) == (True, torch.bfloat16, False)
+    assert 'AMX' in reason and 'bf16' in reason
+
+
+def test_auto_on_a_cpu_without_amx_is_fp32(machine):
+    machine(amx=False)
+    enabled, dtype, scaler, reason = speed.amp_choice(CPU, 'auto')
+    assert (enabled, dtype, scaler) == (False, torch.float32, False)
+    assert 'without AMX' in reason
+
+
+def test_cuda_bf16_where_supported_else_fp16_with_scaler(machine):
+    machine(cuda_bf16=True)
+    assert speed.amp_choice(CUDA, 'auto')[:3] == (True, torch.bfloat16, False)
+    machine(cuda_bf16=False)
+    enabled, dtype, scaler, reason = speed.amp_choice(CUDA, 'auto')
+    assert (enabled, dtype, scaler) == (True, torch.float16, True) and 'GradScaler' in reason
+    assert speed.amp_choice(CUDA, 'on', 'bf16')[:3] == (True, torch.bfloat16, False)   # asked for
+
+
+@pytest.mark.parametrize('amp', ['auto', 'on', 'off'])
+def test_mps_never_autocasts(machine, amp):
+    machine(amx=True, cuda_bf16=True)
+    assert speed.amp_choice(MPS, amp)[:3] == (False, torch.float32, False)
+
+
+@pytest.mark.parametrize('amp, expected', [('on', (True, torch.bfloat16, False)), (True, (True, torch.bfloat16, False)),
+                                           ('off', (False, torch.float32, False)), (False, (False, torch.float32, False)),
+                                           (None, (False, torch.float32, False))])
+def test_forced_choices_on_a_cpu_without_amx(machine, amp, expected):
+    machine(amx=False)
+    assert speed.amp_choice(CPU, amp)[:3] == expected
+    machine(cuda_bf16=True)
+    assert speed.amp_choice(CUDA, 'off')[:3] == (False, torch.float32, False)
+
+
+@pytest.mark.parametrize('flags, has', [('fpu avx512_bf16 amx_bf16 amx_tile amx_int8', True),
+                                        ('fpu avx512f avx512_bf16', False)])
+def test_amx_read_from_cpuinfo_flags(tmp_path, flags, has):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text(f'processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n')
+    assert speed.cpu_has_amx(str(cpuinfo)) is has
+    assert speed.cpu_has_amx(str(tmp_path / 'missing')) is False
+
+
+def test_threads_auto_is_one_per_usable_core_unless_omp_num_threads(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+        monkeypatch.setattr(speed, 'usable_cores', lambda: 3)
+        assert speed.set_threads('auto')[0] == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv('OMP_NUM_THREADS', '1')   # as torchrun sets it
+        threads, reason = speed.set_threads('auto')
+        assert threads == 1 and 'OMP_NUM_THREADS' in reason
+        assert speed.set_threads(2) == (2, '--threads 2') and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize('text', ['0', '-1', 'two', '1.5'])
+def test_threads_flag_rejects_nonsense(text, tmp_path):
+    result = run_cli('production_trainer.py', '--sim_root', tmp_path, '--csv_root', tmp_path, '--threads', text,
+                     '--output_dir', tmp_path, check=False)
+    assert result.returncode == 2 and '--threads' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_trainer_logs_precision_and_threads_and_keeps_no_amp(sim_data, tmp_path):
+    result = run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, '--image_size', '64',
+                     '320', '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0', '--epochs', '1',
+                     '--max_samples', '8', '--threads', '1', '--no-amp', '--output_dir', tmp_path)
+    run_dir = next(tmp_path.glob('run_*'))
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert config['amp'] == 'off' and config['amp_enabled'] is False and config['amp_reason'] == '--amp off: fp32'
+    assert config['threads'] == 1 and config['threads_used'] == 1
+    log = (run_dir / 'logs' / 'train.log').read_text()
+    assert 'precision: --amp off: fp32' in log and 'threads 1: --threads 1; OMP_WAIT_POLICY PASSIVE' in log
+    assert 'epoch 1/1' in result.stdout
+
+
+def test_amp_flag_forms_parse():
+    import production_trainer as pt
+    base = ['--sim_root', 'x', '--csv_root', 'y']
+    assert pt.parse_args(base).amp == 'auto' and pt.parse_args(base).threads == 'auto'
+    assert pt.parse_args(base + ['--amp']).amp == 'on'
+    assert pt.parse_args(base + ['--amp', 'off']).amp == 'off'
+    assert pt.parse_args(base + ['--no-amp']).amp == 'off'
+    assert pt.parse_args(base + ['--threads', '3']).threads == 3
+
+
+def test_bench_train_step_reports_the_auto_choice_and_ratio(tmp_path):
+    result = run_cli('bench_train_step.py', '--encoders', 'tu-regnetx_002', '--image_size', '64', '320',
+                     '--batch_size', '2', '--steps', '1', '--data', tmp_path / 'data')
+    report = json.loads((ROOT / 'bench_out' / 'bench_train_step.json').read_text())
+    speeds = {r['precision']: r['images_per_s'] for r in report['results']}
+    assert report['bf16_over_fp32']['tu-regnetx_002'] == pytest.approx(speeds['bf16'] / speeds['fp32'])
+    assert report['amp_auto']['reason'] == speed.amp_choice(CPU, 'auto')[3]
+    assert '--amp auto here:' in result.stdout and 'bf16 / fp32' in result.stdout
