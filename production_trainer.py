@@ -82,7 +82,7 @@ def parse_args(argv=None):
                         'bf16 (else fp16 + GradScaler) on CUDA; a bare --amp means on (speed.py)')
     p.add_argument('--no-amp', dest='amp', action='store_const', const='off', help='same as --amp off')
     p.add_argument('--threads', type=speed.threads_arg, default='auto',
-                   help='CPU threads; auto: one per core less the cores other processes keep busy (speed.py)')
+                   help='CPU threads; auto: one per usable core, or OMP_NUM_THREADS where set (speed.py)')
     p.add_argument('--amp_dtype', choices=['auto', 'fp16', 'bf16'], default='auto', help='autocast dtype when --amp')
     p.add_argument('--max_samples', type=int, default=None, help='use at most this many images')
     p.add_argument('--no_augment', action='store_true', help='train without augmentation')
