@@ -120,3 +120,14 @@ def test_bench_train_step_reports_the_auto_choice_and_ratio(tmp_path):
     assert report['bf16_over_fp32']['tu-regnetx_002'] == pytest.approx(speeds['bf16'] / speeds['fp32'])
     assert report['amp_auto']['reason'] == speed.amp_choice(CPU, 'auto')[3]
     assert '--amp auto here:' in result.stdout and 'bf16 / fp32' in result.stdout
+
+
+def test_bench_threads_reports_each_setting_alone_and_beside_a_competitor(tmp_path):
+    result = run_cli('bench_threads.py', '--seconds', '1', '--images', '4', '--batch_size', '2', '--num_workers', '0',
+                     '--image_size', '64', '320', '--competitor', 'spin', '--data', tmp_path / 'data')
+    report = json.loads((ROOT / 'bench_out' / 'bench_threads.json').read_text())
+    rows = {(r['setting'], r['condition']): r for r in report['results']}
+    assert set(rows) == {(s, c) for s in ('old', 'auto') for c in ('alone', 'beside spin')}
+    assert all(r['images_per_s'] > 0 and r['steps'] >= 1 for r in rows.values())
+    assert rows['auto', 'alone']['threads'] == report['cores']
+    assert set(report['busy_over_alone']) == {'old', 'auto'} and '% of its speed alone' in result.stdout
