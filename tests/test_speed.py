@@ -1,10 +1,12 @@
 """speed.py and the speed flags: the --amp choice per machine (CPU capability mocked), --threads, the
-trainer's log of both, the benchmarks' reports."""
+trainer's log of both, the batched rotation search against the per-image one, the benchmarks' reports."""
 import json
 
 import pytest
 import torch
 
+import ecg_model as em
+import production_dataset as pdx
 import speed
 from conftest import ROOT, run_cli
 
@@ -131,3 +133,48 @@ def test_bench_threads_reports_each_setting_alone_and_beside_a_competitor(tmp_pa
     assert all(r['images_per_s'] > 0 and r['steps'] >= 1 for r in rows.values())
     assert rows['auto', 'alone']['threads'] == report['cores']
     assert set(report['busy_over_alone']) == {'old', 'auto'} and '% of its speed alone' in result.stdout
+
+
+def rotated_lines(thetas, aspects, size_hw, noise, seed):
+    """(B, 1, H, W) 0 mV line logits: 4 horizontal page lines turned by thetas, plus Gaussian noise."""
+    height, width = size_hw
+    page = torch.full((len(thetas), 1, height, width), -8.0)
+    for row in (0.2, 0.4, 0.6, 0.8):
+        page[:, :, int(row * height)] = 8.0
+    image = em.to_page_frame_batch(page, -thetas, aspects)     # the inverse turn: page -> image frame
+    return image + noise * torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('size_hw', [(64, 320), (128, 672)])
+@pytest.mark.parametrize('noise', [0.0, 2.0])
+def test_batched_rotation_search_matches_per_image_search_on_lines(size_hw, noise):
+    thetas = torch.tensor([-6.3, -2.0, -0.4, 0.0, 0.13, 1.7, 4.9])
+    aspects = torch.tensor([1.29, 1.29, 1.0, 1.29, 1.5, 1.29, 1.2])
+    logits = rotated_lines(thetas, aspects, size_hw, noise, seed=1)
+    regressed = torch.zeros(len(thetas))
+    batched = em.estimate_theta_batch(logits, regressed, aspects)
+    assert (batched - em.estimate_theta(logits, regressed, aspects)).abs().max() <= 0.02 + 1e-6
+    assert (batched - thetas).abs().max() < 0.5                 # the turn is found (small ones may stay 0)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_batched_rotation_search_matches_per_image_search_on_random_maps(seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(6, 1, 64, 320, generator=generator)
+    regressed = 4 * torch.randn(6, generator=generator)
+    aspects = 1 + 0.5 * torch.rand(6, generator=generator)
+    batched = em.estimate_theta_batch(logits, regressed, aspects)
+    assert (batched - em.estimate_theta(logits, regressed, aspects)).abs().max() <= 0.02 + 1e-6
+    assert (em.estimate_theta_batch(logits, regressed) - em.estimate_theta(logits, regressed)).abs().max() <= 0.02 + 1e-6
+
+
+def test_batched_rotation_search_on_real_pages_and_in_several_passes(fixture_dirs, monkeypatch):
+    images, signals = fixture_dirs
+    dataset = pdx.ECGImageDataset(images, signals, target_size=(128, 672))
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    logits = batch['baseline'].unsqueeze(1) * 20 - 10
+    regressed = torch.zeros(len(logits))
+    reference = em.estimate_theta(logits, regressed, batch['page_aspect'])
+    assert (em.estimate_theta_batch(logits, regressed, batch['page_aspect']) - reference).abs().max() <= 0.02 + 1e-6
+    monkeypatch.setattr(em, 'SEARCH_ELEMENTS', 1)               # one image per pass: the same answer
+    assert (em.estimate_theta_batch(logits, regressed, batch['page_aspect']) - reference).abs().max() <= 0.02 + 1e-6
