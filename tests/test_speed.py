@@ -178,3 +178,35 @@ def test_batched_rotation_search_on_real_pages_and_in_several_passes(fixture_dir
     assert (em.estimate_theta_batch(logits, regressed, batch['page_aspect']) - reference).abs().max() <= 0.02 + 1e-6
     monkeypatch.setattr(em, 'SEARCH_ELEMENTS', 1)               # one image per pass: the same answer
     assert (em.estimate_theta_batch(logits, regressed, batch['page_aspect']) - reference).abs().max() <= 0.02 + 1e-6
+
+
+def test_csv_text_is_what_pandas_writes(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import inference
+    rng = np.random.default_rng(0)
+    signal = inference.shown_signal((rng.normal(size=(12, 5000)) * 3).astype(np.float32))
+    signal[3, :4] = [-0.0004, 0.0005, 1e6, -np.inf]
+    path = tmp_path / 'pandas.csv'
+    pd.DataFrame(signal.T, columns=pdx.LEADS).to_csv(path, index=False, float_format='%.3f')
+    assert inference.csv_text(signal) == path.read_text()
+
+
+def test_folded_batch_norms_give_the_same_maps():
+    import copy
+    torch.manual_seed(0)
+    model = em.build_model('tu-regnetx_002')
+    for module in model.modules():   # batch norms with statistics of their own, not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    folded = speed.fold_batch_norm(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    image = torch.randn(2, 3, 64, 320)
+    with torch.inference_mode():
+        maps, theta = model.unet(em.with_coordinates(image))
+        maps_folded, theta_folded = folded.unet(em.with_coordinates(image))
+    assert (maps - maps_folded).abs().max() < 1e-3 * maps.abs().max()
+    assert (theta - theta_folded).abs().max() < 1e-3 * theta.abs().max().clamp(min=1)
