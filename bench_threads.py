@@ -7,10 +7,11 @@ process, for the old thread setting and the new default.
 
 Settings: `old` is what the trainer did before --threads (torch's default: a thread per core, OpenMP's
 default wait policy, which spins); `auto` is the new default (--threads auto: a thread per core, with
-OMP_WAIT_POLICY=PASSIVE); `one_thread` (PASSIVE) and `one_thread_spin` are the other remedy, fewer threads. Each measurement is a fresh child process (OpenMP
-reads its wait policy once, when torch loads) running the trainer's own train_one_epoch (its data
-loader with --cache and --num_workers, model, loss, optimizer step) over a small simulator set, epoch
-after epoch for --seconds after one warm-up step; img/s is the trainer's own figure.
+OMP_WAIT_POLICY=PASSIVE); `one_thread` (PASSIVE) and `one_thread_spin` are the other remedy, fewer
+threads. Each measurement is a fresh child process (OpenMP reads its wait policy once, when torch
+loads) running the trainer's own train_one_epoch (its data loader with --cache and --num_workers,
+model, loss, optimizer step) over a small simulator set, epoch after epoch for --seconds after one
+warm-up step; img/s is the trainer's own figure.
 Competitors: `torch` (a PyTorch conv loop at torch's default threads: a second training or test run),
 `spin` (a pure-Python busy loop, one core), `numpy` (a numpy matmul loop). A competitor bounds its
 own life and is always killed. Writes bench_out/bench_threads.json.
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument('--image_size', type=int, nargs=2, default=[128, 672], metavar=('H', 'W'))
     p.add_argument('--batch_size', type=int, default=4)
     p.add_argument('--num_workers', type=int, default=2, help="the trainer's DataLoader workers (train.sh: 2 on CPU)")
-    p.add_argument('--images', type=int, default=24, help='training images (cached; an epoch is images / batch_size steps)')
+    p.add_argument('--images', type=int, default=24,
+                   help='training images (cached; an epoch is images / batch_size steps)')
     p.add_argument('--data', default='bench_out/sim_100dpi', help='simulator images, made once')
     p.add_argument('--child', help=argparse.SUPPRESS)   # internal: one measurement, --threads value or 'default'
     return p.parse_args(argv)
@@ -151,7 +153,9 @@ def measure_all(args):
     results = []
     for condition in ('alone', f'beside {args.competitor}'):
         for setting in args.settings:
-            competitor = start_competitor(args.competitor, args.seconds + CHILD_SLACK_S) if condition != 'alone' else None
+            competitor = None
+            if condition != 'alone':
+                competitor = start_competitor(args.competitor, args.seconds + CHILD_SLACK_S)
             try:
                 row = run_child(setting, args)
             finally:
