@@ -72,7 +72,7 @@ def test_inference_cli_onnx_writes_the_same_csvs(exported, tiny_checkpoint, page
         np.testing.assert_allclose(onnx_csv.to_numpy(), torch_csv.to_numpy(), atol=1e-3 + 1e-9, equal_nan=True)
 
 
-@pytest.mark.parametrize('case', ['missing onnx', 'not onnx', 'both', 'neither'])
+@pytest.mark.parametrize('case', ['missing onnx', 'not onnx', 'both'])
 def test_onnx_flag_errors_name_the_problem(case, exported, tiny_checkpoint, pages, tmp_path):
     args = ['inference.py', '--image', pages, '--output', tmp_path / 'out']
     if case == 'missing onnx':
