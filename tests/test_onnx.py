@@ -10,8 +10,8 @@ import torch
 from conftest import run_cli
 
 EXTRAS = 'optional extras not installed: pip install -r requirements-export.txt (or ./setup.sh --export)'
-onnx = pytest.importorskip('onnx', reason=EXTRAS)
-onnxruntime = pytest.importorskip('onnxruntime', reason=EXTRAS)
+onnx = pytest.importorskip('onnx', reason=EXTRAS, exc_type=ImportError)
+onnxruntime = pytest.importorskip('onnxruntime', reason=EXTRAS, exc_type=ImportError)
 
 import export_onnx  # noqa: E402  (after the skips: it is only useful with the extras)
 import inference  # noqa: E402
