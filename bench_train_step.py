@@ -4,8 +4,9 @@
     python bench_train_step.py --device cuda --batch_size 16     # a GPU: fp32, bf16, fp16 + GradScaler
 
 Each configuration runs the real forward (all heads and the signal decoding), the composite loss,
-backward and an AdamW step on one batch of simulator images, repeated; reports images per second.
-Writes bench_out/bench_train_step.json.
+backward and an AdamW step on one batch of simulator images, repeated; reports images per second,
+the bf16 / fp32 ratio per encoder, and what the trainer's `--amp auto` picks on this machine and why
+(speed.amp_choice). Writes bench_out/bench_train_step.json.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ import ecg_model
 import ecg_simulator
 import ecg_trainer
 import production_dataset as pdx
+import speed
 
 
 def parse_args(argv=None):
@@ -84,10 +86,24 @@ def main(argv=None):
                             'first_loss': losses[0], 'last_loss': losses[-1]})
             print(f'{encoder:16s} {name:12s} {images_per_s:7.2f} img/s   loss {losses[0]:.3f} -> {losses[-1]:.3f}',
                   flush=True)
+    ratios = bf16_over_fp32(results)
+    enabled, dtype, _, reason = speed.amp_choice(device, 'auto')
+    for encoder, ratio in ratios.items():
+        print(f'{encoder:16s} bf16 / fp32 {ratio:.2f}x')
+    print(f'--amp auto here: {reason}')
     Path('bench_out').mkdir(exist_ok=True)
     with open('bench_out/bench_train_step.json', 'w') as handle:
         json.dump({'device': str(device), 'image_size': args.image_size, 'batch_size': args.batch_size,
-                   'results': results}, handle, indent=2)
+                   'results': results, 'bf16_over_fp32': ratios,
+                   'amp_auto': {'enabled': enabled, 'dtype': str(dtype).replace('torch.', ''), 'reason': reason}},
+                  handle, indent=2)
+
+
+def bf16_over_fp32(results):
+    """{encoder: bf16 img/s / fp32 img/s}, measured side by side in this run."""
+    speeds = {(r['encoder'], r['precision']): r['images_per_s'] for r in results}
+    return {encoder: speeds[encoder, 'bf16'] / speeds[encoder, 'fp32']
+            for encoder, precision in speeds if precision == 'fp32' and (encoder, 'bf16') in speeds}
 
 
 if __name__ == '__main__':

@@ -10,6 +10,10 @@ bound (the ground-truth targets decoded by the same path, the best any model can
 size) beside the model's score. A table goes to the terminal, JSON and CSV reports beside the
 checkpoint ({checkpoint stem}_eval.json / .csv).
 """
+import os
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # waiting threads sleep: a shared CPU must not collapse (speed.py)
+
 import argparse
 import json
 import math
@@ -26,6 +30,7 @@ import ecg_model
 import ecg_trainer
 import inference
 import production_dataset as pdx
+import speed
 from ecg_page import LEADS
 
 
@@ -41,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument('--force_cpu', action='store_true')
     p.add_argument('--untrained', action='store_true',
                    help='score a freshly initialized model of the same architecture (the chance level)')
+    p.add_argument('--threads', type=speed.threads_arg, default='auto',
+                   help='CPU threads; auto: one per usable core, or OMP_NUM_THREADS where set (speed.py)')
     return p.parse_args(argv)
 
 
@@ -210,6 +217,7 @@ def write_reports(report, frame, stem):
 
 def main(argv=None):
     args = parse_args(argv)
+    speed.set_threads(args.threads)
     report, frame = evaluate_checkpoint(args.checkpoint, args.sim_root, args.csv_root, args.max_samples,
                                         args.batch_size, args.num_workers, args.force_cpu, args.untrained)
     print_table(report)

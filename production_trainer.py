@@ -16,6 +16,7 @@ logs/train.log, config.json}.
 import os
 
 os.environ.setdefault('PYTORCH_ENABLE_MPS_FALLBACK', '1')   # must precede the torch import
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # waiting threads sleep: a shared CPU must not collapse (speed.py)
 
 import argparse
 import json
@@ -42,6 +43,7 @@ import ecg_checkpoint
 import ecg_model
 import ecg_trainer
 import production_dataset as pdx
+import speed
 
 LOSS_NAMES = list(ecg_trainer.DEFAULT_LOSS_WEIGHTS)
 ARCHITECTURE_KEYS = ('encoder', 'decoder_channels', 'image_size')   # a resumed run cannot change these
@@ -92,9 +94,12 @@ def build_parser():
     p.add_argument('--seed', type=int, default=42, help='seed for the split, initial weights, shuffling, augmentation')
     p.add_argument('--output_dir', default='experiments', help='where run folders are made')
     p.add_argument('--save_every', type=int, default=10, help='keep epoch_N.pth every N epochs')
-    p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                   help='mixed precision: default on for CUDA (bf16 if supported, else fp16 + GradScaler), '
-                        'off on CPU (bf16 autocast measured no faster on this project\'s CPUs) and MPS')
+    p.add_argument('--amp', nargs='?', const='on', default='auto', choices=['auto', 'on', 'off'],
+                   help='mixed precision; auto: bf16 autocast on CPUs with AMX, fp32 on other CPUs and MPS, '
+                        'bf16 (else fp16 + GradScaler) on CUDA; a bare --amp means on (speed.py)')
+    p.add_argument('--no-amp', dest='amp', action='store_const', const='off', help='same as --amp off')
+    p.add_argument('--threads', type=speed.threads_arg, default='auto',
+                   help='CPU threads; auto: one per usable core, or OMP_NUM_THREADS where set (speed.py)')
     p.add_argument('--amp_dtype', choices=['auto', 'fp16', 'bf16'], default='auto', help='autocast dtype when --amp')
     p.add_argument('--max_samples', type=int, default=None, help='use at most this many images')
     p.add_argument('--no_augment', action='store_true', help='train without augmentation')
@@ -210,15 +215,8 @@ def pick_device(force_cpu, local_rank):
 
 
 def amp_settings(device, amp, amp_dtype):
-    """(enabled, dtype, use GradScaler). fp16 needs loss scaling; bf16 has fp32's range and does not."""
-    if amp is None:
-        amp = device.type == 'cuda'
-    if not amp or device.type == 'mps':
-        return False, torch.float32, False
-    if device.type == 'cpu':
-        return True, torch.bfloat16, False
-    bf16 = amp_dtype == 'bf16' or (amp_dtype == 'auto' and torch.cuda.is_bf16_supported())
-    return True, (torch.bfloat16 if bf16 else torch.float16), not bf16
+    """(enabled, dtype, use GradScaler, reason): speed.amp_choice, one choice per machine."""
+    return speed.amp_choice(device, amp, amp_dtype)
 
 
 def resume_run_dir(path):
@@ -422,7 +420,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
     trained on again, so the data order and augmentation stay the uninterrupted run's, but skips them)."""
     model.train()
     sums, count, skipped, start = {}, 0, 0, time.perf_counter()
-    bar = tqdm(islice(loader, state['step_in_epoch'], None), total=len(loader), initial=state['step_in_epoch'],
+    total = len(loader) if hasattr(loader, '__len__') else None   # bench_threads passes a timed generator
+    bar = tqdm(islice(loader, state['step_in_epoch'], None), total=total, initial=state['step_in_epoch'],
                desc=f'epoch {state["epoch"] + 1}/{config["epochs"]}', disable=rank != 0, leave=False,
                mininterval=pdx.PROGRESS_SECONDS)
     for batch in bar:
@@ -582,12 +581,14 @@ def setup(argv):
     setup_logging(rank)
     device = pick_device(config['force_cpu'], local_rank)
     amp = amp_settings(device, config['amp'], config['amp_dtype'])
+    threads = speed.set_threads(config['threads'])
     run_dir = resume_run_dir(config['resume']) if config['resume'] else new_run_dir(config['output_dir'])
     if config['pretrained_path'] and not Path(config['pretrained_path']).is_file():
         raise pdx.InputError(f'--pretrained_path {config["pretrained_path"]}: file not found')
     train, val = build_datasets(config)
     config.update(run_dir=str(run_dir), device=str(device), world_size=world_size,
-                  amp_enabled=amp[0], amp_dtype_used=str(amp[1]).replace('torch.', ''), grad_scaler=amp[2])
+                  amp_enabled=amp[0], amp_dtype_used=str(amp[1]).replace('torch.', ''), grad_scaler=amp[2],
+                  amp_reason=amp[3], threads_used=threads[0], threads_reason=threads[1])
     return config, rank, world_size, device, amp, run_dir, train, val
 
 
@@ -704,6 +705,9 @@ def main(argv=None):
     config, rank, world_size, device, amp, run_dir, train, val = setup(argv)
     log.info('device %s, world size %d, amp %s (%s), grad scaler %s, best.pth by %s', device, world_size, amp[0],
              config['amp_dtype_used'], amp[2], config['select_metric_used'])
+    log.info('precision: %s', config['amp_reason'])
+    log.info('threads %d: %s; OMP_WAIT_POLICY %s', config['threads_used'], config['threads_reason'],
+             os.environ.get('OMP_WAIT_POLICY', 'unset'))
     if config['debug']:
         log.info('debug mode: %d samples, %d epochs', config['max_samples'], config['epochs'])
     loaders = build_loaders(train, val, config, world_size, rank, device)

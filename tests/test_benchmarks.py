@@ -35,3 +35,6 @@ def test_bench_train_step_runs_each_precision(tmp_path):
     assert [r['precision'] for r in report['results']] == ['fp32', 'bf16']
     assert all(r['images_per_s'] > 0 and r['last_loss'] < 1e3 for r in report['results'])
     assert 'img/s' in result.stdout
+    speeds = {r['precision']: r['images_per_s'] for r in report['results']}   # what --amp auto picks, and why
+    assert abs(report['bf16_over_fp32']['tu-regnetx_002'] - speeds['bf16'] / speeds['fp32']) < 1e-9
+    assert report['amp_auto']['reason'] and '--amp auto here:' in result.stdout and 'bf16 / fp32' in result.stdout

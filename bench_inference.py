@@ -1,0 +1,193 @@
+"""Inference speed on a folder of pages, side by side in one run: the old path (one image at a time, as
+inference.py ran before) against the new one (batched, reading and writing beside the model), and the
+network in onnxruntime where the optional extras are installed.
+
+    python bench_inference.py                          # 64 simulator pages at 100 dpi, 128 x 672, tu-regnetx_002
+    python bench_inference.py --batch_size 8 --settings old new
+    python bench_inference.py --checkpoint best.pth    # a trained model (speed does not depend on the weights)
+
+Without --checkpoint it writes a randomly initialised model of the CPU setting as a weights-only checkpoint. Each setting runs in a fresh child process (OpenMP reads its wait policy once, when torch loads)
+through inference.py's own functions, from the first image read to the last CSV written:
+    old     the old settings through today's inference.digitize: torch's default threads and OpenMP wait
+            policy, batch 1, the per-image rotation search (ecg_model.estimate_theta), pandas' CSV writer,
+            no folded batch norms, NCHW (reading and writing still overlap the model, as they do now)
+    old_b4  the same at batch 4 (the old inference.py's default --batch_size)
+    new     what inference.py does now: OMP_WAIT_POLICY=PASSIVE, --threads auto, --batch_size,
+            estimate_theta_batch, batch norms folded, channels_last
+    onnx    new, with the network in onnxruntime (export_onnx.py)
+Reports images/s, CPU seconds per image (all threads: on a busy machine the part that cannot overlap),
+peak RSS of the process (and torch's peak on CUDA), and each setting's largest difference from the old
+CSVs in mV. The simulator pages are made once into bench_out/. Writes bench_out/bench_inference.json.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import ecg_checkpoint
+import ecg_model
+import ecg_simulator
+import export_onnx
+import inference
+import speed
+
+PASSIVE = {'OMP_WAIT_POLICY': 'PASSIVE'}    # what inference.py sets before torch loads
+SETTINGS = {'old': ({}, 1), 'old_b4': ({}, 4), 'new': (PASSIVE, None), 'onnx': (PASSIVE, None)}   # env, batch
+WAIT_VARIABLES = ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'KMP_BLOCKTIME')
+CHILD_TIMEOUT_S = 900
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--settings', nargs='+', default=None, choices=list(SETTINGS),
+                   help='default: old, old_b4, new, and onnx where onnxruntime is installed')
+    p.add_argument('--checkpoint', type=Path, help='default: a random model of --encoder at --image_size')
+    p.add_argument('--encoder', default='tu-regnetx_002')
+    p.add_argument('--image_size', type=int, nargs=2, default=[128, 672], metavar=('H', 'W'))
+    p.add_argument('--batch_size', type=int, default=4, help='batch of the new path (the old one: 1)')
+    p.add_argument('--n', type=int, default=64, help='pages in the folder')
+    p.add_argument('--data', type=Path, default=Path('bench_out/sim_100dpi'), help='simulator pages, made once')
+    p.add_argument('--out', type=Path, default=Path('bench_out/inference'), help='CSVs, model files')
+    p.add_argument('--child', help=argparse.SUPPRESS)   # internal: run one setting
+    return p.parse_args(argv)
+
+
+def ensure_pages(folder, n):
+    """n simulator pages at 100 dpi (1100 x 850 px), made once; -> the first n PNG paths."""
+    if not (folder / 'train.csv').is_file() or len((folder / 'train.csv').read_text().splitlines()) - 1 < n:
+        ecg_simulator.generate(folder, n, seed=3, dpi_choices=(100,), workers=min(4, os.cpu_count() or 1))
+    return sorted(folder.glob('*/*.png'))[:n]
+
+
+def random_checkpoint(path, encoder, size_hw):
+    """A freshly initialised model as a weights-only checkpoint (speed does not depend on the weights)."""
+    torch.manual_seed(0)
+    model = ecg_model.build_model(encoder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ecg_checkpoint.save(path, {'format': ecg_checkpoint.FORMAT, 'model': model.state_dict(),
+                               'model_args': model.model_args, 'image_size': list(size_hw),
+                               'config': {'image_size': list(size_hw), 'encoder': encoder}})
+    return path
+
+
+# ---------------------------------------------------------------- one setting (child process)
+
+def pandas_csv(signal, path):
+    """inference.write_csv as it was: pandas' writer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(signal.T, columns=inference.pdx.LEADS).to_csv(path, index=False, float_format='%.3f')
+
+
+def use_old_path():
+    """Put back what inference.py used before: the per-image rotation search and pandas' CSV writer."""
+    ecg_model.estimate_theta_batch = ecg_model.estimate_theta
+    inference.write_csv = pandas_csv
+
+
+def run_setting(args):
+    """Digitize the folder with one setting; prints one JSON line of numbers."""
+    images = ensure_pages(args.data, args.n)
+    out = args.out / args.child
+    device = torch.device('cpu')
+    batch_size = SETTINGS[args.child][1] or args.batch_size
+    run_args = argparse.Namespace(fs=inference.MODEL_FS, wfdb=False, batch_size=batch_size,
+                                  onnx=args.out / 'model.onnx' if args.child == 'onnx' else None,
+                                  checkpoint=args.checkpoint)
+    if args.child.startswith('old'):
+        use_old_path()
+        threads = torch.get_num_threads()
+        model, size_hw = inference.load_checkpoint(args.checkpoint, device)
+    else:
+        threads, _ = speed.set_threads('auto')
+        model, size_hw = inference.load_network(run_args, device, threads)
+    inference.tqdm.write = lambda *a, **k: None   # no line per image
+    csv_paths = [out / f'{image.stem}.csv' for image in images]
+    cpu, start = time.process_time(), time.perf_counter()
+    problems = inference.digitize(model, size_hw, images, csv_paths, run_args, device)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(json.dumps({'images': len(images) - len(problems), 'images_per_s': len(images) / seconds,
+                      'cpu_s_per_image': cpu / len(images), 'batch_size': run_args.batch_size, 'threads': threads,
+                      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      'torch_peak_mib': torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available()
+                      else None}), flush=True)
+
+
+# ---------------------------------------------------------------- driving (parent process)
+
+def run_child(setting, args):
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
+    env.update(SETTINGS[setting][0])
+    command = [sys.executable, __file__, '--child', setting, '--checkpoint', str(args.checkpoint), '--n', str(args.n),
+               '--batch_size', str(args.batch_size), '--data', str(args.data), '--out', str(args.out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    if result.returncode != 0:
+        raise RuntimeError(f'{setting} failed:\n{result.stderr[-3000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def largest_difference(out, setting):
+    """Largest |setting - old| over every CSV value in mV; NaN where the two disagree on what is shown."""
+    worst = 0.0
+    for old_csv in sorted((out / 'old').glob('*.csv')):
+        old = pd.read_csv(old_csv).to_numpy()
+        new = pd.read_csv(out / setting / old_csv.name).to_numpy()
+        if (np.isnan(old) != np.isnan(new)).any():
+            return float('nan')
+        worst = max(worst, float(np.nanmax(np.abs(new - old))))
+    return worst
+
+
+def default_settings():
+    try:
+        import onnxruntime  # noqa: F401
+        return ['old', 'old_b4', 'new', 'onnx']
+    except ImportError:
+        print('onnxruntime is not installed: no onnx setting (pip install -r requirements-export.txt)')
+        return ['old', 'old_b4', 'new']
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        return run_setting(args)
+    settings = args.settings or default_settings()
+    ensure_pages(args.data, args.n)
+    if args.checkpoint is None:
+        args.checkpoint = random_checkpoint(args.out / f'random_{args.encoder}_{args.image_size[0]}x'
+                                            f'{args.image_size[1]}.pth', args.encoder, args.image_size)
+    if 'onnx' in settings:
+        export_onnx.export(args.checkpoint, args.out / 'model.onnx')
+    load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    results = {}
+    for setting in settings:
+        results[setting] = run_child(setting, args)
+        if 'old' in results and setting != 'old':   # the same model: only float rounding may differ
+            results[setting]['max_diff_vs_old_mv'] = largest_difference(args.out, setting)
+        row = results[setting]
+        print(f"{setting:6s} batch {row['batch_size']:2d}: {row['images_per_s']:6.2f} img/s, "
+              f"{1000 * row['cpu_s_per_image']:5.0f} CPU ms/img, peak RSS {row['peak_rss_mib']:5.0f} MiB"
+              + (f", max |diff| vs old {row['max_diff_vs_old_mv']:.4f} mV" if 'max_diff_vs_old_mv' in row else ''),
+              flush=True)
+    if 'old' in results:
+        for setting in results:
+            if setting != 'old':
+                ratio = results[setting]['images_per_s'] / results['old']['images_per_s']
+                results[setting]['speedup_vs_old'] = ratio
+                print(f'{setting} / old: {ratio:.2f}x img/s')
+    Path('bench_out').mkdir(exist_ok=True)
+    with open('bench_out/bench_inference.json', 'w') as handle:
+        json.dump({'images': args.n, 'image_size': args.image_size, 'checkpoint': str(args.checkpoint),
+                   'cores': speed.usable_cores(), 'load_average_before': load_before, 'results': results},
+                  handle, indent=2)
+
+
+if __name__ == '__main__':
+    main()

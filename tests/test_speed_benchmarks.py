@@ -1,0 +1,32 @@
+"""bench_threads.py and bench_inference.py run and report what they promise (values, not timings)."""
+import json
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+
+def test_bench_threads_reports_alone_and_beside_a_competitor(tmp_path):
+    # one setting keeps it short; each measurement is a fresh process that imports torch
+    result = run_cli('bench_threads.py', '--settings', 'auto', '--seconds', '1', '--images', '4', '--batch_size', '2',
+                     '--num_workers', '0', '--image_size', '64', '320', '--competitor', 'spin',
+                     '--data', tmp_path / 'data')
+    report = json.loads((ROOT / 'bench_out' / 'bench_threads.json').read_text())
+    rows = {(r['setting'], r['condition']): r for r in report['results']}
+    assert set(rows) == {('auto', 'alone'), ('auto', 'beside spin')}
+    assert all(r['images_per_s'] > 0 and r['steps'] >= 1 for r in rows.values())
+    assert rows['auto', 'alone']['threads'] == report['cores']
+    ratio = rows['auto', 'beside spin']['images_per_s'] / rows['auto', 'alone']['images_per_s']
+    assert report['busy_over_alone']['auto'] == pytest.approx(ratio) and '% of its speed alone' in result.stdout
+
+
+def test_bench_inference_reports_old_and_new_paths_with_the_same_signals(tmp_path):
+    result = run_cli('bench_inference.py', '--n', '3', '--image_size', '64', '320', '--settings', 'old', 'new',
+                     '--data', tmp_path / 'pages', '--out', tmp_path / 'out')
+    report = json.loads((ROOT / 'bench_out' / 'bench_inference.json').read_text())
+    old, new = report['results']['old'], report['results']['new']
+    assert old['images'] == new['images'] == 3 and old['batch_size'] == 1 and new['batch_size'] == 4
+    assert all(r['images_per_s'] > 0 and r['cpu_s_per_image'] > 0 and r['peak_rss_mib'] > 100 for r in (old, new))
+    assert new['max_diff_vs_old_mv'] < 0.01                      # same model: float rounding only
+    assert new['speedup_vs_old'] == pytest.approx(new['images_per_s'] / old['images_per_s'])
+    assert len(list((tmp_path / 'out' / 'new').glob('*.csv'))) == 3 and 'new / old:' in result.stdout
