@@ -14,8 +14,8 @@
 5. With --kit_work (an ecg-image-kit workdir made by ../shared/tools/ecg-image-kit/setup.sh): renders
    held-out records with the real renderer in its seven styles and reports quality per style; with
    --kit_train_records N it also renders N training records in every style and trains on the mix.
-6. With --budget_min 60 or more: a scaling curve, the run's epoch checkpoints scored at 15, 30, 60 and
-   120 min of training (table in the report, PNG plot beside it).
+6. A scaling curve: the run's epoch checkpoints scored at 15, 30, 60 and 120 min of training, as far as
+   the budget reaches (table in the report, PNG plot beside it); --budget_min 120 gives all four.
 7. With --export_starter: best.pth as the shipped fp16 starter weights (starter/) with its model card.
 Prints a summary and writes bench_out/quality/report_{H}x{W}.json.
 """
@@ -93,7 +93,7 @@ def simulate(folder, records, seed, workers, quick):
 
 
 def train(data, out, cfg):
-    keep_epochs = 1 if cfg['budget_min'] >= min(CURVE_MINUTES[1:]) else 0   # the scaling curve scores them
+    keep_epochs = 1 if cfg['budget_min'] >= CURVE_MINUTES[1] else 0   # the scaling curve scores them
     run('production_trainer.py', '--sim_root', data, '--csv_root', data, '--output_dir', out,
         '--encoder', cfg['encoder'], '--image_size', *cfg['image_size'], '--batch_size', cfg['batch_size'],
         '--num_workers', 0, '--lr', cfg['lr'], '--epochs', cfg['epochs'], '--cache', '--val_fraction', 0.05,
@@ -176,6 +176,7 @@ def plot_curve(rows, path):
 
 def export_starter(best, report, command):
     """fp16 weights of best.pth to starter/, with a model card: how they were made and what they read."""
+    ecg_checkpoint.STARTER.parent.mkdir(exist_ok=True)
     ecg_checkpoint.save_weights_only(ecg_checkpoint.load(best), ecg_checkpoint.STARTER)
     digest = hashlib.sha256(ecg_checkpoint.STARTER.read_bytes()).hexdigest()
     held, fixture = report['heldout'], report['fixture']
@@ -184,7 +185,8 @@ def export_starter(best, report, command):
              f'- made by: `{command}` (this repository, 2-core CPU, '
              f'{report["train_minutes"]:.0f} min of training, {report["epochs_done"]} epochs)',
              f'- model: {report["settings"]["encoder"]} U-Net, input {report["settings"]["image_size"][0]}x'
-             f'{report["settings"]["image_size"][1]}, standard 3x4 + II layout, simulator pages only',
+             f'{report["settings"]["image_size"][1]}, standard 3x4 + II layout',
+             f'- trained on: {report["training_data"]}',
              '', '| held-out set | images | Pearson | SNR dB | round-trip bound dB |', '| --- | --- | --- | --- | --- |',
              f'| simulator (seed {HELDOUT_SEED}) | {held["n_images"]} | {held["pearson"]:.3f} | {held["snr_db"]:.2f} | '
              f'{held["bound_snr_db"]:.2f} |',
@@ -274,9 +276,12 @@ def main(argv=None):
         report['kit'], _ = evaluate.evaluate_checkpoint(best, kit, kit)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}'
-    if cfg['budget_min'] >= min(CURVE_MINUTES[1:]) and not args.run_dir:
+    if cfg['budget_min'] >= CURVE_MINUTES[1] and list((run_dir / 'checkpoints').glob('epoch_*.pth')):
         report['scaling_curve'] = scaling_curve(run_dir, cfg['budget_min'], out / 'heldout_data', kit)
         plot_curve(report['scaling_curve'], stem.with_name(stem.name + '_curve.png'))
+    report['training_data'] = (f'{cfg["train_records"]} simulator records (seed {TRAIN_SEED})' +
+                               (f' + {args.kit_train_records} of them rendered by ecg-image-kit in its 7 styles'
+                                if args.kit_train_records else ''))
     if args.export_starter:
         report['starter_sha256'] = export_starter(best, report, 'python bench_quality.py ' + ' '.join(argv or sys.argv[1:]))
     report['wall_minutes'] = (time.perf_counter() - started) / 60

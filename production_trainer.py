@@ -441,7 +441,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
                 raise TrainingDiverged(f'{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient '
                                        f'(last at step {state["global_step"]})')
         speed = (count + skipped * config['batch_size']) * dist_world() / (time.perf_counter() - start)
-        bar.set_postfix(loss=f'{float(losses["total"].detach()):.3f}', img_s=f'{speed:.2f}')
+        bar.set_postfix(loss=f'{float(losses["total"].detach()):.3f}', img_s=f'{speed:.2f}', refresh=False)
         if writer and updated and state['global_step'] % config['log_every'] == 0:
             log_losses(writer, 'Train', {k: float(v.detach()) for k, v in losses.items()}, state['global_step'])
             writer.add_scalar('Train/lr', scheduler.get_last_lr()[0], state['global_step'])

@@ -10,18 +10,21 @@ import pytest
 import wfdb
 
 from conftest import run_cli
+from ecg_page import STANDARD
 
 LEADS = ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
-COLUMN = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]   # the standard layout's 2.5 s column of each lead
 
 
 def expected_finite(n_rows):
-    """(n_rows, 12) bool: II for all 10 s (rhythm strip), every other lead only in its quarter."""
-    quarter = n_rows // 4
+    """(n_rows, 12) bool: the rhythm strip's lead for all 10 s, every other lead only in its quarter of the
+    standard layout (ecg_page.STANDARD, where the model's strips come from)."""
+    quarter = n_rows // STANDARD.n_columns
     finite = np.zeros((n_rows, 12), bool)
-    for lead, column in enumerate(COLUMN):
-        finite[column * quarter:(column + 1) * quarter, lead] = True
-    finite[:, 1] = True
+    for lead in LEADS:
+        column = STANDARD.column_of(lead)
+        finite[column * quarter:(column + 1) * quarter, LEADS.index(lead)] = True
+    for lead in STANDARD.rhythm:
+        finite[:, LEADS.index(lead)] = True
     return finite
 
 
