@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import page_scale
-from ecg_page import FS, LEADS, N_LEADS, N_SAMPLES, N_TRACES, PAGE_HEIGHT_MM, RHYTHM, SECONDS
+from ecg_page import FS, LEADS, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -49,7 +49,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
 MAX_ABS_MV = 20.0                  # physiological ECG stays within a few mV; 20 allows pacing spikes
 PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the PNG (antialiasing, rounding)
-PLAUSIBLE_SCALE = (0.6, 1.5)       # grid px/mm over the border's: padding shrinks it to ~0.8, cropping grows it
+PLAUSIBLE_SCALE = (0.6, 1.5)       # grid px/mm over the border's when no pulse confirms it: padding ~0.8, crops > 1
 MAX_OFF_PAGE_SHARE = 0.05          # share of a lead's plotted pixels that may fall off the page (clipped peaks)
 MIN_PAGE_SIDE = 128                # px: a 50 dpi letter page is 425 px tall; less cannot hold 13 strips
 MIN_PAGE_CONTRAST = 2.0            # grey-level std: below it the image is one colour
@@ -558,8 +558,13 @@ def read_scale(rgb, size_hw):
     found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
              'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
              'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y}
-    border = rgb.shape[0] / PAGE_HEIGHT_MM   # px per mm if the image were the whole page, edge to edge
-    if scale.source is not None and not PLAUSIBLE_SCALE[0] <= scale.px_per_mm_y / border <= PLAUSIBLE_SCALE[1]:
+    # px per mm if the image were the whole page edge to edge, by its height or its width (a crop to the
+    # traces keeps most of the width); the nearer one judges the reading
+    borders = (rgb.shape[0] / PAGE_HEIGHT_MM, rgb.shape[1] / (PAGE_HEIGHT_MM * PAGE_ASPECT))
+    border = min(borders, key=lambda b: abs(math.log(scale.px_per_mm_y / b)) if scale.source else 0)
+    confirmed = not (scale.gain_assumed or scale.speed_assumed)   # the pulse fits the grid at a real gain
+    plausible = PLAUSIBLE_SCALE[0] <= scale.px_per_mm_y / border <= PLAUSIBLE_SCALE[1]
+    if scale.source is not None and not (plausible or confirmed):
         found['source'] = None   # a misread grid (faint colours, low dpi): the border is the better guess
         found['rejected'] = f'{scale.source} read {scale.px_per_mm_y:.2f} px/mm, the page border {border:.2f}'
     if found['source'] is None:
