@@ -103,9 +103,7 @@ COMMON=(--sim_root "$SIM_ROOT" --csv_root "$CSV_ROOT" --batch_size "$BATCH" --nu
 [ "$DEMO" = 1 ] && COMMON+=(--cache)
 STARTER=starter/ecg_starter.pth
 if [ "$DEMO" = 1 ] && [ -f "$STARTER" ] && [ "$ENCODER" = tu-regnetx_002 ]; then
-    # the starter's architecture: the demo fine-tunes a model that reads, at a fine-tuning step size
-    # (1e-3 from scratch swung held-out Pearson between 0.1 and 0.6 from epoch to epoch)
-    COMMON+=(--init_from "$STARTER" --lr 2e-4)
+    COMMON+=(--init_from "$STARTER")   # the starter's architecture: the demo fine-tunes a model that reads
     echo "demo: fine-tuning the starter weights $STARTER (see starter/MODEL_CARD.md)"
 fi
 
