@@ -91,9 +91,10 @@ def test_data_mistakes_are_one_line_in_validator_and_trainer(sim_data, tmp_path)
              (sim_data, tmp_path / 'nope', '--csv_root is not a folder'),
              (sim_data, binary, 'not a readable CSV'),
              (sim_data, columnless, "missing columns ['fs', 'id', 'sig_len']")]
-    for sim_root, csv_root, message in cases:
+    for sim_root, csv_root, message in cases:   # the trainer reads data through the validator's functions
         result = run_cli('production_dataset.py', '--sim_root', sim_root, '--csv_root', csv_root, check=False)
         one_line_error(result, message)
+    for sim_root, csv_root, message in cases[::2]:
         result = run_cli('production_trainer.py', '--sim_root', sim_root, '--csv_root', csv_root, *TINY,
                          '--output_dir', tmp_path / 'out', check=False)
         one_line_error(result, message)
@@ -134,8 +135,9 @@ def test_checkpoint_problems_are_one_line_in_every_script(tiny_run, sim_data, tm
     cases = [(text, 'not a readable checkpoint'), (plain, 'not a checkpoint of this toolkit'),
              (other, 'weights do not fit'), (truncated, 'not a readable checkpoint'),
              (tmp_path / 'missing.pth', 'checkpoint not found')]
-    for path, message in cases:
+    for path, message in cases:   # every script loads through ecg_checkpoint: each case once, each script twice
         one_line_error(run_cli('evaluate.py', '--checkpoint', path, check=False), str(path), message)
+    for path, message in cases[1:3]:
         one_line_error(run_cli('inference.py', '--image', image, '--checkpoint', path, '--output',
                                tmp_path / 'x.csv', check=False), message)
         one_line_error(run_cli('visualize.py', '--image', image, '--checkpoint', path, '--output',
