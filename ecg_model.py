@@ -93,6 +93,7 @@ def decode_outputs(out, geometry=None):
                                                      geometry.get('trace_span'), geometry.get('px_per_mv'),
                                                      page_aspect, geometry.get('px_per_s'))
     out['decode_theta'] = theta
+    out['geometry'] = geometry   # what the signal was decoded with: row_spread reads the same frame
     return out
 
 
@@ -250,11 +251,11 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
                         zero_log_prob=zero_log_prob, px_per_mv=px_per_mv)
 
 
-def row_spread(out, geometry=None):
+def row_spread(out):
     """How sure the signal head is, per sample: the spread (standard deviation, in mV) of each column's row
     softmax, read at the same 500 Hz instants as the signal -> (B, 12, 5000). A sharp trace map gives a
     few hundredths of a mV; a column where the map hesitates between rows gives tenths."""
-    geometry = geometry or {}
+    geometry = out['geometry']
     rows = out['trace_rows']
     prob = rows['trace_log_prob'].exp()
     grid = torch.arange(prob.shape[-2], device=prob.device, dtype=prob.dtype).view(1, 1, -1, 1)

@@ -135,11 +135,10 @@ def run_model(model, inputs, device):
     return model(inputs['image'], geometry=ecg_model.read_geometry(inputs))
 
 
-def lead_confidence(outputs, inputs):
+def lead_confidence(outputs):
     """Per image and lead, how sure the signal head was: the mean spread (mV) of its row softmax over the
     samples the page shows, and a 0..1 confidence (0.5 at a spread of CONFIDENCE_HALF_MV)."""
-    spread = ecg_model.row_spread(outputs, ecg_model.read_geometry(
-        {k: v.to(outputs['signal'].device) if torch.is_tensor(v) else v for k, v in inputs.items()}))
+    spread = ecg_model.row_spread(outputs)
     shown = torch.from_numpy(layout_mask()).to(spread.device)
     mean = (spread * shown).sum(-1) / shown.sum(-1)
     return mean.float().cpu().numpy(), (1 / (1 + mean / CONFIDENCE_HALF_MV)).float().cpu().numpy()
@@ -263,7 +262,7 @@ def digitize(model, size_hw, images, csv_paths, args, device):
 def outputs_to_files(outputs, inputs, read, args):
     """The model's outputs for a batch -> [(signal (12, 5000), sidecar report)] per image read."""
     signals = outputs['signal'].float().cpu().numpy()
-    spread, confidence = lead_confidence(outputs, inputs)
+    spread, confidence = lead_confidence(outputs)
     return [(signal, reading_report(path, inputs, outputs, i, spread[i], confidence[i], args))
             for i, (path, signal) in enumerate(zip(read, signals))]
 
