@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument('--batch_size', type=int, default=4, help='batch of the new path (the old one: 1)')
     p.add_argument('--n', type=int, default=64, help='pages in the folder')
     p.add_argument('--data', type=Path, default=Path('bench_out/sim_100dpi'), help='simulator pages, made once')
+    p.add_argument('--pages', type=Path, help='time this folder of page images instead (for example ecg-image-kit '
+                                             'renders at 200 dpi, 2200 x 1700 px: reading them costs more)')
     p.add_argument('--out', type=Path, default=Path('bench_out/inference'), help='CSVs, model files')
     p.add_argument('--child', help=argparse.SUPPRESS)   # internal: run one setting
     return p.parse_args(argv)
@@ -87,14 +89,16 @@ def pandas_csv(signal, path):
 
 
 def use_old_path():
-    """Put back what inference.py used before: the per-image rotation search and pandas' CSV writer."""
+    """Put back what inference.py used before: the per-image rotation search, pandas' CSV writer, one
+    page read at a time."""
     ecg_model.estimate_theta_batch = ecg_model.estimate_theta
+    inference.READERS = 1
     inference.write_csv = pandas_csv
 
 
 def run_setting(args):
     """Digitize the folder with one setting; prints one JSON line of numbers."""
-    images = ensure_pages(args.data, args.n)
+    images = sorted(args.pages.rglob('*.png'))[:args.n] if args.pages else ensure_pages(args.data, args.n)
     out = args.out / args.child
     device = torch.device('cpu')
     batch_size = SETTINGS[args.child][1] or args.batch_size
@@ -127,6 +131,7 @@ def run_child(setting, args):
     env.update(SETTINGS[setting][0])
     command = [sys.executable, __file__, '--child', setting, '--checkpoint', str(args.checkpoint), '--n', str(args.n),
                '--batch_size', str(args.batch_size), '--data', str(args.data), '--out', str(args.out)]
+    command += ['--pages', str(args.pages)] if args.pages else []
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     if result.returncode != 0:
         raise RuntimeError(f'{setting} failed:\n{result.stderr[-3000:]}')

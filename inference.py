@@ -41,6 +41,8 @@ CSV_DECIMALS = 3
 WFDB_ADC_GAIN = 1000.0                 # digital units per mV: 1 uV steps, as PTB-XL stores its records
 WFDB_MAX_MV = 32.767                   # fmt 16 holds +-32767 uV; -32768 is wfdb's NaN code
 CONFIDENCE_HALF_MV = 0.1               # a row spread of 0.1 mV (1 mm at 10 mm/mV) halves the confidence
+READERS = 2                            # pages decoded and measured at once: PNG decoding and the grid FFT are
+                                       # most of the CPU time on full-size pages
 
 
 def parse_args(argv=None):
@@ -209,27 +211,42 @@ def output_paths(images, args):
     return [output / f'{stem}.csv' for stem in stems]
 
 
-def read_batch(paths, size_hw):
-    """Read a batch of images; unreadable ones are reported and left out. -> (page_inputs or None, paths
-    read, problems)."""
-    pages, read, problems = [], [], []
-    for path in paths:
-        try:
-            pages.append(pdx.read_rgb(path))
-            read.append(path)
-        except pdx.InputError as exc:
-            problems.append(str(exc))
-    return (page_inputs(pages, size_hw) if pages else None), read, problems
+def read_page(path, size_hw):
+    """One image -> (its model inputs (page_input_row) or None, problem or None)."""
+    try:
+        return page_input_row(pdx.read_rgb(path), size_hw), None
+    except pdx.InputError as exc:
+        return None, str(exc)
 
 
-def page_inputs(pages, size_hw):
-    """(h, w, 3) uint8 RGB pages -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
+def read_batch(paths, size_hw, pool=None):
+    """Read a batch of images, on `pool`'s threads when given (decoding a PNG and reading its grid release
+    the GIL); unreadable ones are reported and left out. -> (page_inputs or None, paths read, problems)."""
+    results = list(pool.map(read_page, paths, [size_hw] * len(paths)) if pool else
+                   (read_page(path, size_hw) for path in paths))
+    rows = [row for row, _ in results if row is not None]
+    read = [path for path, (row, _) in zip(paths, results) if row is not None]
+    problems = [problem for _, problem in results if problem is not None]
+    return (stack_inputs(rows) if rows else None), read, problems
+
+
+def page_input_row(rgb, size_hw):
+    """(h, w, 3) uint8 RGB page -> (input tensor (3, H, W), page aspect, px_per_mv, px_per_s, scale found)."""
+    return pdx.preprocess(rgb, size_hw)[::2] + pdx.read_scale(rgb, size_hw)
+
+
+def stack_inputs(rows):
+    """page_input_row's per page -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
     read_px_per_s (B,), and 'scale', what each page's grid and pulse showed (page_scale)."""
-    rows = [pdx.preprocess(rgb, size_hw)[::2] + pdx.read_scale(rgb, size_hw) for rgb in pages]
     tensors, aspects, px_per_mv, px_per_s, found = zip(*rows)
     return {'image': torch.stack(tensors), 'page_aspect': torch.tensor(aspects, dtype=torch.float32),
             'read_px_per_mv': torch.tensor(px_per_mv, dtype=torch.float32),
             'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32), 'scale': list(found)}
+
+
+def page_inputs(pages, size_hw):
+    """(h, w, 3) uint8 RGB pages -> the model's inputs (stack_inputs)."""
+    return stack_inputs([page_input_row(rgb, size_hw) for rgb in pages])
 
 
 def digitize(model, size_hw, images, csv_paths, args, device):
@@ -241,12 +258,12 @@ def digitize(model, size_hw, images, csv_paths, args, device):
     problems, written = [], []
     bar = tqdm(total=len(images), desc='digitizing', unit='img', disable=len(images) == 1,
                mininterval=pdx.PROGRESS_SECONDS)
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        ahead = reader.submit(read_batch, chunks[0], size_hw)
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(READERS) as pages, ThreadPoolExecutor(1) as writer:
+        ahead = reader.submit(read_batch, chunks[0], size_hw, pages)
         for index, chunk in enumerate(chunks):
             inputs, read, bad = ahead.result()
             if index + 1 < len(chunks):
-                ahead = reader.submit(read_batch, chunks[index + 1], size_hw)
+                ahead = reader.submit(read_batch, chunks[index + 1], size_hw, pages)
             problems += bad
             if inputs is not None:
                 outputs = run_model(model, inputs, device)

@@ -506,13 +506,28 @@ def read_rgb(path):
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     elif image.shape[2] == 4:
-        alpha = image[..., 3:].astype(np.float32) / 255.0
-        image = cv2.cvtColor((image[..., :3] * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8),
-                             cv2.COLOR_BGR2RGB)
+        image = cv2.cvtColor(over_white_paper(image), cv2.COLOR_BGR2RGB)
     else:
         image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
     check_page_pixels(image, path)
     return image
+
+
+def over_white_paper(bgra):
+    """(h, w, 4) uint8 -> (h, w, 3) uint8 composited over white. ecg-image-kit writes RGBA pages that are
+    all opaque: those skip the float blend, which costs as much as decoding the PNG."""
+    alpha = bgra[..., 3]
+    if int(alpha.min()) == 255:
+        return np.ascontiguousarray(bgra[..., :3])
+    weight = alpha[..., None].astype(np.float32) / 255.0
+    return (bgra[..., :3] * weight + 255.0 * (1 - weight)).round().astype(np.uint8)
+
+
+def pixel_std(rgb):
+    """Standard deviation over all pixels and channels, from cv2's per-channel moments (a fraction of
+    numpy's cost on a 2200 x 1700 page)."""
+    mean, std = cv2.meanStdDev(rgb)
+    return float(np.sqrt(np.mean(std ** 2 + mean ** 2) - np.mean(mean) ** 2))
 
 
 def check_page_pixels(rgb, path):
@@ -521,7 +536,7 @@ def check_page_pixels(rgb, path):
     if min(height, width) < MIN_PAGE_SIDE:
         raise SampleError(f'{path}: image is {width}x{height} px, too small for an ECG page '
                           f'(at least {MIN_PAGE_SIDE} px a side)')
-    if float(rgb.std()) < MIN_PAGE_CONTRAST:
+    if pixel_std(rgb) < MIN_PAGE_CONTRAST:
         raise SampleError(f'{path}: image is blank (one colour, no trace or grid to read)')
 
 

@@ -3,6 +3,7 @@ import json
 import math
 import shutil
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -266,3 +267,22 @@ def test_padded_png_is_detected_and_coordinates_shifted(tmp_path, fixture_dirs):
     (tmp_path / 'images' / 'fx2048-0001.json').write_text(json.dumps(meta))
     wrong = pdx.ECGImageDataset(tmp_path / 'images', signals, target_size=SIZE)
     assert len(wrong) == 0 and 'PNG is 2280x1780 but its JSON says 2200x1700' in wrong.problems[-1][1]
+
+
+def test_rgba_pages_composite_over_white_and_contrast_matches_numpy(tmp_path):
+    """Half-transparent ink becomes grey on white paper; an opaque RGBA page is read as its RGB; the
+    blank-page check's contrast is numpy's std over every pixel and channel."""
+    rgba = np.full((200, 300, 4), 255, np.uint8)
+    rgba[50:60, :, :3] = 0                    # black ink ...
+    rgba[50:55, :, 3] = 128                   # ... half of it half transparent
+    path = tmp_path / 'page.png'
+    cv2.imwrite(str(path), rgba)
+    rgb = pdx.read_rgb(path)
+    assert rgb[52, 10].tolist() == [127, 127, 127] and rgb[57, 10].tolist() == [0, 0, 0]
+    assert rgb[0, 0].tolist() == [255, 255, 255]
+    opaque = rgba.copy()
+    opaque[..., 3] = 255
+    assert np.array_equal(pdx.over_white_paper(opaque), opaque[..., :3])
+    noisy = np.random.default_rng(0).integers(0, 256, (120, 170, 3), dtype=np.uint8)
+    assert pdx.pixel_std(noisy) == pytest.approx(float(noisy.std()), rel=1e-9)
+    assert pdx.pixel_std(rgb) == pytest.approx(float(rgb.std()), rel=1e-9)
