@@ -30,7 +30,7 @@ from ecg_page import STANDARD
 FORMAT = 2                                   # 1: numpy RNG pickled (needs weights_only=False)
 PREPROCESSING = {'resize': 'cv2.INTER_AREA', 'mean': pdx.IMAGENET_MEAN.tolist(), 'std': pdx.IMAGENET_STD.tolist(),
                  'coord_channels': ecg_model.COORD_CHANNELS, 'rgba': 'composited over white'}
-TRAINED_LAYOUTS = [STANDARD.name]            # the model's 13 strips are laid out for this page
+TRAINED_LAYOUTS = [STANDARD.name]            # what a checkpoint that names none was trained on
 REQUIRED_KEYS = ('model', 'model_args', 'config')
 STARTER = Path(__file__).resolve().parent / 'starter' / 'ecg_starter.pth'   # shipped weights, see its MODEL_CARD.md
 
@@ -72,7 +72,7 @@ def training_state(model, optimizer, scheduler, scaler, progress, config):
     step_in_epoch, global_step, best_metric and select_metric."""
     return {'format': FORMAT, 'model': model.state_dict(), 'model_args': model.model_args,
             'image_size': list(config['image_size']), 'preprocessing': PREPROCESSING,
-            'layouts': TRAINED_LAYOUTS, 'config': config, 'optimizer': optimizer.state_dict(),
+            'layouts': config.get('layouts') or TRAINED_LAYOUTS, 'config': config, 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'rng': rng_state(),
             **{key: progress[key] for key in ('epoch', 'step_in_epoch', 'global_step', 'best_metric',
                                               'select_metric')}}

@@ -22,17 +22,17 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import segmentation_models_pytorch as smp
 
-from ecg_page import (FS, LEADS, MM_PER_MV, MM_PER_S, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT, PAGE_HEIGHT_MM,
+from ecg_page import (FS, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT, PAGE_HEIGHT_MM,
                       RHYTHM, SECONDS, STANDARD)
 
-LAYOUT = STANDARD                   # the page the 13 output strips are laid out for
-RHYTHM_LEAD = LEADS.index(LAYOUT.rhythm[0])
+LAYOUT = STANDARD                   # the page read when nothing says otherwise
 TRACE_START = 118 / 2200            # where ecg-image-kit starts the traces (after the 1 mV pulse), page widths
 START_PRIOR_WEIGHT = 0.01           # per column off the usual start: only breaks ties of a flat presence
 START_STEP = 0.05                   # columns: resolution of the time-start search
@@ -93,13 +93,14 @@ def decode_outputs(out, geometry=None):
     out = dict(out)
     out['signal'], out['trace_rows'] = decode_signal(out['trace'], theta, geometry.get('trace_window'),
                                                      geometry.get('trace_span'), geometry.get('px_per_mv'),
-                                                     page_aspect, geometry.get('px_per_s'))
+                                                     page_aspect, geometry.get('px_per_s'),
+                                                     geometry.get('rhythm_lead'), geometry.get('layouts'))
     out['decode_theta'] = theta
     out['geometry'] = geometry   # what the signal was decoded with: row_spread reads the same frame
     return out
 
 
-GEOMETRY_KEYS = ('theta', 'trace_window', 'trace_span', 'px_per_mv', 'page_aspect')
+GEOMETRY_KEYS = ('theta', 'trace_window', 'trace_span', 'px_per_mv', 'page_aspect', 'rhythm_lead')
 
 
 def true_geometry(batch):
@@ -107,12 +108,12 @@ def true_geometry(batch):
     return {key: batch[key] for key in GEOMETRY_KEYS}
 
 
-def read_geometry(batch):
+def read_geometry(batch, layouts=None):
     """The decoding geometry an image shows by itself (evaluation, inference): its shape and the scale
-    its grid and pulse give (NaN: not found, the page border is used); rotation and time start are
-    read from the model's maps."""
+    its grid and pulse give (NaN: not found, the page border is used); rotation, time start and, among
+    `layouts` (names; default the standard page), the layout are read from the model's maps."""
     return {'page_aspect': batch['page_aspect'], 'px_per_mv': batch.get('read_px_per_mv'),
-            'px_per_s': batch.get('read_px_per_s')}
+            'px_per_s': batch.get('read_px_per_s'), 'layouts': list(layouts or [LAYOUT.name])}
 
 
 # ---------------------------------------------------------------- geometry
@@ -141,12 +142,19 @@ def page_px_per_s(width, page_aspect, px_per_s=None):
     return torch.where(torch.isfinite(px_per_s) & (px_per_s > 0), px_per_s, fallback)
 
 
+def layout_strips(layouts, device):
+    """Per page, what its layout draws: windows and places (B, 13, 2) in seconds (NaN: no such strip; see
+    ecg_page.Layout.strip_seconds) and the rhythm strip's lead (B,) (-1: none). layouts: Layout per page."""
+    seconds = [layout.strip_seconds() for layout in layouts]
+    windows = torch.tensor(np.stack([w for w, _ in seconds]), dtype=torch.float32, device=device)
+    places = torch.tensor(np.stack([p for _, p in seconds]), dtype=torch.float32, device=device)
+    rhythm = torch.tensor([layout.rhythm_lead for layout in layouts], dtype=torch.long, device=device)
+    return windows, places, rhythm
+
+
 def default_windows(batch, device):
-    """(B, 13, 2) seconds [first, last sample] each channel shows in LAYOUT (the standard 3x4 + rhythm)."""
-    windows = [LAYOUT.short_window(lead) for lead in LEADS] + [(0.0, SECONDS)]
-    starts = torch.tensor([start for start, _ in windows], device=device)
-    ends = torch.tensor([end for _, end in windows], device=device) - 1 / FS
-    return torch.stack([starts, ends], dim=1).expand(batch, -1, -1)
+    """(B, 13, 2) seconds [first, last sample] each channel shows on the standard page (LAYOUT)."""
+    return layout_strips([LAYOUT] * batch, device)[0]
 
 
 def column_soft_argmax(logits):
@@ -175,29 +183,79 @@ def continuous_cumsum(values, at):
     return cumulative.gather(-1, whole) + partial
 
 
-def layout_spans(presence, window, page_aspect, px_per_s=None):
-    """(B, 13, W) presence logits -> (B, 13, 2) column spans on one time axis for the whole page.
+def fit_start(presence, place, page_aspect, px_per_s=None):
+    """Where t = 0 of the page's time axis lies, and how well the layout fits: (B,) start column and
+    (B,) score. place (B, 13, 2): page seconds of each strip's first and last sample (NaN: not drawn).
 
     The page's own scale fixes the pixels per second (px_per_s (B,) read from the grid, else 25 mm/s on a
-    page 8.5 in tall and page_aspect wide), so no strip can come out stretched; only the start (t = 0) is
-    read from the image, to a twentieth of a column: the start at which every strip's box [start + t0 *
-    px_per_s, start + t1 * px_per_s] best covers the columns where that strip is present. Each strip's two
-    ends vote, so the start is far steadier than any one edge; a column's error is about 8 samples, which
-    costs Pearson more than any amplitude error."""
+    page 8.5 in tall and page_aspect wide), so no strip can come out stretched; only the start is read from
+    the image, to a twentieth of a column: the start at which every strip's box best covers the columns
+    where that strip is present (columns outside every box, or a box over absent columns, cost). Each
+    strip's two ends vote, so the start is far steadier than any one edge; a column's error is about 8
+    samples, which costs Pearson more than any amplitude error."""
     batch, _, width = presence.shape
     px_per_s = page_px_per_s(width, page_aspect, px_per_s).view(-1, 1)
     covered = presence.sigmoid() - 0.5                                            # (B, 13, W)
-    shown = torch.isfinite(window).all(-1)                                        # (B, 13)
-    covered = covered * shown[..., None]
-    window = torch.nan_to_num(window)
+    shown = torch.isfinite(place).all(-1)                                         # (B, 13)
+    place = torch.nan_to_num(place)
     starts = torch.arange(-START_REACH, width, START_STEP, device=presence.device)   # (K,)
     # a strip drawn from x0 to x1 fills columns round(x0) .. round(x1): the box is half a column wider each side
-    left = starts.view(1, 1, -1) + window[..., :1] * px_per_s[..., None] - 0.5    # (B, 13, K)
-    right = starts.view(1, 1, -1) + window[..., 1:] * px_per_s[..., None] + 0.5
-    score = (continuous_cumsum(covered, right) - continuous_cumsum(covered, left)).sum(1)   # (B, K)
+    left = starts.view(1, 1, -1) + place[..., :1] * px_per_s[..., None] - 0.5    # (B, 13, K)
+    right = starts.view(1, 1, -1) + place[..., 1:] * px_per_s[..., None] + 0.5
+    inside = continuous_cumsum(covered, right) - continuous_cumsum(covered, left)
+    unexplained = covered.clamp(min=0).sum(-1, keepdim=True)                    # a strip the layout lacks
+    score = torch.where(shown[..., None], inside, -unexplained).sum(1)          # (B, K)
     score = score - START_PRIOR_WEIGHT * (starts[None] - TRACE_START * width).abs()
-    x0 = starts[score.argmax(1)].view(-1, 1, 1)
-    return x0 + window * px_per_s[..., None]
+    best, index = score.max(1)
+    return starts[index], best
+
+
+def layout_spans(presence, place, page_aspect, px_per_s=None):
+    """(B, 13, W) presence logits -> (B, 13, 2) column spans of each strip on the page's one time axis
+    (fit_start): the start plus each strip's place (B, 13, 2) in seconds at the page's px_per_s."""
+    x0, _ = fit_start(presence, place, page_aspect, px_per_s)
+    px_per_s = page_px_per_s(presence.shape[-1], page_aspect, px_per_s).view(-1, 1, 1)
+    return x0.view(-1, 1, 1) + place * px_per_s
+
+
+def choose_layouts(presence, names, page_aspect, px_per_s=None):
+    """The layout of each page among `names` (ecg_page.LAYOUTS keys): the one whose strips best fit where
+    the model sees strips (fit_start's score). Layouts that differ only in the rhythm strip's lead draw the
+    same strips; pick_rhythm_leads tells them apart by what the strip shows. -> [Layout] per page."""
+    layouts = [LAYOUTS[name] for name in names]
+    if len(layouts) == 1:
+        return layouts * presence.shape[0]
+    scores = []
+    for layout in layouts:
+        _, places, _ = layout_strips([layout] * presence.shape[0], presence.device)
+        scores.append(fit_start(presence, places, page_aspect, px_per_s)[1])
+    best = torch.stack(scores, 1).argmax(1).tolist()
+    return [layouts[i] for i in best]
+
+
+def pick_rhythm_leads(sampled, valid, layouts, names):
+    """(B,) rhythm lead of each page: among the `names` layouts that draw the same rows as the chosen one,
+    the lead whose own short strip the rhythm strip matches best (Pearson r where both are shown).
+    sampled, valid (B, 13, 5000): every channel read at the 500 Hz instants."""
+    rhythm = []
+    for i, layout in enumerate(layouts):
+        options = sorted({LAYOUTS[n].rhythm_lead for n in names
+                          if LAYOUTS[n].rows == layout.rows and LAYOUTS[n].rhythm and layout.rhythm})
+        if len(options) <= 1:
+            rhythm.append(layout.rhythm_lead)
+            continue
+        r = [masked_pearson(sampled[i, RHYTHM], sampled[i, lead], valid[i, RHYTHM] & valid[i, lead])
+             for lead in options]
+        rhythm.append(options[int(np.argmax(r))])
+    return torch.tensor(rhythm, dtype=torch.long, device=sampled.device)
+
+
+def masked_pearson(a, b, mask):
+    """Pearson r of two (T,) readings over mask (-1 where fewer than 10 samples overlap)."""
+    if int(mask.sum()) < 10:
+        return -1.0
+    a, b = a[mask] - a[mask].mean(), b[mask] - b[mask].mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-9))
 
 
 def sample_columns(values, window, span):
@@ -217,37 +275,63 @@ def sample_columns(values, window, span):
     return v_left * (1 - frac) + v_right * frac, valid
 
 
-def channels_to_leads(values, valid):
-    """(B, 13, 5000) channel readings -> (B, 12, 5000) leads: the rhythm strip wins where it is shown."""
+def channels_to_leads(values, valid, rhythm_lead=None):
+    """(B, 13, 5000) channel readings -> (B, 12, 5000) leads: the rhythm strip fills its lead (rhythm_lead
+    (B,), -1: none; default the standard page's II) and wins where both are shown."""
     leads = torch.where(valid[:, :N_LEADS], values[:, :N_LEADS], torch.zeros_like(values[:, :N_LEADS]))
     shown = valid[:, :N_LEADS].clone()
-    rhythm = valid[:, RHYTHM]
-    leads[:, RHYTHM_LEAD] = torch.where(rhythm, values[:, RHYTHM], leads[:, RHYTHM_LEAD])
-    shown[:, RHYTHM_LEAD] |= rhythm
-    return leads, shown
+    if rhythm_lead is None:
+        rhythm_lead = torch.full((values.shape[0],), LAYOUT.rhythm_lead, device=values.device)
+    rhythm_lead = rhythm_lead.to(values.device).long().view(-1)
+    for_lead = F.one_hot(rhythm_lead.clamp(min=0), N_LEADS).bool() & (rhythm_lead >= 0)[:, None]   # (B, 12)
+    rhythm = for_lead[..., None] & valid[:, RHYTHM:RHYTHM + 1]                   # (B, 12, 5000)
+    leads = torch.where(rhythm, values[:, RHYTHM:RHYTHM + 1], leads)
+    return leads, shown | rhythm
 
 
-def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect=None, px_per_s=None):
+def read_channels(trace_rows, zero_rows, window, span, px_per_mv):
+    """Page-frame rows per column (B, 13, W) -> each channel in mV at the 500 Hz instants of its window,
+    and where it is shown: (B, 13, 5000) each."""
+    value = (zero_rows - trace_rows) / px_per_mv.view(-1, 1, 1)
+    return sample_columns(torch.nan_to_num(value, nan=0.0), window, span)
+
+
+def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect=None, px_per_s=None,
+                rhythm_lead=None):
     """Shared by the model and the round-trip bound: page-frame rows per column -> (B, 12, 5000) mV.
 
-    trace_rows, zero_rows, presence: (B, 13, W); window, span: (B, 13, 2) or None; px_per_mv (B,);
-    px_per_s (B,) or None: the page's columns per second when the span is read from presence."""
+    trace_rows, zero_rows, presence: (B, 13, W); window, span: (B, 13, 2) or None (the standard page,
+    its start read from presence); px_per_mv (B,); px_per_s (B,) or None: the page's columns per second
+    when the span is read from presence; rhythm_lead (B,) or None (the standard page's)."""
     batch = trace_rows.shape[0]
     if page_aspect is None:
         page_aspect = torch.full((batch,), PAGE_ASPECT, device=trace_rows.device)
     if window is None:
-        window = default_windows(batch, trace_rows.device)
-    if span is None:
-        span = layout_spans(presence, window, page_aspect, px_per_s)
-    value = (zero_rows - trace_rows) / px_per_mv.view(-1, 1, 1)
-    value = torch.nan_to_num(value, nan=0.0)
-    sampled, valid = sample_columns(value, window, span)
-    return channels_to_leads(sampled, valid)
+        window, place, rhythm_lead = layout_strips([LAYOUT] * batch, trace_rows.device)
+        span = layout_spans(presence, place, page_aspect, px_per_s)
+    sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
+    return channels_to_leads(sampled, valid, rhythm_lead)
 
 
-def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None):
+def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspect, px_per_s=None):
+    """Decode pages whose layout is read from the image, among `names`: -> (B, 12, 5000) mV, (B, 12, 5000)
+    shown, and each page's layout name (its rhythm lead told by what the strip shows)."""
+    chosen = choose_layouts(presence, names, page_aspect, px_per_s)
+    window, place, _ = layout_strips(chosen, trace_rows.device)
+    span = layout_spans(presence, place, page_aspect, px_per_s)
+    sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
+    rhythm_lead = pick_rhythm_leads(sampled, valid, chosen, names)
+    found = [next(n for n in names if LAYOUTS[n].rows == layout.rows and LAYOUTS[n].rhythm_lead == int(lead))
+             for layout, lead in zip(chosen, rhythm_lead)]
+    signal, shown = channels_to_leads(sampled, valid, rhythm_lead)
+    return signal, shown, found
+
+
+def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None,
+                  rhythm_lead=None, layouts=None):
     """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read.
-    px_per_mv, px_per_s (B,): the page's scale in input pixels; NaN or None falls back to the page border."""
+    px_per_mv, px_per_s (B,): the page's scale in input pixels; NaN or None falls back to the page border.
+    Without a window, the layout is read from the maps among `layouts` (names; default the standard page)."""
     batch, _, height, width = trace.shape
     device = trace.device
     if page_aspect is None:
@@ -257,9 +341,15 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     trace_rows, trace_log_prob = column_soft_argmax(page[:, :N_TRACES])
     zero_rows, zero_log_prob = column_soft_argmax(page[:, N_TRACES:2 * N_TRACES])
     presence = column_presence(page[:, 2 * N_TRACES:])
-    signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s)
+    if window is None:
+        signal, _, found = decode_layouts(trace_rows, zero_rows, presence, layouts or [LAYOUT.name], px_per_mv,
+                                          page_aspect, px_per_s)
+    else:
+        signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s,
+                                rhythm_lead)
+        found = None
     return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
-                        zero_log_prob=zero_log_prob, px_per_mv=px_per_mv)
+                        zero_log_prob=zero_log_prob, px_per_mv=px_per_mv, layouts=found)
 
 
 def row_spread(out):
@@ -272,9 +362,12 @@ def row_spread(out):
     grid = torch.arange(prob.shape[-2], device=prob.device, dtype=prob.dtype).view(1, 1, -1, 1)
     variance = (prob * (grid - rows['trace'].unsqueeze(2)) ** 2).sum(2)
     spread_rows = variance.clamp(min=0).sqrt()
-    spread, _ = decode_rows(-spread_rows, torch.zeros_like(spread_rows), rows['presence'],
-                            geometry.get('trace_window'), geometry.get('trace_span'), rows['px_per_mv'],
-                            geometry.get('page_aspect'), geometry.get('px_per_s'))
+    window, span, rhythm_lead = geometry.get('trace_window'), geometry.get('trace_span'), geometry.get('rhythm_lead')
+    if window is None and rows.get('layouts'):   # the layouts the decoding found
+        window, place, rhythm_lead = layout_strips([LAYOUTS[name] for name in rows['layouts']], spread_rows.device)
+        span = layout_spans(rows['presence'], place, geometry['page_aspect'], geometry.get('px_per_s'))
+    spread, _ = decode_rows(-spread_rows, torch.zeros_like(spread_rows), rows['presence'], window, span,
+                            rows['px_per_mv'], geometry.get('page_aspect'), geometry.get('px_per_s'), rhythm_lead)
     return spread
 
 

@@ -35,10 +35,15 @@ PAGE_ASPECT = PAGE_W_IN / PAGE_H_IN
 
 @dataclass(frozen=True)
 class Layout:
-    """Rows of leads (left to right, equal columns over SECONDS) and the rhythm strips below them."""
+    """Rows of leads (left to right, equal columns across the page's 10 s) and the rhythm strips below them.
+
+    A strip's place is where it sits on the page's time axis (seconds from where the traces start); its
+    window is which seconds of the signal it shows. Most pages show column j at the seconds it sits at;
+    ecg-image-kit's 2-column page restarts every column at t = 0 (restart_columns)."""
     name: str
     rows: tuple
     rhythm: tuple = ()
+    restart_columns: bool = False
 
     @property
     def n_columns(self):
@@ -53,11 +58,37 @@ class Layout:
         return next((row.index(lead) for row in self.rows if lead in row), None)
 
     def short_window(self, lead):
-        """(start, end) seconds of a lead's short strip, half-open; None if not in the rows."""
+        """(start, end) seconds of the signal a lead's short strip shows, half-open; None if not in the rows."""
         column = self.column_of(lead)
         if column is None:
             return None
-        return column * self.column_seconds, (column + 1) * self.column_seconds
+        start = 0.0 if self.restart_columns else column * self.column_seconds
+        return start, start + self.column_seconds
+
+    def short_place(self, lead):
+        """(start, end) seconds on the page's time axis where a lead's short strip is drawn."""
+        column = self.column_of(lead)
+        return None if column is None else (column * self.column_seconds, (column + 1) * self.column_seconds)
+
+    @property
+    def rhythm_lead(self):
+        """Lead index of the (first) rhythm strip, -1 without one: the 13th trace channel holds it."""
+        return LEADS.index(self.rhythm[0]) if self.rhythm else -1
+
+    def strip_seconds(self, fs=FS):
+        """(13, 2) windows and (13, 2) places, seconds [first sample, last sample] of each trace channel
+        (a lead's short strip, then the rhythm strip); NaN where the layout draws no such strip."""
+        windows = np.full((N_TRACES, 2), np.nan)
+        places = np.full((N_TRACES, 2), np.nan)
+        for i, lead in enumerate(LEADS):
+            if self.column_of(lead) is not None:
+                windows[i] = self.short_window(lead)
+                places[i] = self.short_place(lead)
+        if self.rhythm:
+            windows[RHYTHM] = places[RHYTHM] = (0.0, SECONDS)
+        windows[:, 1] -= 1 / fs
+        places[:, 1] -= 1 / fs
+        return windows, places
 
     def shown_mask(self, fs=FS, n_samples=N_SAMPLES):
         """(12, n_samples) bool: the samples t = n / fs that the page shows of each lead."""
@@ -72,7 +103,32 @@ class Layout:
         return mask
 
 
-STANDARD = Layout('3x4+II', rows=(('I', 'aVR', 'V1', 'V4'),
-                                  ('II', 'aVL', 'V2', 'V5'),
-                                  ('III', 'aVF', 'V3', 'V6')), rhythm=('II',))
-LAYOUTS = {STANDARD.name: STANDARD}
+THREE_BY_FOUR = (('I', 'aVR', 'V1', 'V4'),
+                 ('II', 'aVL', 'V2', 'V5'),
+                 ('III', 'aVF', 'V3', 'V6'))
+STANDARD = Layout('3x4+II', rows=THREE_BY_FOUR, rhythm=('II',))
+# ecg-image-kit --num_columns 2: its own lead order, both columns showing the first 5 s
+KIT_SIX_BY_TWO = (('V1', 'V4'), ('I', 'aVR'), ('V2', 'V5'), ('II', 'aVL'), ('V3', 'V6'), ('III', 'aVF'))
+LAYOUTS = {layout.name: layout for layout in (
+    STANDARD,
+    Layout('3x4', rows=THREE_BY_FOUR),
+    # any lead as the rhythm strip: ecg-image-kit --full_mode V1 (and --full_mode None, which draws lead I)
+    *(Layout(f'3x4+{lead}', rows=THREE_BY_FOUR, rhythm=(lead,)) for lead in LEADS if lead != 'II'),
+    Layout('6x2+II', rows=KIT_SIX_BY_TWO, rhythm=('II',), restart_columns=True),   # --num_columns 2
+    Layout('6x2', rows=KIT_SIX_BY_TWO, restart_columns=True),
+    Layout('12x1', rows=tuple((lead,) for lead in LEADS)),
+)}
+
+
+def page_layout(strips):
+    """The LAYOUTS name of a page drawn as strips [(lead, first sample s, last sample s, is_rhythm)], or
+    None when no known layout draws exactly those strips (to within a tenth of a second)."""
+    for layout in LAYOUTS.values():
+        windows, _ = layout.strip_seconds()
+        wanted = {(LEADS[i] if i < N_LEADS else layout.rhythm[0], i == RHYTHM, tuple(windows[i]))
+                  for i in range(N_TRACES) if np.isfinite(windows[i]).all()}
+        if len(wanted) == len(strips) and all(
+                any(lead == w[0] and rhythm == w[1] and abs(t0 - w[2][0]) < 0.1 and abs(t1 - w[2][1]) < 0.1
+                    for w in wanted) for lead, t0, t1, rhythm in strips):
+            return layout.name
+    return None

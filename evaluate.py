@@ -89,17 +89,17 @@ def round_trip(batch):
     """Ground truth decoded through the model's decoding path: (B, 12, 5000)."""
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
     signal, _ = ecg_model.decode_rows(centre, batch['baseline_row'], None, batch['trace_window'],
-                                      batch['trace_span'], batch['px_per_mv'])
+                                      batch['trace_span'], batch['px_per_mv'], rhythm_lead=batch['rhythm_lead'])
     return signal
 
 
 @torch.no_grad()
-def score_batches(model, loader, device):
-    """Per-image numbers for the whole loader."""
+def score_batches(model, loader, device, layouts=None):
+    """Per-image numbers for the whole loader; each page's layout is found among `layouts` (names)."""
     rows, model_stats, bound_stats = [], [], []
     for batch in tqdm(loader, desc='evaluating', leave=False, mininterval=pdx.PROGRESS_SECONDS):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        outputs = model(batch['image'], ecg_model.read_geometry(batch))
+        outputs = model(batch['image'], ecg_model.read_geometry(batch, layouts))
         outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}
         model_stats.append(ecg_trainer.record_stats(outputs['signal'], batch['signal'], batch['signal_mask']))
         bound_stats.append(ecg_trainer.record_stats(round_trip(batch), batch['signal'], batch['signal_mask']))
@@ -111,7 +111,9 @@ def score_batches(model, loader, device):
             rows.append({'record_id': batch['record_id'][i], 'fs': float(batch['fs'][i]), 'style': batch['style'][i],
                          'theta_true': float(batch['theta'][i]), 'theta_valid': bool(batch['theta_valid'][i] > 0),
                          'theta_error_deg': float(theta_err[i]), 'seg_dice': float(dice[i]),
-                         'baseline_error_px': float(base[i]), 'scale_error_pct': float(scale_error[i])})
+                         'baseline_error_px': float(base[i]), 'scale_error_pct': float(scale_error[i]),
+                         'layout': pdx.layout_name(batch['layout_id'][i]) or 'unknown',
+                         'layout_found': outputs['trace_rows']['layouts'][i]})
     return pd.DataFrame(rows), ecg_trainer.concat_stats(model_stats), ecg_trainer.concat_stats(bound_stats)
 
 
@@ -145,6 +147,8 @@ def build_report(frame, model_stats, bound_stats):
                      for i, lead in enumerate(LEADS)},
         'per_fs': group_report(frame, model_stats, bound_stats, 'fs'),
         'per_style': group_report(frame, model_stats, bound_stats, 'style'),
+        'per_layout': group_report(frame, model_stats, bound_stats, 'layout'),
+        'layout_found_share': float((frame.layout == frame.layout_found).mean()),
         'theta_error_deg': float(valid_theta.theta_error_deg.mean()) if len(valid_theta) else float('nan'),
         'theta_error_deg_rotated': float(rotated.theta_error_deg.mean()) if len(rotated) else float('nan'),
         'baseline_error_px': float(frame.baseline_error_px.mean()),
@@ -170,10 +174,11 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
     if len(dataset) == 0:
         raise pdx.InputError('no usable image to evaluate')
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    frame, model_stats, bound_stats = score_batches(model, loader, device)
+    layouts = list(checkpoint.get('layouts') or ecg_checkpoint.TRAINED_LAYOUTS)
+    frame, model_stats, bound_stats = score_batches(model, loader, device, layouts)
     report = build_report(frame, model_stats, bound_stats)
     report.update(checkpoint=str(checkpoint_path), untrained=untrained, image_size=config['image_size'],
-                  encoder=config['encoder'],
+                  encoder=config['encoder'], trained_layouts=layouts,
                   epoch=checkpoint['epoch'], skipped=len(problems) + len(dataset.problems))
     return report, frame
 
@@ -188,12 +193,15 @@ def print_table(report):
     print(f"{'':14s}{'pearson':>9s}{'snr dB':>9s}{'bound r':>9s}{'bound dB':>9s}")
     print(f"{'overall':14s}{fmt(report['pearson']):>9s}{fmt(report['snr_db'], 2):>9s}"
           f"{fmt(report['bound_pearson']):>9s}{fmt(report['bound_snr_db'], 2):>9s}")
-    for title, block in (('lead', report['per_lead']), ('fs', report['per_fs']), ('style', report['per_style'])):
+    for title, block in (('lead', report['per_lead']), ('fs', report['per_fs']), ('style', report['per_style']),
+                         ('layout', report['per_layout'])):
         for name, row in block.items():
             print(f"{title + ' ' + name:14s}{fmt(row['pearson']):>9s}{fmt(row['snr_db'], 2):>9s}"
                   f"{fmt(row['bound_pearson']):>9s}{fmt(row['bound_snr_db'], 2):>9s}")
     print(f"theta error {fmt(report['theta_error_deg'], 2)} deg (rotated pages {fmt(report['theta_error_deg_rotated'], 2)}), "
           f"0 mV line error {fmt(report['baseline_error_px'], 2)} px, seg Dice {fmt(report['seg_dice'])}")
+    print(f"layout found on {100 * report['layout_found_share']:.0f} % of images "
+          f"(among {', '.join(report['trained_layouts'])})")
     print(f"scale read from the page on {100 * report['scale_found_share']:.0f} % of images, px per mV off by "
           f"{fmt(report['scale_error_pct'], 2)} % on average")
 

@@ -20,6 +20,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # waiting threads sleep: a
 import argparse
 import json
 import re
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +35,7 @@ import ecg_model
 import export_onnx
 import production_dataset as pdx
 import speed
-from ecg_page import FS as MODEL_FS, LEADS, SECONDS   # the model's signal: 500 Hz over 10 s
+from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, SECONDS   # the model's signal: 500 Hz over 10 s
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 CSV_DECIMALS = 3
@@ -64,6 +65,9 @@ def parse_args(argv=None):
                         help='also write {stem}.hea/.dat (WFDB, fmt 16, 1000 units/mV, not-shown samples as NaN)')
     parser.add_argument('--threads', type=speed.threads_arg, default='auto',
                         help='CPU threads; auto: one per usable core, or OMP_NUM_THREADS where set (speed.py)')
+    parser.add_argument('--layout', default='auto', choices=['auto'] + list(LAYOUTS), metavar='NAME',
+                        help='the page layout: auto (default) finds it among those the checkpoint was trained '
+                             'on; or one of ' + ', '.join(LAYOUTS))
     return parser.parse_args(argv)
 
 
@@ -93,9 +97,23 @@ def checkpoint_path(given):
 
 
 def load_checkpoint(path, device):
-    """(model in eval mode, its input size (H, W)); a missing or broken file is an InputError naming it."""
+    """(model in eval mode, its input size (H, W)); a missing or broken file is an InputError naming it.
+    model.trained_layouts: the page layouts it was trained on (the checkpoint's 'layouts')."""
     model, checkpoint = ecg_checkpoint.load_model(path, device)
+    model.trained_layouts = list(checkpoint.get('layouts') or ecg_checkpoint.TRAINED_LAYOUTS)
     return model, ecg_checkpoint.input_size(checkpoint)
+
+
+def candidate_layouts(model, layout):
+    """The layouts inference chooses among: --layout NAME, or auto: those the model was trained on. A page
+    layout the model never saw is read, with a warning (its strips may be misplaced)."""
+    trained = list(getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS))
+    if layout == 'auto':
+        return trained
+    if layout not in trained:
+        print(f'warning: --layout {layout}: this model was trained on {", ".join(trained)} only; '
+              f'its reading of {layout} pages is untested', file=sys.stderr)
+    return [layout]
 
 
 def load_network(args, device, threads):
@@ -129,34 +147,41 @@ def find_images(path):
 
 
 @torch.inference_mode()
-def run_model(model, inputs, device):
+def run_model(model, inputs, device, layouts=None):
     """read_batch's inputs -> the model's output dict, decoded with each page's real aspect (a squeezed
-    wide input changes the page's shape, and the de-rotation must know it) and the scale its grid and
-    calibration pulse show (padding, cropping or rescaling the page leaves amplitudes right)."""
+    wide input changes the page's shape, and the de-rotation must know it), the scale its grid and
+    calibration pulse show (padding, cropping or rescaling the page leaves amplitudes right) and its layout
+    found among `layouts` (default: the model's trained ones)."""
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    return model(inputs['image'], geometry=ecg_model.read_geometry(inputs))
+    layouts = layouts or getattr(model, 'trained_layouts', None)
+    return model(inputs['image'], geometry=ecg_model.read_geometry(inputs, layouts))
 
 
 def lead_confidence(outputs):
     """Per image and lead, how sure the signal head was: the mean spread (mV) of its row softmax over the
     samples the page shows, and a 0..1 confidence (0.5 at a spread of CONFIDENCE_HALF_MV)."""
     spread = ecg_model.row_spread(outputs)
-    shown = torch.from_numpy(layout_mask()).to(spread.device)
-    mean = (spread * shown).sum(-1) / shown.sum(-1)
+    shown = torch.from_numpy(np.stack([layout_mask(name) for name in found_layouts(outputs)])).to(spread.device)
+    mean = (spread * shown).sum(-1) / shown.sum(-1).clamp(min=1)
     return mean.float().cpu().numpy(), (1 / (1 + mean / CONFIDENCE_HALF_MV)).float().cpu().numpy()
 
 
 # ---------------------------------------------------------------- signals
 
-def layout_mask():
-    """(12, 5000) bool: which 500 Hz samples the model's page layout shows (II: all 10 s via the rhythm
-    strip; every other lead: its 2.5 s column)."""
-    return ecg_model.LAYOUT.shown_mask()
+def found_layouts(outputs):
+    """The layout name decoding found for each image of a batch."""
+    return outputs['trace_rows'].get('layouts') or [ecg_model.LAYOUT.name] * len(outputs['signal'])
 
 
-def shown_signal(signal):
-    """(12, 5000) model output in mV -> float64 copy with NaN where the image does not show the lead."""
-    return np.where(layout_mask(), signal.astype(np.float64), np.nan)
+def layout_mask(name=ecg_model.LAYOUT.name):
+    """(12, 5000) bool: which 500 Hz samples a page layout shows (on the standard page II: all 10 s via
+    the rhythm strip; every other lead: its 2.5 s column)."""
+    return LAYOUTS[name].shown_mask()
+
+
+def shown_signal(signal, layout=ecg_model.LAYOUT.name):
+    """(12, 5000) model output in mV -> float64 copy with NaN where the page's layout does not show the lead."""
+    return np.where(layout_mask(layout), signal.astype(np.float64), np.nan)
 
 
 def resample_signal(signal, fs):
@@ -266,7 +291,7 @@ def digitize(model, size_hw, images, csv_paths, args, device):
                 ahead = reader.submit(read_batch, chunks[index + 1], size_hw, pages)
             problems += bad
             if inputs is not None:
-                outputs = run_model(model, inputs, device)
+                outputs = run_model(model, inputs, device, getattr(args, 'layouts', None))
                 jobs = [(path, target[path]) for path in read]
                 written.append(writer.submit(write_batch, outputs_to_files(outputs, inputs, read, args), jobs, args))
             bar.update(len(chunk))
@@ -287,14 +312,14 @@ def outputs_to_files(outputs, inputs, read, args):
 def write_batch(results, paths, args):
     """Each image's files: results [(signal, report)], paths [(image, csv)]."""
     for (signal, report), (image_path, csv_path) in zip(results, paths):
-        write_outputs(shown_signal(signal), csv_path, image_path, args, report)
+        write_outputs(shown_signal(signal, report['layout']), csv_path, image_path, args, report)
 
 
 def reading_report(path, inputs, outputs, i, spread, confidence, args):
     """What the sidecar JSON tells about one image: the scale found, the rotation, per-lead confidence."""
     scale = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in inputs['scale'][i].items()}
     return {'image': str(path), 'checkpoint': str(args.onnx or args.checkpoint), 'fs': args.fs,
-            'rotation_deg': float(outputs['decode_theta'][i]), 'scale': scale,
+            'layout': found_layouts(outputs)[i], 'rotation_deg': float(outputs['decode_theta'][i]), 'scale': scale,
             'px_per_mv_input': float(outputs['trace_rows']['px_per_mv'][i]),
             'leads': {lead: {'row_spread_mv': round(float(s), 4), 'confidence': round(float(c), 3)}
                       for lead, s, c in zip(LEADS, spread, confidence)}}
@@ -325,6 +350,7 @@ def main(argv=None):
     if not args.onnx:
         args.checkpoint = checkpoint_path(args.checkpoint)
     model, size_hw = load_network(args, device, threads)
+    args.layouts = candidate_layouts(model, args.layout)
     problems = digitize(model, size_hw, images, output_paths(images, args), args, device)
     n_rows = round(SECONDS * args.fs)
     print(f'wrote {len(images) - len(problems)} signal(s) of {n_rows} rows at {args.fs:g} Hz '

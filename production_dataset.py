@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -41,9 +42,11 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import page_scale
-from ecg_page import FS, LEADS, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS
+from ecg_page import (FS, LAYOUTS, LEADS, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS,
+                      page_layout)
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
+LAYOUT_NAMES = list(LAYOUTS)       # layout_id indexes this list; -1: a page no known layout draws
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
@@ -324,7 +327,11 @@ def parse_page(ref):
                     center_xy=np.array(meta.get('rotation_center', [meta['height'] / 2, meta['width'] / 2])[::-1],
                                        np.float64) + offset,
                     spacing=float(meta['x_grid']))
+    rhythm = [e['lead'] for e in entries if e['channel'] == RHYTHM]
+    strips = [(LEADS[e['lead']], e['start'] / ref.fs, (e['end'] - 1) / ref.fs, e['channel'] == RHYTHM) for e in entries]
+    layout = page_layout(strips)
     return dict(entries=entries, px_per_mv=2 * float(meta['y_grid']),
+                rhythm_lead=rhythm[0] if rhythm else -1, layout_id=LAYOUT_NAMES.index(layout) if layout else -1,
                 rotation_deg=None if rotation is None else float(rotation),
                 grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style') or kit_style(meta))
 
@@ -619,16 +626,23 @@ def build_sample(ref, size_hw, scale=False):
                    grid_valid=np.float32(page['has_grid_info']), style=page['style'],
                    px_per_mv=np.float32(page['px_per_mv'] * scale_xy[1]),
                    read_px_per_mv=np.float32(read_px_per_mv), read_px_per_s=np.float32(read_px_per_s),
-                   page_aspect=np.float32(png_wh[0] / png_wh[1]))
+                   page_aspect=np.float32(png_wh[0] / png_wh[1]),
+                   rhythm_lead=np.int64(page['rhythm_lead']), layout_id=np.int64(page['layout_id']))
     return targets
 
 
 def check_sample(ref):
     """Full check of one sample before training: JSON, CSV values and the decoded pixels (a PNG whose
-    header reads but whose pixels do not would otherwise end a long run); raises SampleError."""
-    parse_page(ref)
+    header reads but whose pixels do not would otherwise end a long run); raises SampleError. -> the
+    page's layout name (ecg_page.LAYOUTS), or None for strips no known layout draws."""
+    page = parse_page(ref)
     read_signal_csv(ref.csv, ref.fs, ref.sig_len)
     read_rgb(ref.png)
+    return layout_name(page['layout_id'])
+
+
+def layout_name(layout_id):
+    return LAYOUT_NAMES[int(layout_id)] if int(layout_id) >= 0 else None
 
 
 # ---------------------------------------------------------------- augmentation
@@ -711,6 +725,8 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
     'read_px_per_mv': (lambda h, w: (), torch.float32),
     'read_px_per_s': (lambda h, w: (), torch.float32),
     'page_aspect': (lambda h, w: (), torch.float32),
+    'rhythm_lead': (lambda h, w: (), torch.int64),
+    'layout_id': (lambda h, w: (), torch.int64),
 }
 
 
@@ -737,6 +753,7 @@ class ECGImageDataset(Dataset):
         self.augment = augment
         self.read_scale = read_scale   # evaluation: decode with the scale the page shows, as inference does
         self.problems = []
+        self.layouts = Counter()        # layout name (None: unknown strips) -> checked samples
         if refs is None:
             refs, problems = find_samples(sim_root, csv_root, max_samples)
             self.problems.extend((str(p), m) for p, m in problems)
@@ -750,7 +767,7 @@ class ECGImageDataset(Dataset):
         good = []
         for ref in tqdm(refs, desc='checking samples', disable=not progress, mininterval=PROGRESS_SECONDS):
             try:
-                check_sample(ref)
+                self.layouts[check_sample(ref)] += 1
                 good.append(ref)
             except SampleError as exc:
                 self.problems.append((str(ref.png), str(exc)))
@@ -766,6 +783,7 @@ class ECGImageDataset(Dataset):
             except SampleError as exc:
                 self.problems.append((str(ref.png), str(exc)))
         self.refs = refs
+        self.layouts.update(layout_name(sample['layout_id']) for sample in samples)
         self.styles = [sample['style'] for sample in samples]   # short strings; the arrays are below
         cache = {}
         for name, (shape, dtype) in CACHE_FIELDS.items():

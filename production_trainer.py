@@ -303,6 +303,8 @@ def build_datasets(config):
     skipped = len(train.problems) + len(val.problems)
     log.info('data: %d train / %d val images (%d records), %d skipped as bad', len(train), len(val),
              len({r.record_id for r in refs}), skipped)
+    log.info('page layouts in training: %s', ', '.join(f'{name or "unknown"} {n}' for name, n in
+                                                       sorted(train.layouts.items(), key=lambda kv: -kv[1])))
     if len(train) == 0:
         raise pdx.InputError('no usable training sample; run production_dataset.py on the data to see why')
     if val_refs and len(val) == 0:
@@ -586,6 +588,7 @@ def setup(argv):
     if config['pretrained_path'] and not Path(config['pretrained_path']).is_file():
         raise pdx.InputError(f'--pretrained_path {config["pretrained_path"]}: file not found')
     train, val = build_datasets(config)
+    config['layouts'] = sorted(name for name in train.layouts if name) or list(ecg_checkpoint.TRAINED_LAYOUTS)
     config.update(run_dir=str(run_dir), device=str(device), world_size=world_size,
                   amp_enabled=amp[0], amp_dtype_used=str(amp[1]).replace('torch.', ''), grad_scaler=amp[2],
                   amp_reason=amp[3], threads_used=threads[0], threads_reason=threads[1])

@@ -27,7 +27,7 @@ import ecg_model
 import ecg_trainer
 import inference
 import production_dataset as pdx
-from ecg_page import FS, LEADS, N_SAMPLES, SECONDS
+from ecg_page import FS, LAYOUTS, LEADS, N_SAMPLES, SECONDS
 
 MIN_PANEL_WIDTH = 1200         # px: a 320 px wide input is upscaled x4 to stay legible
 FIGURE_WIDTH_IN = 16
@@ -112,9 +112,10 @@ def resolve_truth(args):
         return None, f'none ({found} unusable: {exc})'
 
 
-def pearson(pred, truth):
-    """pred (12, 5000), truth (12, 5000) with NaN -> (12,) r over the samples the image shows and the truth has."""
-    mask = inference.layout_mask() & np.isfinite(truth)
+def pearson(pred, truth, layout):
+    """pred (12, 5000), truth (12, 5000) with NaN -> (12,) r over the samples the image shows (its layout,
+    a LAYOUTS name) and the truth has."""
+    mask = inference.layout_mask(layout) & np.isfinite(truth)
     r = ecg_trainer.pearson_per_lead(torch.from_numpy(pred)[None], torch.from_numpy(np.nan_to_num(truth))[None],
                                      torch.from_numpy(mask)[None])
     return r[0].numpy()
@@ -138,20 +139,20 @@ def overlay_panel(picture, outputs, page_aspect):
     return cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
 
 
-def lead_axes(figure, grid_spec):
+def lead_axes(figure, grid_spec, layout):
     """12 (axis, row, column) in LEADS order, placed as the page shows them (I aVR V1 V4 / II aVL V2 V5 / ...)."""
     axes = []
-    for row, leads in enumerate(ecg_model.LAYOUT.rows):
+    for row, leads in enumerate(LAYOUTS[layout].rows):
         for column, lead in enumerate(leads):
             axes.append((LEADS.index(lead), figure.add_subplot(grid_spec[1 + row, column]), row, column))
     return [(ax, row, column) for _, ax, row, column in sorted(axes, key=lambda item: item[0])]
 
 
-def plot_lead(ax, lead, pred, truth, r, confidence):
+def plot_lead(ax, lead, pred, truth, r, confidence, layout):
     """One lead: the predicted mV over the seconds the image shows it, the truth over it when known, and
     in the title r and the signal head's confidence (inference.lead_confidence)."""
     t = np.arange(N_SAMPLES) / FS
-    shown = inference.layout_mask()[lead]
+    shown = inference.layout_mask(layout)[lead]
     colour = np.array(ecg_model.TRACE_COLOURS[lead]) / 255
     if truth is not None:
         ax.plot(t, np.where(shown, truth[lead], np.nan), color='black', lw=0.8, label='truth')
@@ -173,19 +174,20 @@ def scale_note(scale):
     return f"scale from the {scale['source']}: {scale['px_per_mm_x']:.2f} px/mm, {gain}, {speed}"
 
 
-def draw_figure(panel, pred, truth, r, confidence, title, path):
-    """Top: the overlay panel; below: 3 x 4 lead plots (mV vs s). Written as PNG to path."""
+def draw_figure(panel, pred, truth, r, confidence, title, path, layout=ecg_model.LAYOUT.name):
+    """Top: the overlay panel; below: the lead plots (mV vs s) placed as the page's layout places them
+    (3 x 4 on the standard page). Written as PNG to path."""
     panel_in = min(FIGURE_WIDTH_IN * panel.shape[0] / panel.shape[1], MAX_PANEL_HEIGHT_IN)
-    n_rows = len(ecg_model.LAYOUT.rows)
+    n_rows = len(LAYOUTS[layout].rows)
     figure = plt.figure(figsize=(FIGURE_WIDTH_IN, panel_in + n_rows * LEAD_ROW_HEIGHT_IN + 0.5), dpi=DPI,
                         layout='constrained')
-    grid_spec = figure.add_gridspec(1 + n_rows, ecg_model.LAYOUT.n_columns,
+    grid_spec = figure.add_gridspec(1 + n_rows, LAYOUTS[layout].n_columns,
                                     height_ratios=[panel_in] + [LEAD_ROW_HEIGHT_IN] * n_rows)
     top = figure.add_subplot(grid_spec[0, :])
     top.imshow(panel)
     top.set_axis_off()
-    for lead, (ax, row, column) in enumerate(lead_axes(figure, grid_spec)):
-        plot_lead(ax, lead, pred, truth, None if r is None else r[lead], confidence[lead])
+    for lead, (ax, row, column) in enumerate(lead_axes(figure, grid_spec, layout)):
+        plot_lead(ax, lead, pred, truth, None if r is None else r[lead], confidence[lead], layout)
         if column == 0:
             ax.set_ylabel('mV', fontsize=8)
         if row == n_rows - 1:
@@ -219,14 +221,16 @@ def main(argv=None):
     truth, truth_note = resolve_truth(args)
     outputs, picture, aspect = predict(args)
     pred = outputs['signal'][0].float().cpu().numpy()
-    r = None if truth is None else pearson(pred, truth)
+    layout = inference.found_layouts(outputs)[0]
+    r = None if truth is None else pearson(pred, truth, layout)
     theta = float(outputs['decode_theta'][0])
-    title = f'{args.image.name}   checkpoint {args.checkpoint.name}   rotation {theta:+.2f} deg   ' + \
+    title = f'{args.image.name}   checkpoint {args.checkpoint.name}   layout {layout}   rotation {theta:+.2f} deg   ' + \
         scale_note(outputs['scale'])
     if r is not None and np.isfinite(r).any():
         title += f'   mean Pearson r {np.nanmean(r):.3f}'
     output = args.output or args.image.with_name(f'{args.image.stem}_visualization.png')
-    draw_figure(overlay_panel(picture, outputs, aspect), pred, truth, r, outputs['confidence'][0], title, output)
+    draw_figure(overlay_panel(picture, outputs, aspect), pred, truth, r, outputs['confidence'][0], title, output,
+                layout)
     print(f'truth: {truth_note}')
     if r is not None:
         print('Pearson r per lead: ' + ' '.join(f'{lead} {v:.3f}' for lead, v in zip(LEADS, r)))

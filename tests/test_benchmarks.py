@@ -1,6 +1,8 @@
 """The benchmark scripts stay working: their quick modes run and report sane numbers."""
 import json
 
+import pytest
+
 from conftest import ROOT, run_cli
 
 
@@ -38,3 +40,17 @@ def test_bench_train_step_runs_each_precision(tmp_path):
     speeds = {r['precision']: r['images_per_s'] for r in report['results']}   # what --amp auto picks, and why
     assert abs(report['bf16_over_fp32']['tu-regnetx_002'] - speeds['bf16'] / speeds['fp32']) < 1e-9
     assert report['amp_auto']['reason'] and '--amp auto here:' in result.stdout and 'bf16 / fp32' in result.stdout
+
+
+def test_bench_decoding_scores_each_variant_on_the_same_maps(tmp_path, fixture_dirs):
+    """The starter's maps of the fixture decoded every way; 'current' is exactly what evaluate.py scores."""
+    import evaluate
+    sim_root, csv_root = fixture_dirs
+    out = tmp_path / 'decoding.json'
+    run_cli('bench_decoding.py', '--sim_root', sim_root, '--csv_root', csv_root, '--out', out)
+    variants = json.loads(out.read_text())['variants']
+    assert set(variants) == {'current', 'start_box', 'topk_2', 'topk_5', 'topk_8'}
+    assert all(-1 <= v['pearson'] <= 1 and abs(v['snr_db']) < 60 for v in variants.values())
+    report, _ = evaluate.evaluate_checkpoint(ROOT / 'starter' / 'ecg_starter.pth', sim_root, csv_root, force_cpu=True)
+    assert variants['current']['pearson'] == pytest.approx(report['pearson'], abs=1e-6)
+    assert variants['current']['snr_db'] == pytest.approx(report['snr_db'], abs=1e-4)

@@ -1,0 +1,120 @@
+"""Decoding ablations on one trained checkpoint: the same network maps decoded several ways, scored side by
+side on held-out pages (Pearson, Kaggle SNR), so each row of the README's ablation table costs no training.
+
+    python bench_decoding.py --checkpoint bench_out/quality/runs/RUN/checkpoints/best.pth \
+        --sim_root bench_out/quality/heldout_data --csv_root bench_out/quality/heldout_data
+
+Variants:
+    current             what evaluate.py and inference.py do
+    start_box           the time start of the earlier decoder (commit 79676fc): one 10 s box over the columns
+                        where any strip is present, instead of every strip's two ends
+    topk_K              top-k soft-argmax: each column's row read from the K rows either side of its argmax
+                        (Kaggle 2025 teams gained 0.28 dB), instead of the full softmax
+Writes bench_out/bench_decoding.json.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import ecg_checkpoint
+import ecg_model
+import ecg_trainer
+import production_dataset as pdx
+
+TOPK = (2, 5, 8)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--checkpoint', type=Path, default=ecg_checkpoint.STARTER)
+    p.add_argument('--sim_root', type=Path, required=True)
+    p.add_argument('--csv_root', type=Path, required=True)
+    p.add_argument('--max_samples', type=int, default=None)
+    p.add_argument('--out', type=Path, default=Path('bench_out/bench_decoding.json'))
+    return p.parse_args(argv)
+
+
+def box_start_spans(presence, place, page_aspect, px_per_s=None):
+    """The earlier time start (commit 79676fc): where one 10 s box of whole columns best covers the columns
+    in which any strip is present, refined by a parabola through the best three starts."""
+    batch, _, width = presence.shape
+    px_per_s = ecg_model.page_px_per_s(width, page_aspect, px_per_s)
+    box = torch.round(ecg_model.SECONDS * px_per_s).long().clamp(1, width)
+    covered = presence.sigmoid().amax(1) - 0.5
+    cumulative = F.pad(covered.cumsum(-1), (1, 0))
+    starts = torch.arange(width)
+    ends = (starts[None] + box[:, None]).clamp(max=width)
+    score = cumulative.gather(1, ends) - cumulative[:, :width]
+    score = score - ecg_model.START_PRIOR_WEIGHT * (starts[None] - ecg_model.TRACE_START * width).abs()
+    best = score.argmax(1)
+    left, mid, right = (score.gather(1, (best + d).clamp(0, width - 1)[:, None])[:, 0] for d in (-1, 0, 1))
+    curvature = left - 2 * mid + right   # sub-column start: the vertex of the parabola through three scores
+    shift = torch.where(curvature < 0, 0.5 * (left - right) / curvature.clamp(max=-1e-6), torch.zeros_like(mid))
+    x0 = (best.float() + shift.clamp(-0.5, 0.5)).view(-1, 1, 1)
+    return x0 + torch.nan_to_num(place, nan=0.0) * px_per_s.view(-1, 1, 1)
+
+
+def topk_soft_argmax(k, full=ecg_model.column_soft_argmax):
+    """column_soft_argmax restricted to the 2k + 1 rows around each column's argmax."""
+    def read(logits):
+        _, log_prob = full(logits)
+        centre = logits.float().argmax(2, keepdim=True)
+        rows = (centre + torch.arange(-k, k + 1).view(1, 1, -1, 1)).clamp(0, logits.shape[-2] - 1)
+        weight = torch.softmax(log_prob.gather(2, rows), dim=2)
+        return (weight * rows.float()).sum(2), log_prob
+    return read
+
+
+VARIANTS = {'current': {}, 'start_box': {'layout_spans': box_start_spans},
+            **{f'topk_{k}': {'column_soft_argmax': topk_soft_argmax(k)} for k in TOPK}}
+
+
+@torch.no_grad()
+def network_maps(model, loader):
+    """One forward per batch: (batch, raw outputs) kept, so every variant decodes the very same maps."""
+    return [(batch, model(batch['image'], ecg_model.read_geometry(batch))) for batch in loader]
+
+
+def score_variant(maps, patches):
+    """Decode every batch with ecg_model's functions patched -> Pearson, SNR dB."""
+    saved = {name: getattr(ecg_model, name) for name in patches}
+    try:
+        for name, function in patches.items():
+            setattr(ecg_model, name, function)
+        stats = []
+        for batch, out in maps:
+            geometry = dict(ecg_model.read_geometry(batch), theta=out['decode_theta'])
+            decoded = ecg_model.decode_outputs(out, geometry)
+            stats.append(ecg_trainer.record_stats(decoded['signal'], batch['signal'], batch['signal_mask']))
+    finally:
+        for name, function in saved.items():
+            setattr(ecg_model, name, function)
+    summary = ecg_trainer.summarize(ecg_trainer.concat_stats(stats))
+    return {'pearson': summary['pearson'], 'snr_db': summary['snr_db']}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, checkpoint = ecg_checkpoint.load_model(args.checkpoint, torch.device('cpu'))
+    refs, problems = pdx.find_samples(args.sim_root, args.csv_root, args.max_samples)
+    dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
+    if len(dataset) == 0:
+        raise pdx.InputError(f'{args.sim_root}: no usable held-out page')
+    maps = network_maps(model, DataLoader(dataset, batch_size=4))
+    results = {name: score_variant(maps, patches) for name, patches in VARIANTS.items()}
+    print(f'{len(dataset)} pages, checkpoint {args.checkpoint}')
+    for name, row in results.items():
+        print(f'{name:12s} pearson {row["pearson"]:.3f}  SNR {row["snr_db"]:.2f} dB')
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({'checkpoint': str(args.checkpoint), 'pages': len(dataset), 'variants': results},
+                                   indent=2))
+    print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+    pdx.run_cli(main)

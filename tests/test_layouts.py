@@ -1,0 +1,107 @@
+"""Page layouts as data (ecg_page.LAYOUTS) and reading them back: which strips each layout draws, where
+it places them and which seconds they show; the layout and the rhythm strip's lead found from the model's
+presence maps and from what the strips show; the rhythm strip filling its own lead."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ecg_model
+import inference
+from conftest import run_cli
+import production_dataset as pdx
+from ecg_page import FS, LAYOUTS, LEADS, N_SAMPLES, N_TRACES, RHYTHM, STANDARD, page_layout
+
+WIDTH = 672
+PX_PER_S = 60.0          # input columns per second of a test page
+
+
+def test_ecg_image_kit_two_column_page_restarts_each_column_at_zero():
+    """ecg-image-kit --num_columns 2 draws V1 I V2 II V3 III | V4 aVR V5 aVL V6 aVF, both columns from t = 0."""
+    six = LAYOUTS['6x2+II']
+    windows, places = six.strip_seconds()
+    v4 = LEADS.index('V4')
+    assert windows[v4].tolist() == pytest.approx([0.0, 5.0 - 1 / FS])      # shows the first 5 s ...
+    assert places[v4].tolist() == pytest.approx([5.0, 10.0 - 1 / FS])     # ... in the right half of the page
+    mask = six.shown_mask()
+    assert mask[v4, :int(5 * FS)].all() and not mask[v4, int(5 * FS):].any()
+    assert mask[LEADS.index('II')].all()
+    assert LAYOUTS['12x1'].shown_mask().all() and not np.isfinite(LAYOUTS['12x1'].strip_seconds()[0][RHYTHM]).any()
+    assert LAYOUTS['3x4'].rhythm_lead == -1 and LAYOUTS['3x4+V1'].rhythm_lead == LEADS.index('V1')
+
+
+@pytest.mark.parametrize('name', ['3x4+II', '3x4', '3x4+V1', '6x2+II', '12x1'])
+def test_a_page_is_named_by_the_strips_it_draws(name):
+    layout = LAYOUTS[name]
+    windows, _ = layout.strip_seconds()
+    strips = [(LEADS[c] if c < RHYTHM else layout.rhythm[0], windows[c, 0], windows[c, 1], c == RHYTHM)
+              for c in range(N_TRACES) if np.isfinite(windows[c]).all()]
+    assert page_layout(strips) == name
+    assert page_layout(strips[:-1]) != name   # one strip fewer is another page
+
+
+def test_the_fixture_pages_are_the_standard_layout(fixture_dirs):
+    sim_root, csv_root = fixture_dirs
+    refs, _ = pdx.find_samples(sim_root, csv_root)
+    assert {pdx.check_sample(ref) for ref in refs} == {STANDARD.name}
+
+
+def drawn_presence(name, x0, batch=1):
+    """(B, 13, W) presence logits of a page of layout `name` whose traces start at column x0."""
+    _, places, _ = ecg_model.layout_strips([LAYOUTS[name]] * batch, 'cpu')
+    cols = torch.arange(WIDTH).float()
+    first, last = (x0 + places[..., :1] * PX_PER_S).round(), (x0 + places[..., 1:] * PX_PER_S).round()
+    inside = (cols >= first) & (cols <= last)           # NaN places compare False: no strip
+    return torch.where(inside, 10.0, -10.0)
+
+
+@pytest.mark.parametrize('name', ['3x4+II', '3x4', '6x2+II', '6x2', '12x1'])
+def test_layout_and_time_start_are_found_from_presence(name):
+    x0 = 37.3
+    presence = drawn_presence(name, x0)
+    aspect, px_per_s = torch.tensor([11 / 8.5]), torch.tensor([PX_PER_S])
+    chosen = ecg_model.choose_layouts(presence, list(LAYOUTS), aspect, px_per_s)
+    assert chosen[0].rows == LAYOUTS[name].rows and bool(chosen[0].rhythm) == bool(LAYOUTS[name].rhythm)
+    _, places, _ = ecg_model.layout_strips(chosen, 'cpu')
+    start, _ = ecg_model.fit_start(presence, places, aspect, px_per_s)
+    assert float(start) == pytest.approx(x0, abs=0.6)
+
+
+def test_the_rhythm_strips_lead_is_told_by_what_it_shows():
+    """Same strips, rhythm strip of V1: the lead whose short strip matches it wins, and fills all 10 s."""
+    rng = np.random.default_rng(0)
+    t = np.arange(N_SAMPLES) / FS
+    truth = np.stack([np.sin(2 * np.pi * (0.7 + 0.3 * k) * t + rng.uniform(0, 6)) for k in range(12)])
+    windows, _ = STANDARD.strip_seconds()
+    sampled = np.zeros((1, N_TRACES, N_SAMPLES), np.float32)
+    valid = np.zeros((1, N_TRACES, N_SAMPLES), bool)
+    for c in range(N_TRACES):
+        lead = c if c < RHYTHM else LEADS.index('V1')
+        valid[0, c] = (t >= windows[c, 0] - 1e-9) & (t <= windows[c, 1] + 1e-9)
+        sampled[0, c] = np.where(valid[0, c], truth[lead], 0)
+    sampled, valid = torch.from_numpy(sampled), torch.from_numpy(valid)
+    names = ['3x4+II', '3x4+V1', '3x4+V5']
+    lead = ecg_model.pick_rhythm_leads(sampled, valid, [STANDARD], names)
+    assert int(lead) == LEADS.index('V1')
+    signal, shown = ecg_model.channels_to_leads(sampled, valid, lead)
+    assert shown[0, LEADS.index('V1')].all() and not shown[0, LEADS.index('II'), int(2.5 * FS):].any()
+    np.testing.assert_allclose(signal[0, LEADS.index('V1')].numpy(), truth[LEADS.index('V1')], atol=1e-6)
+    _, no_rhythm = ecg_model.channels_to_leads(sampled, valid, torch.tensor([-1]))
+    assert not no_rhythm[0, LEADS.index('V1'), :int(5 * FS)].any()
+
+
+def test_inference_layout_flag_masks_what_the_page_shows_and_warns_off_training(tmp_path, fixture_dirs):
+    """--layout 6x2+II on a model trained on the standard page: a warning, and the CSV holds each lead's
+    first 5 s (NaN after), II all 10 s; the sidecar names the layout."""
+    sim_root, _ = fixture_dirs
+    png = sorted(sim_root.rglob('*.png'))[0]
+    out = tmp_path / 'six.csv'
+    result = run_cli('inference.py', '--image', str(png), '--output', str(out), '--layout', '6x2+II')
+    assert 'trained on 3x4+II only' in result.stderr
+    signal = pd.read_csv(out).to_numpy()
+    finite = np.isfinite(signal)
+    assert finite[:, LEADS.index('II')].all()
+    assert finite[:int(5 * FS), LEADS.index('V4')].all() and not finite[int(5 * FS):, LEADS.index('V4')].any()
+    assert json.loads(out.with_suffix('.json').read_text())['layout'] == '6x2+II'
