@@ -17,6 +17,9 @@
 6. A scaling curve: the run's epoch checkpoints scored at 15, 30, 60 and 120 min of training, as far as
    the budget reaches (table in the report, PNG plot beside it); --budget_min 120 gives all four.
 7. With --export_starter: best.pth as the shipped fp16 starter weights (starter/) with its model card.
+8. With --layouts NAME... (or --layouts mix: the layouts ecg-image-kit and clinics draw most): training
+   and held-out pages in that mix of layouts (in their own folders, train_data_layouts/...), reported per
+   layout with how often inference found the layout.
 Prints a summary and writes bench_out/quality/report_{H}x{W}.json.
 """
 import argparse
@@ -41,6 +44,7 @@ FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'ecg-image-kit'
 KIT_TOOLS = ROOT.parent / 'shared' / 'tools' / 'ecg-image-kit'
 CURVE_MINUTES = (15, 30, 60, 120)
 TRAIN_SEED, HELDOUT_SEED = 100, 200
+LAYOUT_MIX = ('3x4+II', '3x4', '3x4+V1', '6x2+II', '12x1')
 SIZES = [(384, 504), (512, 672), (256, 1344), (512, 1344), (512, 2688)]
 FULL = dict(train_records=480, heldout_records=60, budget_min=30.0, image_size=(128, 672),
             encoder='tu-regnetx_002', batch_size=4, lr=1e-3, epochs=20)   # 20 epochs fill 30 min at 5 img/s
@@ -65,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument('--kit_records', type=int, default=10, help='held-out records rendered by ecg-image-kit (x7 styles)')
     p.add_argument('--kit_train_records', type=int, default=0,
                    help='training records also rendered by ecg-image-kit in all 7 styles and trained on')
+    p.add_argument('--layouts', nargs='+', metavar='NAME',
+                   help='train and hold out pages in these layouts (ecg_page.LAYOUTS names), or mix: '
+                        + ' '.join(LAYOUT_MIX))
     p.add_argument('--export_starter', action='store_true',
                    help=f'write best.pth as the shipped starter weights ({ecg_checkpoint.STARTER.relative_to(ROOT)})')
     return p.parse_args(argv)
@@ -85,10 +92,11 @@ def run(*command):
     subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, check=True)
 
 
-def simulate(folder, records, seed, workers, quick):
+def simulate(folder, records, seed, workers, quick, layouts=None):
     if (folder / 'train.csv').is_file():
         return
     extra = ['--dpi_choices', '100'] if quick else []
+    extra += ['--layouts', *layouts] if layouts else []
     run('ecg_simulator.py', '--out', folder, '--n', records, '--seed', seed, '--workers', workers, *extra)
 
 
@@ -229,6 +237,10 @@ def summary_lines(report):
              f"{report['heldout_untrained']['pearson']:.3f}, SNR {report['heldout_untrained']['snr_db']:.2f} dB"]
     lines += [f"  bound at {size}: {v['bound_snr_db']:.2f} dB, r {v['bound_pearson']:.3f}"
               for size, v in report['bound_by_input_size'].items()]
+    if len(held['per_layout']) > 1:
+        lines.append(f"  layout found on {100 * held['layout_found_share']:.1f} % of held-out pages")
+        lines += [f"  layout {name}: pearson {v['pearson']:.3f}  SNR {v['snr_db']:.2f} dB  (bound {v['bound_snr_db']:.2f})"
+                  for name, v in held['per_layout'].items()]
     if report.get('kit'):
         kit = report['kit']
         lines.append(f"ecg-image-kit renders ({kit['n_images']} images): pearson {kit['pearson']:.3f}  "
@@ -246,40 +258,44 @@ def main(argv=None):
     cfg = settings(args)
     out = Path(args.out)
     started = time.perf_counter()
-    simulate(out / 'train_data', cfg['train_records'], TRAIN_SEED, args.workers, args.quick)
-    simulate(out / 'heldout_data', cfg['heldout_records'], HELDOUT_SEED, args.workers, args.quick)
+    layouts = list(LAYOUT_MIX) if args.layouts == ['mix'] else args.layouts
+    suffix = '_layouts' if layouts else ''
+    train_data, heldout_data = out / f'train_data{suffix}', out / f'heldout_data{suffix}'
+    simulate(train_data, cfg['train_records'], TRAIN_SEED, args.workers, args.quick, layouts)
+    simulate(heldout_data, cfg['heldout_records'], HELDOUT_SEED, args.workers, args.quick, layouts)
     kit = None
     if args.kit_work:
-        kit = out / 'kit_heldout'
-        render_kit(args.kit_work, out / 'heldout_data', kit, args.kit_records)
+        kit = out / f'kit_heldout{suffix}'
+        render_kit(args.kit_work, heldout_data, kit, args.kit_records)
         if args.kit_train_records:
-            render_kit(args.kit_work, out / 'train_data', out / 'kit_train', args.kit_train_records)
-            mix_kit_into(out / 'train_data', out / 'kit_train')
+            render_kit(args.kit_work, train_data, out / f'kit_train{suffix}', args.kit_train_records)
+            mix_kit_into(train_data, out / f'kit_train{suffix}')
     train_start = time.perf_counter()
-    run_dir = Path(args.run_dir) if args.run_dir else train(out / 'train_data', out / 'runs', cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else train(train_data, out / 'runs', cfg)
     train_minutes = (time.perf_counter() - train_start) / 60
     epochs = production_trainer.read_metrics(run_dir)
     speeds = [epoch['train']['images_per_s'] for epoch in epochs]
     if args.run_dir:   # the run's own metrics hold how long its epochs took
         train_minutes = sum(epoch['seconds'] for epoch in epochs) / 60
     best = run_dir / 'checkpoints' / f'{args.checkpoint}.pth'
-    heldout, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data')
+    heldout, _ = evaluate.evaluate_checkpoint(best, heldout_data, heldout_data)
     fixture, _ = evaluate.evaluate_checkpoint(best, FIXTURE / 'images', FIXTURE / 'signals')
-    untrained, _ = evaluate.evaluate_checkpoint(best, out / 'heldout_data', out / 'heldout_data', untrained=True)
+    untrained, _ = evaluate.evaluate_checkpoint(best, heldout_data, heldout_data, untrained=True)
     sizes = [tuple(cfg['image_size'])] if args.quick else sorted(set(SIZES) | {tuple(cfg['image_size'])})
     report = {'settings': cfg, 'run_dir': str(run_dir), 'heldout': heldout, 'fixture': fixture,
               'heldout_untrained': {k: untrained[k] for k in ('pearson', 'snr_db', 'theta_error_deg', 'seg_dice')},
               'train_minutes': train_minutes, 'train_images_per_s': sum(speeds) / max(1, len(speeds)),
               'epochs_done': ecg_checkpoint.load(best)['epoch'],
-              'bound_by_input_size': bound_at_sizes(out / 'heldout_data', sizes, 8 if args.quick else 30)}
+              'bound_by_input_size': bound_at_sizes(heldout_data, sizes, 8 if args.quick else 30)}
     if kit is not None:
         report['kit'], _ = evaluate.evaluate_checkpoint(best, kit, kit)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}'
+    stem = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}{suffix}'
     if cfg['budget_min'] >= CURVE_MINUTES[1] and list((run_dir / 'checkpoints').glob('epoch_*.pth')):
-        report['scaling_curve'] = scaling_curve(run_dir, cfg['budget_min'], out / 'heldout_data', kit)
+        report['scaling_curve'] = scaling_curve(run_dir, cfg['budget_min'], heldout_data, kit)
         plot_curve(report['scaling_curve'], stem.with_name(stem.name + '_curve.png'))
     report['training_data'] = (f'{cfg["train_records"]} simulator records (seed {TRAIN_SEED})' +
+                               (f' in layouts {", ".join(layouts)}' if layouts else '') +
                                (f' + {args.kit_train_records} of them rendered by ecg-image-kit in its 7 styles'
                                 if args.kit_train_records else ''))
     if args.export_starter:

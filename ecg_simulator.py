@@ -32,14 +32,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN, PAGE_W_IN, SECONDS,
-                      STANDARD)
+from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN, PAGE_W_IN,
+                      SECONDS, STANDARD)
 
 PRIMARY_LEADS = ['I', 'II', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']  # the rest follow from I and II
-LAYOUT = [list(row) for row in STANDARD.rows]   # rows of short strips; the rhythm strip goes below them
+LAYOUT = [list(row) for row in STANDARD.rows]   # the Kaggle CSVs' columns: rows of short strips (NaN masking)
 FULL_MODE_LEAD = STANDARD.rhythm[0]
 N_COLUMNS = STANDARD.n_columns
-COLUMN_S = STANDARD.column_seconds
+TOP_ROW_MM = 50.0                # pages of many rows start their first row this far down (header above)
+MAX_ROW_SPACING_MM = 36.0        # the standard page's row pitch
 PX_SHIFT = 4                     # cv2 sub-pixel bits: coordinates are drawn to 1/16 px
 
 FS_CHOICES = (250, 256, 500, 512, 1000, 1025)
@@ -50,6 +51,7 @@ STYLES = ('classic', 'color', 'bw', 'nogrid', 'noisy')
 DEFAULT_KNOBS = dict(
     dpi_choices=DPI_CHOICES,
     max_rotation=5.0,            # degrees; angle drawn uniformly in [-max, +max]
+    layouts=(STANDARD.name,),    # ecg_page.LAYOUTS names; each image draws one, uniformly
     style_probs=(0.4, 0.25, 0.1, 0.05, 0.2),  # classic, color, bw, nogrid, noisy
     noise_prob=0.5,              # gaussian sensor noise
     blur_prob=0.3,               # gaussian blur (focus, scanner)
@@ -206,9 +208,10 @@ def write_signal_csv(df, path):
 # Images: page geometry, grid, traces, text, rotation, degradations, JSON
 # ----------------------------------------------------------------------------------------------
 
-def page_geometry(dpi, rng, jitter_mm):
+def page_geometry(dpi, rng, jitter_mm, layout=STANDARD):
     """Page size and where everything goes (unrotated px). Row baselines and the left margin
-    jitter a little per image, like different printers/templates."""
+    jitter a little per image, like different printers/templates; pages of many rows (6 x 2, 12 x 1)
+    pack them closer than the standard page's 36 mm."""
     px_per_mm = dpi / 25.4
     geom = dict(dpi=int(dpi), width=int(round(PAGE_W_IN * dpi)), height=int(round(PAGE_H_IN * dpi)),
                 px_per_mm=px_per_mm, x_grid=5 * px_per_mm, y_grid=5 * px_per_mm)
@@ -219,32 +222,40 @@ def page_geometry(dpi, rng, jitter_mm):
     geom['x_start'] = geom['x_cal'] + CAL_PULSE_S * geom['px_per_s']   # pulse, then the trace
     h_mm = PAGE_H_IN * 25.4
     rhythm_mm = h_mm - 21.0 + rng.uniform(-1, 1) * jitter_mm * 2
-    spacing_mm = 36.0 + rng.uniform(-1, 1) * jitter_mm * 2
-    n_short = len(LAYOUT)   # rows of short strips above the rhythm strip
-    rows_mm = [rhythm_mm - (n_short - r) * spacing_mm + (rng.uniform(-0.5, 0.5) * jitter_mm if r < n_short else 0.0)
-               for r in range(n_short + 1)]
+    n_short = len(layout.rows)   # rows of short strips above the rhythm strip(s)
+    n_rows = n_short + len(layout.rhythm)
+    pitch = min(MAX_ROW_SPACING_MM, (rhythm_mm - TOP_ROW_MM) / max(n_rows - 1, 1))
+    spacing_mm = pitch + rng.uniform(-1, 1) * jitter_mm * 2 * pitch / MAX_ROW_SPACING_MM
+    # the bottom row (the rhythm strip, else the last short row) sits at rhythm_mm; short rows jitter
+    rows_mm = [rhythm_mm - (n_rows - 1 - r) * spacing_mm + (rng.uniform(-0.5, 0.5) * jitter_mm if r < n_short else 0.0)
+               for r in range(n_rows)]
     geom['row_baselines'] = [m * px_per_mm for m in rows_mm]
     # a major intersection anywhere in the first large square: the grid is not tied to the trace
     geom['grid_origin'] = [rng.uniform(0, geom['y_grid']), rng.uniform(0, geom['x_grid'])]
     return geom
 
 
-def lead_entries(sig_len):
+def lead_entries(sig_len, layout=STANDARD):
     """(lead, layout row, layout column, start, end) in ecg-image-kit's order: bottom grid row
-    first, then up, then the rhythm strip."""
+    first, then up, then the rhythm strip. Columns show consecutive sample ranges, or each the first
+    ones (layout.restart_columns, as ecg-image-kit's 2-column page)."""
     entries = []
-    for r in reversed(range(len(LAYOUT))):
-        for j, lead in enumerate(LAYOUT[r]):
-            entries.append((lead, r, j) + column_bounds(sig_len, j))
-    entries.append((FULL_MODE_LEAD, len(LAYOUT), 0, 0, sig_len))
+    n_columns = layout.n_columns
+    for r in reversed(range(len(layout.rows))):
+        for j, lead in enumerate(layout.rows[r]):
+            bounds = (0, sig_len // n_columns) if layout.restart_columns else \
+                (j * sig_len // n_columns, (j + 1) * sig_len // n_columns)
+            entries.append((lead, r, j) + bounds)
+    for k, lead in enumerate(layout.rhythm):
+        entries.append((lead, len(layout.rows) + k, 0, 0, sig_len))
     return entries
 
 
-def lead_points(values, fs, start, end, col_j, baseline, geom):
+def lead_points(values, fs, start, end, col_j, baseline, geom, column_s):
     """(N, 2) float [x, y] of samples start..end-1, unrotated. Columns are contiguous: column j
-    begins at x_start + j * 2.5 s regardless of where its first sample falls."""
+    begins at x_start + j * column_s seconds regardless of where its first sample falls."""
     n = np.arange(start, end)
-    x = geom['x_start'] + (n - start) / fs * geom['px_per_s'] + col_j * COLUMN_S * geom['px_per_s']
+    x = geom['x_start'] + (n - start) / fs * geom['px_per_s'] + col_j * column_s * geom['px_per_s']
     y = baseline - values[start:end] * geom['px_per_mv']
     return np.stack([x, y], axis=1)
 
@@ -358,7 +369,7 @@ def header_lines(rng):
     return ['   '.join(tokens[k] for k in order[i * per_line:(i + 1) * per_line][:5]) for i in range(n_lines)]
 
 
-def draw_page_marks(mask, geom, rng, knobs, sig_len):
+def draw_page_marks(mask, geom, rng, knobs, sig_len, layout=STANDARD):
     """Calibration pulses, column separators, lead labels and header into the trace mask.
     Returns the lead-label boxes in lead_entries order."""
     ppmv, mm = geom['px_per_mv'], geom['px_per_mm']
@@ -371,15 +382,15 @@ def draw_page_marks(mask, geom, rng, knobs, sig_len):
         cv2.polylines(mask, [to_cv_points(pulse)], False, 255, max(1, int(round(0.25 * mm))), cv2.LINE_AA, PX_SHIFT)
     if rng.random() < knobs['separator_prob']:
         half = rng.uniform(0.25, 0.4) * ppmv
-        for base in geom['row_baselines'][:len(LAYOUT)]:
-            for j in range(1, N_COLUMNS):
-                x = geom['x_start'] + j * COLUMN_S * geom['px_per_s']
+        for base in geom['row_baselines'][:len(layout.rows)]:
+            for j in range(1, layout.n_columns):
+                x = geom['x_start'] + j * layout.column_seconds * geom['px_per_s']
                 seg = np.array([[x, base - half], [x, base + half]])
                 cv2.polylines(mask, [to_cv_points(seg)], False, 255, max(1, int(round(0.5 * mm))), cv2.LINE_AA, PX_SHIFT)
     label_dy = rng.uniform(3.5, 6.0) * mm
     boxes = []
-    for lead, r, j, _, _ in lead_entries(sig_len):
-        x = geom['x_start'] + j * COLUMN_S * geom['px_per_s'] + mm * rng.uniform(0.0, 1.5)
+    for lead, r, j, _, _ in lead_entries(sig_len, layout):
+        x = geom['x_start'] + j * layout.column_seconds * geom['px_per_s'] + mm * rng.uniform(0.0, 1.5)
         boxes.append(draw_lead_label(mask, lead, x, geom['row_baselines'][r] + label_dy, font, scale, thick))
     if rng.random() < knobs['header_prob']:
         y = rng.uniform(6, 12) * mm
@@ -460,25 +471,27 @@ def check_knobs(knobs):
 
 
 def render_image(signals_df, fs, rng, **knobs):
-    """Paper-ECG image of a 10 s 12-lead record (standard 3 x 4 layout + lead II rhythm strip).
-    Returns (H x W x 3 uint8 RGB, ecg-image-kit style JSON dict with the extra keys)."""
+    """Paper-ECG image of a 10 s 12-lead record in one of knobs['layouts'] (default the standard 3 x 4 +
+    lead II rhythm strip). Returns (H x W x 3 uint8 RGB, ecg-image-kit style JSON dict with the extra keys)."""
     knobs = check_knobs(knobs)
     fs = float(fs)
     signals = {lead: signals_df[lead].to_numpy(np.float64) for lead in LEADS}
     sig_len = len(signals_df)
     dpi = int(knobs['dpi_choices'][rng.integers(len(knobs['dpi_choices']))])
     style, paper, minor, major, trace_rgb = pick_style(rng, knobs)
-    geom = page_geometry(dpi, rng, knobs['jitter_mm'])
+    names = knobs['layouts']
+    layout = LAYOUTS[names[rng.integers(len(names))] if len(names) > 1 else names[0]]
+    geom = page_geometry(dpi, rng, knobs['jitter_mm'], layout)
     minor_w, major_w = rng.uniform(0.6, 1.0) * dpi / 200.0, rng.uniform(1.0, 2.0) * dpi / 200.0
     img = draw_paper(geom, paper, minor, major, minor_w, major_w)
 
     # every dark mark goes into one antialiased mask, blended once in the trace colour
     mask = np.zeros((geom['height'], geom['width']), np.uint8)
-    label_boxes = draw_page_marks(mask, geom, rng, knobs, sig_len)
+    label_boxes = draw_page_marks(mask, geom, rng, knobs, sig_len, layout)
     width, thickness, alpha = trace_stroke(rng, knobs, dpi)
-    entries, points = lead_entries(sig_len), []
+    entries, points = lead_entries(sig_len, layout), []
     for lead, r, j, start, end in entries:
-        xy = lead_points(signals[lead], fs, start, end, j, geom['row_baselines'][r], geom)
+        xy = lead_points(signals[lead], fs, start, end, j, geom['row_baselines'][r], geom, layout.column_seconds)
         points.append(xy)
         runs = finite_runs(xy)
         if runs:
@@ -494,7 +507,7 @@ def render_image(signals_df, fs, rng, **knobs):
     img = degrade(img, rng, knobs, style, dpi)
 
     meta = dict(style=style, paper=paper, minor=minor, major=major, trace=trace_rgb, width_px=width,
-                angle=angle, matrix=m, label_boxes=label_boxes)
+                angle=angle, matrix=m, label_boxes=label_boxes, layout=layout)
     return img, image_json(fs, geom, entries, points, meta, knobs)
 
 
@@ -526,14 +539,15 @@ def image_json(fs, geom, entries, points, meta, knobs):
         'ecg_plot_color': [round(c, 2) for c in meta['trace']],
         'x_grid': geom['x_grid'], 'y_grid': geom['y_grid'], 'resolution': geom['dpi'], 'pad_inches': 0,
         'dc_pulse': True, 'bw': meta['style'] == 'bw', 'gridlines': meta['major'] is not None,
-        'number_of_columns_in_image': N_COLUMNS, 'full_mode_lead': FULL_MODE_LEAD,
+        'number_of_columns_in_image': meta['layout'].n_columns,
+        'full_mode_lead': meta['layout'].rhythm[0] if meta['layout'].rhythm else 'None',
         'rotate': int(rotate) if float(rotate).is_integer() else float(rotate),
         'leads': leads,
         # extra keys (not in ecg-image-kit)
         'rotation_deg': meta['angle'],
         'rotation_center': [(geom['height'] - 1) / 2.0, (geom['width'] - 1) / 2.0],
         'grid_origin': [round(v, 4) for v in geom['grid_origin']],
-        'style': meta['style'],
+        'style': meta['style'], 'layout': meta['layout'].name,
         'baseline_rows': [round(geom['row_baselines'][r], 4) for _, r, _, _, _ in entries],
         'trace_width_px': round(meta['width_px'], 3),
         'paper_color': [round(c, 2) for c in meta['paper']],
@@ -558,13 +572,15 @@ def make_sim_record(i, out, seed, images_per_id, fs_choices, nan_mask_prob, knob
     rng = np.random.default_rng([seed, i])
     fs = int(fs_choices[rng.integers(len(fs_choices))])
     rec_id = str(1000000 * (seed + 1) + i)
-    df = round_mv(synthesize_record(rng, fs))
-    if rng.random() < nan_mask_prob:
-        df = nan_mask(df)
+    full = round_mv(synthesize_record(rng, fs))
+    masked = rng.random() < nan_mask_prob and set(knobs['layouts']) == {STANDARD.name}
+    df = nan_mask(full) if masked else full
     rec_dir = Path(out) / rec_id
     rec_dir.mkdir(parents=True, exist_ok=True)
     write_signal_csv(df, rec_dir / f'{rec_id}.csv')
-    write_images(df, fs, rec_id, rec_dir, seed, i, images_per_id, knobs)
+    # pages draw the whole signal: the standard page shows just what the masked CSV keeps, and other
+    # layouts show every lead as a printer would (the CSV's NaN samples are left out of the loss)
+    write_images(full, fs, rec_id, rec_dir, seed, i, images_per_id, knobs)
     return rec_id, str(fs), str(len(df))
 
 
@@ -660,9 +676,13 @@ def parse_args(argv=None):
     p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument('--csv_root', default=None, help='render images for existing signals DIR/train.csv + DIR/{id}/{id}.csv')
     p.add_argument('--fs_choices', type=int, nargs='+', default=list(FS_CHOICES))
-    p.add_argument('--nan_mask_prob', type=float, default=0.5, help='records NaN-masked like Kaggle training CSVs')
+    p.add_argument('--nan_mask_prob', type=float, default=0.5,
+                   help='records NaN-masked like Kaggle training CSVs (standard pages only: on other layouts '
+                        'a masked CSV would leave drawn strips without their truth)')
     p.add_argument('--dpi_choices', type=int, nargs='+', default=list(DPI_CHOICES))
     p.add_argument('--max_rotation', type=float, default=DEFAULT_KNOBS['max_rotation'], help='degrees')
+    p.add_argument('--layouts', nargs='+', default=list(DEFAULT_KNOBS['layouts']), metavar='NAME',
+                   help='page layouts to draw, one per image at random: ' + ', '.join(LAYOUTS) + ', or all')
     p.add_argument('--style_probs', type=float, nargs=5, default=list(DEFAULT_KNOBS['style_probs']),
                    metavar=('CLASSIC', 'COLOR', 'BW', 'NOGRID', 'NOISY'))
     for knob in ('noise_prob', 'blur_prob', 'jpeg_prob', 'tint_prob', 'header_prob', 'separator_prob', 'jitter_mm'):
@@ -680,6 +700,10 @@ def main(argv=None):
     knobs = {k: getattr(args, k) for k in DEFAULT_KNOBS}
     knobs['dpi_choices'], knobs['style_probs'] = tuple(args.dpi_choices), tuple(args.style_probs)
     knobs['line_width'] = tuple(args.line_width)
+    knobs['layouts'] = tuple(LAYOUTS) if args.layouts == ['all'] else tuple(args.layouts)
+    unknown = [name for name in knobs['layouts'] if name not in LAYOUTS]
+    if unknown:
+        raise ValueError(f'--layouts: unknown {unknown}; known: {", ".join(LAYOUTS)} or all')
     t0 = time.time()
     ids = generate(args.out, args.n, args.seed, args.images_per_id, args.workers, csv_root=args.csv_root,
                    fs_choices=args.fs_choices, nan_mask_prob=args.nan_mask_prob, progress=True, **knobs)
