@@ -72,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument('--layouts', nargs='+', metavar='NAME',
                    help='train and hold out pages in these layouts (ecg_page.LAYOUTS names), or mix: '
                         + ' '.join(LAYOUT_MIX))
+    p.add_argument('--init_from', help='start from these weights (e.g. starter/ecg_starter.pth) instead of scratch')
     p.add_argument('--export_starter', action='store_true',
                    help=f'write best.pth as the shipped starter weights ({ecg_checkpoint.STARTER.relative_to(ROOT)})')
     return p.parse_args(argv)
@@ -100,9 +101,10 @@ def simulate(folder, records, seed, workers, quick, layouts=None):
     run('ecg_simulator.py', '--out', folder, '--n', records, '--seed', seed, '--workers', workers, *extra)
 
 
-def train(data, out, cfg):
+def train(data, out, cfg, init_from=None):
     keep_epochs = 1 if cfg['budget_min'] >= CURVE_MINUTES[1] else 0   # the scaling curve scores them
-    run('production_trainer.py', '--sim_root', data, '--csv_root', data, '--output_dir', out,
+    start = ['--init_from', init_from] if init_from else []
+    run('production_trainer.py', '--sim_root', data, '--csv_root', data, '--output_dir', out, *start,
         '--encoder', cfg['encoder'], '--image_size', *cfg['image_size'], '--batch_size', cfg['batch_size'],
         '--num_workers', 0, '--lr', cfg['lr'], '--epochs', cfg['epochs'], '--cache', '--val_fraction', 0.05,
         '--time_budget_min', cfg['budget_min'], '--save_every', keep_epochs)
@@ -271,7 +273,7 @@ def main(argv=None):
             render_kit(args.kit_work, train_data, out / f'kit_train{suffix}', args.kit_train_records)
             mix_kit_into(train_data, out / f'kit_train{suffix}')
     train_start = time.perf_counter()
-    run_dir = Path(args.run_dir) if args.run_dir else train(train_data, out / 'runs', cfg)
+    run_dir = Path(args.run_dir) if args.run_dir else train(train_data, out / 'runs', cfg, args.init_from)
     train_minutes = (time.perf_counter() - train_start) / 60
     epochs = production_trainer.read_metrics(run_dir)
     speeds = [epoch['train']['images_per_s'] for epoch in epochs]
@@ -296,6 +298,7 @@ def main(argv=None):
         plot_curve(report['scaling_curve'], stem.with_name(stem.name + '_curve.png'))
     report['training_data'] = (f'{cfg["train_records"]} simulator records (seed {TRAIN_SEED})' +
                                (f' in layouts {", ".join(layouts)}' if layouts else '') +
+                               (f', starting from {args.init_from}' if args.init_from else '') +
                                (f' + {args.kit_train_records} of them rendered by ecg-image-kit in its 7 styles'
                                 if args.kit_train_records else ''))
     if args.export_starter:

@@ -52,6 +52,8 @@ DEFAULT_KNOBS = dict(
     dpi_choices=DPI_CHOICES,
     max_rotation=5.0,            # degrees; angle drawn uniformly in [-max, +max]
     layouts=(STANDARD.name,),    # ecg_page.LAYOUTS names; each image draws one, uniformly
+    gains=(MM_PER_MV,),          # mm per mV; each image draws one of them, uniformly
+    pulse_prob=1.0,              # pages with the 1 mV x 0.2 s calibration pulse (ecg-image-kit --calibration_pulse)
     style_probs=(0.4, 0.25, 0.1, 0.05, 0.2),  # classic, color, bw, nogrid, noisy
     noise_prob=0.5,              # gaussian sensor noise
     blur_prob=0.3,               # gaussian blur (focus, scanner)
@@ -208,14 +210,29 @@ def write_signal_csv(df, path):
 # Images: page geometry, grid, traces, text, rotation, degradations, JSON
 # ----------------------------------------------------------------------------------------------
 
-def page_geometry(dpi, rng, jitter_mm, layout=STANDARD):
+def row_pitch_mm(layout):
+    """Distance between the rows of a layout's page, before jitter."""
+    n_rows = len(layout.rows) + len(layout.rhythm)
+    bottom_mm = PAGE_H_IN * 25.4 - 21.0
+    return min(MAX_ROW_SPACING_MM, (bottom_mm - TOP_ROW_MM) / max(n_rows - 1, 1))
+
+
+def fitting_gains(gains, layout):
+    """The gains whose 1 mV pulse fits between the layout's rows (no printer draws a 12 x 1 page at
+    20 mm/mV: the 20 mm pulses would cross the rows above); the smallest one if none does."""
+    fitting = [gain for gain in gains if gain * CAL_PULSE_MV <= row_pitch_mm(layout)]
+    return fitting or [min(gains)]
+
+
+def page_geometry(dpi, rng, jitter_mm, layout=STANDARD, gain=MM_PER_MV):
     """Page size and where everything goes (unrotated px). Row baselines and the left margin
     jitter a little per image, like different printers/templates; pages of many rows (6 x 2, 12 x 1)
     pack them closer than the standard page's 36 mm."""
     px_per_mm = dpi / 25.4
     geom = dict(dpi=int(dpi), width=int(round(PAGE_W_IN * dpi)), height=int(round(PAGE_H_IN * dpi)),
                 px_per_mm=px_per_mm, x_grid=5 * px_per_mm, y_grid=5 * px_per_mm)
-    geom['px_per_mv'] = MM_PER_MV * px_per_mm       # = 2 * y_grid
+    geom['gain'] = float(gain)
+    geom['px_per_mv'] = gain * px_per_mm            # = 2 * y_grid at the standard 10 mm/mV
     geom['px_per_s'] = MM_PER_S * px_per_mm         # = 5 * x_grid
     x_cal_mm = 10.0 + rng.uniform(-1, 1) * jitter_mm
     geom['x_cal'] = x_cal_mm * px_per_mm
@@ -353,10 +370,10 @@ def draw_lead_label(mask, text, x, y_top, font, scale, thick):
     return [[org[1] - th, org[0]], [org[1] - th, org[0] + tw], [org[1] + below, org[0] + tw], [org[1] + below, org[0]]]
 
 
-def header_lines(rng):
+def header_lines(rng, gain=MM_PER_MV):
     """A few lines of the sort printed above a real ECG: speeds, an id, a date, intervals."""
     tokens = [
-        '25mm/s', '10mm/mV', f'ID: {rng.integers(10**6, 10**8)}',
+        '25mm/s', f'{gain:g}mm/mV', f'ID: {rng.integers(10**6, 10**8)}',
         f'{rng.integers(2005, 2025)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d} '
         f'{rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}',
         f'HR {rng.integers(45, 140)} bpm', f'PR {rng.integers(120, 210)} ms', f'QRS {rng.integers(70, 120)} ms',
@@ -376,7 +393,7 @@ def draw_page_marks(mask, geom, rng, knobs, sig_len, layout=STANDARD):
     font = [cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX][rng.integers(2)]
     scale = rng.uniform(2.6, 3.6) * mm / 22.0        # cap height ~3 mm (22 px at scale 1)
     thick = max(1, int(round(scale * rng.uniform(1.2, 2.2))))
-    for base in geom['row_baselines']:  # 1 mV x 0.2 s pulse, then the trace starts
+    for base in geom['row_baselines'] if geom['pulse'] else []:  # 1 mV x 0.2 s pulse, then the trace starts
         pulse = np.array([[geom['x_cal'], base], [geom['x_cal'], base - CAL_PULSE_MV * ppmv],
                           [geom['x_start'], base - CAL_PULSE_MV * ppmv], [geom['x_start'], base]])
         cv2.polylines(mask, [to_cv_points(pulse)], False, 255, max(1, int(round(0.25 * mm))), cv2.LINE_AA, PX_SHIFT)
@@ -394,7 +411,7 @@ def draw_page_marks(mask, geom, rng, knobs, sig_len, layout=STANDARD):
         boxes.append(draw_lead_label(mask, lead, x, geom['row_baselines'][r] + label_dy, font, scale, thick))
     if rng.random() < knobs['header_prob']:
         y = rng.uniform(6, 12) * mm
-        for line in header_lines(rng):
+        for line in header_lines(rng, geom['gain']):
             draw_lead_label(mask, line, geom['x_cal'], y, font, scale * 0.9, thick)
             y += 6.0 * mm
     return boxes
@@ -481,7 +498,10 @@ def render_image(signals_df, fs, rng, **knobs):
     style, paper, minor, major, trace_rgb = pick_style(rng, knobs)
     names = knobs['layouts']
     layout = LAYOUTS[names[rng.integers(len(names))] if len(names) > 1 else names[0]]
-    geom = page_geometry(dpi, rng, knobs['jitter_mm'], layout)
+    gains = fitting_gains(knobs['gains'], layout)
+    gain = float(gains[rng.integers(len(gains))] if len(gains) > 1 else gains[0])
+    geom = page_geometry(dpi, rng, knobs['jitter_mm'], layout, gain)
+    geom['pulse'] = knobs['pulse_prob'] >= 1 or rng.random() < knobs['pulse_prob']   # the trace starts where it ends
     minor_w, major_w = rng.uniform(0.6, 1.0) * dpi / 200.0, rng.uniform(1.0, 2.0) * dpi / 200.0
     img = draw_paper(geom, paper, minor, major, minor_w, major_w)
 
@@ -538,7 +558,7 @@ def image_json(fs, geom, entries, points, meta, knobs):
         'grid_line_color_minor': [round(c, 2) for c in meta['minor']] if meta['minor'] else [],
         'ecg_plot_color': [round(c, 2) for c in meta['trace']],
         'x_grid': geom['x_grid'], 'y_grid': geom['y_grid'], 'resolution': geom['dpi'], 'pad_inches': 0,
-        'dc_pulse': True, 'bw': meta['style'] == 'bw', 'gridlines': meta['major'] is not None,
+        'dc_pulse': bool(geom['pulse']), 'bw': meta['style'] == 'bw', 'gridlines': meta['major'] is not None,
         'number_of_columns_in_image': meta['layout'].n_columns,
         'full_mode_lead': meta['layout'].rhythm[0] if meta['layout'].rhythm else 'None',
         'rotate': int(rotate) if float(rotate).is_integer() else float(rotate),
@@ -547,7 +567,7 @@ def image_json(fs, geom, entries, points, meta, knobs):
         'rotation_deg': meta['angle'],
         'rotation_center': [(geom['height'] - 1) / 2.0, (geom['width'] - 1) / 2.0],
         'grid_origin': [round(v, 4) for v in geom['grid_origin']],
-        'style': meta['style'], 'layout': meta['layout'].name,
+        'style': meta['style'], 'layout': meta['layout'].name, 'gain_mm_mv': geom['gain'],
         'baseline_rows': [round(geom['row_baselines'][r], 4) for _, r, _, _, _ in entries],
         'trace_width_px': round(meta['width_px'], 3),
         'paper_color': [round(c, 2) for c in meta['paper']],
@@ -681,11 +701,14 @@ def parse_args(argv=None):
                         'a masked CSV would leave drawn strips without their truth)')
     p.add_argument('--dpi_choices', type=int, nargs='+', default=list(DPI_CHOICES))
     p.add_argument('--max_rotation', type=float, default=DEFAULT_KNOBS['max_rotation'], help='degrees')
+    p.add_argument('--gains', type=float, nargs='+', default=list(DEFAULT_KNOBS['gains']), metavar='MM_PER_MV',
+                   help='gains to draw, one per image at random (5, 10 or 20 mm/mV; written as gain_mm_mv)')
     p.add_argument('--layouts', nargs='+', default=list(DEFAULT_KNOBS['layouts']), metavar='NAME',
                    help='page layouts to draw, one per image at random: ' + ', '.join(LAYOUTS) + ', or all')
     p.add_argument('--style_probs', type=float, nargs=5, default=list(DEFAULT_KNOBS['style_probs']),
                    metavar=('CLASSIC', 'COLOR', 'BW', 'NOGRID', 'NOISY'))
-    for knob in ('noise_prob', 'blur_prob', 'jpeg_prob', 'tint_prob', 'header_prob', 'separator_prob', 'jitter_mm'):
+    for knob in ('noise_prob', 'blur_prob', 'jpeg_prob', 'tint_prob', 'header_prob', 'separator_prob', 'jitter_mm',
+                 'pulse_prob'):
         p.add_argument(f'--{knob}', type=float, default=DEFAULT_KNOBS[knob])
     p.add_argument('--line_width', type=float, nargs=2, default=list(DEFAULT_KNOBS['line_width']),
                    metavar=('MIN', 'MAX'), help='trace width in px at 200 dpi')
@@ -701,6 +724,7 @@ def main(argv=None):
     knobs['dpi_choices'], knobs['style_probs'] = tuple(args.dpi_choices), tuple(args.style_probs)
     knobs['line_width'] = tuple(args.line_width)
     knobs['layouts'] = tuple(LAYOUTS) if args.layouts == ['all'] else tuple(args.layouts)
+    knobs['gains'] = tuple(args.gains)
     unknown = [name for name in knobs['layouts'] if name not in LAYOUTS]
     if unknown:
         raise ValueError(f'--layouts: unknown {unknown}; known: {", ".join(LAYOUTS)} or all')

@@ -42,8 +42,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import page_scale
-from ecg_page import (FS, LAYOUTS, LEADS, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS,
-                      page_layout)
+from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT,
+                      PAGE_HEIGHT_MM, RHYTHM, SECONDS, page_layout)
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
 LAYOUT_NAMES = list(LAYOUTS)       # layout_id indexes this list; -1: a page no known layout draws
@@ -330,7 +330,9 @@ def parse_page(ref):
     rhythm = [e['lead'] for e in entries if e['channel'] == RHYTHM]
     strips = [(LEADS[e['lead']], e['start'] / ref.fs, (e['end'] - 1) / ref.fs, e['channel'] == RHYTHM) for e in entries]
     layout = page_layout(strips)
-    return dict(entries=entries, px_per_mv=2 * float(meta['y_grid']),
+    # y_grid is the 5 mm square in px; the gain is 10 mm/mV unless the JSON says otherwise (gain_mm_mv)
+    gain = float(meta.get('gain_mm_mv', MM_PER_MV))
+    return dict(entries=entries, px_per_mv=gain / MAJOR_MM * float(meta['y_grid']),
                 rhythm_lead=rhythm[0] if rhythm else -1, layout_id=LAYOUT_NAMES.index(layout) if layout else -1,
                 rotation_deg=None if rotation is None else float(rotation),
                 grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style') or kit_style(meta))

@@ -474,9 +474,10 @@ def log_losses(writer, split, losses, step):
 
 
 @torch.no_grad()
-def validate(model, loader, criterion, amp, device):
+def validate(model, loader, criterion, amp, device, layouts=None):
     """Val losses with the true decoding geometry (comparable with Train), metrics with the geometry
-    read from the image, as evaluate.py and inference.py will see it."""
+    read from the image, as evaluate.py and inference.py will see it (the layout found among `layouts`,
+    those of the training data)."""
     model.eval()
     sums, count, stats, theta_err, shown = {}, 0, [], [], None
     for batch in loader:
@@ -485,7 +486,7 @@ def validate(model, loader, criterion, amp, device):
             outputs = model(batch['image'], ecg_model.true_geometry(batch))
             losses = criterion(outputs, batch)
         predicted = ecg_model.decode_outputs({k: v.float() for k, v in outputs.items() if torch.is_tensor(v)},
-                                             ecg_model.read_geometry(batch))
+                                             ecg_model.read_geometry(batch, layouts))
         stats.append(ecg_trainer.record_stats(predicted['signal'], batch['signal'], batch['signal_mask']))
         valid = batch['theta_valid'] > 0
         theta_err.append((predicted['decode_theta'] - batch['theta']).abs()[valid].cpu())
@@ -693,7 +694,7 @@ def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders
         state['step_in_epoch'] = 0
         val_means = None
         if rank == 0 and val_loader is not None:
-            val_means, shown = validate(unwrap(model), val_loader, criterion, amp, device)
+            val_means, shown = validate(unwrap(model), val_loader, criterion, amp, device, config.get('layouts'))
             log_val_images(writer, shown, state['global_step'])
         if rank == 0:
             state['epoch_rng'] = ecg_checkpoint.rng_state()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ecg_model
+import ecg_trainer
 import inference
 from conftest import run_cli
 import production_dataset as pdx
@@ -105,3 +106,34 @@ def test_inference_layout_flag_masks_what_the_page_shows_and_warns_off_training(
     assert finite[:, LEADS.index('II')].all()
     assert finite[:int(5 * FS), LEADS.index('V4')].all() and not finite[int(5 * FS):, LEADS.index('V4')].any()
     assert json.loads(out.with_suffix('.json').read_text())['layout'] == '6x2+II'
+
+
+@pytest.fixture(scope='module')
+def layout_pages(tmp_path_factory):
+    """Simulator pages of the non-standard layouts and gains (classic style, 200 dpi, upright)."""
+    out = tmp_path_factory.mktemp('layouts')
+    run_cli('ecg_simulator.py', '--out', out, '--n', 6, '--seed', 3, '--workers', 1, '--dpi_choices', 200,
+            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 0, '--gains', 5, 20,
+            '--layouts', '6x2+II', '12x1', '3x4', '3x4+V1')
+    return out
+
+
+def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
+    """Every simulated page is named by its JSON's layout; decoding its true rows with the layout found
+    from its presence (the rhythm lead by content) and the scale read from its grid and pulse (gain 5 or
+    20 mm/mV) gives the signal back."""
+    refs, problems = pdx.find_samples(layout_pages, layout_pages)
+    assert not problems and len(refs) == 6
+    meta = {ref.record_id: json.loads(ref.json.read_text()) for ref in refs}
+    dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), read_scale=True)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    assert [pdx.layout_name(i) for i in batch['layout_id']] == [meta[r]['layout'] for r in batch['record_id']]
+    assert {meta[r]['gain_mm_mv'] for r in batch['record_id']} == {5.0, 20.0}
+    np.testing.assert_allclose(batch['read_px_per_mv'], batch['px_per_mv'], rtol=0.03)   # gain from the pulse
+    presence = torch.where(torch.isfinite(batch['trace_top']), 10.0, -10.0)
+    centre = (batch['trace_top'] + batch['trace_bot']) / 2
+    signal, _, found = ecg_model.decode_layouts(centre, batch['baseline_row'], presence, list(LAYOUTS),
+                                                batch['read_px_per_mv'], batch['page_aspect'], batch['read_px_per_s'])
+    assert found == [meta[r]['layout'] for r in batch['record_id']]
+    metrics = ecg_trainer.signal_metrics(signal, batch['signal'], batch['signal_mask'])
+    assert metrics['pearson'] > 0.9 and metrics['snr_db'] > 10
