@@ -78,6 +78,11 @@ def training_state(model, optimizer, scheduler, scaler, progress, config):
                                               'select_metric')}}
 
 
+def trained_layouts(checkpoint):
+    """The page layouts (ecg_page.LAYOUTS names) a checkpoint was trained on; older ones name none."""
+    return list(checkpoint.get('layouts') or TRAINED_LAYOUTS)
+
+
 def non_finite_tensors(state, prefix=''):
     """Names of floating tensors anywhere in a nested dict/list that hold NaN or inf."""
     if torch.is_tensor(state):

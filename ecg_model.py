@@ -96,7 +96,6 @@ def decode_outputs(out, geometry=None):
                                                      page_aspect, geometry.get('px_per_s'),
                                                      geometry.get('rhythm_lead'), geometry.get('layouts'))
     out['decode_theta'] = theta
-    out['geometry'] = geometry   # what the signal was decoded with: row_spread reads the same frame
     return out
 
 
@@ -315,7 +314,8 @@ def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_a
 
 def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspect, px_per_s=None):
     """Decode pages whose layout is read from the image, among `names`: -> (B, 12, 5000) mV, (B, 12, 5000)
-    shown, and each page's layout name (its rhythm lead told by what the strip shows)."""
+    shown, and what was used: each page's layout name (its rhythm lead told by what the strip shows), the
+    strips' windows and spans (B, 13, 2) and the rhythm lead (B,)."""
     chosen = choose_layouts(presence, names, page_aspect, px_per_s)
     window, place, _ = layout_strips(chosen, trace_rows.device)
     span = layout_spans(presence, place, page_aspect, px_per_s)
@@ -324,7 +324,7 @@ def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspec
     found = [next(n for n in names if LAYOUTS[n].rows == layout.rows and LAYOUTS[n].rhythm_lead == int(lead))
              for layout, lead in zip(chosen, rhythm_lead)]
     signal, shown = channels_to_leads(sampled, valid, rhythm_lead)
-    return signal, shown, found
+    return signal, shown, dict(layouts=found, window=window, span=span, rhythm_lead=rhythm_lead)
 
 
 def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None,
@@ -342,32 +342,28 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     zero_rows, zero_log_prob = column_soft_argmax(page[:, N_TRACES:2 * N_TRACES])
     presence = column_presence(page[:, 2 * N_TRACES:])
     if window is None:
-        signal, _, found = decode_layouts(trace_rows, zero_rows, presence, layouts or [LAYOUT.name], px_per_mv,
-                                          page_aspect, px_per_s)
+        signal, _, used = decode_layouts(trace_rows, zero_rows, presence, layouts or [LAYOUT.name], px_per_mv,
+                                         page_aspect, px_per_s)
     else:
         signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s,
                                 rhythm_lead)
-        found = None
+        used = dict(layouts=None, window=window, span=span, rhythm_lead=rhythm_lead)
+    # what the signal was decoded with, so row_spread reads the very same strips
     return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
-                        zero_log_prob=zero_log_prob, px_per_mv=px_per_mv, layouts=found)
+                        zero_log_prob=zero_log_prob, px_per_mv=px_per_mv, **used)
 
 
 def row_spread(out):
     """How sure the signal head is, per sample: the spread (standard deviation, in mV) of each column's row
     softmax, read at the same 500 Hz instants as the signal -> (B, 12, 5000). A sharp trace map gives a
     few hundredths of a mV; a column where the map hesitates between rows gives tenths."""
-    geometry = out['geometry']
     rows = out['trace_rows']
     prob = rows['trace_log_prob'].exp()
     grid = torch.arange(prob.shape[-2], device=prob.device, dtype=prob.dtype).view(1, 1, -1, 1)
     variance = (prob * (grid - rows['trace'].unsqueeze(2)) ** 2).sum(2)
     spread_rows = variance.clamp(min=0).sqrt()
-    window, span, rhythm_lead = geometry.get('trace_window'), geometry.get('trace_span'), geometry.get('rhythm_lead')
-    if window is None and rows.get('layouts'):   # the layouts the decoding found
-        window, place, rhythm_lead = layout_strips([LAYOUTS[name] for name in rows['layouts']], spread_rows.device)
-        span = layout_spans(rows['presence'], place, geometry['page_aspect'], geometry.get('px_per_s'))
-    spread, _ = decode_rows(-spread_rows, torch.zeros_like(spread_rows), rows['presence'], window, span,
-                            rows['px_per_mv'], geometry.get('page_aspect'), geometry.get('px_per_s'), rhythm_lead)
+    spread, _ = decode_rows(-spread_rows, torch.zeros_like(spread_rows), rows['presence'], rows['window'],
+                            rows['span'], rows['px_per_mv'], rhythm_lead=rows['rhythm_lead'])
     return spread
 
 

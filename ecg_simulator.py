@@ -40,6 +40,7 @@ LAYOUT = [list(row) for row in STANDARD.rows]   # the Kaggle CSVs' columns: rows
 FULL_MODE_LEAD = STANDARD.rhythm[0]
 N_COLUMNS = STANDARD.n_columns
 TOP_ROW_MM = 50.0                # pages of many rows start their first row this far down (header above)
+BOTTOM_ROW_MM = PAGE_H_IN * 25.4 - 21.0   # the bottom row's 0 mV line (the rhythm strip's), before jitter
 MAX_ROW_SPACING_MM = 36.0        # the standard page's row pitch
 PX_SHIFT = 4                     # cv2 sub-pixel bits: coordinates are drawn to 1/16 px
 
@@ -213,8 +214,7 @@ def write_signal_csv(df, path):
 def row_pitch_mm(layout):
     """Distance between the rows of a layout's page, before jitter."""
     n_rows = len(layout.rows) + len(layout.rhythm)
-    bottom_mm = PAGE_H_IN * 25.4 - 21.0
-    return min(MAX_ROW_SPACING_MM, (bottom_mm - TOP_ROW_MM) / max(n_rows - 1, 1))
+    return min(MAX_ROW_SPACING_MM, (BOTTOM_ROW_MM - TOP_ROW_MM) / max(n_rows - 1, 1))
 
 
 def fitting_gains(gains, layout):
@@ -237,11 +237,10 @@ def page_geometry(dpi, rng, jitter_mm, layout=STANDARD, gain=MM_PER_MV):
     x_cal_mm = 10.0 + rng.uniform(-1, 1) * jitter_mm
     geom['x_cal'] = x_cal_mm * px_per_mm
     geom['x_start'] = geom['x_cal'] + CAL_PULSE_S * geom['px_per_s']   # pulse, then the trace
-    h_mm = PAGE_H_IN * 25.4
-    rhythm_mm = h_mm - 21.0 + rng.uniform(-1, 1) * jitter_mm * 2
+    rhythm_mm = BOTTOM_ROW_MM + rng.uniform(-1, 1) * jitter_mm * 2
     n_short = len(layout.rows)   # rows of short strips above the rhythm strip(s)
     n_rows = n_short + len(layout.rhythm)
-    pitch = min(MAX_ROW_SPACING_MM, (rhythm_mm - TOP_ROW_MM) / max(n_rows - 1, 1))
+    pitch = row_pitch_mm(layout)
     spacing_mm = pitch + rng.uniform(-1, 1) * jitter_mm * 2 * pitch / MAX_ROW_SPACING_MM
     # the bottom row (the rhythm strip, else the last short row) sits at rhythm_mm; short rows jitter
     rows_mm = [rhythm_mm - (n_rows - 1 - r) * spacing_mm + (rng.uniform(-0.5, 0.5) * jitter_mm if r < n_short else 0.0)

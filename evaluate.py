@@ -174,7 +174,7 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
     if len(dataset) == 0:
         raise pdx.InputError('no usable image to evaluate')
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    layouts = list(checkpoint.get('layouts') or ecg_checkpoint.TRAINED_LAYOUTS)
+    layouts = ecg_checkpoint.trained_layouts(checkpoint)
     frame, model_stats, bound_stats = score_batches(model, loader, device, layouts)
     report = build_report(frame, model_stats, bound_stats)
     report.update(checkpoint=str(checkpoint_path), untrained=untrained, image_size=config['image_size'],

@@ -100,7 +100,7 @@ def load_checkpoint(path, device):
     """(model in eval mode, its input size (H, W)); a missing or broken file is an InputError naming it.
     model.trained_layouts: the page layouts it was trained on (the checkpoint's 'layouts')."""
     model, checkpoint = ecg_checkpoint.load_model(path, device)
-    model.trained_layouts = list(checkpoint.get('layouts') or ecg_checkpoint.TRAINED_LAYOUTS)
+    model.trained_layouts = ecg_checkpoint.trained_layouts(checkpoint)
     return model, ecg_checkpoint.input_size(checkpoint)
 
 

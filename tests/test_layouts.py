@@ -132,8 +132,8 @@ def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
     np.testing.assert_allclose(batch['read_px_per_mv'], batch['px_per_mv'], rtol=0.03)   # gain from the pulse
     presence = torch.where(torch.isfinite(batch['trace_top']), 10.0, -10.0)
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
-    signal, _, found = ecg_model.decode_layouts(centre, batch['baseline_row'], presence, list(LAYOUTS),
+    signal, _, used = ecg_model.decode_layouts(centre, batch['baseline_row'], presence, list(LAYOUTS),
                                                 batch['read_px_per_mv'], batch['page_aspect'], batch['read_px_per_s'])
-    assert found == [meta[r]['layout'] for r in batch['record_id']]
+    assert used['layouts'] == [meta[r]['layout'] for r in batch['record_id']]
     metrics = ecg_trainer.signal_metrics(signal, batch['signal'], batch['signal_mask'])
     assert metrics['pearson'] > 0.9 and metrics['snr_db'] > 10
