@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import albumentations as A
 import cv2
 import numpy as np
 import pandas as pd
@@ -515,7 +514,7 @@ def read_rgb(path):
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     elif image.shape[2] == 4:
-        image = cv2.cvtColor(over_white_paper(image), cv2.COLOR_BGR2RGB)
+        image = over_white_paper(image)
     else:
         image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
     check_page_pixels(image, path)
@@ -523,13 +522,14 @@ def read_rgb(path):
 
 
 def over_white_paper(bgra):
-    """(h, w, 4) uint8 -> (h, w, 3) uint8 composited over white. ecg-image-kit writes RGBA pages that are
-    all opaque: those skip the float blend, which costs as much as decoding the PNG."""
+    """(h, w, 4) uint8 BGRA -> (h, w, 3) uint8 RGB composited over white. ecg-image-kit writes RGBA pages
+    that are all opaque: those skip the float blend, which costs as much as decoding the PNG."""
     alpha = bgra[..., 3]
     if int(alpha.min()) == 255:
-        return np.ascontiguousarray(bgra[..., :3])
+        return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
     weight = alpha[..., None].astype(np.float32) / 255.0
-    return (bgra[..., :3] * weight + 255.0 * (1 - weight)).round().astype(np.uint8)
+    bgr = (bgra[..., :3] * weight + 255.0 * (1 - weight)).round().astype(np.uint8)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def pixel_std(rgb):
@@ -651,7 +651,9 @@ def layout_name(layout_id):
 
 def photometric_augment():
     """Colour, blur, noise and compression: they never move a target. GaussNoise takes std_range in
-    albumentations 2.x (var_limit is silently ignored there)."""
+    albumentations 2.x (var_limit is silently ignored there). Imported here: it adds half a second to the
+    start of every tool that only reads pages (inference, evaluate, visualize)."""
+    import albumentations as A
     return A.Compose([
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
         A.RGBShift(r_shift_limit=15, g_shift_limit=15, b_shift_limit=15, p=0.3),

@@ -282,7 +282,8 @@ def test_rgba_pages_composite_over_white_and_contrast_matches_numpy(tmp_path):
     assert rgb[0, 0].tolist() == [255, 255, 255]
     opaque = rgba.copy()
     opaque[..., 3] = 255
-    assert np.array_equal(pdx.over_white_paper(opaque), opaque[..., :3])
+    opaque[100:110, :, 0] = 40                # a blue channel of its own: BGRA comes out RGB
+    assert np.array_equal(pdx.over_white_paper(opaque), opaque[..., 2::-1])
     noisy = np.random.default_rng(0).integers(0, 256, (120, 170, 3), dtype=np.uint8)
     assert pdx.pixel_std(noisy) == pytest.approx(float(noisy.std()), rel=1e-9)
     assert pdx.pixel_std(rgb) == pytest.approx(float(rgb.std()), rel=1e-9)

@@ -248,6 +248,17 @@ def test_a_grid_read_at_its_1_mm_lines_is_corrected_by_the_pulse():
     assert kept.px_per_mm_y == 1.6                      # 1 mm lines seen: no second guessing
 
 
+@pytest.mark.parametrize('length', [7, 8, 236])
+def test_line_opening_is_cv2s_morphological_opening(length):
+    """The doubling-window opening that removes grid lines is cv2's opening by a line, edges included."""
+    rng = np.random.default_rng(length)
+    ink = (rng.random((300, 260)) < 0.9).astype(np.uint8)
+    ink[40, :] = 1                              # a line across the whole width, and one cut by the edge
+    ink[:120, 250] = 1
+    for axis, kernel in ((0, np.ones((length, 1), np.uint8)), (1, np.ones((1, length), np.uint8))):
+        assert np.array_equal(ps.line_opening(ink, length, axis), cv2.morphologyEx(ink, cv2.MORPH_OPEN, kernel) > 0)
+
+
 def test_combine_axes_wants_both_line_families_or_one_strong():
     axis = lambda period, n=8, s=4.5, minor=True, angle=0.0: dict(
         period_px=period, n_harmonics=n, strength=s, minor_seen=minor, angle_deg=angle)
