@@ -19,7 +19,9 @@
 7. With --export_starter: best.pth as the shipped fp16 starter weights (starter/) with its model card.
 8. With --layouts NAME... (or --layouts mix: the layouts ecg-image-kit and clinics draw most): training
    and held-out pages in that mix of layouts (in their own folders, train_data_layouts/...), reported per
-   layout with how often inference found the layout.
+   layout with how often inference found the layout; --gains 5 10 20 and --speeds 25 50 draw them at those
+   gains and paper speeds as well (folders and report suffixed _gains5-10-20_speeds25-50), reported with
+   how often the pulse gave the gain and the speed.
 Prints a summary and writes bench_out/quality/report_{H}x{W}.json.
 """
 import argparse
@@ -72,6 +74,10 @@ def parse_args(argv=None):
     p.add_argument('--layouts', nargs='+', metavar='NAME',
                    help='train and hold out pages in these layouts (ecg_page.LAYOUTS names), or mix: '
                         + ' '.join(LAYOUT_MIX))
+    p.add_argument('--gains', type=float, nargs='+', metavar='MM_PER_MV',
+                   help='gains the training and held-out pages are drawn at (simulator --gains), e.g. 5 10 20')
+    p.add_argument('--speeds', type=float, nargs='+', metavar='MM_PER_S',
+                   help='paper speeds likewise (simulator --speeds): 25 50 adds the layouts\' 5 s twins')
     p.add_argument('--init_from', help='start from these weights (e.g. starter/ecg_starter.pth) instead of scratch')
     p.add_argument('--export_starter', action='store_true',
                    help=f'write best.pth as the shipped starter weights ({ecg_checkpoint.STARTER.relative_to(ROOT)})')
@@ -93,12 +99,20 @@ def run(*command):
     subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, check=True)
 
 
-def simulate(folder, records, seed, workers, quick, layouts=None):
+def simulate(folder, records, seed, workers, quick, layouts=None, gains=None, speeds=None):
     if (folder / 'train.csv').is_file():
         return
     extra = ['--dpi_choices', '100'] if quick else []
     extra += ['--layouts', *layouts] if layouts else []
+    extra += ['--gains', *gains] if gains else []
+    extra += ['--speeds', *speeds] if speeds else []
     run('ecg_simulator.py', '--out', folder, '--n', records, '--seed', seed, '--workers', workers, *extra)
+
+
+def data_suffix(layouts, gains, speeds):
+    """The data folders' and report's name suffix: each page mix has its own."""
+    return (('_layouts' if layouts else '') + (f'_gains{"-".join(f"{g:g}" for g in gains)}' if gains else '') +
+            (f'_speeds{"-".join(f"{v:g}" for v in speeds)}' if speeds else ''))
 
 
 def train(data, out, cfg, init_from=None):
@@ -240,7 +254,9 @@ def summary_lines(report):
     lines += [f"  bound at {size}: {v['bound_snr_db']:.2f} dB, r {v['bound_pearson']:.3f}"
               for size, v in report['bound_by_input_size'].items()]
     if len(held['per_layout']) > 1:
-        lines.append(f"  layout found on {100 * held['layout_found_share']:.1f} % of held-out pages")
+        lines.append(f"  layout found on {100 * held['layout_found_share']:.1f} % of held-out pages; gain read from "
+                     f"the pulse on {100 * held['gain_found_share']:.1f} %, paper speed on "
+                     f"{100 * held['speed_found_share']:.1f} %")
         lines += [f"  layout {name}: pearson {v['pearson']:.3f}  SNR {v['snr_db']:.2f} dB  (bound {v['bound_snr_db']:.2f})"
                   for name, v in held['per_layout'].items()]
     if report.get('kit'):
@@ -261,10 +277,11 @@ def main(argv=None):
     out = Path(args.out)
     started = time.perf_counter()
     layouts = list(LAYOUT_MIX) if args.layouts == ['mix'] else args.layouts
-    suffix = '_layouts' if layouts else ''
+    suffix = data_suffix(layouts, args.gains, args.speeds)
     train_data, heldout_data = out / f'train_data{suffix}', out / f'heldout_data{suffix}'
-    simulate(train_data, cfg['train_records'], TRAIN_SEED, args.workers, args.quick, layouts)
-    simulate(heldout_data, cfg['heldout_records'], HELDOUT_SEED, args.workers, args.quick, layouts)
+    simulate(train_data, cfg['train_records'], TRAIN_SEED, args.workers, args.quick, layouts, args.gains, args.speeds)
+    simulate(heldout_data, cfg['heldout_records'], HELDOUT_SEED, args.workers, args.quick, layouts, args.gains,
+             args.speeds)
     kit = None
     if args.kit_work:
         kit = out / f'kit_heldout{suffix}'
@@ -298,6 +315,8 @@ def main(argv=None):
         plot_curve(report['scaling_curve'], stem.with_name(stem.name + '_curve.png'))
     report['training_data'] = (f'{cfg["train_records"]} simulator records (seed {TRAIN_SEED})' +
                                (f' in layouts {", ".join(layouts)}' if layouts else '') +
+                               (f' at gains {args.gains} mm/mV' if args.gains else '') +
+                               (f' and paper speeds {args.speeds} mm/s' if args.speeds else '') +
                                (f', starting from {args.init_from}' if args.init_from else '') +
                                (f' + {args.kit_train_records} of them rendered by ecg-image-kit in its 7 styles'
                                 if args.kit_train_records else ''))

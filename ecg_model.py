@@ -36,6 +36,7 @@ LAYOUT = STANDARD                   # the page read when nothing says otherwise
 TRACE_START = 118 / 2200            # where ecg-image-kit starts the traces (after the 1 mV pulse), page widths
 START_PRIOR_WEIGHT = 0.01           # per column off the usual start: only breaks ties of a flat presence
 START_STEP = 0.05                   # columns: resolution of the time-start search
+SPEED_MISMATCH = 1e4                # fit-score cost of a layout at another paper speed than the page's pulse shows
 START_REACH = 0.5                   # a start can lie this far left of the first column (a strip drawn from x = 0)
 LINE_PIXELS_PER_COLUMN = 4          # the rotation search reads as many pixels as four page-wide 0 mV lines
 SHARPER_BY = 1.05                   # the searched angle must sharpen the 0 mV profile this much to win
@@ -94,7 +95,8 @@ def decode_outputs(out, geometry=None):
     out['signal'], out['trace_rows'] = decode_signal(out['trace'], theta, geometry.get('trace_window'),
                                                      geometry.get('trace_span'), geometry.get('px_per_mv'),
                                                      page_aspect, geometry.get('px_per_s'),
-                                                     geometry.get('rhythm_lead'), geometry.get('layouts'))
+                                                     geometry.get('rhythm_lead'), geometry.get('layouts'),
+                                                     geometry.get('paper_speed'))
     out['decode_theta'] = theta
     return out
 
@@ -109,10 +111,12 @@ def true_geometry(batch):
 
 def read_geometry(batch, layouts=None):
     """The decoding geometry an image shows by itself (evaluation, inference): its shape and the scale
-    its grid and pulse give (NaN: not found, the page border is used); rotation, time start and, among
-    `layouts` (names; default the standard page), the layout are read from the model's maps."""
+    its grid and pulse give (NaN: not found, the page border is used) with the paper speed its pulse shows
+    (NaN: 25 mm/s); rotation, time start and, among `layouts` (names; default the standard page), the
+    layout are read from the model's maps."""
     return {'page_aspect': batch['page_aspect'], 'px_per_mv': batch.get('read_px_per_mv'),
-            'px_per_s': batch.get('read_px_per_s'), 'layouts': list(layouts or [LAYOUT.name])}
+            'px_per_s': batch.get('read_px_per_s'), 'paper_speed': batch.get('read_speed_mm_s'),
+            'layouts': list(layouts or [LAYOUT.name])}
 
 
 # ---------------------------------------------------------------- geometry
@@ -139,6 +143,22 @@ def page_px_per_s(width, page_aspect, px_per_s=None):
         return fallback
     px_per_s = px_per_s.to(fallback.device).float().view(-1)
     return torch.where(torch.isfinite(px_per_s) & (px_per_s > 0), px_per_s, fallback)
+
+
+def page_speeds(paper_speed, batch, device):
+    """(B,) mm/s of each page: what its calibration pulse shows where known, else the standard 25 mm/s."""
+    if paper_speed is None:
+        return torch.full((batch,), MM_PER_S, device=device)
+    paper_speed = paper_speed.to(device).float().view(-1)
+    return torch.where(torch.isfinite(paper_speed) & (paper_speed > 0), paper_speed, torch.full_like(paper_speed, MM_PER_S))
+
+
+def layout_px_per_s(width, page_aspect, px_per_s, page_speed, layouts):
+    """(B,) input columns per second of each page if it were drawn at its layout's paper speed: the page's
+    own px_per_s (at page_speed, the speed its pulse shows) rescaled, so a 25 mm/s layout laid over a
+    50 mm/s page covers the same paper, showing twice the seconds."""
+    speeds = torch.tensor([layout.paper_speed_mm_s for layout in layouts], device=page_speed.device)
+    return page_px_per_s(width, page_aspect, px_per_s).to(page_speed.device) * speeds / page_speed
 
 
 def layout_strips(layouts, device):
@@ -197,16 +217,26 @@ def fit_start(presence, place, page_aspect, px_per_s=None):
     covered = presence.sigmoid() - 0.5                                            # (B, 13, W)
     shown = torch.isfinite(place).all(-1)                                         # (B, 13)
     place = torch.nan_to_num(place)
-    starts = torch.arange(-START_REACH, width, START_STEP, device=presence.device)   # (K,)
+    # whole columns first, then a twentieth of a column around the best: the score is piecewise linear in
+    # the start with slopes of a few units per column, so the coarse best lies within a column of the fine one
+    coarse = torch.arange(-START_REACH, width, 1.0, device=presence.device).expand(batch, -1)
+    score = start_scores(covered, shown, place, px_per_s, coarse)
+    around = torch.arange(-1.0, 1.0 + START_STEP / 2, START_STEP, device=presence.device)
+    fine = coarse.gather(1, score.argmax(1, keepdim=True)) + around                # (B, K)
+    best, index = start_scores(covered, shown, place, px_per_s, fine).max(1)
+    return fine.gather(1, index[:, None])[:, 0], best
+
+
+def start_scores(covered, shown, place, px_per_s, starts):
+    """fit_start's score (B, K) of each candidate start column (B, K)."""
+    width = covered.shape[-1]
     # a strip drawn from x0 to x1 fills columns round(x0) .. round(x1): the box is half a column wider each side
-    left = starts.view(1, 1, -1) + place[..., :1] * px_per_s[..., None] - 0.5    # (B, 13, K)
-    right = starts.view(1, 1, -1) + place[..., 1:] * px_per_s[..., None] + 0.5
+    left = starts[:, None] + place[..., :1] * px_per_s[..., None] - 0.5           # (B, 13, K)
+    right = starts[:, None] + place[..., 1:] * px_per_s[..., None] + 0.5
     inside = continuous_cumsum(covered, right) - continuous_cumsum(covered, left)
     unexplained = covered.clamp(min=0).sum(-1, keepdim=True)                    # a strip the layout lacks
     score = torch.where(shown[..., None], inside, -unexplained).sum(1)          # (B, K)
-    score = score - START_PRIOR_WEIGHT * (starts[None] - TRACE_START * width).abs()
-    best, index = score.max(1)
-    return starts[index], best
+    return score - START_PRIOR_WEIGHT * (starts - TRACE_START * width).abs()
 
 
 def layout_spans(presence, place, page_aspect, px_per_s=None):
@@ -217,19 +247,42 @@ def layout_spans(presence, place, page_aspect, px_per_s=None):
     return x0.view(-1, 1, 1) + place * px_per_s
 
 
-def choose_layouts(presence, names, page_aspect, px_per_s=None):
+def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None):
     """The layout of each page among `names` (ecg_page.LAYOUTS keys): the one whose strips best fit where
-    the model sees strips (fit_start's score). Layouts that differ only in the rhythm strip's lead draw the
-    same strips; pick_rhythm_leads tells them apart by what the strip shows. -> [Layout] per page."""
-    layouts = [LAYOUTS[name] for name in names]
+    the model sees strips (fit_start's score), among those at the paper speed the page's pulse shows
+    (paper_speed (B,), NaN or None: 25 mm/s) where there are any. Layouts that differ only in the rhythm
+    strip's lead draw the same strips; pick_rhythm_leads tells them apart by what the strip shows.
+    -> [Layout] per page."""
+    distinct = {}
+    for name in names:   # one fit per set of strips: 3x4+II and 3x4+V1 draw the same
+        distinct.setdefault(strip_plan(LAYOUTS[name]), LAYOUTS[name])
+    layouts = list(distinct.values())
     if len(layouts) == 1:
         return layouts * presence.shape[0]
+    batch, _, width = presence.shape
+    page_speed = page_speeds(paper_speed, batch, presence.device)
     scores = []
     for layout in layouts:
-        _, places, _ = layout_strips([layout] * presence.shape[0], presence.device)
-        scores.append(fit_start(presence, places, page_aspect, px_per_s)[1])
+        _, places, _ = layout_strips([layout] * batch, presence.device)
+        speed_px = layout_px_per_s(width, page_aspect, px_per_s, page_speed, [layout] * batch)
+        score = fit_start(presence, places, page_aspect, speed_px)[1]
+        scores.append(score - SPEED_MISMATCH * (page_speed != layout.paper_speed_mm_s).float())
     best = torch.stack(scores, 1).argmax(1).tolist()
     return [layouts[i] for i in best]
+
+
+def strip_plan(layout):
+    """What a layout draws where, without the rhythm strip's lead: layouts alike in this fit alike."""
+    return layout.rows, bool(layout.rhythm), layout.restart_columns, layout.paper_speed_mm_s
+
+
+def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=None):
+    """Per page, the name of the layout (among all of ecg_page.LAYOUTS) whose strips fit the presence maps
+    best when the model was trained on no layout drawing those strips, else None: inference warns on such
+    pages, which it reads as the nearest trained layout."""
+    known = {strip_plan(LAYOUTS[name]) for name in trained}
+    best = choose_layouts(presence, list(LAYOUTS), page_aspect, px_per_s, paper_speed)
+    return [None if strip_plan(layout) in known else layout.name for layout in best]
 
 
 def pick_rhythm_leads(sampled, valid, layouts, names):
@@ -238,8 +291,8 @@ def pick_rhythm_leads(sampled, valid, layouts, names):
     sampled, valid (B, 13, 5000): every channel read at the 500 Hz instants."""
     rhythm = []
     for i, layout in enumerate(layouts):
-        options = sorted({LAYOUTS[n].rhythm_lead for n in names
-                          if LAYOUTS[n].rows == layout.rows and LAYOUTS[n].rhythm and layout.rhythm})
+        options = sorted({LAYOUTS[n].rhythm_lead for n in names if strip_plan(LAYOUTS[n]) == strip_plan(layout)
+                          and layout.rhythm})
         if len(options) <= 1:
             rhythm.append(layout.rhythm_lead)
             continue
@@ -312,26 +365,30 @@ def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_a
     return channels_to_leads(sampled, valid, rhythm_lead)
 
 
-def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspect, px_per_s=None):
-    """Decode pages whose layout is read from the image, among `names`: -> (B, 12, 5000) mV, (B, 12, 5000)
-    shown, and what was used: each page's layout name (its rhythm lead told by what the strip shows), the
-    strips' windows and spans (B, 13, 2) and the rhythm lead (B,)."""
-    chosen = choose_layouts(presence, names, page_aspect, px_per_s)
+def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspect, px_per_s=None,
+                   paper_speed=None):
+    """Decode pages whose layout is read from the image, among `names` (at the paper speed (B,) the pages'
+    pulses show): -> (B, 12, 5000) mV, (B, 12, 5000) shown, and what was used: each page's layout name (its
+    rhythm lead told by what the strip shows), the strips' windows and spans (B, 13, 2) and the rhythm lead (B,)."""
+    chosen = choose_layouts(presence, names, page_aspect, px_per_s, paper_speed)
     window, place, _ = layout_strips(chosen, trace_rows.device)
-    span = layout_spans(presence, place, page_aspect, px_per_s)
+    page_speed = page_speeds(paper_speed, len(chosen), presence.device)
+    span = layout_spans(presence, place, page_aspect,
+                        layout_px_per_s(presence.shape[-1], page_aspect, px_per_s, page_speed, chosen))
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
     rhythm_lead = pick_rhythm_leads(sampled, valid, chosen, names)
-    found = [next(n for n in names if LAYOUTS[n].rows == layout.rows and LAYOUTS[n].rhythm_lead == int(lead))
-             for layout, lead in zip(chosen, rhythm_lead)]
+    found = [next(n for n in names if strip_plan(LAYOUTS[n]) == strip_plan(layout)
+                  and LAYOUTS[n].rhythm_lead == int(lead)) for layout, lead in zip(chosen, rhythm_lead)]
     signal, shown = channels_to_leads(sampled, valid, rhythm_lead)
     return signal, shown, dict(layouts=found, window=window, span=span, rhythm_lead=rhythm_lead)
 
 
 def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None,
-                  rhythm_lead=None, layouts=None):
+                  rhythm_lead=None, layouts=None, paper_speed=None):
     """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read.
     px_per_mv, px_per_s (B,): the page's scale in input pixels; NaN or None falls back to the page border.
-    Without a window, the layout is read from the maps among `layouts` (names; default the standard page)."""
+    Without a window, the layout is read from the maps among `layouts` (names; default the standard page),
+    at the paper speed (B,) each page's pulse shows (NaN or None: 25 mm/s)."""
     batch, _, height, width = trace.shape
     device = trace.device
     if page_aspect is None:
@@ -343,7 +400,7 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     presence = column_presence(page[:, 2 * N_TRACES:])
     if window is None:
         signal, _, used = decode_layouts(trace_rows, zero_rows, presence, layouts or [LAYOUT.name], px_per_mv,
-                                         page_aspect, px_per_s)
+                                         page_aspect, px_per_s, paper_speed)
     else:
         signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s,
                                 rhythm_lead)

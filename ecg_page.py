@@ -9,7 +9,7 @@ A layout is rows of leads (each row split into equal columns over the 10 s) plus
     III  aVF  V3  V6
     II (rhythm strip, 10 s)
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -37,21 +37,28 @@ PAGE_ASPECT = PAGE_W_IN / PAGE_H_IN
 class Layout:
     """Rows of leads (left to right, equal columns across the page's 10 s) and the rhythm strips below them.
 
-    A strip's place is where it sits on the page's time axis (seconds from where the traces start); its
-    window is which seconds of the signal it shows. Most pages show column j at the seconds it sits at;
-    ecg-image-kit's 2-column page restarts every column at t = 0 (restart_columns)."""
+    A strip's place is where it sits on the page's time axis (seconds from where the traces start, at the
+    page's paper speed); its window is which seconds of the signal it shows. Most pages show column j at
+    the seconds it sits at; ecg-image-kit's 2-column page restarts every column at t = 0 (restart_columns).
+    The page is as wide as 10 s at 25 mm/s: at 50 mm/s it shows the first 5 s."""
     name: str
     rows: tuple
     rhythm: tuple = ()
     restart_columns: bool = False
+    paper_speed_mm_s: float = MM_PER_S
 
     @property
     def n_columns(self):
         return len(self.rows[0])
 
     @property
+    def seconds(self):
+        """Seconds of signal across the page's width: 10 at 25 mm/s, 5 at 50 mm/s."""
+        return SECONDS * MM_PER_S / self.paper_speed_mm_s
+
+    @property
     def column_seconds(self):
-        return SECONDS / self.n_columns
+        return self.seconds / self.n_columns
 
     def column_of(self, lead):
         """Column index of a lead's short strip (None if the rows do not show it)."""
@@ -85,7 +92,7 @@ class Layout:
                 windows[i] = self.short_window(lead)
                 places[i] = self.short_place(lead)
         if self.rhythm:
-            windows[RHYTHM] = places[RHYTHM] = (0.0, SECONDS)
+            windows[RHYTHM] = places[RHYTHM] = (0.0, self.seconds)
         windows[:, 1] -= 1 / fs
         places[:, 1] -= 1 / fs
         return windows, places
@@ -99,8 +106,13 @@ class Layout:
             if window is not None:
                 mask[i] |= (t >= window[0] - 1e-9) & (t < window[1] - 1e-9)
             if lead in self.rhythm:
-                mask[i] = True
+                mask[i] |= t < self.seconds - 1e-9
         return mask
+
+    def at_speed(self, paper_speed_mm_s):
+        """The same page drawn at another paper speed (named NAME@50mm/s): same places on the paper, each
+        strip showing fewer seconds."""
+        return replace(self, name=f'{self.name}@{paper_speed_mm_s:g}mm/s', paper_speed_mm_s=paper_speed_mm_s)
 
 
 THREE_BY_FOUR = (('I', 'aVR', 'V1', 'V4'),
@@ -118,12 +130,17 @@ LAYOUTS = {layout.name: layout for layout in (
     Layout('6x2', rows=KIT_SIX_BY_TWO, restart_columns=True),
     Layout('12x1', rows=tuple((lead,) for lead in LEADS)),
 )}
+# clinics' 50 mm/s pages: every layout above at twice the paper speed, showing 5 s (after all 25 mm/s ones,
+# so that a page's strips name a 25 mm/s layout first where both would draw the same windows)
+LAYOUTS.update({fast.name: fast for fast in (layout.at_speed(50.0) for layout in list(LAYOUTS.values()))})
 
 
-def page_layout(strips):
-    """The LAYOUTS name of a page drawn as strips [(lead, first sample s, last sample s, is_rhythm)], or
-    None when no known layout draws exactly those strips (to within a tenth of a second)."""
+def page_layout(strips, paper_speed_mm_s=MM_PER_S):
+    """The LAYOUTS name of a page drawn as strips [(lead, first sample s, last sample s, is_rhythm)] at a
+    paper speed, or None when no known layout draws exactly those strips (to within a tenth of a second)."""
     for layout in LAYOUTS.values():
+        if layout.paper_speed_mm_s != paper_speed_mm_s:
+            continue
         windows, _ = layout.strip_seconds()
         wanted = {(LEADS[i] if i < N_LEADS else layout.rhythm[0], i == RHYTHM, tuple(windows[i]))
                   for i in range(N_TRACES) if np.isfinite(windows[i]).all()}

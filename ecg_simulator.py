@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN, PAGE_W_IN,
-                      SECONDS, STANDARD)
+                      PAPER_SPEEDS_MM_S, SECONDS, STANDARD)
 
 PRIMARY_LEADS = ['I', 'II', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']  # the rest follow from I and II
 LAYOUT = [list(row) for row in STANDARD.rows]   # the Kaggle CSVs' columns: rows of short strips (NaN masking)
@@ -54,6 +54,7 @@ DEFAULT_KNOBS = dict(
     max_rotation=5.0,            # degrees; angle drawn uniformly in [-max, +max]
     layouts=(STANDARD.name,),    # ecg_page.LAYOUTS names; each image draws one, uniformly
     gains=(MM_PER_MV,),          # mm per mV; each image draws one of them, uniformly
+    speeds=(MM_PER_S,),          # paper speeds in mm/s; each image draws one (50: the layout's 5 s twin)
     pulse_prob=1.0,              # pages with the 1 mV x 0.2 s calibration pulse (ecg-image-kit --calibration_pulse)
     style_probs=(0.4, 0.25, 0.1, 0.05, 0.2),  # classic, color, bw, nogrid, noisy
     noise_prob=0.5,              # gaussian sensor noise
@@ -217,6 +218,14 @@ def row_pitch_mm(layout):
     return min(MAX_ROW_SPACING_MM, (BOTTOM_ROW_MM - TOP_ROW_MM) / max(n_rows - 1, 1))
 
 
+def at_speed(layout, paper_speed_mm_s):
+    """The layout drawn at a paper speed: itself, or its LAYOUTS twin at that speed (3x4+II@50mm/s)."""
+    if layout.paper_speed_mm_s == paper_speed_mm_s:
+        return layout
+    base = layout.name.split('@')[0]
+    return LAYOUTS[base if paper_speed_mm_s == MM_PER_S else f'{base}@{paper_speed_mm_s:g}mm/s']
+
+
 def fitting_gains(gains, layout):
     """The gains whose 1 mV pulse fits between the layout's rows (no printer draws a 12 x 1 page at
     20 mm/mV: the 20 mm pulses would cross the rows above); the smallest one if none does."""
@@ -233,7 +242,7 @@ def page_geometry(dpi, rng, jitter_mm, layout=STANDARD, gain=MM_PER_MV):
                 px_per_mm=px_per_mm, x_grid=5 * px_per_mm, y_grid=5 * px_per_mm)
     geom['gain'] = float(gain)
     geom['px_per_mv'] = gain * px_per_mm            # = 2 * y_grid at the standard 10 mm/mV
-    geom['px_per_s'] = MM_PER_S * px_per_mm         # = 5 * x_grid
+    geom['px_per_s'] = layout.paper_speed_mm_s * px_per_mm   # = 5 * x_grid at 25 mm/s
     x_cal_mm = 10.0 + rng.uniform(-1, 1) * jitter_mm
     geom['x_cal'] = x_cal_mm * px_per_mm
     geom['x_start'] = geom['x_cal'] + CAL_PULSE_S * geom['px_per_s']   # pulse, then the trace
@@ -257,13 +266,14 @@ def lead_entries(sig_len, layout=STANDARD):
     ones (layout.restart_columns, as ecg-image-kit's 2-column page)."""
     entries = []
     n_columns = layout.n_columns
+    shown = int(round(sig_len * layout.seconds / SECONDS))   # a 50 mm/s page shows the first 5 s
     for r in reversed(range(len(layout.rows))):
         for j, lead in enumerate(layout.rows[r]):
-            bounds = (0, sig_len // n_columns) if layout.restart_columns else \
-                (j * sig_len // n_columns, (j + 1) * sig_len // n_columns)
+            bounds = (0, shown // n_columns) if layout.restart_columns else \
+                (j * shown // n_columns, (j + 1) * shown // n_columns)
             entries.append((lead, r, j) + bounds)
     for k, lead in enumerate(layout.rhythm):
-        entries.append((lead, len(layout.rows) + k, 0, 0, sig_len))
+        entries.append((lead, len(layout.rows) + k, 0, 0, shown))
     return entries
 
 
@@ -369,10 +379,10 @@ def draw_lead_label(mask, text, x, y_top, font, scale, thick):
     return [[org[1] - th, org[0]], [org[1] - th, org[0] + tw], [org[1] + below, org[0] + tw], [org[1] + below, org[0]]]
 
 
-def header_lines(rng, gain=MM_PER_MV):
-    """A few lines of the sort printed above a real ECG: speeds, an id, a date, intervals."""
+def header_lines(rng, gain=MM_PER_MV, speed=MM_PER_S):
+    """A few lines of the sort printed above a real ECG: speed and gain, an id, a date, intervals."""
     tokens = [
-        '25mm/s', f'{gain:g}mm/mV', f'ID: {rng.integers(10**6, 10**8)}',
+        f'{speed:g}mm/s', f'{gain:g}mm/mV', f'ID: {rng.integers(10**6, 10**8)}',
         f'{rng.integers(2005, 2025)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d} '
         f'{rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}',
         f'HR {rng.integers(45, 140)} bpm', f'PR {rng.integers(120, 210)} ms', f'QRS {rng.integers(70, 120)} ms',
@@ -410,7 +420,7 @@ def draw_page_marks(mask, geom, rng, knobs, sig_len, layout=STANDARD):
         boxes.append(draw_lead_label(mask, lead, x, geom['row_baselines'][r] + label_dy, font, scale, thick))
     if rng.random() < knobs['header_prob']:
         y = rng.uniform(6, 12) * mm
-        for line in header_lines(rng, geom['gain']):
+        for line in header_lines(rng, geom['gain'], layout.paper_speed_mm_s):
             draw_lead_label(mask, line, geom['x_cal'], y, font, scale * 0.9, thick)
             y += 6.0 * mm
     return boxes
@@ -495,8 +505,9 @@ def render_image(signals_df, fs, rng, **knobs):
     sig_len = len(signals_df)
     dpi = int(knobs['dpi_choices'][rng.integers(len(knobs['dpi_choices']))])
     style, paper, minor, major, trace_rgb = pick_style(rng, knobs)
-    names = knobs['layouts']
+    names, speeds = knobs['layouts'], knobs['speeds']
     layout = LAYOUTS[names[rng.integers(len(names))] if len(names) > 1 else names[0]]
+    layout = at_speed(layout, float(speeds[rng.integers(len(speeds))] if len(speeds) > 1 else speeds[0]))
     gains = fitting_gains(knobs['gains'], layout)
     gain = float(gains[rng.integers(len(gains))] if len(gains) > 1 else gains[0])
     geom = page_geometry(dpi, rng, knobs['jitter_mm'], layout, gain)
@@ -567,6 +578,7 @@ def image_json(fs, geom, entries, points, meta, knobs):
         'rotation_center': [(geom['height'] - 1) / 2.0, (geom['width'] - 1) / 2.0],
         'grid_origin': [round(v, 4) for v in geom['grid_origin']],
         'style': meta['style'], 'layout': meta['layout'].name, 'gain_mm_mv': geom['gain'],
+        'paper_speed_mm_s': meta['layout'].paper_speed_mm_s,
         'baseline_rows': [round(geom['row_baselines'][r], 4) for _, r, _, _, _ in entries],
         'trace_width_px': round(meta['width_px'], 3),
         'paper_color': [round(c, 2) for c in meta['paper']],
@@ -592,7 +604,8 @@ def make_sim_record(i, out, seed, images_per_id, fs_choices, nan_mask_prob, knob
     fs = int(fs_choices[rng.integers(len(fs_choices))])
     rec_id = str(1000000 * (seed + 1) + i)
     full = round_mv(synthesize_record(rng, fs))
-    masked = rng.random() < nan_mask_prob and set(knobs['layouts']) == {STANDARD.name}
+    standard = set(knobs['layouts']) == {STANDARD.name} and set(knobs.get('speeds', (MM_PER_S,))) == {MM_PER_S}
+    masked = rng.random() < nan_mask_prob and standard
     df = nan_mask(full) if masked else full
     rec_dir = Path(out) / rec_id
     rec_dir.mkdir(parents=True, exist_ok=True)
@@ -702,6 +715,9 @@ def parse_args(argv=None):
     p.add_argument('--max_rotation', type=float, default=DEFAULT_KNOBS['max_rotation'], help='degrees')
     p.add_argument('--gains', type=float, nargs='+', default=list(DEFAULT_KNOBS['gains']), metavar='MM_PER_MV',
                    help='gains to draw, one per image at random (5, 10 or 20 mm/mV; written as gain_mm_mv)')
+    p.add_argument('--speeds', type=float, nargs='+', default=list(DEFAULT_KNOBS['speeds']), metavar='MM_PER_S',
+                   choices=list(PAPER_SPEEDS_MM_S), help='paper speeds to draw, one per image at random (25 or 50 '
+                                                        'mm/s: a 50 mm/s page shows 5 s; paper_speed_mm_s in the JSON)')
     p.add_argument('--layouts', nargs='+', default=list(DEFAULT_KNOBS['layouts']), metavar='NAME',
                    help='page layouts to draw, one per image at random: ' + ', '.join(LAYOUTS) + ', or all')
     p.add_argument('--style_probs', type=float, nargs=5, default=list(DEFAULT_KNOBS['style_probs']),
@@ -723,7 +739,7 @@ def main(argv=None):
     knobs['dpi_choices'], knobs['style_probs'] = tuple(args.dpi_choices), tuple(args.style_probs)
     knobs['line_width'] = tuple(args.line_width)
     knobs['layouts'] = tuple(LAYOUTS) if args.layouts == ['all'] else tuple(args.layouts)
-    knobs['gains'] = tuple(args.gains)
+    knobs['gains'], knobs['speeds'] = tuple(args.gains), tuple(args.speeds)
     unknown = [name for name in knobs['layouts'] if name not in LAYOUTS]
     if unknown:
         raise ValueError(f'--layouts: unknown {unknown}; known: {", ".join(LAYOUTS)} or all')

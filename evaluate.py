@@ -112,6 +112,9 @@ def score_batches(model, loader, device, layouts=None):
                          'theta_true': float(batch['theta'][i]), 'theta_valid': bool(batch['theta_valid'][i] > 0),
                          'theta_error_deg': float(theta_err[i]), 'seg_dice': float(dice[i]),
                          'baseline_error_px': float(base[i]), 'scale_error_pct': float(scale_error[i]),
+                         'gain_mm_mv': float(batch['gain_mm_mv'][i]), 'read_gain_mm_mv': float(batch['read_gain_mm_mv'][i]),
+                         'paper_speed_mm_s': float(batch['paper_speed_mm_s'][i]),
+                         'read_speed_mm_s': float(batch['read_speed_mm_s'][i]),
                          'layout': pdx.layout_name(batch['layout_id'][i]) or 'unknown',
                          'layout_found': outputs['trace_rows']['layouts'][i]})
     return pd.DataFrame(rows), ecg_trainer.concat_stats(model_stats), ecg_trainer.concat_stats(bound_stats)
@@ -155,6 +158,11 @@ def build_report(frame, model_stats, bound_stats):
         'seg_dice': float(frame.seg_dice.mean()),
         'scale_found_share': float(np.isfinite(frame.scale_error_pct).mean()),
         'scale_error_pct': float(frame.scale_error_pct.abs().mean()),
+        # read from the calibration pulse and right; an assumed 10 mm/mV or 25 mm/s does not count
+        'gain_found_share': float((frame.read_gain_mm_mv == frame.gain_mm_mv).mean()),
+        'speed_found_share': float((frame.read_speed_mm_s == frame.paper_speed_mm_s).mean()),
+        'per_gain': {f'{gain:g} mm/mV': float((group.read_gain_mm_mv == gain).mean())
+                     for gain, group in frame.groupby('gain_mm_mv')},
     }
 
 
@@ -204,6 +212,9 @@ def print_table(report):
           f"(among {', '.join(report['trained_layouts'])})")
     print(f"scale read from the page on {100 * report['scale_found_share']:.0f} % of images, px per mV off by "
           f"{fmt(report['scale_error_pct'], 2)} % on average")
+    per_gain = ', '.join(f'{gain} {100 * share:.0f} %' for gain, share in report['per_gain'].items())
+    print(f"gain read from the calibration pulse on {100 * report['gain_found_share']:.0f} % of images ({per_gain}), "
+          f"paper speed on {100 * report['speed_found_share']:.0f} %")
 
 
 def strict_json(value):

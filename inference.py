@@ -8,9 +8,12 @@ The network in onnxruntime instead of torch (export_onnx.py; the decoding stays 
     python inference.py --image scans/ --onnx model.onnx --output signals/
 
 Needs only the image (no simulator JSON): it is read at any size (RGB, RGBA, gray; PNG or JPEG),
-resized to the checkpoint's input size and decoded assuming the standard 3x4 + rhythm-strip layout.
+resized to the checkpoint's input size, its scale read from its grid and calibration pulse, and decoded
+in the layout its strips fit best among those the checkpoint was trained on (--layout NAME to say it).
+A page whose strips fit a layout the checkpoint never saw better is still read, with a warning.
 The CSV has columns I,II,III,aVR,aVL,aVF,V1..V6 in mV, round(10 * fs) rows (5000 at 500 Hz), and an
-empty cell (NaN) wherever the image does not show a lead: every lead but II outside its 2.5 s column.
+empty cell (NaN) wherever the image does not show a lead (on the standard 3x4 + II page: every lead but
+II outside its 2.5 s column). Beside it, {stem}.json: the layout, scale, rotation and per-lead confidence.
 """
 import os
 
@@ -262,11 +265,14 @@ def page_input_row(rgb, size_hw):
 
 def stack_inputs(rows):
     """page_input_row's per page -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
-    read_px_per_s (B,), and 'scale', what each page's grid and pulse showed (page_scale)."""
+    read_px_per_s, read_speed_mm_s (B,; NaN: not read from the pulse), and 'scale', what each page's grid
+    and pulse showed (page_scale)."""
     tensors, aspects, px_per_mv, px_per_s, found = zip(*rows)
+    speeds = [pdx.pulse_reading(scale, 'paper_speed_mm_s', 'speed_assumed') for scale in found]
     return {'image': torch.stack(tensors), 'page_aspect': torch.tensor(aspects, dtype=torch.float32),
             'read_px_per_mv': torch.tensor(px_per_mv, dtype=torch.float32),
-            'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32), 'scale': list(found)}
+            'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32),
+            'read_speed_mm_s': torch.tensor(speeds, dtype=torch.float32), 'scale': list(found)}
 
 
 def page_inputs(pages, size_hw):
@@ -281,6 +287,7 @@ def digitize(model, size_hw, images, csv_paths, args, device):
     target = dict(zip(images, csv_paths))
     chunks = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     problems, written = [], []
+    layouts = getattr(args, 'layouts', None) or getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS)
     bar = tqdm(total=len(images), desc='digitizing', unit='img', disable=len(images) == 1,
                mininterval=pdx.PROGRESS_SECONDS)
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(READERS) as pages, ThreadPoolExecutor(1) as writer:
@@ -291,9 +298,9 @@ def digitize(model, size_hw, images, csv_paths, args, device):
                 ahead = reader.submit(read_batch, chunks[index + 1], size_hw, pages)
             problems += bad
             if inputs is not None:
-                outputs = run_model(model, inputs, device, getattr(args, 'layouts', None))
-                jobs = [(path, target[path]) for path in read]
-                written.append(writer.submit(write_batch, outputs_to_files(outputs, inputs, read, args), jobs, args))
+                outputs = run_model(model, inputs, device, layouts)
+                files = outputs_to_files(outputs, inputs, read, args, layouts)
+                written.append(writer.submit(write_batch, files, [(path, target[path]) for path in read], args))
             bar.update(len(chunk))
         for job in written:
             job.result()   # a failed write raises here
@@ -301,12 +308,28 @@ def digitize(model, size_hw, images, csv_paths, args, device):
     return problems
 
 
-def outputs_to_files(outputs, inputs, read, args):
-    """The model's outputs for a batch -> [(signal (12, 5000), sidecar report)] per image read."""
+def outputs_to_files(outputs, inputs, read, args, layouts):
+    """The model's outputs for a batch -> [(signal (12, 5000), sidecar report)] per image read; layouts: the
+    names decoding chose among."""
     signals = outputs['signal'].float().cpu().numpy()
     spread, confidence = lead_confidence(outputs)
-    return [(signal, reading_report(path, inputs, outputs, i, spread[i], confidence[i], args))
-            for i, (path, signal) in enumerate(zip(read, signals))]
+    reports = [reading_report(path, inputs, outputs, i, spread[i], confidence[i], args) for i, path in enumerate(read)]
+    if getattr(args, 'layout', 'auto') == 'auto':
+        warn_untrained_layouts(outputs, inputs, reports, layouts)
+    return list(zip(signals, reports))
+
+
+def warn_untrained_layouts(outputs, inputs, reports, trained):
+    """A page whose strips fit a layout the model was never trained on is still read (as the nearest trained
+    layout), with a warning on stderr and in its sidecar ('layout_warning')."""
+    device = outputs['signal'].device
+    untrained = ecg_model.untrained_fits(outputs['trace_rows']['presence'], trained, inputs['page_aspect'].to(device),
+                                         inputs['read_px_per_s'].to(device), inputs.get('read_speed_mm_s'))
+    for report, name in zip(reports, untrained):
+        if name is not None:
+            report['layout_warning'] = (f'its strips fit {name} best, a layout this model was not trained on '
+                                        f'({", ".join(trained)}); read as {report["layout"]}')
+            tqdm.write(f'warning: {report["image"]}: {report["layout_warning"]}', file=sys.stderr)
 
 
 def write_batch(results, paths, args):

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import page_scale
-from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT,
+from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, MM_PER_S, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT,
                       PAGE_HEIGHT_MM, RHYTHM, SECONDS, page_layout)
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
@@ -328,10 +328,11 @@ def parse_page(ref):
                     spacing=float(meta['x_grid']))
     rhythm = [e['lead'] for e in entries if e['channel'] == RHYTHM]
     strips = [(LEADS[e['lead']], e['start'] / ref.fs, (e['end'] - 1) / ref.fs, e['channel'] == RHYTHM) for e in entries]
-    layout = page_layout(strips)
-    # y_grid is the 5 mm square in px; the gain is 10 mm/mV unless the JSON says otherwise (gain_mm_mv)
-    gain = float(meta.get('gain_mm_mv', MM_PER_MV))
-    return dict(entries=entries, px_per_mv=gain / MAJOR_MM * float(meta['y_grid']),
+    # y_grid is the 5 mm square in px; gain and speed are 10 mm/mV and 25 mm/s unless the JSON says otherwise
+    gain, speed = float(meta.get('gain_mm_mv', MM_PER_MV)), float(meta.get('paper_speed_mm_s', MM_PER_S))
+    layout = page_layout(strips, speed)
+    return dict(entries=entries, px_per_mv=gain / MAJOR_MM * float(meta['y_grid']), gain_mm_mv=gain,
+                paper_speed_mm_s=speed,
                 rhythm_lead=rhythm[0] if rhythm else -1, layout_id=LAYOUT_NAMES.index(layout) if layout else -1,
                 rotation_deg=None if rotation is None else float(rotation),
                 grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style') or kit_style(meta))
@@ -613,7 +614,7 @@ def build_sample(ref, size_hw, scale=False):
         theta_valid = theta is not None
         theta = theta or 0.0
     image, png_wh, rgb = read_image(ref.png, size_hw)
-    read_px_per_mv, read_px_per_s, _ = read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), None)
+    read_px_per_mv, read_px_per_s, found = read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), {})
     scale_xy = np.array([size_hw[1] / png_wh[0], size_hw[0] / png_wh[1]])
     targets = trace_targets(page, raw, theta, scale_xy, size_hw, ref.fs, png_wh)
     if page['grid'] is not None:
@@ -628,9 +629,17 @@ def build_sample(ref, size_hw, scale=False):
                    grid_valid=np.float32(page['has_grid_info']), style=page['style'],
                    px_per_mv=np.float32(page['px_per_mv'] * scale_xy[1]),
                    read_px_per_mv=np.float32(read_px_per_mv), read_px_per_s=np.float32(read_px_per_s),
+                   gain_mm_mv=np.float32(page['gain_mm_mv']), paper_speed_mm_s=np.float32(page['paper_speed_mm_s']),
+                   read_gain_mm_mv=np.float32(pulse_reading(found, 'gain_mm_mv', 'gain_assumed')),
+                   read_speed_mm_s=np.float32(pulse_reading(found, 'paper_speed_mm_s', 'speed_assumed')),
                    page_aspect=np.float32(png_wh[0] / png_wh[1]),
                    rhythm_lead=np.int64(page['rhythm_lead']), layout_id=np.int64(page['layout_id']))
     return targets
+
+
+def pulse_reading(found, key, assumed):
+    """A gain or paper speed read_scale took from the calibration pulse; NaN where it had to assume it."""
+    return found[key] if found.get('source') and not found[assumed] else float('nan')
 
 
 def check_sample(ref):
@@ -728,6 +737,10 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
     'px_per_mv': (lambda h, w: (), torch.float32),
     'read_px_per_mv': (lambda h, w: (), torch.float32),
     'read_px_per_s': (lambda h, w: (), torch.float32),
+    'gain_mm_mv': (lambda h, w: (), torch.float32),
+    'paper_speed_mm_s': (lambda h, w: (), torch.float32),
+    'read_gain_mm_mv': (lambda h, w: (), torch.float32),
+    'read_speed_mm_s': (lambda h, w: (), torch.float32),
     'page_aspect': (lambda h, w: (), torch.float32),
     'rhythm_lead': (lambda h, w: (), torch.int64),
     'layout_id': (lambda h, w: (), torch.int64),

@@ -32,6 +32,9 @@ def test_evaluate_on_the_ecg_image_kit_fixture(tiny_checkpoint, fixture_dirs, tm
     # the rotated fixture pages are among the scored ones
     assert report['theta_error_deg_rotated'] is not None and report['theta_error_deg_rotated'] >= 0
     assert report['bound_pearson'] > 0.8
+    # every fixture page prints its 1 mV x 0.2 s pulse: gain and speed are read, not assumed
+    assert report['gain_found_share'] == 1.0 == report['speed_found_share']
+    assert report['per_gain'] == {'10 mm/mV': 1.0}
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

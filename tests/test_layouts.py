@@ -33,14 +33,27 @@ def test_ecg_image_kit_two_column_page_restarts_each_column_at_zero():
     assert LAYOUTS['3x4'].rhythm_lead == -1 and LAYOUTS['3x4+V1'].rhythm_lead == LEADS.index('V1')
 
 
-@pytest.mark.parametrize('name', ['3x4+II', '3x4', '3x4+V1', '6x2+II', '12x1'])
+@pytest.mark.parametrize('name', ['3x4+II', '3x4', '3x4+V1', '6x2+II', '12x1', '3x4+II@50mm/s', '12x1@50mm/s'])
 def test_a_page_is_named_by_the_strips_it_draws(name):
     layout = LAYOUTS[name]
     windows, _ = layout.strip_seconds()
     strips = [(LEADS[c] if c < RHYTHM else layout.rhythm[0], windows[c, 0], windows[c, 1], c == RHYTHM)
               for c in range(N_TRACES) if np.isfinite(windows[c]).all()]
-    assert page_layout(strips) == name
-    assert page_layout(strips[:-1]) != name   # one strip fewer is another page
+    assert page_layout(strips, layout.paper_speed_mm_s) == name
+    assert page_layout(strips[:-1], layout.paper_speed_mm_s) != name   # one strip fewer is another page
+
+
+def test_a_50_mm_s_page_shows_the_first_5_s_on_the_same_paper():
+    """Twice the paper speed: the same places on the page, each strip half the seconds; 12x1 at 50 mm/s
+    draws the windows 6x2 draws at 25 mm/s, and only the paper speed tells them apart."""
+    slow, fast = LAYOUTS['3x4+II'], LAYOUTS['3x4+II@50mm/s']
+    (w_slow, p_slow), (w_fast, p_fast) = slow.strip_seconds(), fast.strip_seconds()
+    v4 = LEADS.index('V4')
+    assert w_fast[v4].tolist() == pytest.approx([3.75, 5.0 - 1 / FS]) and w_fast[RHYTHM, 1] == pytest.approx(5 - 1 / FS)
+    np.testing.assert_allclose(p_fast * fast.paper_speed_mm_s, p_slow * slow.paper_speed_mm_s, atol=0.1)  # mm
+    mask = fast.shown_mask()
+    assert mask[LEADS.index('II'), :int(5 * FS)].all() and not mask[:, int(5 * FS):].any()
+    assert set(LAYOUTS['12x1@50mm/s'].strip_seconds()[0][:12, 1]) == set(LAYOUTS['6x2'].strip_seconds()[0][:12, 1])
 
 
 def test_the_fixture_pages_are_the_standard_layout(fixture_dirs):
@@ -68,6 +81,27 @@ def test_layout_and_time_start_are_found_from_presence(name):
     _, places, _ = ecg_model.layout_strips(chosen, 'cpu')
     start, _ = ecg_model.fit_start(presence, places, aspect, px_per_s)
     assert float(start) == pytest.approx(x0, abs=0.6)
+
+
+def test_pages_of_a_layout_the_model_was_not_trained_on_are_named_and_warned_of(capsys):
+    """untrained_fits names the page whose strips fit only an untrained layout (a rhythm lead of its own does
+    not count: same strips); inference's auto mode puts a warning on stderr and in that page's sidecar."""
+    pages = ['6x2+II', '3x4+II', '3x4+V1', '12x1']
+    presence = torch.cat([drawn_presence(name, 30.0) for name in pages])
+    aspect, px_per_s = torch.full((4,), 11 / 8.5), torch.full((4,), PX_PER_S)
+    assert ecg_model.untrained_fits(presence, ['3x4+II'], aspect, px_per_s) == ['6x2+II', None, None, '12x1']
+    assert ecg_model.untrained_fits(presence, ['3x4+II', '6x2+II', '12x1'], aspect, px_per_s) == [None] * 4
+    # the same paper with a pulse twice as wide: 50 mm/s, a layout the model never saw (same columns per
+    # second of the page: px_per_s is read at the page's own speed)
+    fast = ecg_model.untrained_fits(presence[1:2], ['3x4+II'], aspect[:1], 2 * px_per_s[:1], torch.tensor([50.0]))
+    assert fast == ['3x4+II@50mm/s']
+    reports = [{'image': f'{name}.png', 'layout': '3x4+II'} for name in pages]
+    outputs = {'trace_rows': {'presence': presence}, 'signal': torch.zeros(4, 12, N_SAMPLES)}
+    inference.warn_untrained_layouts(outputs, {'page_aspect': aspect, 'read_px_per_s': px_per_s}, reports, ['3x4+II'])
+    assert 'fit 6x2+II best' in reports[0]['layout_warning'] and 'read as 3x4+II' in reports[0]['layout_warning']
+    assert 'layout_warning' not in reports[1] and 'layout_warning' not in reports[2]
+    err = capsys.readouterr().err
+    assert 'warning: 6x2+II.png' in err and 'warning: 12x1.png' in err and '3x4+V1.png' not in err
 
 
 def test_the_rhythm_strips_lead_is_told_by_what_it_shows():
@@ -113,15 +147,15 @@ def layout_pages(tmp_path_factory):
     """Simulator pages of the non-standard layouts and gains (classic style, 200 dpi, upright)."""
     out = tmp_path_factory.mktemp('layouts')
     run_cli('ecg_simulator.py', '--out', out, '--n', 6, '--seed', 3, '--workers', 1, '--dpi_choices', 200,
-            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 0, '--gains', 5, 20,
+            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 0, '--gains', 5, 20, '--speeds', 25, 50,
             '--layouts', '6x2+II', '12x1', '3x4', '3x4+V1')
     return out
 
 
 def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
     """Every simulated page is named by its JSON's layout; decoding its true rows with the layout found
-    from its presence (the rhythm lead by content) and the scale read from its grid and pulse (gain 5 or
-    20 mm/mV) gives the signal back."""
+    from its presence (the rhythm lead by content, the paper speed by the pulse) and the scale read from its
+    grid and pulse (gain 5 or 20 mm/mV, 25 or 50 mm/s) gives the signal back."""
     refs, problems = pdx.find_samples(layout_pages, layout_pages)
     assert not problems and len(refs) == 6
     meta = {ref.record_id: json.loads(ref.json.read_text()) for ref in refs}
@@ -130,10 +164,14 @@ def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
     assert [pdx.layout_name(i) for i in batch['layout_id']] == [meta[r]['layout'] for r in batch['record_id']]
     assert {meta[r]['gain_mm_mv'] for r in batch['record_id']} == {5.0, 20.0}
     np.testing.assert_allclose(batch['read_px_per_mv'], batch['px_per_mv'], rtol=0.03)   # gain from the pulse
+    assert torch.equal(batch['read_gain_mm_mv'], batch['gain_mm_mv'])
+    assert torch.equal(batch['read_speed_mm_s'], batch['paper_speed_mm_s'])
+    assert set(batch['paper_speed_mm_s'].tolist()) == {25.0, 50.0}
     presence = torch.where(torch.isfinite(batch['trace_top']), 10.0, -10.0)
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
     signal, _, used = ecg_model.decode_layouts(centre, batch['baseline_row'], presence, list(LAYOUTS),
-                                                batch['read_px_per_mv'], batch['page_aspect'], batch['read_px_per_s'])
+                                                batch['read_px_per_mv'], batch['page_aspect'], batch['read_px_per_s'],
+                                                batch['read_speed_mm_s'])
     assert used['layouts'] == [meta[r]['layout'] for r in batch['record_id']]
     metrics = ecg_trainer.signal_metrics(signal, batch['signal'], batch['signal_mask'])
     assert metrics['pearson'] > 0.9 and metrics['snr_db'] > 10
