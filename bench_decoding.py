@@ -6,6 +6,8 @@ side on held-out pages (Pearson, Kaggle SNR), so each row of the README's ablati
 
 Variants:
     current             what evaluate.py and inference.py do
+    presence_start      the time start from the presence maps alone, not held near where the pulses end
+    pulse_weight_W      the start held near the pulses' end with W per column instead of PULSE_START_WEIGHT
     start_box           the time start of the earlier decoder (commit 79676fc): one 10 s box over the columns
                         where any strip is present, instead of every strip's two ends
     topk_K              top-k soft-argmax: each column's row read from the K rows either side of its argmax
@@ -26,6 +28,7 @@ import ecg_trainer
 import production_dataset as pdx
 
 TOPK = (2, 5, 8)
+PULSE_WEIGHTS = (10.0, 50.0)
 
 
 def parse_args(argv=None):
@@ -38,9 +41,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def box_start_spans(presence, place, page_aspect, px_per_s=None):
+def box_start_spans(presence, place, page_aspect, px_per_s=None, start=None):
     """The earlier time start (commit 79676fc): where one 10 s box of whole columns best covers the columns
-    in which any strip is present, refined by a parabola through the best three starts."""
+    in which any strip is present, refined by a parabola through the best three starts (no pulse start)."""
     batch, _, width = presence.shape
     px_per_s = ecg_model.page_px_per_s(width, page_aspect, px_per_s)
     box = torch.round(ecg_model.SECONDS * px_per_s).long().clamp(1, width)
@@ -69,7 +72,14 @@ def topk_soft_argmax(k, full=ecg_model.column_soft_argmax):
     return read
 
 
-VARIANTS = {'current': {}, 'start_box': {'layout_spans': box_start_spans},
+def without_pulse_start(prior=ecg_model.start_prior):
+    """start_prior as if no page showed a pulse."""
+    return lambda start, batch, width, device: prior(None, batch, width, device)
+
+
+VARIANTS = {'current': {}, 'presence_start': {'start_prior': without_pulse_start()},
+            **{f'pulse_weight_{w:g}': {'PULSE_START_WEIGHT': w} for w in PULSE_WEIGHTS},
+            'start_box': {'layout_spans': box_start_spans},
             **{f'topk_{k}': {'column_soft_argmax': topk_soft_argmax(k)} for k in TOPK}}
 
 

@@ -35,6 +35,8 @@ from ecg_page import (FS, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, N_LEADS, N_SAMPLE
 LAYOUT = STANDARD                   # the page read when nothing says otherwise
 TRACE_START = 118 / 2200            # where ecg-image-kit starts the traces (after the 1 mV pulse), page widths
 START_PRIOR_WEIGHT = 0.01           # per column off the usual start: only breaks ties of a flat presence
+PULSE_START_WEIGHT = 2.0            # per column off where the calibration pulse ends (the traces start there):
+                                    # read to ~0.1 column on the page itself, it outweighs blurry presence edges
 START_STEP = 0.05                   # columns: resolution of the time-start search
 SPEED_MISMATCH = 1e4                # fit-score cost of a layout at another paper speed than the page's pulse shows
 START_REACH = 0.5                   # a start can lie this far left of the first column (a strip drawn from x = 0)
@@ -96,7 +98,7 @@ def decode_outputs(out, geometry=None):
                                                      geometry.get('trace_span'), geometry.get('px_per_mv'),
                                                      page_aspect, geometry.get('px_per_s'),
                                                      geometry.get('rhythm_lead'), geometry.get('layouts'),
-                                                     geometry.get('paper_speed'))
+                                                     geometry.get('paper_speed'), geometry.get('start'))
     out['decode_theta'] = theta
     return out
 
@@ -116,6 +118,7 @@ def read_geometry(batch, layouts=None):
     layout are read from the model's maps."""
     return {'page_aspect': batch['page_aspect'], 'px_per_mv': batch.get('read_px_per_mv'),
             'px_per_s': batch.get('read_px_per_s'), 'paper_speed': batch.get('read_speed_mm_s'),
+            'start': batch.get('read_start'),
             'layouts': list(layouts or [LAYOUT.name])}
 
 
@@ -155,10 +158,14 @@ def page_speeds(paper_speed, batch, device):
 
 def layout_px_per_s(width, page_aspect, px_per_s, page_speed, layouts):
     """(B,) input columns per second of each page if it were drawn at its layout's paper speed: the page's
-    own px_per_s (at page_speed, the speed its pulse shows) rescaled, so a 25 mm/s layout laid over a
-    50 mm/s page covers the same paper, showing twice the seconds."""
+    own px_per_s (at page_speed, the speed its pulse shows; the border's guess is at 25 mm/s) rescaled, so a
+    25 mm/s layout laid over a 50 mm/s page covers the same paper, showing twice the seconds."""
     speeds = torch.tensor([layout.paper_speed_mm_s for layout in layouts], device=page_speed.device)
-    return page_px_per_s(width, page_aspect, px_per_s).to(page_speed.device) * speeds / page_speed
+    base = page_px_per_s(width, page_aspect, px_per_s).to(page_speed.device)
+    given = torch.full_like(base, float('nan')) if px_per_s is None else px_per_s.to(base.device).float().view(-1)
+    read = torch.isfinite(given) & (given > 0)
+    base_speed = torch.where(read, page_speed, torch.full_like(page_speed, MM_PER_S))   # the border's: 25 mm/s
+    return base * speeds / base_speed
 
 
 def layout_strips(layouts, device):
@@ -202,7 +209,7 @@ def continuous_cumsum(values, at):
     return cumulative.gather(-1, whole) + partial
 
 
-def fit_start(presence, place, page_aspect, px_per_s=None):
+def fit_start(presence, place, page_aspect, px_per_s=None, start=None):
     """Where t = 0 of the page's time axis lies, and how well the layout fits: (B,) start column and
     (B,) score. place (B, 13, 2): page seconds of each strip's first and last sample (NaN: not drawn).
 
@@ -211,43 +218,57 @@ def fit_start(presence, place, page_aspect, px_per_s=None):
     the image, to a twentieth of a column: the start at which every strip's box best covers the columns
     where that strip is present (columns outside every box, or a box over absent columns, cost). Each
     strip's two ends vote, so the start is far steadier than any one edge; a column's error is about 8
-    samples, which costs Pearson more than any amplitude error."""
+    samples, which costs Pearson more than any amplitude error. start (B,): where the page's calibration
+    pulses end, in input columns (NaN: no pulse found); the fit is held near it (PULSE_START_WEIGHT)."""
     batch, _, width = presence.shape
     px_per_s = page_px_per_s(width, page_aspect, px_per_s).view(-1, 1)
     covered = presence.sigmoid() - 0.5                                            # (B, 13, W)
     shown = torch.isfinite(place).all(-1)                                         # (B, 13)
     place = torch.nan_to_num(place)
+    prior = start_prior(start, batch, width, presence.device)
     # whole columns first, then a twentieth of a column around the best: the score is piecewise linear in
     # the start with slopes of a few units per column, so the coarse best lies within a column of the fine one
     coarse = torch.arange(-START_REACH, width, 1.0, device=presence.device).expand(batch, -1)
-    score = start_scores(covered, shown, place, px_per_s, coarse)
+    score = start_scores(covered, shown, place, px_per_s, coarse, prior)
     around = torch.arange(-1.0, 1.0 + START_STEP / 2, START_STEP, device=presence.device)
     fine = coarse.gather(1, score.argmax(1, keepdim=True)) + around                # (B, K)
-    best, index = start_scores(covered, shown, place, px_per_s, fine).max(1)
+    best, index = start_scores(covered, shown, place, px_per_s, fine, prior).max(1)
     return fine.gather(1, index[:, None])[:, 0], best
 
 
-def start_scores(covered, shown, place, px_per_s, starts):
-    """fit_start's score (B, K) of each candidate start column (B, K)."""
-    width = covered.shape[-1]
+def start_prior(start, batch, width, device):
+    """(centre, weight per column) (B, 1) each of the start's prior: the pulse's end where it was found,
+    else, barely, where ecg-image-kit starts its traces."""
+    centre = torch.full((batch, 1), TRACE_START * width, device=device)
+    weight = torch.full((batch, 1), START_PRIOR_WEIGHT, device=device)
+    if start is None:
+        return centre, weight
+    start = start.to(device).float().view(-1, 1)
+    known = torch.isfinite(start)
+    return torch.where(known, start, centre), torch.where(known, torch.full_like(weight, PULSE_START_WEIGHT), weight)
+
+
+def start_scores(covered, shown, place, px_per_s, starts, prior):
+    """fit_start's score (B, K) of each candidate start column (B, K); prior: start_prior's."""
     # a strip drawn from x0 to x1 fills columns round(x0) .. round(x1): the box is half a column wider each side
     left = starts[:, None] + place[..., :1] * px_per_s[..., None] - 0.5           # (B, 13, K)
     right = starts[:, None] + place[..., 1:] * px_per_s[..., None] + 0.5
     inside = continuous_cumsum(covered, right) - continuous_cumsum(covered, left)
     unexplained = covered.clamp(min=0).sum(-1, keepdim=True)                    # a strip the layout lacks
     score = torch.where(shown[..., None], inside, -unexplained).sum(1)          # (B, K)
-    return score - START_PRIOR_WEIGHT * (starts - TRACE_START * width).abs()
+    centre, weight = prior
+    return score - weight * (starts - centre).abs()
 
 
-def layout_spans(presence, place, page_aspect, px_per_s=None):
+def layout_spans(presence, place, page_aspect, px_per_s=None, start=None):
     """(B, 13, W) presence logits -> (B, 13, 2) column spans of each strip on the page's one time axis
     (fit_start): the start plus each strip's place (B, 13, 2) in seconds at the page's px_per_s."""
-    x0, _ = fit_start(presence, place, page_aspect, px_per_s)
+    x0, _ = fit_start(presence, place, page_aspect, px_per_s, start)
     px_per_s = page_px_per_s(presence.shape[-1], page_aspect, px_per_s).view(-1, 1, 1)
     return x0.view(-1, 1, 1) + place * px_per_s
 
 
-def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None):
+def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None, start=None):
     """The layout of each page among `names` (ecg_page.LAYOUTS keys): the one whose strips best fit where
     the model sees strips (fit_start's score), among those at the paper speed the page's pulse shows
     (paper_speed (B,), NaN or None: 25 mm/s) where there are any. Layouts that differ only in the rhythm
@@ -265,7 +286,7 @@ def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None
     for layout in layouts:
         _, places, _ = layout_strips([layout] * batch, presence.device)
         speed_px = layout_px_per_s(width, page_aspect, px_per_s, page_speed, [layout] * batch)
-        score = fit_start(presence, places, page_aspect, speed_px)[1]
+        score = fit_start(presence, places, page_aspect, speed_px, start)[1]
         scores.append(score - SPEED_MISMATCH * (page_speed != layout.paper_speed_mm_s).float())
     best = torch.stack(scores, 1).argmax(1).tolist()
     return [layouts[i] for i in best]
@@ -276,12 +297,12 @@ def strip_plan(layout):
     return layout.rows, bool(layout.rhythm), layout.restart_columns, layout.paper_speed_mm_s
 
 
-def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=None):
+def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=None, start=None):
     """Per page, the name of the layout (among all of ecg_page.LAYOUTS) whose strips fit the presence maps
     best when the model was trained on no layout drawing those strips, else None: inference warns on such
     pages, which it reads as the nearest trained layout."""
     known = {strip_plan(LAYOUTS[name]) for name in trained}
-    best = choose_layouts(presence, list(LAYOUTS), page_aspect, px_per_s, paper_speed)
+    best = choose_layouts(presence, list(LAYOUTS), page_aspect, px_per_s, paper_speed, start)
     return [None if strip_plan(layout) in known else layout.name for layout in best]
 
 
@@ -366,15 +387,15 @@ def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_a
 
 
 def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspect, px_per_s=None,
-                   paper_speed=None):
+                   paper_speed=None, start=None):
     """Decode pages whose layout is read from the image, among `names` (at the paper speed (B,) the pages'
     pulses show): -> (B, 12, 5000) mV, (B, 12, 5000) shown, and what was used: each page's layout name (its
     rhythm lead told by what the strip shows), the strips' windows and spans (B, 13, 2) and the rhythm lead (B,)."""
-    chosen = choose_layouts(presence, names, page_aspect, px_per_s, paper_speed)
+    chosen = choose_layouts(presence, names, page_aspect, px_per_s, paper_speed, start)
     window, place, _ = layout_strips(chosen, trace_rows.device)
     page_speed = page_speeds(paper_speed, len(chosen), presence.device)
     span = layout_spans(presence, place, page_aspect,
-                        layout_px_per_s(presence.shape[-1], page_aspect, px_per_s, page_speed, chosen))
+                        layout_px_per_s(presence.shape[-1], page_aspect, px_per_s, page_speed, chosen), start)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
     rhythm_lead = pick_rhythm_leads(sampled, valid, chosen, names)
     found = [next(n for n in names if strip_plan(LAYOUTS[n]) == strip_plan(layout)
@@ -384,11 +405,12 @@ def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspec
 
 
 def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None,
-                  rhythm_lead=None, layouts=None, paper_speed=None):
+                  rhythm_lead=None, layouts=None, paper_speed=None, start=None):
     """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read.
     px_per_mv, px_per_s (B,): the page's scale in input pixels; NaN or None falls back to the page border.
     Without a window, the layout is read from the maps among `layouts` (names; default the standard page),
-    at the paper speed (B,) each page's pulse shows (NaN or None: 25 mm/s)."""
+    at the paper speed (B,) each page's pulse shows (NaN or None: 25 mm/s), its time start held near where
+    the page's pulses end (start (B,) in input columns, NaN or None: from the presence maps alone)."""
     batch, _, height, width = trace.shape
     device = trace.device
     if page_aspect is None:
@@ -400,7 +422,7 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     presence = column_presence(page[:, 2 * N_TRACES:])
     if window is None:
         signal, _, used = decode_layouts(trace_rows, zero_rows, presence, layouts or [LAYOUT.name], px_per_mv,
-                                         page_aspect, px_per_s, paper_speed)
+                                         page_aspect, px_per_s, paper_speed, start)
     else:
         signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s,
                                 rhythm_lead)

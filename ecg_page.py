@@ -133,6 +133,7 @@ LAYOUTS = {layout.name: layout for layout in (
 # clinics' 50 mm/s pages: every layout above at twice the paper speed, showing 5 s (after all 25 mm/s ones,
 # so that a page's strips name a 25 mm/s layout first where both would draw the same windows)
 LAYOUTS.update({fast.name: fast for fast in (layout.at_speed(50.0) for layout in list(LAYOUTS.values()))})
+LAYOUT_NAMES_HELP = ', '.join(name for name in LAYOUTS if '@' not in name) + ' (each also as NAME@50mm/s)'
 
 
 def page_layout(strips, paper_speed_mm_s=MM_PER_S):

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN, PAGE_W_IN,
-                      PAPER_SPEEDS_MM_S, SECONDS, STANDARD)
+from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LAYOUT_NAMES_HELP, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN,
+                      PAGE_W_IN, PAPER_SPEEDS_MM_S, SECONDS, STANDARD)
 
 PRIMARY_LEADS = ['I', 'II', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']  # the rest follow from I and II
 LAYOUT = [list(row) for row in STANDARD.rows]   # the Kaggle CSVs' columns: rows of short strips (NaN masking)
@@ -719,7 +719,7 @@ def parse_args(argv=None):
                    choices=list(PAPER_SPEEDS_MM_S), help='paper speeds to draw, one per image at random (25 or 50 '
                                                         'mm/s: a 50 mm/s page shows 5 s; paper_speed_mm_s in the JSON)')
     p.add_argument('--layouts', nargs='+', default=list(DEFAULT_KNOBS['layouts']), metavar='NAME',
-                   help='page layouts to draw, one per image at random: ' + ', '.join(LAYOUTS) + ', or all')
+                   help='page layouts to draw, one per image at random: ' + LAYOUT_NAMES_HELP + ', or all')
     p.add_argument('--style_probs', type=float, nargs=5, default=list(DEFAULT_KNOBS['style_probs']),
                    metavar=('CLASSIC', 'COLOR', 'BW', 'NOGRID', 'NOISY'))
     for knob in ('noise_prob', 'blur_prob', 'jpeg_prob', 'tint_prob', 'header_prob', 'separator_prob', 'jitter_mm',

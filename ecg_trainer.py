@@ -233,7 +233,7 @@ GRID_POS_WEIGHT = 3.0       # grid lines cover a few % of the pixels
 BASELINE_POS_WEIGHT = 10.0  # 0 mV lines cover about 1 % of the pixels
 SNR_LOSS_WEIGHT = 0.05      # per dB: an SNR-style term beside L1 tracks the metric (worth 1-2 dB to top teams)
 SNR_LOSS_CLAMP_DB = 40.0
-PRESENCE_EDGE_WEIGHT = 0.0  # extra weight of the columns near a strip's ends in the presence loss
+PRESENCE_EDGE_WEIGHT = 4.0  # extra weight of the columns near a strip's ends in the presence loss
 EDGE_REACH = 2              # columns each side of a presence change that count as its edge
 
 

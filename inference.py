@@ -39,6 +39,7 @@ import export_onnx
 import production_dataset as pdx
 import speed
 from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, SECONDS   # the model's signal: 500 Hz over 10 s
+from ecg_page import GAINS_MM_MV, LAYOUT_NAMES_HELP, MM_PER_MV, PAPER_SPEEDS_MM_S
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 CSV_DECIMALS = 3
@@ -68,9 +69,15 @@ def parse_args(argv=None):
                         help='also write {stem}.hea/.dat (WFDB, fmt 16, 1000 units/mV, not-shown samples as NaN)')
     parser.add_argument('--threads', type=speed.threads_arg, default='auto',
                         help='CPU threads; auto: one per usable core, or OMP_NUM_THREADS where set (speed.py)')
+    parser.add_argument('--gain', type=float, choices=list(GAINS_MM_MV), metavar='MM_PER_MV',
+                        help='the gain the pages are printed at (5, 10 or 20 mm/mV), over what their calibration '
+                             'pulse shows (default: read from the pulse; 10 where there is none)')
+    parser.add_argument('--paper_speed', type=float, choices=list(PAPER_SPEEDS_MM_S), metavar='MM_PER_S',
+                        help='the paper speed (25 or 50 mm/s), over what the pulse shows (default: read from the '
+                             'pulse; 25 where there is none)')
     parser.add_argument('--layout', default='auto', choices=['auto'] + list(LAYOUTS), metavar='NAME',
                         help='the page layout: auto (default) finds it among those the checkpoint was trained '
-                             'on; or one of ' + ', '.join(LAYOUTS))
+                             'on; or one of ' + LAYOUT_NAMES_HELP)
     return parser.parse_args(argv)
 
 
@@ -265,14 +272,38 @@ def page_input_row(rgb, size_hw):
 
 def stack_inputs(rows):
     """page_input_row's per page -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
-    read_px_per_s, read_speed_mm_s (B,; NaN: not read from the pulse), and 'scale', what each page's grid
-    and pulse showed (page_scale)."""
+    read_px_per_s, read_speed_mm_s (B,; NaN: not read from the pulse), read_start (B,: input column where the
+    pulses end and the traces start, NaN: no pulse) and 'scale', what each page's grid and pulse showed."""
     tensors, aspects, px_per_mv, px_per_s, found = zip(*rows)
     speeds = [pdx.pulse_reading(scale, 'paper_speed_mm_s', 'speed_assumed') for scale in found]
     return {'image': torch.stack(tensors), 'page_aspect': torch.tensor(aspects, dtype=torch.float32),
             'read_px_per_mv': torch.tensor(px_per_mv, dtype=torch.float32),
             'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32),
-            'read_speed_mm_s': torch.tensor(speeds, dtype=torch.float32), 'scale': list(found)}
+            'read_speed_mm_s': torch.tensor(speeds, dtype=torch.float32),
+            'read_start': torch.tensor([scale['trace_start_column'] for scale in found], dtype=torch.float32),
+            'scale': list(found)}
+
+
+def with_known_scale(inputs, args, size_hw):
+    """--gain / --paper_speed: the page's gain and speed as the user knows them, over what its pulse showed
+    (or the 10 mm/mV and 25 mm/s assumed without one). Scales read_px_per_mv and read_px_per_s to match;
+    a page without a readable grid gets the page border's px per mV at that gain."""
+    gain, speed = getattr(args, 'gain', None), getattr(args, 'paper_speed', None)
+    if gain:
+        found = torch.tensor([scale['gain_mm_mv'] for scale in inputs['scale']], dtype=torch.float32)
+        border = ecg_model.default_px_per_mv(size_hw[0]) * gain / MM_PER_MV
+        px_per_mv = inputs['read_px_per_mv'] * gain / found
+        inputs['read_px_per_mv'] = torch.where(torch.isfinite(px_per_mv), px_per_mv, torch.full_like(px_per_mv, border))
+    if speed:
+        found = torch.tensor([scale['paper_speed_mm_s'] for scale in inputs['scale']], dtype=torch.float32)
+        inputs['read_px_per_s'] = inputs['read_px_per_s'] * speed / found   # NaN stays NaN: the border's guess
+        inputs['read_speed_mm_s'] = torch.full_like(found, speed)
+    for scale in inputs['scale']:   # the sidecar tells what the user gave
+        if gain:
+            scale['gain_from_flag'] = gain
+        if speed:
+            scale['speed_from_flag'] = speed
+    return inputs
 
 
 def page_inputs(pages, size_hw):
@@ -298,6 +329,7 @@ def digitize(model, size_hw, images, csv_paths, args, device):
                 ahead = reader.submit(read_batch, chunks[index + 1], size_hw, pages)
             problems += bad
             if inputs is not None:
+                inputs = with_known_scale(inputs, args, size_hw)
                 outputs = run_model(model, inputs, device, layouts)
                 files = outputs_to_files(outputs, inputs, read, args, layouts)
                 written.append(writer.submit(write_batch, files, [(path, target[path]) for path in read], args))
@@ -324,7 +356,8 @@ def warn_untrained_layouts(outputs, inputs, reports, trained):
     layout), with a warning on stderr and in its sidecar ('layout_warning')."""
     device = outputs['signal'].device
     untrained = ecg_model.untrained_fits(outputs['trace_rows']['presence'], trained, inputs['page_aspect'].to(device),
-                                         inputs['read_px_per_s'].to(device), inputs.get('read_speed_mm_s'))
+                                         inputs['read_px_per_s'].to(device), inputs.get('read_speed_mm_s'),
+                                         inputs.get('read_start'))
     for report, name in zip(reports, untrained):
         if name is not None:
             report['layout_warning'] = (f'its strips fit {name} best, a layout this model was not trained on '

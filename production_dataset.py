@@ -592,11 +592,23 @@ def read_scale(rgb, size_hw):
     if scale.source is not None and not (plausible or confirmed):
         found['source'] = None   # a misread grid (faint colours, low dpi): the border is the better guess
         found['rejected'] = f'{scale.source} read {scale.px_per_mm_y:.2f} px/mm, the page border {border:.2f}'
+    found['trace_start_column'] = pulse_end_column(scale, rgb.shape[1], size_hw[1])
     if found['source'] is None:
         return float('nan'), float('nan'), found
     rows = size_hw[0] / rgb.shape[0]
     cols = size_hw[1] / rgb.shape[1]
     return page_scale.px_per_mv(scale) * rows, page_scale.px_per_s(scale) * cols, found
+
+
+def pulse_end_column(scale, png_width, width):
+    """Where the page's traces start, in input columns: the median end of its calibration pulses (each row's
+    trace begins where its pulse falls). NaN without a pulse, or with one whose width fits no paper speed on
+    the grid (a misread, not a pulse)."""
+    pulse = scale.pulse
+    if pulse is None or (scale.source == 'grid' and scale.speed_assumed):
+        return float('nan')
+    ends = [x + pulse['width_px'] for x, _ in pulse['positions']]
+    return (float(np.median(ends)) + 0.5) * width / png_width - 0.5
 
 
 def build_sample(ref, size_hw, scale=False):
@@ -632,6 +644,7 @@ def build_sample(ref, size_hw, scale=False):
                    gain_mm_mv=np.float32(page['gain_mm_mv']), paper_speed_mm_s=np.float32(page['paper_speed_mm_s']),
                    read_gain_mm_mv=np.float32(pulse_reading(found, 'gain_mm_mv', 'gain_assumed')),
                    read_speed_mm_s=np.float32(pulse_reading(found, 'paper_speed_mm_s', 'speed_assumed')),
+                   read_start=np.float32(found.get('trace_start_column', float('nan'))),
                    page_aspect=np.float32(png_wh[0] / png_wh[1]),
                    rhythm_lead=np.int64(page['rhythm_lead']), layout_id=np.int64(page['layout_id']))
     return targets
@@ -741,6 +754,7 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
     'paper_speed_mm_s': (lambda h, w: (), torch.float32),
     'read_gain_mm_mv': (lambda h, w: (), torch.float32),
     'read_speed_mm_s': (lambda h, w: (), torch.float32),
+    'read_start': (lambda h, w: (), torch.float32),
     'page_aspect': (lambda h, w: (), torch.float32),
     'rhythm_lead': (lambda h, w: (), torch.int64),
     'layout_id': (lambda h, w: (), torch.int64),

@@ -141,3 +141,21 @@ def test_sidecar_json_tells_the_scale_found_and_per_lead_confidence(single, sim_
         assert report['scale']['source'] == 'grid'
         assert report['scale']['px_per_mm_x'] == pytest.approx(truth['x_grid'] / 5, rel=0.03)
     assert report['px_per_mv_input'] > 0 and abs(report['rotation_deg']) < 10
+
+
+def test_gain_and_paper_speed_flags_override_the_pulse(single, tiny_checkpoint):
+    """--gain 20 on a page whose pulse says 10 mm/mV halves every amplitude; --paper_speed 50 on a model
+    trained on 25 mm/s pages warns that the page fits a layout it never saw (test_layouts checks what a
+    NAME@50mm/s layout shows)."""
+    csv, _ = single
+    base = pd.read_csv(csv).to_numpy()
+    out = csv.with_name('flags.csv')
+    result = run_cli('inference.py', '--image', csv.parent.parent / 'scan.png', '--checkpoint', tiny_checkpoint,
+                     '--output', out, '--gain', '20', '--paper_speed', '50')
+    halved = pd.read_csv(out).to_numpy()
+    finite = np.isfinite(base) & np.isfinite(halved)
+    assert finite.sum() > 5000 and np.abs(halved[finite] - base[finite] / 2).max() < 0.01
+    assert '3x4+II@50mm/s' in result.stderr
+    report = json.loads(out.with_suffix('.json').read_text())
+    assert report['scale']['gain_from_flag'] == 20 and report['scale']['speed_from_flag'] == 50
+    assert '3x4+II@50mm/s' in report['layout_warning']

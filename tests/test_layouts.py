@@ -167,6 +167,8 @@ def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
     assert torch.equal(batch['read_gain_mm_mv'], batch['gain_mm_mv'])
     assert torch.equal(batch['read_speed_mm_s'], batch['paper_speed_mm_s'])
     assert set(batch['paper_speed_mm_s'].tolist()) == {25.0, 50.0}
+    # the traces start where the pulses end: lead I opens the first column on every one of these layouts
+    np.testing.assert_allclose(batch['read_start'], batch['trace_span'][:, LEADS.index('I'), 0], atol=0.4)
     presence = torch.where(torch.isfinite(batch['trace_top']), 10.0, -10.0)
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
     signal, _, used = ecg_model.decode_layouts(centre, batch['baseline_row'], presence, list(LAYOUTS),

@@ -87,3 +87,23 @@ def test_row_band_ce_gather_matches_the_dense_definition():
         target = overlap / overlap.sum(2, keepdim=True).clamp(min=1e-6)
         dense = et.masked_mean(-(target * log_prob).sum(2), torch.isfinite(top))
         assert torch.allclose(et.row_band_ce(log_prob, top, b), dense, atol=1e-6)
+
+
+def test_presence_loss_weighs_the_columns_at_a_strips_ends():
+    """The same wrong column costs 1 + PRESENCE_EDGE_WEIGHT times more beside a strip's end than inside it;
+    with no edge weight it is plain BCE."""
+    present = torch.zeros(1, 13, 100)
+    present[0, 0, 20:60] = 1
+    right = torch.where(present > 0, 8.0, -8.0)
+    at_edge, inside = right.clone(), right.clone()
+    at_edge[0, 0, 20] = -8.0          # the strip's first column read absent
+    inside[0, 0, 40] = -8.0           # a column in its middle read absent
+    base = float(et.presence_bce(right, present))
+    extra_edge, extra_inside = (float(et.presence_bce(maps, present)) - base for maps in (at_edge, inside))
+    assert extra_edge == pytest.approx((1 + et.PRESENCE_EDGE_WEIGHT) * extra_inside, rel=1e-3)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(at_edge, present)
+    old, et.PRESENCE_EDGE_WEIGHT = et.PRESENCE_EDGE_WEIGHT, 0.0
+    try:
+        assert float(et.presence_bce(at_edge, present)) == pytest.approx(float(plain), rel=1e-6)
+    finally:
+        et.PRESENCE_EDGE_WEIGHT = old
