@@ -195,14 +195,13 @@ def test_pages_without_grid_use_the_pulse_or_say_nothing(nogrid_sim):
 
 
 @pytest.mark.parametrize('gain, speed', [(5.0, 50.0), (20.0, 25.0)])
-def test_gain_and_speed_read_from_the_pulse(monkeypatch, gain, speed):
-    """A simulator page at another gain (its --gains) and paper speed (its constant set): the grid is
-    unchanged, the pulse (and the trace) are drawn taller or shorter, wider or narrower."""
-    monkeypatch.setattr(sim, 'MM_PER_S', speed)
+def test_gain_and_speed_read_from_the_pulse(gain, speed):
+    """A simulator page at another gain and paper speed (its --gains, --speeds): the grid is unchanged,
+    the pulse (and the trace) are drawn taller or shorter, wider or narrower."""
     rng = np.random.default_rng(3)
     rgb, meta = sim.render_image(sim.synthesize_record(rng, 250), 250, rng, dpi_choices=(150,),
-                                 style_probs=(1, 1, 0, 0, 0), max_rotation=3.0, gains=(gain,))
-    assert meta['gain_mm_mv'] == gain
+                                 style_probs=(1, 1, 0, 0, 0), max_rotation=3.0, gains=(gain,), speeds=(speed,))
+    assert (meta['gain_mm_mv'], meta['paper_speed_mm_s']) == (gain, speed)
     scale = ps.estimate_scale(rgb)
     assert scale.source == 'grid'
     assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (gain, speed)
