@@ -129,31 +129,35 @@ def default_px_per_mv(height):
     return height * MM_PER_MV / PAGE_HEIGHT_MM
 
 
+def read_or(values, fallback):
+    """(B,) values read from the page where they are known (finite and positive), else fallback (B,); and
+    where they were known (B,) bool. values may be None (nothing read)."""
+    if values is None:
+        return fallback, torch.zeros_like(fallback, dtype=torch.bool)
+    values = values.to(fallback.device).float().view(-1)
+    known = torch.isfinite(values) & (values > 0)
+    return torch.where(known, values, fallback), known
+
+
 def page_px_per_mv(height, batch, device, px_per_mv=None):
     """(B,) input rows per mV: the scale read from the page where it is known (finite), else the page
     border's (a padded or cropped page gets that wrong: read_scale in production_dataset reads the grid)."""
-    fallback = torch.full((batch,), default_px_per_mv(height), device=device)
-    if px_per_mv is None:
-        return fallback
-    px_per_mv = px_per_mv.to(device).float().view(-1)
-    return torch.where(torch.isfinite(px_per_mv) & (px_per_mv > 0), px_per_mv, fallback)
+    return read_or(px_per_mv, torch.full((batch,), default_px_per_mv(height), device=device))[0]
+
+
+def border_px_per_s(width, page_aspect):
+    """(B,) input columns per second of a full page at 25 mm/s, from its border: 8.5 in tall, page_aspect wide."""
+    return MM_PER_S * width / (PAGE_HEIGHT_MM * page_aspect.float().view(-1))
 
 
 def page_px_per_s(width, page_aspect, px_per_s=None):
     """(B,) input columns per second: read from the page where known, else 25 mm/s on the page border."""
-    fallback = MM_PER_S * width / (PAGE_HEIGHT_MM * page_aspect.float().view(-1))
-    if px_per_s is None:
-        return fallback
-    px_per_s = px_per_s.to(fallback.device).float().view(-1)
-    return torch.where(torch.isfinite(px_per_s) & (px_per_s > 0), px_per_s, fallback)
+    return read_or(px_per_s, border_px_per_s(width, page_aspect))[0]
 
 
 def page_speeds(paper_speed, batch, device):
     """(B,) mm/s of each page: what its calibration pulse shows where known, else the standard 25 mm/s."""
-    if paper_speed is None:
-        return torch.full((batch,), MM_PER_S, device=device)
-    paper_speed = paper_speed.to(device).float().view(-1)
-    return torch.where(torch.isfinite(paper_speed) & (paper_speed > 0), paper_speed, torch.full_like(paper_speed, MM_PER_S))
+    return read_or(paper_speed, torch.full((batch,), MM_PER_S, device=device))[0]
 
 
 def layout_px_per_s(width, page_aspect, px_per_s, page_speed, layouts):
@@ -161,9 +165,7 @@ def layout_px_per_s(width, page_aspect, px_per_s, page_speed, layouts):
     own px_per_s (at page_speed, the speed its pulse shows; the border's guess is at 25 mm/s) rescaled, so a
     25 mm/s layout laid over a 50 mm/s page covers the same paper, showing twice the seconds."""
     speeds = torch.tensor([layout.paper_speed_mm_s for layout in layouts], device=page_speed.device)
-    base = page_px_per_s(width, page_aspect, px_per_s).to(page_speed.device)
-    given = torch.full_like(base, float('nan')) if px_per_s is None else px_per_s.to(base.device).float().view(-1)
-    read = torch.isfinite(given) & (given > 0)
+    base, read = read_or(px_per_s, border_px_per_s(width, page_aspect).to(page_speed.device))
     base_speed = torch.where(read, page_speed, torch.full_like(page_speed, MM_PER_S))   # the border's: 25 mm/s
     return base * speeds / base_speed
 

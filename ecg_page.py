@@ -130,10 +130,20 @@ LAYOUTS = {layout.name: layout for layout in (
     Layout('6x2', rows=KIT_SIX_BY_TWO, restart_columns=True),
     Layout('12x1', rows=tuple((lead,) for lead in LEADS)),
 )}
-# clinics' 50 mm/s pages: every layout above at twice the paper speed, showing 5 s (after all 25 mm/s ones,
-# so that a page's strips name a 25 mm/s layout first where both would draw the same windows)
+# clinics' 50 mm/s pages: every layout above at twice the paper speed, showing 5 s (12x1@50mm/s draws the
+# windows 6x2 draws: page_layout tells them apart by the page's paper speed)
 LAYOUTS.update({fast.name: fast for fast in (layout.at_speed(50.0) for layout in list(LAYOUTS.values()))})
-LAYOUT_NAMES_HELP = ', '.join(name for name in LAYOUTS if '@' not in name) + ' (each also as NAME@50mm/s)'
+
+
+def layout_at_speed(layout, paper_speed_mm_s):
+    """The LAYOUTS entry that draws `layout`'s strips at a paper speed (the layout itself at its own)."""
+    strips = replace(layout, name='', paper_speed_mm_s=0.0)
+    return next(other for other in LAYOUTS.values() if other.paper_speed_mm_s == paper_speed_mm_s
+                and replace(other, name='', paper_speed_mm_s=0.0) == strips)
+
+
+LAYOUT_NAMES_HELP = (', '.join(name for name, layout in LAYOUTS.items() if layout.paper_speed_mm_s == MM_PER_S)
+                     + ' (each also as NAME@50mm/s)')
 
 
 def page_layout(strips, paper_speed_mm_s=MM_PER_S):

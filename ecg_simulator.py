@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LAYOUT_NAMES_HELP, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN,
-                      PAGE_W_IN, PAPER_SPEEDS_MM_S, SECONDS, STANDARD)
+                      PAGE_W_IN, PAPER_SPEEDS_MM_S, SECONDS, STANDARD, layout_at_speed)
 
 PRIMARY_LEADS = ['I', 'II', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']  # the rest follow from I and II
 LAYOUT = [list(row) for row in STANDARD.rows]   # the Kaggle CSVs' columns: rows of short strips (NaN masking)
@@ -216,14 +216,6 @@ def row_pitch_mm(layout):
     """Distance between the rows of a layout's page, before jitter."""
     n_rows = len(layout.rows) + len(layout.rhythm)
     return min(MAX_ROW_SPACING_MM, (BOTTOM_ROW_MM - TOP_ROW_MM) / max(n_rows - 1, 1))
-
-
-def at_speed(layout, paper_speed_mm_s):
-    """The layout drawn at a paper speed: itself, or its LAYOUTS twin at that speed (3x4+II@50mm/s)."""
-    if layout.paper_speed_mm_s == paper_speed_mm_s:
-        return layout
-    base = layout.name.split('@')[0]
-    return LAYOUTS[base if paper_speed_mm_s == MM_PER_S else f'{base}@{paper_speed_mm_s:g}mm/s']
 
 
 def fitting_gains(gains, layout):
@@ -507,7 +499,7 @@ def render_image(signals_df, fs, rng, **knobs):
     style, paper, minor, major, trace_rgb = pick_style(rng, knobs)
     names, speeds = knobs['layouts'], knobs['speeds']
     layout = LAYOUTS[names[rng.integers(len(names))] if len(names) > 1 else names[0]]
-    layout = at_speed(layout, float(speeds[rng.integers(len(speeds))] if len(speeds) > 1 else speeds[0]))
+    layout = layout_at_speed(layout, float(speeds[rng.integers(len(speeds))] if len(speeds) > 1 else speeds[0]))
     gains = fitting_gains(knobs['gains'], layout)
     gain = float(gains[rng.integers(len(gains))] if len(gains) > 1 else gains[0])
     geom = page_geometry(dpi, rng, knobs['jitter_mm'], layout, gain)
