@@ -12,7 +12,8 @@ Variants:
                         where any strip is present, instead of every strip's two ends
     topk_K              top-k soft-argmax: each column's row read from the K rows either side of its argmax
                         (Kaggle 2025 teams gained 0.28 dB), instead of the full softmax
-Writes bench_out/bench_decoding.json.
+Each variant also reports how far its time start lies from the truth (mean, in input columns), and the
+calibration pulses' end is scored alone. Writes bench_out/bench_decoding.json.
 """
 import argparse
 import json
@@ -26,8 +27,10 @@ import ecg_checkpoint
 import ecg_model
 import ecg_trainer
 import production_dataset as pdx
+from ecg_page import LEADS
 
 TOPK = (2, 5, 8)
+LEAD_I = LEADS.index('I')  # trace channel of lead I, which opens the first column of every layout
 PULSE_WEIGHTS = (10.0, 50.0)
 
 
@@ -95,16 +98,30 @@ def score_variant(maps, patches):
     try:
         for name, function in patches.items():
             setattr(ecg_model, name, function)
-        stats = []
+        stats, start_errors = [], []
         for batch, out in maps:
             geometry = dict(ecg_model.read_geometry(batch), theta=out['decode_theta'])
             decoded = ecg_model.decode_outputs(out, geometry)
             stats.append(ecg_trainer.record_stats(decoded['signal'], batch['signal'], batch['signal_mask']))
+            start_errors.append(start_error(decoded['trace_rows']['span'], batch))
     finally:
         for name, function in saved.items():
             setattr(ecg_model, name, function)
     summary = ecg_trainer.summarize(ecg_trainer.concat_stats(stats))
-    return {'pearson': summary['pearson'], 'snr_db': summary['snr_db']}
+    return {'pearson': summary['pearson'], 'snr_db': summary['snr_db'],
+            'start_error_columns': mean_finite(torch.cat(start_errors))}
+
+
+def start_error(columns, batch):
+    """(B,) |decoded - true| time start in input columns: where lead I's strip begins, at t = 0 of the page's
+    time axis on every layout of ecg_page.LAYOUTS. columns: (B, 13, 2) spans, or (B,) starts."""
+    found = columns[:, LEAD_I, 0] if columns.dim() == 3 else columns
+    return (found.float() - batch['trace_span'][:, LEAD_I, 0]).abs()
+
+
+def mean_finite(values):
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float('nan')
 
 
 def main(argv=None):
@@ -117,12 +134,17 @@ def main(argv=None):
         raise pdx.InputError(f'{args.sim_root}: no usable held-out page')
     maps = network_maps(model, DataLoader(dataset, batch_size=4))
     results = {name: score_variant(maps, patches) for name, patches in VARIANTS.items()}
+    pulse_ends = torch.cat([start_error(batch['read_start'], batch) for batch, _ in maps])
+    pulse = {'pages': int(torch.isfinite(pulse_ends).sum()), 'start_error_columns': mean_finite(pulse_ends)}
     print(f'{len(dataset)} pages, checkpoint {args.checkpoint}')
     for name, row in results.items():
-        print(f'{name:12s} pearson {row["pearson"]:.3f}  SNR {row["snr_db"]:.2f} dB')
+        print(f'{name:16s} pearson {row["pearson"]:.3f}  SNR {row["snr_db"]:.2f} dB  '
+              f'time start off by {row["start_error_columns"]:.2f} columns')
+    print(f'the calibration pulses\' end alone, on the {pulse["pages"]} pages where one was found: '
+          f'off by {pulse["start_error_columns"]:.2f} columns')
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({'checkpoint': str(args.checkpoint), 'pages': len(dataset), 'variants': results},
-                                   indent=2))
+    args.out.write_text(json.dumps({'checkpoint': str(args.checkpoint), 'pages': len(dataset), 'variants': results,
+                                    'pulse_end': pulse}, indent=2))
     print(f'wrote {args.out}')
 
 

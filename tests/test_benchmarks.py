@@ -53,6 +53,9 @@ def test_bench_decoding_scores_each_variant_on_the_same_maps(tmp_path, fixture_d
                              'topk_2', 'topk_5', 'topk_8'}
     # the fixture's pages all print their pulses: holding the start near their end changes the reading
     assert variants['presence_start'] != variants['current']
+    assert all(0 <= v['start_error_columns'] < 1 for v in variants.values())   # a column is ~8 samples
+    pulse = json.loads(out.read_text())['pulse_end']
+    assert pulse['pages'] == 4 and 0 <= pulse['start_error_columns'] < 0.5
     assert all(-1 <= v['pearson'] <= 1 and abs(v['snr_db']) < 60 for v in variants.values())
     report, _ = evaluate.evaluate_checkpoint(ROOT / 'starter' / 'ecg_starter.pth', sim_root, csv_root, force_cpu=True)
     assert variants['current']['pearson'] == pytest.approx(report['pearson'], abs=1e-6)
