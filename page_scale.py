@@ -299,7 +299,9 @@ INK_ABOVE_GRID, FLOOR_ABOVE_GRID = 45, 25   # stroke threshold and measuring flo
 INK_MAX = 200                     # a grid this dark cannot be told from ink anyway
 CAP_FRACTION = 0.45               # a line's half-maximum end lies ~0.43 (round cap) .. 0.5 (square)
                                   # of its width beyond its end point
-LONG_LINE_MM = 30.0               # straight ink this long is grid (grey grids), never a pulse
+LONG_LINE_MM = 30.0               # straight ink this long is grid (grey grids), never a pulse...
+GRID_LINES_MIN = 6                # ...when this many such lines run side by side: a few long lines are
+                                  # the rise and fall of pulses stacked on a tight row pitch
 PULSE_MM_RANGE = (4.0, 25.0)      # pulse height: 5..20 mm/mV, with slack
 PULSE_PX_RANGE = (10, 700)        # when px per mm is unknown
 PULSE_ASPECT = (0.3, 5.0)         # height / width: 5 mm/mV at 50 mm/s .. 20 mm/mV at 25 mm/s
@@ -457,10 +459,44 @@ def is_pulse_outline(ink, a, b):
     return (inside.size == 0 or inside.mean() < 0.1) and before.sum() <= 0.1 * ha
 
 
+def top_line_row(ink, stroke, h_lo, h_hi, side):
+    """The row where the lowest top line, h_lo..h_hi above the stroke's foot, leaves the stroke on `side`
+    (+1 right: a rise, -1 left: a fall), the highest row of that line's thickness; None if there is none."""
+    x, y, w, h = (int(v) for v in stroke[:4])
+    run = max(3, int(h_lo) // 2)
+    lo, hi = max(y, y + h - int(h_hi)), y + h - int(h_lo)
+    if hi <= lo:
+        return None
+    beside = ink[lo:hi, x + w: x + w + run] if side > 0 else ink[lo:hi, max(x - run, 0): x]
+    leaving = np.flatnonzero((beside.shape[1] == run) & beside.all(1)) if beside.size else []
+    if len(leaving) == 0:
+        return None
+    row = leaving[-1]
+    while row - 1 in leaving:
+        row -= 1
+    return lo + int(row)
+
+
+def lowest_pulse_strokes(ink, long, h_lo, h_hi):
+    """Pulses stacked on a tight row pitch (20 mm/mV on six rows) merge their rises into one long stroke and
+    their falls into another: each long stroke cut to its lowest pulse, from that pulse's top line down to
+    its foot, once as a rise (the line leaving right) and once as a fall (leaving left), where found."""
+    cut = []
+    for stroke in long:
+        x, y, w, h, area = (int(v) for v in stroke)
+        for side in (1, -1):
+            top = top_line_row(ink, stroke, h_lo, h_hi, side)
+            if top is not None:
+                cut.append((x, top, w, y + h - top, area * (y + h - top) // h))
+    return np.array(cut, dtype=long.dtype).reshape(-1, 5)
+
+
 def pulse_candidates(ink, dark, h_lo, h_hi):
     """Every rise/fall pair that outlines a pulse of height in [h_lo, h_hi] px: list of dicts."""
     vert = vertical_strokes(ink, max(6, int(0.7 * h_lo)))
-    vert = vert[(vert[:, 3] <= h_hi * 1.1 + 6) & (vert[:, 2] * 3 <= vert[:, 3])]
+    vert = vert[vert[:, 2] * 3 <= vert[:, 3]]
+    fits = vert[:, 3] <= h_hi * 1.1 + 6
+    vert = np.concatenate([vert[fits], lowest_pulse_strokes(ink, vert[~fits], h_lo, h_hi)])
     vert = vert[np.argsort(vert[:, 0])]
     found = []
     for i, a in enumerate(vert):
@@ -495,9 +531,13 @@ def consensus(cands):
 
 
 def without_long_lines(ink, length):
-    """ink with its straight horizontal and vertical runs longer than `length` px removed."""
-    long_lines = line_opening(ink, length, axis=0) | line_opening(ink, length, axis=1)
-    return ink & ~long_lines.astype(ink.dtype)
+    """ink with its straight horizontal and vertical runs longer than `length` px removed, along each axis
+    where at least GRID_LINES_MIN of them show that they are a grid."""
+    for axis in (0, 1):
+        long_lines = line_opening(ink, length, axis).astype(np.uint8)
+        if cv2.connectedComponents(long_lines, connectivity=8)[0] - 1 >= GRID_LINES_MIN:
+            ink = ink & (1 - long_lines)
+    return ink
 
 
 def window_reduce(mask, length, axis, fill):
@@ -527,6 +567,19 @@ def pulse_step(shape):
     return max(1, int(min(shape[:2]) / PULSE_SIDE_PX + 0.25))
 
 
+def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step):
+    """consensus() of the pulses outlined by the coverage above ink_min, measured above floor; mm: px per
+    mm of the searched image (None: unknown, heights in PULSE_PX_RANGE / step)."""
+    ink = (cov >= ink_min).astype(np.uint8)
+    if mm:
+        h_lo, h_hi = PULSE_MM_RANGE[0] * mm, max_mm * mm
+        ink = without_long_lines(ink, int(LONG_LINE_MM * mm))
+    else:
+        h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step
+    dark = np.where(cov >= floor, cov, 0).astype(np.uint8)
+    return consensus(pulse_candidates(ink, dark, h_lo, h_hi))
+
+
 def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1]):
     """The calibration pulse(s): dict(height_px, width_px, count, positions [(x, y) of each rise's
     foot in the de-rotated page], thickness, angle_deg) or None. px_per_mm (from the grid)
@@ -541,16 +594,12 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
         angle_deg = ink_angle(v, paper)
     v = deskew(v, angle_deg, width=int(v.shape[1] * PULSE_REGION), fill=255)
     cov = ink_coverage(v, paper)
-    ink_min, floor = ink_levels(cov)
-    ink = (cov >= ink_min).astype(np.uint8)
-    if px_per_mm:
-        mm = px_per_mm / step
-        h_lo, h_hi = PULSE_MM_RANGE[0] * mm, max_mm * mm
-        ink = without_long_lines(ink, int(LONG_LINE_MM * mm))
-    else:
-        h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step
-    dark = np.where(cov >= floor, cov, 0).astype(np.uint8)
-    found = consensus(pulse_candidates(ink, dark, h_lo, h_hi))
+    raised = ink_levels(cov)
+    found = pulse_at_levels(cov, *raised, px_per_mm / step if px_per_mm else None, max_mm, step)
+    if found is None and raised != (INK_MIN, INK_FLOOR):
+        # traces crowding the page (a high gain on many rows, a low dpi) pass for a dark grid: the plain
+        # levels, the grid's long lines taken out instead
+        found = pulse_at_levels(cov, INK_MIN, INK_FLOOR, px_per_mm / step if px_per_mm else None, max_mm, step)
     if found:
         for key in ('height_px', 'width_px', 'thickness'):
             found[key] *= step
@@ -629,10 +678,33 @@ def apply_pulse(scale, pulse, minor_seen):
         gain /= MAJOR_MM
     speed = pulse['width_px'] / scale.px_per_mm_x / PULSE_S
     scale.pulse = pulse
+    if not (snap(gain, GAINS_MM_MV) and snap(speed, SPEEDS_MM_S)) and pulse.get('count', 1) >= PULSE_ONLY_MIN_COUNT:
+        gain, speed = rescale_to_pulse(scale, pulse)
     if snap(gain, GAINS_MM_MV):
         scale.gain_mm_mv, scale.gain_assumed = snap(gain, GAINS_MM_MV), False
     if snap(speed, SPEEDS_MM_S):
         scale.paper_speed_mm_s, scale.speed_assumed = snap(speed, SPEEDS_MM_S), False
+
+
+def pulse_shapes():
+    """{(gain mm/mV, speed mm/s): the pulse's height / width in mm} for every standard pair."""
+    return {(g, v): g * PULSE_MV / (v * PULSE_S) for g in GAINS_MM_MV for v in SPEEDS_MM_S}
+
+
+def rescale_to_pulse(scale, pulse):
+    """A grid read at a wrong period (wrinkled or warped paper) puts the pulse at no standard gain and speed,
+    while the pulse's own shape fits a pair: the pairs its height / width fits (10 mm/mV at 25 mm/s looks like
+    20 mm/mV at 50 mm/s), the one nearest the grid's scale, its px per mm then taken from the pulse (in place;
+    the source is then 'pulse', whose 5 mm width is too coarse a ruler for the time axis). Returns the (gain, speed) the scale now gives the pulse."""
+    shape = pulse['height_px'] / pulse['width_px'] * scale.px_per_mm_x / scale.px_per_mm_y
+    fits = [pair for pair, mm_shape in pulse_shapes().items() if abs(shape / mm_shape - 1) <= SNAP_TOL]
+    if not fits:
+        return (pulse['height_px'] / scale.px_per_mm_y / PULSE_MV, pulse['width_px'] / scale.px_per_mm_x / PULSE_S)
+    gain, speed = min(fits, key=lambda pair: abs(np.log(pulse['height_px'] / pair[0] / scale.px_per_mm_y)))
+    scale.px_per_mm_y = pulse['height_px'] / (gain * PULSE_MV)
+    scale.px_per_mm_x = pulse['width_px'] / (speed * PULSE_S)
+    scale.source, scale.confidence = 'pulse', 0.5 * scale.confidence
+    return gain, speed
 
 
 def scale_from_pulse(pulse):

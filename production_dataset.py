@@ -597,7 +597,10 @@ def read_scale(rgb, size_hw):
         return float('nan'), float('nan'), found
     rows = size_hw[0] / rgb.shape[0]
     cols = size_hw[1] / rgb.shape[1]
-    return page_scale.px_per_mv(scale) * rows, page_scale.px_per_s(scale) * cols, found
+    # without a grid, px per s would come from the pulse's 5 mm width, read to 1-2 %: over a 10 s strip that
+    # is 0.1-0.2 s, which costs more than the border's guess on all but padded or cropped pages
+    px_per_s = page_scale.px_per_s(scale) * cols if found['source'] == 'grid' else float('nan')
+    return page_scale.px_per_mv(scale) * rows, px_per_s, found
 
 
 def pulse_end_column(scale, png_width, width):

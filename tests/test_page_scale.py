@@ -211,6 +211,23 @@ def test_gain_and_speed_read_from_the_pulse(gain, speed):
     assert ps.px_per_s(scale) == pytest.approx(speed * px_mm, rel=0.01)
 
 
+@pytest.mark.parametrize('dpi', [100, 150])
+def test_pulses_stacked_on_a_tight_row_pitch_give_their_gain(dpi):
+    """6x2 + II at 20 mm/mV: each row's 20 mm pulse rises past the foot of the one above, so the rises merge
+    into one long stroke (and the falls into another), and the traces crowd the page as a dark grid would.
+    The lowest pulse is cut out of the long strokes (before this, 0 and 2 of 6 such pages were read)."""
+    read = []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        rgb, meta = sim.render_image(sim.synthesize_record(rng, 500), 500, rng, dpi_choices=(dpi,),
+                                     style_probs=(1, 1, 0, 0, 0), max_rotation=3.0, gains=(20.0,), layouts=('6x2+II',))
+        scale = ps.estimate_scale(rgb)
+        read.append(not scale.gain_assumed and scale.gain_mm_mv == 20.0 and scale.paper_speed_mm_s == 25.0)
+        if read[-1]:
+            assert ps.px_per_mv(scale) == pytest.approx(20.0 * meta['y_grid'] / 5, rel=0.03)
+    assert sum(read) >= 3, read
+
+
 # ----------------------------------------------------------------------------------------------
 # Logic and edge cases
 # ----------------------------------------------------------------------------------------------
@@ -245,6 +262,24 @@ def test_a_grid_read_at_its_1_mm_lines_is_corrected_by_the_pulse():
     kept = ps.PageScale(px_per_mm_x=1.6, px_per_mm_y=1.6, source='grid')
     ps.apply_pulse(kept, dict(height_px=80.0, width_px=40.0), minor_seen=True)
     assert kept.px_per_mm_y == 1.6                      # 1 mm lines seen: no second guessing
+
+
+@pytest.mark.parametrize('wrong', [1.6, 2.0, 3.0])
+def test_a_grid_read_at_a_wrong_period_is_rescaled_by_the_pulses(wrong):
+    """Wrinkled ecg-image-kit pages: the grid read 1.6x or 2x too many px per mm puts the pulses (on two
+    rows) at no standard gain and speed (at 2x: 5 mm/mV at 12.5 mm/s); their shape (10 mm tall, 5 mm wide) fits 10 mm/mV at 25 mm/s."""
+    scale = ps.PageScale(px_per_mm_x=8.0 * wrong, px_per_mm_y=8.0 * wrong, source='grid', confidence=0.8)
+    ps.apply_pulse(scale, dict(height_px=80.0, width_px=40.0, count=2), minor_seen=True)
+    assert (scale.px_per_mm_x, scale.px_per_mm_y) == (pytest.approx(8.0), pytest.approx(8.0))
+    assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (10.0, 25.0)
+    assert not scale.gain_assumed and not scale.speed_assumed and scale.confidence == pytest.approx(0.4)
+    assert scale.source == 'pulse'
+    lone = ps.PageScale(px_per_mm_x=8.0 * wrong, px_per_mm_y=8.0 * wrong, source='grid')
+    ps.apply_pulse(lone, dict(height_px=80.0, width_px=40.0, count=1), minor_seen=True)
+    assert lone.px_per_mm_y == 8.0 * wrong                            # one pulse does not overrule the grid
+    odd = ps.PageScale(px_per_mm_x=8.0 * wrong, px_per_mm_y=8.0 * wrong, source='grid')
+    ps.apply_pulse(odd, dict(height_px=80.0, width_px=55.0, count=3), minor_seen=True)
+    assert odd.px_per_mm_y == 8.0 * wrong                              # a shape no standard pulse has
 
 
 @pytest.mark.parametrize('length', [7, 8, 236])
