@@ -12,6 +12,11 @@ Variants:
                         where any strip is present, instead of every strip's two ends
     topk_K              top-k soft-argmax: each column's row read from the K rows either side of its argmax
                         (Kaggle 2025 teams gained 0.28 dB), instead of the full softmax
+    zero_per_strip      each strip's 0 mV row is the median of its columns' rows (the line is straight in the
+                        page frame), instead of read column by column
+    true_zero, true_trace, true_scale
+                        oracles, not decoders: the true 0 mV rows, trace rows or px per mV put in place of
+                        the read ones, so the table shows which reading the remaining error comes from
 Each variant also reports how far its time start lies from the truth (mean, in input columns), and the
 calibration pulses' end is scored alone. Writes bench_out/bench_decoding.json.
 """
@@ -31,7 +36,7 @@ from ecg_page import LEADS
 
 TOPK = (2, 5, 8)
 LEAD_I = LEADS.index('I')  # trace channel of lead I, which opens the first column of every layout
-PULSE_WEIGHTS = (10.0, 50.0)
+PULSE_WEIGHTS = (2.0, 50.0)
 
 
 def parse_args(argv=None):
@@ -80,10 +85,41 @@ def without_pulse_start(prior=ecg_model.start_prior):
     return lambda start, batch, width, device: prior(None, batch, width, device)
 
 
+def strip_median(rows, span):
+    """(B, 13, W) rows -> each channel's median over the columns of its span, broadcast back (B, 13, W)."""
+    columns = torch.arange(rows.shape[-1], device=rows.device).view(1, 1, -1)
+    inside = (columns >= span[..., :1]) & (columns <= span[..., 1:]) & torch.isfinite(rows)
+    median = torch.nanquantile(torch.where(inside, rows, torch.nan), 0.5, dim=-1, keepdim=True)
+    return torch.where(torch.isfinite(median), median, rows).expand_as(rows)
+
+
+def with_zero_per_strip(read=ecg_model.read_channels):
+    return lambda trace_rows, zero_rows, window, span, px_per_mv: read(
+        trace_rows, strip_median(zero_rows, span), window, span, px_per_mv)
+
+
+def oracle(part, read=ecg_model.read_channels):
+    """read_channels with one reading replaced by the truth of the batch being decoded."""
+    def read_with_truth(batch):
+        def patched(trace_rows, zero_rows, window, span, px_per_mv):
+            if part == 'zero':
+                zero_rows = torch.where(torch.isfinite(batch['baseline_row']), batch['baseline_row'], zero_rows)
+            elif part == 'trace':
+                centre = (batch['trace_top'] + batch['trace_bot']) / 2
+                trace_rows = torch.where(torch.isfinite(centre), centre, trace_rows)
+            else:
+                px_per_mv = batch['px_per_mv'].to(px_per_mv.dtype)
+            return read(trace_rows, zero_rows, window, span, px_per_mv)
+        return {'read_channels': patched}
+    return read_with_truth
+
+
 VARIANTS = {'current': {}, 'presence_start': {'start_prior': without_pulse_start()},
             **{f'pulse_weight_{w:g}': {'PULSE_START_WEIGHT': w} for w in PULSE_WEIGHTS},
             'start_box': {'layout_spans': box_start_spans},
-            **{f'topk_{k}': {'column_soft_argmax': topk_soft_argmax(k)} for k in TOPK}}
+            **{f'topk_{k}': {'column_soft_argmax': topk_soft_argmax(k)} for k in TOPK},
+            'zero_per_strip': {'read_channels': with_zero_per_strip()},
+            **{f'true_{part}': oracle(part) for part in ('zero', 'trace', 'scale')}}
 
 
 @torch.no_grad()
@@ -93,23 +129,28 @@ def network_maps(model, loader):
 
 
 def score_variant(maps, patches):
-    """Decode every batch with ecg_model's functions patched -> Pearson, SNR dB."""
+    """Decode every batch with ecg_model's functions patched (patches: a dict, or batch -> dict for the
+    oracles) -> Pearson, SNR dB."""
+    stats, start_errors = [], []
+    for batch, out in maps:
+        decoded = decode_patched(out, batch, patches(batch) if callable(patches) else patches)
+        stats.append(ecg_trainer.record_stats(decoded['signal'], batch['signal'], batch['signal_mask']))
+        start_errors.append(start_error(decoded['trace_rows']['span'], batch))
+    summary = ecg_trainer.summarize(ecg_trainer.concat_stats(stats))
+    return {'pearson': summary['pearson'], 'snr_db': summary['snr_db'],
+            'start_error_columns': mean_finite(torch.cat(start_errors))}
+
+
+def decode_patched(out, batch, patches):
     saved = {name: getattr(ecg_model, name) for name in patches}
     try:
         for name, function in patches.items():
             setattr(ecg_model, name, function)
-        stats, start_errors = [], []
-        for batch, out in maps:
-            geometry = dict(ecg_model.read_geometry(batch), theta=out['decode_theta'])
-            decoded = ecg_model.decode_outputs(out, geometry)
-            stats.append(ecg_trainer.record_stats(decoded['signal'], batch['signal'], batch['signal_mask']))
-            start_errors.append(start_error(decoded['trace_rows']['span'], batch))
+        geometry = dict(ecg_model.read_geometry(batch), theta=out['decode_theta'])
+        return ecg_model.decode_outputs(out, geometry)
     finally:
         for name, function in saved.items():
             setattr(ecg_model, name, function)
-    summary = ecg_trainer.summarize(ecg_trainer.concat_stats(stats))
-    return {'pearson': summary['pearson'], 'snr_db': summary['snr_db'],
-            'start_error_columns': mean_finite(torch.cat(start_errors))}
 
 
 def start_error(columns, batch):
