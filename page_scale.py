@@ -718,7 +718,8 @@ def scale_from_pulse(pulse):
 
 def estimate_scale(rgb, use_pulse=True):
     """PageScale of an (H, W, 3) uint8 RGB page: px per mm from the grid (source 'grid'), else
-    from the calibration pulse (source 'pulse'), else source None and NaN px per mm. With
+    from the calibration pulse (source 'pulse': no grid, or pulses on two rows that overrule a grid read
+    at a wrong period), else source None and NaN px per mm. With
     use_pulse the pulse also gives gain and paper speed (else the standard 10 mm/mV and 25 mm/s,
     flagged as assumed)."""
     ax, ay = measure_grid(rgb)
