@@ -594,12 +594,13 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
         angle_deg = ink_angle(v, paper)
     v = deskew(v, angle_deg, width=int(v.shape[1] * PULSE_REGION), fill=255)
     cov = ink_coverage(v, paper)
+    mm = px_per_mm / step if px_per_mm else None
     raised = ink_levels(cov)
-    found = pulse_at_levels(cov, *raised, px_per_mm / step if px_per_mm else None, max_mm, step)
+    found = pulse_at_levels(cov, *raised, mm, max_mm, step)
     if found is None and raised != (INK_MIN, INK_FLOOR):
         # traces crowding the page (a high gain on many rows, a low dpi) pass for a dark grid: the plain
         # levels, the grid's long lines taken out instead
-        found = pulse_at_levels(cov, INK_MIN, INK_FLOOR, px_per_mm / step if px_per_mm else None, max_mm, step)
+        found = pulse_at_levels(cov, INK_MIN, INK_FLOOR, mm, max_mm, step)
     if found:
         for key in ('height_px', 'width_px', 'thickness'):
             found[key] *= step
@@ -679,7 +680,7 @@ def apply_pulse(scale, pulse, minor_seen):
     speed = pulse['width_px'] / scale.px_per_mm_x / PULSE_S
     scale.pulse = pulse
     if not (snap(gain, GAINS_MM_MV) and snap(speed, SPEEDS_MM_S)) and pulse.get('count', 1) >= PULSE_ONLY_MIN_COUNT:
-        gain, speed = rescale_to_pulse(scale, pulse)
+        gain, speed = rescale_to_pulse(scale, pulse) or (gain, speed)
     if snap(gain, GAINS_MM_MV):
         scale.gain_mm_mv, scale.gain_assumed = snap(gain, GAINS_MM_MV), False
     if snap(speed, SPEEDS_MM_S):
@@ -695,11 +696,12 @@ def rescale_to_pulse(scale, pulse):
     """A grid read at a wrong period (wrinkled or warped paper) puts the pulse at no standard gain and speed,
     while the pulse's own shape fits a pair: the pairs its height / width fits (10 mm/mV at 25 mm/s looks like
     20 mm/mV at 50 mm/s), the one nearest the grid's scale, its px per mm then taken from the pulse (in place;
-    the source is then 'pulse', whose 5 mm width is too coarse a ruler for the time axis). Returns the (gain, speed) the scale now gives the pulse."""
+    the source is then 'pulse', whose 5 mm width is too coarse a ruler for the time axis). Returns the
+    (gain, speed) the scale now gives the pulse, or None (the scale untouched) if no pair fits."""
     shape = pulse['height_px'] / pulse['width_px'] * scale.px_per_mm_x / scale.px_per_mm_y
     fits = [pair for pair, mm_shape in pulse_shapes().items() if abs(shape / mm_shape - 1) <= SNAP_TOL]
     if not fits:
-        return (pulse['height_px'] / scale.px_per_mm_y / PULSE_MV, pulse['width_px'] / scale.px_per_mm_x / PULSE_S)
+        return None
     gain, speed = min(fits, key=lambda pair: abs(np.log(pulse['height_px'] / pair[0] / scale.px_per_mm_y)))
     scale.px_per_mm_y = pulse['height_px'] / (gain * PULSE_MV)
     scale.px_per_mm_x = pulse['width_px'] / (speed * PULSE_S)

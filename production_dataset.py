@@ -578,7 +578,8 @@ def read_image(path, size_hw):
 def read_scale(rgb, size_hw):
     """The page's own scale at the input size, read from its grid and calibration pulse (page_scale):
     (px_per_mv, px_per_s, what was found). NaN where the page shows neither (px_per_s also where only the
-    pulse gave the scale): the decoder then falls back to the page border. Padding, cropping or rescaling a page leaves this right, the border not."""
+    pulse gave the scale): the decoder then falls back to the page border. Padding, cropping or rescaling a
+    page leaves this right, the border not."""
     scale = page_scale.estimate_scale(rgb)
     found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
              'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
