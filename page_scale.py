@@ -10,8 +10,8 @@ measures them on the page itself:
      the ray's angle gives the rotation and the comb's fundamental the 5 mm period, refined to a
      fraction of a frequency bin from all its harmonics.
   2. the calibration pulse (fallback and cross-check): the 1 mV x 0.2 s rectangle at the left of
-     each row. Without a grid its height is px per mV (assuming 10 mm/mV for px per mm); with a
-     grid its height and width give the gain (5/10/20 mm/mV) and paper speed (25/50 mm/s).
+     each row. Its height is px per mV and its width px per 0.2 s; with a grid they give the gain
+     (5/10/20 mm/mV) and paper speed (25/50 mm/s), without one the pulse's shape on square pixels does.
 
 Arrays: rgb is (H, W, 3) uint8 RGB at the page's own resolution; maps are (h, w) float32.
 
@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from ecg_page import CAL_PULSE_MV as PULSE_MV, CAL_PULSE_S as PULSE_S, GAINS_MM_MV, MAJOR_MM
-from ecg_page import MM_PER_MV as STANDARD_GAIN_MM_MV, MM_PER_S as STANDARD_SPEED_MM_S
+from ecg_page import MM_PER_MV as STANDARD_GAIN_MM_MV, MM_PER_S as STANDARD_SPEED_MM_S, PAGE_H_IN, PAGE_W_IN
 from ecg_page import PAPER_SPEEDS_MM_S as SPEEDS_MM_S
 
 PX_PER_MM_RANGE = (1.8, 26.0)     # 45 .. 660 dpi
@@ -618,6 +618,7 @@ CROSS_KEEP = 0.8                  # a family refit at the other's fundamental ke
 AXIS_AGREE = 0.1                  # x and y spacings within 10 %: square pixels, both trusted
 STRONG_HARMONICS, STRONG_CONTRAST = 5, 3.5   # a lone line family: harmonics, mean log contrast
 PULSE_ONLY_MIN_COUNT = 2          # without a grid, pulses on at least two rows must agree
+PAGE_W_MM, PAGE_H_MM = PAGE_W_IN * 25.4, PAGE_H_IN * 25.4
 
 
 def snap(value, choices, tol=SNAP_TOL):
@@ -709,13 +710,27 @@ def rescale_to_pulse(scale, pulse):
     return gain, speed
 
 
-def scale_from_pulse(pulse):
-    """PageScale of a page without a grid: the pulse is 1 mV x 0.2 s, so px per mV and px per s
-    are measured; px per mm follows only by assuming 10 mm/mV and 25 mm/s (flagged)."""
+def scale_from_pulse(pulse, page_hw):
+    """PageScale of a page without a grid. The pulse is 1 mV x 0.2 s, so px per mV and px per s are
+    measured. Pixels are square, so the pulse's height / width in px is its shape in mm, which names
+    the gain and speed (pulse_shapes); shapes two pairs share (10 mm/mV at 25 mm/s and 20 at 50) are
+    told apart by px per mm: 2x apart, where the page's size in px, if it were a whole letter page,
+    is a guess good to far better than 2x even padded or cropped. No fitting pair: 10 mm/mV and 25 mm/s,
+    flagged as assumed."""
     agree = min(1.0, pulse['count'] / 4)
-    return PageScale(px_per_mm_x=pulse['width_px'] / (PULSE_S * STANDARD_SPEED_MM_S),
-                     px_per_mm_y=pulse['height_px'] / (PULSE_MV * STANDARD_GAIN_MM_MV),
-                     source='pulse', confidence=0.5 * agree, angle_deg=pulse['angle_deg'], pulse=pulse)
+    scale = PageScale(px_per_mm_x=pulse['width_px'] / (PULSE_S * STANDARD_SPEED_MM_S),
+                      px_per_mm_y=pulse['height_px'] / (PULSE_MV * STANDARD_GAIN_MM_MV),
+                      source='pulse', confidence=0.5 * agree, angle_deg=pulse['angle_deg'], pulse=pulse)
+    shape = pulse['height_px'] / pulse['width_px']
+    fits = [pair for pair, mm_shape in pulse_shapes().items() if abs(shape / mm_shape - 1) <= SNAP_TOL]
+    if fits:
+        page_px_per_mm = np.mean([min(page_hw) / PAGE_H_MM, max(page_hw) / PAGE_W_MM])
+        gain, speed = min(fits, key=lambda pair: abs(np.log(pulse['height_px'] / pair[0] / page_px_per_mm)))
+        scale.px_per_mm_y = pulse['height_px'] / (gain * PULSE_MV)
+        scale.px_per_mm_x = pulse['width_px'] / (speed * PULSE_S)
+        scale.gain_mm_mv, scale.paper_speed_mm_s = gain, speed
+        scale.gain_assumed = scale.speed_assumed = False
+    return scale
 
 
 def estimate_scale(rgb, use_pulse=True):
@@ -739,7 +754,7 @@ def estimate_scale(rgb, use_pulse=True):
     if use_pulse:
         pulse = find_calibration_pulse(rgb)
         if pulse is not None and pulse['count'] >= PULSE_ONLY_MIN_COUNT:
-            return scale_from_pulse(pulse)
+            return scale_from_pulse(pulse, rgb.shape[:2])
     return PageScale()
 
 

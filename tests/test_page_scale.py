@@ -137,7 +137,8 @@ def test_fixture_without_its_grid_falls_back_to_the_pulse(fixture_pages):
     bare[(spread > 40) | (rgb.min(2) > 150)] = 255
     scale = ps.estimate_scale(bare)
     assert scale.source == 'pulse'
-    assert scale.gain_assumed and scale.speed_assumed
+    assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (10.0, 25.0)     # its shape, 2:1 on square pixels
+    assert not scale.gain_assumed and not scale.speed_assumed
     assert ps.px_per_mv(scale) == pytest.approx(FIXTURE_PX_PER_MV, rel=0.05)
     assert ps.px_per_s(scale) == pytest.approx(FIXTURE_PX_PER_S, rel=0.05)
     assert abs(scale.angle_deg - 5.0) < 0.5            # read from the ink: the grid is gone
@@ -209,6 +210,24 @@ def test_gain_and_speed_read_from_the_pulse(gain, speed):
     px_mm = meta['y_grid'] / 5
     assert ps.px_per_mv(scale) == pytest.approx(gain * px_mm, rel=0.01)
     assert ps.px_per_s(scale) == pytest.approx(speed * px_mm, rel=0.01)
+
+
+@pytest.mark.parametrize('gain, speed', [(20.0, 25.0), (5.0, 50.0), (10.0, 50.0), (20.0, 50.0)])
+def test_gain_and_speed_of_a_page_without_grid_from_the_pulse_shape(gain, speed):
+    """Without a grid the pulse's height / width in px is its shape in mm (square pixels): 4:1 is 20 mm/mV at
+    25 mm/s. Shapes two pairs share (20 mm/mV at 50 mm/s looks like the standard 10 at 25) are told apart by
+    the page's size in px, 2x apart between them."""
+    rng = np.random.default_rng(5)
+    rgb, meta = sim.render_image(sim.synthesize_record(rng, 500), 500, rng, dpi_choices=(200,),
+                                 style_probs=(0, 0, 0, 1, 0), max_rotation=2.0, gains=(gain,), speeds=(speed,))
+    assert meta['style'] == 'nogrid'
+    scale = ps.estimate_scale(rgb)
+    assert scale.source == 'pulse'
+    assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (gain, speed)
+    assert not scale.gain_assumed and not scale.speed_assumed
+    px_mm = meta['y_grid'] / 5
+    assert ps.px_per_mv(scale) == pytest.approx(gain * px_mm, rel=0.03)
+    assert scale.px_per_mm_y == pytest.approx(px_mm, rel=0.03)
 
 
 @pytest.mark.parametrize('dpi', [100, 150])
