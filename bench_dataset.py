@@ -5,7 +5,7 @@
 
 Reports: the simulator's seconds per 2200 x 1700 image (render alone, and render + PNG/JSON write) on
 one core; the dataset's seconds per sample without and with --cache (same images, augmentation on);
-the cache's memory per sample and for 1000 samples. Writes bench_out/bench_dataset.json.
+the cache's memory per sample and for 1000 samples. Writes bench_out/bench_dataset.json (--report).
 """
 import argparse
 import json
@@ -26,6 +26,7 @@ def parse_args(argv=None):
     p.add_argument('--dpi', type=int, default=200, help='200 dpi = 2200 x 1700 pages')
     p.add_argument('--image_size', type=int, nargs=2, default=list(pdx.DEFAULT_IMAGE_SIZE), metavar=('H', 'W'))
     p.add_argument('--out', default='bench_out/dataset', help='where the simulated images go')
+    p.add_argument('--report', type=Path, default=Path('bench_out/bench_dataset.json'), help='the JSON report')
     p.add_argument('--quick', action='store_true', help='fewer repeats')
     return p.parse_args(argv)
 
@@ -83,8 +84,8 @@ def main(argv=None):
     }
     for key, value in report.items():
         print(f'{key:34s} {value:.4f}' if isinstance(value, float) else f'{key:34s} {value}')
-    Path('bench_out').mkdir(exist_ok=True)
-    with open('bench_out/bench_dataset.json', 'w') as handle:
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.report, 'w') as handle:
         json.dump(report, handle, indent=2)
     return report
 

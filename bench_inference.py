@@ -17,7 +17,7 @@ through inference.py's own functions, from the first image read to the last CSV 
     onnx    new, with the network in onnxruntime (export_onnx.py)
 Reports images/s, CPU seconds per image (all threads: on a busy machine the part that cannot overlap),
 peak RSS of the process (and torch's peak on CUDA), and each setting's largest difference from the old
-CSVs in mV. The simulator pages are made once into bench_out/. Writes bench_out/bench_inference.json.
+CSVs in mV. The simulator pages are made once into bench_out/. Writes bench_out/bench_inference.json (--report).
 """
 import argparse
 import json
@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument('--pages', type=Path, help='time this folder of page images instead (for example ecg-image-kit '
                                              'renders at 200 dpi, 2200 x 1700 px: reading them costs more)')
     p.add_argument('--out', type=Path, default=Path('bench_out/inference'), help='CSVs, model files')
+    p.add_argument('--report', type=Path, default=Path('bench_out/bench_inference.json'), help='the JSON report')
     p.add_argument('--child', help=argparse.SUPPRESS)   # internal: run one setting
     return p.parse_args(argv)
 
@@ -187,8 +188,8 @@ def main(argv=None):
                 ratio = results[setting]['images_per_s'] / results['old']['images_per_s']
                 results[setting]['speedup_vs_old'] = ratio
                 print(f'{setting} / old: {ratio:.2f}x img/s')
-    Path('bench_out').mkdir(exist_ok=True)
-    with open('bench_out/bench_inference.json', 'w') as handle:
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.report, 'w') as handle:
         json.dump({'images': args.n, 'image_size': args.image_size, 'checkpoint': str(args.checkpoint),
                    'cores': speed.usable_cores(), 'load_average_before': load_before, 'results': results},
                   handle, indent=2)

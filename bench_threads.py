@@ -14,7 +14,7 @@ model, loss, optimizer step) over a small simulator set, epoch after epoch for -
 warm-up step; img/s is the trainer's own figure.
 Competitors: `torch` (a PyTorch conv loop at torch's default threads: a second training or test run),
 `spin` (a pure-Python busy loop, one core), `numpy` (a numpy matmul loop). A competitor bounds its
-own life and is always killed. Writes bench_out/bench_threads.json.
+own life and is always killed. Writes bench_out/bench_threads.json (--report).
 """
 import argparse
 import json
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument('--images', type=int, default=24,
                    help='training images (cached; an epoch is images / batch_size steps)')
     p.add_argument('--data', default='bench_out/sim_100dpi', help='simulator images, made once')
+    p.add_argument('--report', type=Path, default=Path('bench_out/bench_threads.json'), help='the JSON report')
     p.add_argument('--child', help=argparse.SUPPRESS)   # internal: one measurement, --threads value or 'default'
     return p.parse_args(argv)
 
@@ -179,8 +180,8 @@ def main(argv=None):
         alone, busy = (r['images_per_s'] for r in results if r['setting'] == setting)
         ratios[setting] = busy / alone
         print(f'{setting:11s} beside {args.competitor}: {100 * ratios[setting]:.0f} % of its speed alone')
-    Path('bench_out').mkdir(exist_ok=True)
-    with open('bench_out/bench_threads.json', 'w') as handle:
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.report, 'w') as handle:
         json.dump({'cores': speed.usable_cores(), 'load_average_before': load_before, 'competitor': args.competitor,
                    'encoder': args.encoder, 'image_size': args.image_size, 'batch_size': args.batch_size,
                    'num_workers': args.num_workers, 'seconds': args.seconds, 'results': results,

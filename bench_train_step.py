@@ -6,7 +6,7 @@
 Each configuration runs the real forward (all heads and the signal decoding), the composite loss,
 backward and an AdamW step on one batch of simulator images, repeated; reports images per second,
 the bf16 / fp32 ratio per encoder, and what the trainer's `--amp auto` picks on this machine and why
-(speed.amp_choice). Writes bench_out/bench_train_step.json.
+(speed.amp_choice). Writes bench_out/bench_train_step.json (--report).
 """
 import argparse
 import json
@@ -30,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument('--batch_size', type=int, default=4)
     p.add_argument('--steps', type=int, default=3, help='timed steps per configuration (after one warm-up)')
     p.add_argument('--data', default='bench_out/train_step_data')
+    p.add_argument('--report', type=Path, default=Path('bench_out/bench_train_step.json'), help='the JSON report')
     return p.parse_args(argv)
 
 
@@ -91,8 +92,8 @@ def main(argv=None):
     for encoder, ratio in ratios.items():
         print(f'{encoder:16s} bf16 / fp32 {ratio:.2f}x')
     print(f'--amp auto here: {reason}')
-    Path('bench_out').mkdir(exist_ok=True)
-    with open('bench_out/bench_train_step.json', 'w') as handle:
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.report, 'w') as handle:
         json.dump({'device': str(device), 'image_size': args.image_size, 'batch_size': args.batch_size,
                    'results': results, 'bf16_over_fp32': ratios,
                    'amp_auto': {'enabled': enabled, 'dtype': str(dtype).replace('torch.', ''), 'reason': reason}},

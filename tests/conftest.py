@@ -1,4 +1,7 @@
 """Shared test helpers: paths to the real ecg-image-kit fixture and a tiny simulator data set."""
+import contextlib
+import importlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,34 @@ def run_cli(*args, cwd=ROOT, timeout=600, check=True):
     return result
 
 
+def run_in_process(script, *args, check=False):
+    """A script's main() run as its __main__ block runs it (production_dataset.run_cli), in this process:
+    the CLI's own code without the ~5 s interpreter and torch start, for cases that stop at the input (a
+    script that forks workers after torch has started its threads can deadlock here: use run_cli). Each
+    script has real run_cli runs too.
+    Returns a CompletedProcess like run_cli's; check: raise unless it succeeded."""
+    import production_dataset
+    module = importlib.import_module(script.removesuffix('.py'))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            production_dataset.run_cli(lambda: module.main([str(a) for a in args]))
+            code = 0
+        except SystemExit as exc:       # what the interpreter does with it: a message goes to stderr, status 1
+            code = exc.code if isinstance(exc.code, int) else 1
+            if isinstance(exc.code, str):
+                print(exc.code, file=stderr)
+    if check and code:
+        raise AssertionError(f'{script} {args} failed ({code}):\n{stdout.getvalue()}\n{stderr.getvalue()[-3000:]}')
+    return subprocess.CompletedProcess([script, *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_failing(real, *args):
+    """A CLI run expected to fail: through a real interpreter (run_cli) when real, else run_in_process. One real
+    run per script and test proves the __main__ wiring; the other cases test the messages."""
+    return run_cli(*args, check=False) if real else run_in_process(*args)
+
+
 @pytest.fixture(scope='session')
 def fixture_dirs():
     return FIXTURE / 'images', FIXTURE / 'signals'
@@ -32,11 +63,18 @@ def sim_data(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def tiny_checkpoint(sim_data, tmp_path_factory):
-    """best.pth of a 1-epoch run of the real trainer CLI at 64 x 320 on sim_data (weights barely trained:
-    for checking files and shapes, not accuracy)."""
+def tiny_run(sim_data, tmp_path_factory):
+    """The run folder of a 1-epoch run of the real trainer CLI at 64 x 320 on sim_data, at a non-default
+    encoder and input size (what resume must take from the checkpoint). Weights barely trained: for checking
+    files and shapes, not accuracy. test_hardening resumes it to a second epoch."""
     out = tmp_path_factory.mktemp('tiny_run')
     run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, '--image_size', '64', '320',
             '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0', '--epochs', '1',
             '--max_samples', '12', '--output_dir', out)
-    return next(out.glob('run_*/checkpoints/best.pth'))
+    return next(out.glob('run_*'))
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tiny_run):
+    """best.pth of tiny_run."""
+    return tiny_run / 'checkpoints' / 'best.pth'

@@ -22,8 +22,8 @@ def test_bench_quality_quick_reports_every_number(tmp_path):
 
 def test_bench_dataset_quick(tmp_path):
     run_cli('bench_dataset.py', '--quick', '--n', '3', '--dpi', '100', '--image_size', '64', '320',
-                     '--out', tmp_path / 'ds')
-    report = json.loads((ROOT / 'bench_out' / 'bench_dataset.json').read_text())
+                     '--out', tmp_path / 'ds', '--report', tmp_path / 'report.json')
+    report = json.loads((tmp_path / 'report.json').read_text())
     assert report['images'] == 3 and report['page_px'] == [1100, 850]
     assert 0 < report['simulator_render_s_per_image'] < 5
     assert report['dataset_s_per_sample_cache'] < report['dataset_s_per_sample_no_cache']
@@ -32,8 +32,8 @@ def test_bench_dataset_quick(tmp_path):
 
 def test_bench_train_step_runs_each_precision(tmp_path):
     result = run_cli('bench_train_step.py', '--encoders', 'tu-regnetx_002', '--image_size', '64', '320',
-                     '--batch_size', '2', '--steps', '1', '--data', tmp_path / 'data')
-    report = json.loads((ROOT / 'bench_out' / 'bench_train_step.json').read_text())
+                     '--batch_size', '2', '--steps', '1', '--data', tmp_path / 'data', '--report', tmp_path / 'r.json')
+    report = json.loads((tmp_path / 'r.json').read_text())
     assert [r['precision'] for r in report['results']] == ['fp32', 'bf16']
     assert all(r['images_per_s'] > 0 and r['last_loss'] < 1e3 for r in report['results'])
     assert 'img/s' in result.stdout

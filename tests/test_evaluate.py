@@ -5,7 +5,7 @@ import math
 import pandas as pd
 
 import production_dataset as pdx
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 
 
 def test_evaluate_scores_the_runs_validation_split(tiny_checkpoint):
@@ -38,7 +38,7 @@ def test_evaluate_on_the_ecg_image_kit_fixture(tiny_checkpoint, fixture_dirs, tm
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = run_cli('evaluate.py', '--checkpoint', tmp_path / 'none.pth', check=False)
+    result = run_in_process('evaluate.py', '--checkpoint', tmp_path / 'none.pth')
     assert result.returncode != 0 and 'none.pth: checkpoint not found' in result.stderr
 
 

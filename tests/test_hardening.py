@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, run_cli
+from conftest import PYTHON, ROOT, run_cli, run_failing, run_in_process
 
 TINY = ['--image_size', '64', '320', '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0']
 
@@ -67,14 +67,6 @@ def bad_data(sim_data, tmp_path_factory):
     return root, dict(wild=wild, truncated=truncated, tiny=tiny, moved=moved)
 
 
-@pytest.fixture(scope='module')
-def tiny_run(sim_data, tmp_path_factory):
-    """A 1-epoch run at a non-default encoder and input size (what resume must take from the checkpoint)."""
-    out = tmp_path_factory.mktemp('hard_run')
-    train(sim_data, out, '--epochs', '1', '--max_samples', '12')
-    return next(out.glob('run_*'))
-
-
 # ---------------------------------------------------------------- one-line errors
 
 def test_data_mistakes_are_one_line_in_validator_and_trainer(sim_data, tmp_path):
@@ -91,13 +83,12 @@ def test_data_mistakes_are_one_line_in_validator_and_trainer(sim_data, tmp_path)
              (sim_data, tmp_path / 'nope', '--csv_root is not a folder'),
              (sim_data, binary, 'not a readable CSV'),
              (sim_data, columnless, "missing columns ['fs', 'id', 'sig_len']")]
-    for sim_root, csv_root, message in cases:   # the trainer reads data through the validator's functions
-        result = run_cli('production_dataset.py', '--sim_root', sim_root, '--csv_root', csv_root, check=False)
-        one_line_error(result, message)
-    for sim_root, csv_root, message in cases[::2]:
-        result = run_cli('production_trainer.py', '--sim_root', sim_root, '--csv_root', csv_root, *TINY,
-                         '--output_dir', tmp_path / 'out', check=False)
-        one_line_error(result, message)
+    for i, (sim_root, csv_root, message) in enumerate(cases):   # the trainer reads data through the validator
+        one_line_error(run_failing(i == 0, 'production_dataset.py', '--sim_root', sim_root, '--csv_root', csv_root),
+                       message)
+    for i, (sim_root, csv_root, message) in enumerate(cases[::2]):
+        one_line_error(run_failing(i == 0, 'production_trainer.py', '--sim_root', sim_root, '--csv_root', csv_root,
+                                   *TINY, '--output_dir', tmp_path / 'out'), message)
     assert not (tmp_path / 'out').exists(), 'a failed start leaves no run folder'
 
 
@@ -135,13 +126,13 @@ def test_checkpoint_problems_are_one_line_in_every_script(tiny_run, sim_data, tm
     cases = [(text, 'not a readable checkpoint'), (plain, 'not a checkpoint of this toolkit'),
              (other, 'weights do not fit'), (truncated, 'not a readable checkpoint'),
              (tmp_path / 'missing.pth', 'checkpoint not found')]
-    for path, message in cases:   # every script loads through ecg_checkpoint: each case once, each script twice
-        one_line_error(run_cli('evaluate.py', '--checkpoint', path, check=False), str(path), message)
-    for path, message in cases[1:3]:
-        one_line_error(run_cli('inference.py', '--image', image, '--checkpoint', path, '--output',
-                               tmp_path / 'x.csv', check=False), message)
-        one_line_error(run_cli('visualize.py', '--image', image, '--checkpoint', path, '--output',
-                               tmp_path / 'x.png', check=False), message)
+    for i, (path, message) in enumerate(cases):   # every script loads through ecg_checkpoint: each case once,
+        one_line_error(run_failing(i == 0, 'evaluate.py', '--checkpoint', path), str(path), message)   # each script twice
+    for i, (path, message) in enumerate(cases[1:3]):
+        one_line_error(run_failing(i == 0, 'inference.py', '--image', image, '--checkpoint', path, '--output',
+                                   tmp_path / 'x.csv'), message)
+        one_line_error(run_failing(i == 1, 'visualize.py', '--image', image, '--checkpoint', path, '--output',
+                                   tmp_path / 'x.png'), message)
 
 
 # ---------------------------------------------------------------- bad samples and bad images
@@ -166,8 +157,8 @@ def test_inference_refuses_images_that_are_not_pages(tiny_run, tmp_path):
     cv2.imwrite(str(tmp_path / 'dot.png'), np.zeros((1, 1, 3), np.uint8))
     cv2.imwrite(str(tmp_path / 'blank.png'), np.full((800, 1000, 3), 255, np.uint8))
     for name, reason in (('dot.png', 'too small'), ('blank.png', 'blank')):
-        result = run_cli('inference.py', '--image', tmp_path / name, '--checkpoint', best, '--output',
-                         tmp_path / f'{name}.csv', check=False)
+        result = run_failing(name == 'dot.png', 'inference.py', '--image', tmp_path / name, '--checkpoint', best,
+                             '--output', tmp_path / f'{name}.csv')
         one_line_error(result, name, reason)
         assert not (tmp_path / f'{name}.csv').exists()
 
@@ -239,7 +230,7 @@ def test_resume_of_a_missing_or_foreign_checkpoint_creates_nothing(tiny_run, tmp
     assert not (tmp_path / 'typo').exists()
     loose = tmp_path / 'copied.pth'
     shutil.copy(tiny_run / 'checkpoints' / 'last.pth', loose)
-    one_line_error(run_cli('production_trainer.py', '--resume', loose, check=False), 'cannot tell which run')
+    one_line_error(run_in_process('production_trainer.py', '--resume', loose), 'cannot tell which run')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['copied.pth']
 
 

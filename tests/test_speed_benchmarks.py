@@ -3,15 +3,15 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 
 def test_bench_threads_reports_alone_and_beside_a_competitor(tmp_path):
     # one setting keeps it short; each measurement is a fresh process that imports torch
     result = run_cli('bench_threads.py', '--settings', 'auto', '--seconds', '1', '--images', '4', '--batch_size', '2',
                      '--num_workers', '0', '--image_size', '64', '320', '--competitor', 'spin',
-                     '--data', tmp_path / 'data')
-    report = json.loads((ROOT / 'bench_out' / 'bench_threads.json').read_text())
+                     '--data', tmp_path / 'data', '--report', tmp_path / 'report.json')
+    report = json.loads((tmp_path / 'report.json').read_text())
     rows = {(r['setting'], r['condition']): r for r in report['results']}
     assert set(rows) == {('auto', 'alone'), ('auto', 'beside spin')}
     assert all(r['images_per_s'] > 0 and r['steps'] >= 1 for r in rows.values())
@@ -22,8 +22,8 @@ def test_bench_threads_reports_alone_and_beside_a_competitor(tmp_path):
 
 def test_bench_inference_reports_old_and_new_paths_with_the_same_signals(tmp_path):
     result = run_cli('bench_inference.py', '--n', '3', '--image_size', '64', '320', '--settings', 'old', 'new',
-                     '--data', tmp_path / 'pages', '--out', tmp_path / 'out')
-    report = json.loads((ROOT / 'bench_out' / 'bench_inference.json').read_text())
+                     '--data', tmp_path / 'pages', '--out', tmp_path / 'out', '--report', tmp_path / 'report.json')
+    report = json.loads((tmp_path / 'report.json').read_text())
     old, new = report['results']['old'], report['results']['new']
     assert old['images'] == new['images'] == 3 and old['batch_size'] == 1 and new['batch_size'] == 4
     assert all(r['images_per_s'] > 0 and r['cpu_s_per_image'] > 0 and r['peak_rss_mib'] > 100 for r in (old, new))

@@ -12,7 +12,7 @@ import ecg_trainer
 import inference
 import production_dataset as pdx
 import production_trainer
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 from ecg_page import FS, LEADS, N_SAMPLES, STANDARD
 
 TINY = ['--image_size', '64', '320', '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0']
@@ -88,9 +88,8 @@ def test_select_metric_val_loss_and_bad_settings(sim_data, tmp_path):
     assert 'best.pth by val_loss' in result.stdout
     bad = tmp_path / 'bad.json'
     bad.write_text(json.dumps({'learning_rate': 1}))
-    result = run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, '--config', bad,
-                     check=False)
+    result = run_in_process('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, '--config', bad)
     assert result.returncode == 1 and "unknown settings ['learning_rate']" in result.stderr
-    result = run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, '--val_fraction', '0',
-                     '--select_metric', 'snr_db', check=False)
+    result = run_in_process('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data,
+                            '--val_fraction', '0', '--select_metric', 'snr_db')
     assert result.returncode == 1 and 'needs a validation split' in result.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 
 TINY = ['--image_size', '64', '320', '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0',
         '--log_every', '1']
@@ -116,6 +116,6 @@ def test_pretrained_offline_fails_fast_on_the_cli(sim_data, tmp_path):
 
 
 def test_bad_data_path_fails_clearly(tmp_path):
-    result = run_cli('production_trainer.py', '--sim_root', tmp_path / 'nope', '--csv_root', tmp_path, *TINY,
-                     '--output_dir', tmp_path, check=False)
+    result = run_in_process('production_trainer.py', '--sim_root', tmp_path / 'nope', '--csv_root', tmp_path, *TINY,
+                            '--output_dir', tmp_path)
     assert result.returncode != 0 and 'nope: --sim_root is not a folder' in result.stderr
