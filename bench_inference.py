@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +102,7 @@ def run_setting(args):
     """Digitize the folder with one setting; prints one JSON line of numbers."""
     images = sorted(args.pages.rglob('*.png'))[:args.n] if args.pages else ensure_pages(args.data, args.n)
     out = args.out / args.child
+    shutil.rmtree(out, ignore_errors=True)     # CSVs of an earlier run's pages would be compared too
     device = torch.device('cpu')
     batch_size = SETTINGS[args.child][1] or args.batch_size
     run_args = argparse.Namespace(fs=inference.MODEL_FS, wfdb=False, batch_size=batch_size,
