@@ -306,6 +306,7 @@ PULSE_MM_RANGE = (4.0, 25.0)      # pulse height: 5..20 mm/mV, with slack
 PULSE_PX_RANGE = (10, 700)        # when px per mm is unknown
 PULSE_ASPECT = (0.3, 5.0)         # height / width: 5 mm/mV at 50 mm/s .. 20 mm/mV at 25 mm/s
 TOP_COVERAGE = 0.8                # share of the columns between the edges inked along the top
+TOP_DARKNESS = 0.6                # a top-line column as dark, summed over 3 rows, as this much of the rise
 STROKE_GAP_PX = 5                 # breaks in a faint thin stroke that are bridged
 EDGE_MAX_SLOPE = 0.03             # px per row (1.7 deg) a pulse edge may lean after de-rotation
 SIZE_TOL = 0.08                   # pulses of one page agree in height and width to 8 %
@@ -430,10 +431,13 @@ def measure_pulse(dark, a, b):
     return dict(height_px=bottom - top, width_px=cx_b - cx_a, x=cx_a, y=bottom, thickness=thick)
 
 
-def is_pulse_outline(ink, a, b):
+def is_pulse_outline(ink, dark, cov, a, b):
     """Strokes a (rise) and b (fall) start level, one straight flat line joins their tops, the
     inside is empty and the paper left of the rise is blank (the pulse opens its row): the
-    outline of a pulse, not two QRS strokes, a T wave or a letter."""
+    outline of a pulse, not two QRS strokes, a T wave or a letter. A column of the top line
+    counts as inked where the ink mask has it, or where its coverage summed over 3 rows is at
+    least TOP_DARKNESS of the rise's across it: the same pen, drawn between two pixel rows on a
+    page whose dark grid raised the ink threshold above either half."""
     xa, ya, wa, ha = (int(v) for v in a[:4])
     xb, yb, wb, hb = (int(v) for v in b[:4])
     tol = max(3, int(0.12 * ha)) + wa                    # a faint corner may break off
@@ -444,12 +448,16 @@ def is_pulse_outline(ink, a, b):
     if right - left < 4:
         return False
     margin = (right - left) // 8                           # clear of the corners
-    band = ink[max(ya - ha // 5, 0): ya + ha // 5, left + margin: right - margin]
+    top_rows, top_cols = slice(max(ya - ha // 5, 0), ya + ha // 5), slice(left + margin, right - margin)
+    band, shade = ink[top_rows, top_cols], cov[top_rows, top_cols].astype(np.float32)
     rows = np.arange(band.shape[0], dtype=np.float32)[:, None]
     count = band.sum(0)
-    if band.size == 0 or (count > 0).mean() < TOP_COVERAGE:
+    rise = dark[ya + ha // 4: ya + 3 * ha // 4, max(xa - 3, 0): xa + wa + 3].astype(np.float32).sum(1).mean()
+    across = shade[:-2] + shade[1:-1] + shade[2:] if len(shade) > 2 else shade
+    inked = (count > 0) | (across.max(0, initial=0) >= TOP_DARKNESS * rise)
+    if band.size == 0 or inked.mean() < TOP_COVERAGE:
         return False
-    centre = (band * rows).sum(0)[count > 0] / count[count > 0]
+    centre = (shade * rows).sum(0)[inked] / np.maximum(shade.sum(0)[inked], 1e-6)
     if count.max() > 2 * wa + 3 or centre.std() > max(1.0, 0.5 * wa):
         return False                                       # a hump or a blob, not a line
     inside = ink[ya + wa + 3: ya + ha - wa - 3, left + 2: right - 2]
@@ -491,8 +499,9 @@ def lowest_pulse_strokes(ink, long, h_lo, h_hi):
     return np.array(cut, dtype=long.dtype).reshape(-1, 5)
 
 
-def pulse_candidates(ink, dark, h_lo, h_hi):
-    """Every rise/fall pair that outlines a pulse of height in [h_lo, h_hi] px: list of dicts."""
+def pulse_candidates(ink, dark, cov, h_lo, h_hi):
+    """Every rise/fall pair that outlines a pulse of height in [h_lo, h_hi] px: list of dicts. ink: the
+    stroke mask, dark: the coverage above the measuring floor, cov: all of it."""
     vert = vertical_strokes(ink, max(6, int(0.7 * h_lo)))
     vert = vert[vert[:, 2] * 3 <= vert[:, 3]]
     fits = vert[:, 3] <= h_hi * 1.1 + 6
@@ -508,7 +517,7 @@ def pulse_candidates(ink, dark, h_lo, h_hi):
                 continue
             if gap * PULSE_ASPECT[0] > a[3]:
                 break
-            if is_pulse_outline(ink, a, b):
+            if is_pulse_outline(ink, dark, cov, a, b):
                 m = measure_pulse(dark, a, b)
                 if m and h_lo <= m['height_px'] <= h_hi:
                     found.append(m)
@@ -577,7 +586,7 @@ def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step):
     else:
         h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step
     dark = np.where(cov >= floor, cov, 0).astype(np.uint8)
-    return consensus(pulse_candidates(ink, dark, h_lo, h_hi))
+    return consensus(pulse_candidates(ink, dark, cov, h_lo, h_hi))
 
 
 def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1]):

@@ -251,6 +251,24 @@ def test_pulses_stacked_on_a_tight_row_pitch_give_their_gain(dpi):
 # Logic and edge cases
 # ----------------------------------------------------------------------------------------------
 
+def test_a_top_line_between_two_pixel_rows_still_closes_the_pulse():
+    """A dark grid raises the ink threshold (here 172, as on the 'noisy' pages); a thin top line drawn
+    between two pixel rows is 170 + 140 there, full in neither row, but as dark summed across it as the rise."""
+    cov = np.zeros((120, 120), np.uint8)
+    cov[30:90, 20] = cov[30:90, 60] = 255                  # rise and fall: 60 px, 40 px apart
+    cov[30:90, 21] = cov[30:90, 61] = 100
+    cov[30, 20:62] = np.maximum(cov[30, 20:62], 170)
+    cov[31, 20:62] = np.maximum(cov[31, 20:62], 140)
+    ink = (cov >= 172).astype(np.uint8)
+    dark = np.where(cov >= 152, cov, 0).astype(np.uint8)
+    found = ps.pulse_candidates(ink, dark, cov, 40, 150)
+    assert len(found) == 1
+    assert found[0]['height_px'] == pytest.approx(59, abs=1.5) and found[0]['width_px'] == pytest.approx(40, abs=1)
+    cov[30:32, 25:56] = 60                                 # a grid line's darkness there instead: no top line
+    assert ps.pulse_candidates((cov >= 172).astype(np.uint8), np.where(cov >= 152, cov, 0).astype(np.uint8),
+                               cov, 40, 150) == []
+
+
 def test_snap_to_standard_values():
     assert ps.snap(9.3, ps.GAINS_MM_MV) == 10.0
     assert ps.snap(5.6, ps.GAINS_MM_MV) == 5.0
