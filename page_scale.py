@@ -306,6 +306,7 @@ PULSE_MM_RANGE = (4.0, 25.0)      # pulse height: 5..20 mm/mV, with slack
 PULSE_PX_RANGE = (10, 700)        # when px per mm is unknown
 PULSE_ASPECT = (0.3, 5.0)         # height / width: 5 mm/mV at 50 mm/s .. 20 mm/mV at 25 mm/s
 TOP_COVERAGE = 0.8                # share of the columns between the edges inked along the top
+THIN_PAIR = 1.5                   # two side-by-side pixels this much over the ink threshold: a thin edge
 TOP_DARKNESS = 0.6                # a top-line column as dark, summed over 3 rows, as this much of the rise
 STROKE_GAP_PX = 5                 # breaks in a faint thin stroke that are bridged
 EDGE_MAX_SLOPE = 0.03             # px per row (1.7 deg) a pulse edge may lean after de-rotation
@@ -499,10 +500,11 @@ def lowest_pulse_strokes(ink, long, h_lo, h_hi):
     return np.array(cut, dtype=long.dtype).reshape(-1, 5)
 
 
-def pulse_candidates(ink, dark, cov, h_lo, h_hi):
+def pulse_candidates(ink, edges, dark, cov, h_lo, h_hi):
     """Every rise/fall pair that outlines a pulse of height in [h_lo, h_hi] px: list of dicts. ink: the
-    stroke mask, dark: the coverage above the measuring floor, cov: all of it."""
-    vert = vertical_strokes(ink, max(6, int(0.7 * h_lo)))
+    stroke mask, edges: the mask its vertical strokes are found in, dark: the coverage above the measuring
+    floor, cov: all of it."""
+    vert = vertical_strokes(edges, max(6, int(0.7 * h_lo)))
     vert = vert[vert[:, 2] * 3 <= vert[:, 3]]
     fits = vert[:, 3] <= h_hi * 1.1 + 6
     vert = np.concatenate([vert[fits], lowest_pulse_strokes(ink, vert[~fits], h_lo, h_hi)])
@@ -576,9 +578,10 @@ def pulse_step(shape):
     return max(1, int(min(shape[:2]) / PULSE_SIDE_PX + 0.25))
 
 
-def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step):
+def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step, pairs=False):
     """consensus() of the pulses outlined by the coverage above ink_min, measured above floor; mm: px per
-    mm of the searched image (None: unknown, heights in PULSE_PX_RANGE / step)."""
+    mm of the searched image (None: unknown, heights in PULSE_PX_RANGE / step). pairs: edges are also
+    found by column_pairs (a thin edge leaning across two columns after de-rotation breaks up otherwise)."""
     ink = (cov >= ink_min).astype(np.uint8)
     if mm:
         h_lo, h_hi = PULSE_MM_RANGE[0] * mm, max_mm * mm
@@ -586,7 +589,25 @@ def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step):
     else:
         h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step
     dark = np.where(cov >= floor, cov, 0).astype(np.uint8)
-    return consensus(pulse_candidates(ink, dark, cov, h_lo, h_hi))
+    edges = ink | column_pairs(cov, ink_min) if pairs else ink
+    return consensus(pulse_candidates(ink, edges, dark, cov, h_lo, h_hi))
+
+
+def column_pairs(cov, ink_min):
+    """(h, w) uint8 1 on the darker of two side-by-side pixels whose coverage together reaches THIN_PAIR x
+    ink_min: a thin vertical line lying half in each column, full in neither."""
+    c = cov.astype(np.uint16)
+    both = (c[:, :-1] + c[:, 1:]) >= int(THIN_PAIR * ink_min)
+    pair = np.zeros(cov.shape, np.uint8)
+    pair[:, :-1] |= both & (c[:, :-1] >= c[:, 1:])
+    pair[:, 1:] |= both & (c[:, 1:] > c[:, :-1])
+    return pair
+
+
+def fits_standard(pulse, mm):
+    """Whether the pulse, at mm px per mm both ways, is 1 mV x 0.2 s at a standard gain and paper speed."""
+    return bool(snap(pulse['height_px'] / mm / PULSE_MV, GAINS_MM_MV) and
+                snap(pulse['width_px'] / mm / PULSE_S, SPEEDS_MM_S))
 
 
 def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1]):
@@ -605,11 +626,18 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
     cov = ink_coverage(v, paper)
     mm = px_per_mm / step if px_per_mm else None
     raised = ink_levels(cov)
-    found = pulse_at_levels(cov, *raised, mm, max_mm, step)
-    if found is None and raised != (INK_MIN, INK_FLOOR):
-        # traces crowding the page (a high gain on many rows, a low dpi) pass for a dark grid: the plain
-        # levels, the grid's long lines taken out instead
-        found = pulse_at_levels(cov, INK_MIN, INK_FLOOR, mm, max_mm, step)
+    # traces crowding the page (a high gain on many rows, a low dpi) pass for a dark grid: then the plain
+    # levels, the grid's long lines taken out instead; then thin edges found by column pairs. The first pulse
+    # of a standard gain and speed on the grid wins, else the first found (a grid read at a wrong period)
+    tries = [(raised, False)] + ([((INK_MIN, INK_FLOOR), False)] if raised != (INK_MIN, INK_FLOOR) else []) + \
+        [(raised, True)]
+    found = None
+    for levels, pairs in tries:
+        pulse = pulse_at_levels(cov, *levels, mm, max_mm, step, pairs)
+        found = found or pulse
+        if pulse and (mm is None or fits_standard(pulse, mm)):
+            found = pulse
+            break
     if found:
         for key in ('height_px', 'width_px', 'thickness'):
             found[key] *= step
