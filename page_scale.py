@@ -610,6 +610,31 @@ def fits_standard(pulse, mm):
                 snap(pulse['width_px'] / mm / PULSE_S, SPEEDS_MM_S))
 
 
+def search_pulse(cov, mm, max_mm, step):
+    """pulse_at_levels() at the levels that tell ink from this page's grid, then, while the pulse found does
+    not fit a standard gain and speed on the grid (mm px per mm), at the plain levels (traces crowding the
+    page, a high gain on many rows or a low dpi, pass for a dark grid; the grid's long lines are taken out
+    instead) and with thin edges found by column pairs. The first that fits wins, or that rescale_to_pulse will
+    take the scale from (a grid read at a wrong period), else the first found; without a grid (mm None), the
+    first found."""
+    raised = ink_levels(cov)
+    plain = [((INK_MIN, INK_FLOOR), False)] if raised != (INK_MIN, INK_FLOOR) else []
+    first = None
+    for levels, pairs in [(raised, False)] + plain + [(raised, True)]:
+        pulse = pulse_at_levels(cov, *levels, mm, max_mm, step, pairs)
+        if pulse and (mm is None or fits_standard(pulse, mm) or rescales_grid(pulse)):
+            return pulse
+        first = first or pulse
+    return first
+
+
+def rescales_grid(pulse):
+    """Pulses on enough rows, of a standard pair's shape: what rescale_to_pulse takes the page's scale from."""
+    shape = pulse['height_px'] / pulse['width_px']
+    return pulse['count'] >= PULSE_ONLY_MIN_COUNT and any(abs(shape / mm_shape - 1) <= SNAP_TOL
+                                                          for mm_shape in pulse_shapes().values())
+
+
 def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1]):
     """The calibration pulse(s): dict(height_px, width_px, count, positions [(x, y) of each rise's
     foot in the de-rotated page], thickness, angle_deg) or None. px_per_mm (from the grid)
@@ -625,19 +650,7 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
     v = deskew(v, angle_deg, width=int(v.shape[1] * PULSE_REGION), fill=255)
     cov = ink_coverage(v, paper)
     mm = px_per_mm / step if px_per_mm else None
-    raised = ink_levels(cov)
-    # traces crowding the page (a high gain on many rows, a low dpi) pass for a dark grid: then the plain
-    # levels, the grid's long lines taken out instead; then thin edges found by column pairs. The first pulse
-    # of a standard gain and speed on the grid wins, else the first found (a grid read at a wrong period)
-    tries = [(raised, False)] + ([((INK_MIN, INK_FLOOR), False)] if raised != (INK_MIN, INK_FLOOR) else []) + \
-        [(raised, True)]
-    found = None
-    for levels, pairs in tries:
-        pulse = pulse_at_levels(cov, *levels, mm, max_mm, step, pairs)
-        found = found or pulse
-        if pulse and (mm is None or fits_standard(pulse, mm)):
-            found = pulse
-            break
+    found = search_pulse(cov, mm, max_mm, step)
     if found:
         for key in ('height_px', 'width_px', 'thickness'):
             found[key] *= step
