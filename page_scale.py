@@ -508,23 +508,29 @@ def pulse_candidates(ink, edges, dark, cov, h_lo, h_hi):
     vert = vert[vert[:, 2] * 3 <= vert[:, 3]]
     fits = vert[:, 3] <= h_hi * 1.1 + 6
     vert = np.concatenate([vert[fits], lowest_pulse_strokes(ink, vert[~fits], h_lo, h_hi)])
-    vert = vert[np.argsort(vert[:, 0])]
+    vert = vert[np.argsort(vert[:, 0], kind='stable')]
     found = []
-    for i, a in enumerate(vert):
-        if a[3] < h_lo * 0.9:
-            continue
-        for b in vert[i + 1:]:
-            gap = b[0] - a[0]
-            if gap * PULSE_ASPECT[1] < a[3]:
-                continue
-            if gap * PULSE_ASPECT[0] > a[3]:
-                break
-            if is_pulse_outline(ink, dark, cov, a, b):
-                m = measure_pulse(dark, a, b)
+    for i in np.flatnonzero(vert[:, 3] >= h_lo * 0.9):
+        for j in level_falls(vert, i):
+            if is_pulse_outline(ink, dark, cov, vert[i], vert[j]):
+                m = measure_pulse(dark, vert[i], vert[j])
                 if m and h_lo <= m['height_px'] <= h_hi:
                     found.append(m)
                 break   # the nearest qualifying fall closes this rise
     return found
+
+
+def level_falls(vert, i):
+    """Indices, nearest first, of the strokes (vert sorted by x) that could be the fall of a pulse rising at
+    stroke i: at a pulse's aspect (PULSE_ASPECT) to its right, starting level with it and spanning its height,
+    as is_pulse_outline checks first; vectorised, since a dense black grid leaves thousands of strokes."""
+    x, y, w, h = (vert[:, k].astype(np.int64) for k in range(4))
+    lo = np.searchsorted(x, x[i] + h[i] / PULSE_ASPECT[1], 'left')
+    hi = np.searchsorted(x, x[i] + h[i] / PULSE_ASPECT[0], 'right')
+    yb, hb = y[lo:hi], h[lo:hi]
+    tol = max(3, int(0.12 * h[i])) + w[i]
+    overlap = np.minimum(y[i] + h[i], yb + hb) - np.maximum(y[i], yb)
+    return lo + np.flatnonzero((yb <= y[i] + tol) & (overlap >= 0.85 * h[i]))
 
 
 def consensus(cands):
