@@ -16,10 +16,13 @@ measures them on the page itself:
 Arrays: rgb is (H, W, 3) uint8 RGB at the page's own resolution; maps are (h, w) float32.
 
     python page_scale.py IMAGE...        # prints the scale found per image and the seconds it took
+    python page_scale.py --score FOLDER  # pages with their JSON: how many gains and speeds are read right
 """
-import sys
+import argparse
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -848,16 +851,55 @@ def describe(scale):
             f'confidence {scale.confidence:.2f}')
 
 
+def page_truth(json_path):
+    """(gain mm/mV, paper speed mm/s, px per mV) that a simulator or ecg-image-kit JSON states (y_grid: px
+    per 5 mm); ecg-image-kit states no gain or speed: it draws 10 mm/mV at 25 mm/s."""
+    meta = json.loads(Path(json_path).read_text())
+    gain = float(meta.get('gain_mm_mv', STANDARD_GAIN_MM_MV))
+    speed = float(meta.get('paper_speed_mm_s', STANDARD_SPEED_MM_S))
+    return gain, speed, float(meta['y_grid']) / MAJOR_MM * gain if meta.get('y_grid') else float('nan')
+
+
+def score_folder(folder):
+    """Reads every PNG with a JSON beside it under folder; prints and returns how many pages had their pulse
+    found, their gain and paper speed read (not assumed, and right) and px per mV within 3 %, and the
+    pages missed."""
+    pages, missed, start = 0, [], time.perf_counter()
+    counts = dict(pulse=0, gain=0, speed=0, px_per_mv=0)
+    for png in sorted(Path(folder).rglob('*.png')):
+        if not png.with_suffix('.json').is_file():
+            continue
+        gain, speed, true_px_per_mv = page_truth(png.with_suffix('.json'))
+        scale = estimate_scale(read_rgb(png))
+        right = dict(pulse=scale.pulse is not None, gain=not scale.gain_assumed and scale.gain_mm_mv == gain,
+                     speed=not scale.speed_assumed and scale.paper_speed_mm_s == speed,
+                     px_per_mv=abs(px_per_mv(scale) / true_px_per_mv - 1) <= 0.03)
+        counts = {key: n + right[key] for key, n in counts.items()}
+        pages += 1
+        if not (right['gain'] and right['speed']):
+            missed.append(png.name)
+    print(f'{folder}: {pages} pages, pulse found {counts["pulse"]}, gain read {counts["gain"]}, speed read '
+          f'{counts["speed"]}, px/mV within 3 % {counts["px_per_mv"]}, {time.perf_counter() - start:.0f} s')
+    print(f'  gain or speed missed: {" ".join(missed) or "none"}')
+    return dict(counts, pages=pages, missed=missed)
+
+
 def main(argv=None):
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        raise SystemExit(__doc__)
-    for path in paths:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('images', nargs='*', help='pages to read: prints the scale found and the seconds it took')
+    p.add_argument('--score', nargs='+', metavar='FOLDER', default=[],
+                   help='pages with their JSON (simulator or ecg-image-kit): how many gains and speeds are read right')
+    args = p.parse_args(argv)
+    if not (args.images or args.score):
+        p.error('give images or --score FOLDER')
+    for path in args.images:
         rgb = read_rgb(path)
         start = time.perf_counter()
         scale = estimate_scale(rgb)
         seconds = time.perf_counter() - start
         print(f'{path}  {rgb.shape[1]}x{rgb.shape[0]}  {seconds:.3f} s  {describe(scale)}')
+    for folder in args.score:
+        score_folder(folder)
 
 
 if __name__ == '__main__':

@@ -387,3 +387,19 @@ def test_cli_prints_scale_and_seconds():
     result = run_cli('page_scale.py', IMAGES / 'fx1024-0001.png')
     line = result.stdout.strip()
     assert 'fx1024-0001.png' in line and 'grid:' in line and ' s ' in line and '78.7' in line
+
+
+def test_cli_scores_folders_against_their_json(tmp_path):
+    """--score: the fixture's 4 pages all read right; a simulator page at 20 mm/mV whose JSON is edited to
+    say 10 is named as missed."""
+    rng = np.random.default_rng(3)
+    rgb, meta = sim.render_image(sim.synthesize_record(rng, 250), 250, rng, dpi_choices=(150,),
+                                 style_probs=(1, 0, 0, 0, 0), max_rotation=1.0, gains=(20.0,))
+    cv2.imwrite(str(tmp_path / 'p.png'), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    (tmp_path / 'p.json').write_text(json.dumps(dict(meta, gain_mm_mv=10.0)))
+    result = run_cli('page_scale.py', '--score', IMAGES, tmp_path)
+    lines = result.stdout.splitlines()
+    assert 'images: 4 pages, pulse found 4, gain read 4, speed read 4, px/mV within 3 % 4' in lines[0]
+    assert lines[1].endswith('missed: none')
+    assert '1 pages, pulse found 1, gain read 0, speed read 1, px/mV within 3 % 0' in lines[2]
+    assert lines[3].endswith('missed: p.png')
