@@ -309,6 +309,7 @@ PULSE_MM_RANGE = (4.0, 25.0)      # pulse height: 5..20 mm/mV, with slack
 PULSE_PX_RANGE = (10, 700)        # when px per mm is unknown
 PULSE_ASPECT = (0.3, 5.0)         # height / width: 5 mm/mV at 50 mm/s .. 20 mm/mV at 25 mm/s
 TOP_COVERAGE = 0.8                # share of the columns between the edges inked along the top
+FIT_TOL = 0.05                    # a pulse that ends the search fits a standard pair this closely
 THIN_PAIR = 1.5                   # two side-by-side pixels this much over the ink threshold: a thin edge
 TOP_DARKNESS = 0.6                # a top-line column as dark, summed over 3 rows, as this much of the rise
 STROKE_GAP_PX = 5                 # breaks in a faint thin stroke that are bridged
@@ -613,25 +614,30 @@ def column_pairs(cov, ink_min):
     return pair
 
 
-def fits_standard(pulse, mm):
-    """Whether the pulse, at mm px per mm both ways, is 1 mV x 0.2 s at a standard gain and paper speed."""
-    return bool(snap(pulse['height_px'] / mm / PULSE_MV, GAINS_MM_MV) and
-                snap(pulse['width_px'] / mm / PULSE_S, SPEEDS_MM_S))
+def fits_standard(pulse, mm, tol=None):
+    """Whether the pulse, at mm px per mm both ways, is 1 mV x 0.2 s at a standard gain and paper speed, to
+    FIT_TOL: a drawn pulse measures within 1-2 %, pieces of grid cells cut out of pulses standing on grid
+    lines (5.5 x 10 mm, read as 5 mm/mV at 50 mm/s) do not."""
+    tol = FIT_TOL if tol is None else tol
+    return bool(snap(pulse['height_px'] / mm / PULSE_MV, GAINS_MM_MV, tol) and
+                snap(pulse['width_px'] / mm / PULSE_S, SPEEDS_MM_S, tol))
 
 
 def search_pulse(cov, mm, max_mm, step):
     """pulse_at_levels() at the levels that tell ink from this page's grid, then, while the pulse found does
     not fit a standard gain and speed on the grid (mm px per mm), at the plain levels (traces crowding the
     page, a high gain on many rows or a low dpi, pass for a dark grid; the grid's long lines are taken out
-    instead) and with thin edges found by column pairs. The first that fits wins, or that rescale_to_pulse will
-    take the scale from (a grid read at a wrong period), else the first found; without a grid (mm None), the
-    first found."""
+    instead) and with thin edges found by column pairs. The first that fits closely wins, or that
+    rescale_to_pulse will take the scale from (a grid read at a wrong period: the pulse fits no standard pair
+    on the grid, even loosely, but its shape does), else the first found; without a grid (mm None), the first
+    found."""
     raised = ink_levels(cov)
     plain = [((INK_MIN, INK_FLOOR), False)] if raised != (INK_MIN, INK_FLOOR) else []
     first = None
     for levels, pairs in [(raised, False)] + plain + [(raised, True)]:
         pulse = pulse_at_levels(cov, *levels, mm, max_mm, step, pairs)
-        if pulse and (mm is None or fits_standard(pulse, mm) or rescales_grid(pulse)):
+        if pulse and (mm is None or fits_standard(pulse, mm) or
+                      (not fits_standard(pulse, mm, SNAP_TOL) and rescales_grid(pulse))):
             return pulse
         first = first or pulse
     return first

@@ -403,3 +403,25 @@ def test_cli_scores_folders_against_their_json(tmp_path):
     assert lines[1].endswith('missed: none')
     assert '1 pages, pulse found 1, gain read 0, speed read 1, px/mV within 3 % 0' in lines[2]
     assert lines[3].endswith('missed: p.png')
+
+
+def test_search_pulse_takes_the_first_close_fit(monkeypatch):
+    """The tries' answers scripted (raised levels, plain levels, raised with column pairs' edges): pieces of grid
+    cells cut out of pulses that stand on grid lines (5.5 x 10 mm: 5 mm/mV at 50 mm/s, 10 % off) only loosely
+    fit and do not end the search; the drawn 20 mm/mV pulse found next does. Without a close fit the first
+    found is kept, and a pulse fitting no pair on the grid but with a standard shape (a grid read at a wrong
+    period) ends the search at once."""
+    mm = 5.9
+    pieces = dict(height_px=5.5 * mm, width_px=10 * mm, count=8)
+    drawn = dict(height_px=20 * mm, width_px=5 * mm, count=1)
+    wrong_period = dict(height_px=10 * mm / 2, width_px=5 * mm / 2, count=3)   # the grid read at 2x
+    monkeypatch.setattr(ps, 'ink_levels', lambda cov: (180, 160))
+
+    def search(*answers):
+        tries = iter(answers)
+        monkeypatch.setattr(ps, 'pulse_at_levels', lambda *a: next(tries))
+        return ps.search_pulse(None, mm, 25.0, 1)
+
+    assert search(None, pieces, drawn) is drawn
+    assert search(pieces, None, None) is pieces
+    assert search(wrong_period, drawn, drawn) is wrong_period
