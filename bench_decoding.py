@@ -36,7 +36,7 @@ from ecg_page import LEADS
 
 TOPK = (2, 5, 8)
 LEAD_I = LEADS.index('I')  # trace channel of lead I, which opens the first column of every layout
-PULSE_WEIGHTS = (2.0, 50.0)
+PULSE_WEIGHTS = (10.0, 50.0)
 
 
 def parse_args(argv=None):

@@ -35,8 +35,9 @@ from ecg_page import (FS, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, N_LEADS, N_SAMPLE
 LAYOUT = STANDARD                   # the page read when nothing says otherwise
 TRACE_START = 118 / 2200            # where ecg-image-kit starts the traces (after the 1 mV pulse), page widths
 START_PRIOR_WEIGHT = 0.01           # per column off the usual start: only breaks ties of a flat presence
-PULSE_START_WEIGHT = 10.0           # per column off where the calibration pulse ends (the traces start there):
-                                    # read to ~0.1 column on the page itself, it outweighs blurry presence edges
+PULSE_START_WEIGHT = 2.0            # per column off where the calibration pulse ends (the traces start there):
+                                    # read to ~0.1 column on the page itself; a model with sharp presence edges
+                                    # (the starter of 2026-11-30) reads best with its own edges weighing in too
 START_STEP = 0.05                   # columns: resolution of the time-start search
 SPEED_MISMATCH = 1e4                # fit-score cost of a layout at another paper speed than the page's pulse shows
 START_REACH = 0.5                   # a start can lie this far left of the first column (a strip drawn from x = 0)
