@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from ecg_page import CAL_PULSE_MV as PULSE_MV, CAL_PULSE_S as PULSE_S, GAINS_MM_MV, MAJOR_MM
-from ecg_page import MM_PER_MV as STANDARD_GAIN_MM_MV, MM_PER_S as STANDARD_SPEED_MM_S, PAGE_H_IN, PAGE_W_IN
+from ecg_page import MM_PER_MV as STANDARD_GAIN_MM_MV, MM_PER_S as STANDARD_SPEED_MM_S, PAGE_ASPECT, PAGE_HEIGHT_MM
 from ecg_page import PAPER_SPEEDS_MM_S as SPEEDS_MM_S
 
 PX_PER_MM_RANGE = (1.8, 26.0)     # 45 .. 660 dpi
@@ -645,9 +645,7 @@ def search_pulse(cov, mm, max_mm, step):
 
 def rescales_grid(pulse):
     """Pulses on enough rows, of a standard pair's shape: what rescale_to_pulse takes the page's scale from."""
-    shape = pulse['height_px'] / pulse['width_px']
-    return pulse['count'] >= PULSE_ONLY_MIN_COUNT and any(abs(shape / mm_shape - 1) <= SNAP_TOL
-                                                          for mm_shape in pulse_shapes().values())
+    return pulse['count'] >= PULSE_ONLY_MIN_COUNT and bool(shape_pairs(pulse['height_px'] / pulse['width_px']))
 
 
 def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1]):
@@ -683,7 +681,6 @@ CROSS_KEEP = 0.8                  # a family refit at the other's fundamental ke
 AXIS_AGREE = 0.1                  # x and y spacings within 10 %: square pixels, both trusted
 STRONG_HARMONICS, STRONG_CONTRAST = 5, 3.5   # a lone line family: harmonics, mean log contrast
 PULSE_ONLY_MIN_COUNT = 2          # without a grid, pulses on at least two rows must agree
-PAGE_W_MM, PAGE_H_MM = PAGE_W_IN * 25.4, PAGE_H_IN * 25.4
 
 
 def snap(value, choices, tol=SNAP_TOL):
@@ -758,19 +755,30 @@ def pulse_shapes():
     return {(g, v): g * PULSE_MV / (v * PULSE_S) for g in GAINS_MM_MV for v in SPEEDS_MM_S}
 
 
+def shape_pairs(shape):
+    """The standard (gain, speed) pairs whose pulse has this height / width in mm, to SNAP_TOL."""
+    return [pair for pair, mm_shape in pulse_shapes().items() if abs(shape / mm_shape - 1) <= SNAP_TOL]
+
+
+def take_pulse_scale(scale, pulse, pairs, px_per_mm):
+    """Of the pairs, the one whose px per mm (the pulse's height over its gain) lies nearest px_per_mm; the
+    scale's px per mm is then taken from the pulse at that pair (in place). Returns (gain, speed)."""
+    gain, speed = min(pairs, key=lambda pair: abs(np.log(pulse['height_px'] / pair[0] / px_per_mm)))
+    scale.px_per_mm_y = pulse['height_px'] / (gain * PULSE_MV)
+    scale.px_per_mm_x = pulse['width_px'] / (speed * PULSE_S)
+    return gain, speed
+
+
 def rescale_to_pulse(scale, pulse):
     """A grid read at a wrong period (wrinkled or warped paper) puts the pulse at no standard gain and speed,
     while the pulse's own shape fits a pair: the pairs its height / width fits (10 mm/mV at 25 mm/s looks like
     20 mm/mV at 50 mm/s), the one nearest the grid's scale, its px per mm then taken from the pulse (in place;
     the source is then 'pulse', whose 5 mm width is too coarse a ruler for the time axis). Returns the
     (gain, speed) the scale now gives the pulse, or None (the scale untouched) if no pair fits."""
-    shape = pulse['height_px'] / pulse['width_px'] * scale.px_per_mm_x / scale.px_per_mm_y
-    fits = [pair for pair, mm_shape in pulse_shapes().items() if abs(shape / mm_shape - 1) <= SNAP_TOL]
+    fits = shape_pairs(pulse['height_px'] / pulse['width_px'] * scale.px_per_mm_x / scale.px_per_mm_y)
     if not fits:
         return None
-    gain, speed = min(fits, key=lambda pair: abs(np.log(pulse['height_px'] / pair[0] / scale.px_per_mm_y)))
-    scale.px_per_mm_y = pulse['height_px'] / (gain * PULSE_MV)
-    scale.px_per_mm_x = pulse['width_px'] / (speed * PULSE_S)
+    gain, speed = take_pulse_scale(scale, pulse, fits, scale.px_per_mm_y)
     scale.source, scale.confidence = 'pulse', 0.5 * scale.confidence
     return gain, speed
 
@@ -786,14 +794,10 @@ def scale_from_pulse(pulse, page_hw):
     scale = PageScale(px_per_mm_x=pulse['width_px'] / (PULSE_S * STANDARD_SPEED_MM_S),
                       px_per_mm_y=pulse['height_px'] / (PULSE_MV * STANDARD_GAIN_MM_MV),
                       source='pulse', confidence=0.5 * agree, angle_deg=pulse['angle_deg'], pulse=pulse)
-    shape = pulse['height_px'] / pulse['width_px']
-    fits = [pair for pair, mm_shape in pulse_shapes().items() if abs(shape / mm_shape - 1) <= SNAP_TOL]
+    fits = shape_pairs(pulse['height_px'] / pulse['width_px'])
     if fits:
-        page_px_per_mm = np.mean([min(page_hw) / PAGE_H_MM, max(page_hw) / PAGE_W_MM])
-        gain, speed = min(fits, key=lambda pair: abs(np.log(pulse['height_px'] / pair[0] / page_px_per_mm)))
-        scale.px_per_mm_y = pulse['height_px'] / (gain * PULSE_MV)
-        scale.px_per_mm_x = pulse['width_px'] / (speed * PULSE_S)
-        scale.gain_mm_mv, scale.paper_speed_mm_s = gain, speed
+        page_px_per_mm = np.mean([min(page_hw) / PAGE_HEIGHT_MM, max(page_hw) / (PAGE_HEIGHT_MM * PAGE_ASPECT)])
+        scale.gain_mm_mv, scale.paper_speed_mm_s = take_pulse_scale(scale, pulse, fits, page_px_per_mm)
         scale.gain_assumed = scale.speed_assumed = False
     return scale
 
