@@ -158,6 +158,12 @@ def test_find_calibration_pulse_on_the_fixture(fixture_pages):
 # Simulator pages
 # ----------------------------------------------------------------------------------------------
 
+def sim_page(seed, fs, **knobs):
+    """(rgb, meta) of one simulator page of a record synthesized at fs Hz, drawn with the simulator's knobs."""
+    rng = np.random.default_rng(seed)
+    return sim.render_image(sim.synthesize_record(rng, fs), fs, rng, **knobs)
+
+
 def check_sim_page(png):
     rgb, meta = read_page(png)
     scale = ps.estimate_scale(rgb)
@@ -199,9 +205,8 @@ def test_pages_without_grid_use_the_pulse_or_say_nothing(nogrid_sim):
 def test_gain_and_speed_read_from_the_pulse(gain, speed):
     """A simulator page at another gain and paper speed (its --gains, --speeds): the grid is unchanged,
     the pulse (and the trace) are drawn taller or shorter, wider or narrower."""
-    rng = np.random.default_rng(3)
-    rgb, meta = sim.render_image(sim.synthesize_record(rng, 250), 250, rng, dpi_choices=(150,),
-                                 style_probs=(1, 1, 0, 0, 0), max_rotation=3.0, gains=(gain,), speeds=(speed,))
+    rgb, meta = sim_page(3, 250, dpi_choices=(150,), style_probs=(1, 1, 0, 0, 0), max_rotation=3.0, gains=(gain,),
+                         speeds=(speed,))
     assert (meta['gain_mm_mv'], meta['paper_speed_mm_s']) == (gain, speed)
     scale = ps.estimate_scale(rgb)
     assert scale.source == 'grid'
@@ -217,9 +222,8 @@ def test_gain_and_speed_of_a_page_without_grid_from_the_pulse_shape(gain, speed)
     """Without a grid the pulse's height / width in px is its shape in mm (square pixels): 4:1 is 20 mm/mV at
     25 mm/s. Shapes two pairs share (20 mm/mV at 50 mm/s looks like the standard 10 at 25) are told apart by
     the page's size in px, 2x apart between them."""
-    rng = np.random.default_rng(5)
-    rgb, meta = sim.render_image(sim.synthesize_record(rng, 500), 500, rng, dpi_choices=(200,),
-                                 style_probs=(0, 0, 0, 1, 0), max_rotation=2.0, gains=(gain,), speeds=(speed,))
+    rgb, meta = sim_page(5, 500, dpi_choices=(200,), style_probs=(0, 0, 0, 1, 0), max_rotation=2.0, gains=(gain,),
+                         speeds=(speed,))
     assert meta['style'] == 'nogrid'
     scale = ps.estimate_scale(rgb)
     assert scale.source == 'pulse'
@@ -236,10 +240,8 @@ def test_noisy_pages_at_any_gain_and_speed_give_them():
     were read."""
     read = []
     for seed in range(116, 124):
-        rng = np.random.default_rng(seed)
-        rgb, meta = sim.render_image(sim.synthesize_record(rng, 500), 500, rng, dpi_choices=(100, 150),
-                                     style_probs=(0, 0, 0, 0, 1), max_rotation=5.0, gains=(5.0, 10.0, 20.0),
-                                     speeds=(25.0, 50.0))
+        rgb, meta = sim_page(seed, 500, dpi_choices=(100, 150), style_probs=(0, 0, 0, 0, 1), max_rotation=5.0,
+                             gains=(5.0, 10.0, 20.0), speeds=(25.0, 50.0))
         scale = ps.estimate_scale(rgb)
         read.append(not scale.gain_assumed and (scale.gain_mm_mv, scale.paper_speed_mm_s) ==
                     (meta['gain_mm_mv'], meta['paper_speed_mm_s']))
@@ -253,9 +255,8 @@ def test_pulses_stacked_on_a_tight_row_pitch_give_their_gain(dpi):
     The lowest pulse is cut out of the long strokes (before this, 0 and 2 of 6 such pages were read)."""
     read = []
     for seed in range(4):
-        rng = np.random.default_rng(seed)
-        rgb, meta = sim.render_image(sim.synthesize_record(rng, 500), 500, rng, dpi_choices=(dpi,),
-                                     style_probs=(1, 1, 0, 0, 0), max_rotation=3.0, gains=(20.0,), layouts=('6x2+II',))
+        rgb, meta = sim_page(seed, 500, dpi_choices=(dpi,), style_probs=(1, 1, 0, 0, 0), max_rotation=3.0,
+                             gains=(20.0,), layouts=('6x2+II',))
         scale = ps.estimate_scale(rgb)
         read.append(not scale.gain_assumed and scale.gain_mm_mv == 20.0 and scale.paper_speed_mm_s == 25.0)
         if read[-1]:
@@ -392,9 +393,7 @@ def test_cli_prints_scale_and_seconds():
 def test_cli_scores_folders_against_their_json(tmp_path):
     """--score: the fixture's 4 pages all read right; a simulator page at 20 mm/mV whose JSON is edited to
     say 10 is named as missed."""
-    rng = np.random.default_rng(3)
-    rgb, meta = sim.render_image(sim.synthesize_record(rng, 250), 250, rng, dpi_choices=(150,),
-                                 style_probs=(1, 0, 0, 0, 0), max_rotation=1.0, gains=(20.0,))
+    rgb, meta = sim_page(3, 250, dpi_choices=(150,), style_probs=(1, 0, 0, 0, 0), max_rotation=1.0, gains=(20.0,))
     cv2.imwrite(str(tmp_path / 'p.png'), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     (tmp_path / 'p.json').write_text(json.dumps(dict(meta, gain_mm_mv=10.0)))
     result = run_cli('page_scale.py', '--score', IMAGES, tmp_path)
