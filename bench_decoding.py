@@ -7,7 +7,8 @@ side on held-out pages (Pearson, Kaggle SNR), so each row of the README's ablati
 Variants:
     current             what evaluate.py and inference.py do
     presence_start      the time start from the presence maps alone, not held near where the pulses end
-    pulse_weight_W      the start held near the pulses' end with W per column instead of PULSE_START_WEIGHT
+    pulse_weight_W      the start held near the pulses' end with W per column (ecg_model.PULSE_START_WEIGHTS_TRIED)
+                        instead of the checkpoint's own weight (the trainer's pick; older ones: PULSE_START_WEIGHT)
     start_box           the time start of the earlier decoder (commit 79676fc): one 10 s box over the columns
                         where any strip is present, instead of every strip's two ends
     topk_K              top-k soft-argmax: each column's row read from the K rows either side of its argmax
@@ -36,7 +37,6 @@ from ecg_page import LEADS
 
 TOPK = (2, 5, 8)
 LEAD_I = LEADS.index('I')  # trace channel of lead I, which opens the first column of every layout
-PULSE_WEIGHTS = (10.0, 50.0)
 
 
 def parse_args(argv=None):
@@ -82,7 +82,7 @@ def topk_soft_argmax(k, full=ecg_model.column_soft_argmax):
 
 def without_pulse_start(prior=ecg_model.start_prior):
     """start_prior as if no page showed a pulse."""
-    return lambda start, batch, width, device: prior(None, batch, width, device)
+    return lambda start, batch, width, device, start_weight=None: prior(None, batch, width, device)
 
 
 def strip_median(rows, span):
@@ -115,7 +115,7 @@ def oracle(part, read=ecg_model.read_channels):
 
 
 VARIANTS = {'current': {}, 'presence_start': {'start_prior': without_pulse_start()},
-            **{f'pulse_weight_{w:g}': {'PULSE_START_WEIGHT': w} for w in PULSE_WEIGHTS},
+            **{f'pulse_weight_{w:g}': {'start_weight': w} for w in ecg_model.PULSE_START_WEIGHTS_TRIED},
             'start_box': {'layout_spans': box_start_spans},
             **{f'topk_{k}': {'column_soft_argmax': topk_soft_argmax(k)} for k in TOPK},
             'zero_per_strip': {'read_channels': with_zero_per_strip()},
@@ -123,17 +123,18 @@ VARIANTS = {'current': {}, 'presence_start': {'start_prior': without_pulse_start
 
 
 @torch.no_grad()
-def network_maps(model, loader):
+def network_maps(model, loader, layouts):
     """One forward per batch: (batch, raw outputs) kept, so every variant decodes the very same maps."""
-    return [(batch, model(batch['image'], ecg_model.read_geometry(batch))) for batch in loader]
+    return [(batch, model(batch['image'], ecg_model.read_geometry(batch, layouts))) for batch in loader]
 
 
-def score_variant(maps, patches):
+def score_variant(maps, patches, own):
     """Decode every batch with ecg_model's functions patched (patches: a dict, or batch -> dict for the
-    oracles) -> Pearson, SNR dB."""
+    oracles; its 'start_weight' replaces the checkpoint's own) -> Pearson, SNR dB. own: the checkpoint's
+    trained layouts and start weight, as evaluate.py decodes with them."""
     stats, start_errors = [], []
     for batch, out in maps:
-        decoded = decode_patched(out, batch, patches(batch) if callable(patches) else patches)
+        decoded = decode_patched(out, batch, patches(batch) if callable(patches) else patches, own)
         stats.append(ecg_trainer.record_stats(decoded['signal'], batch['signal'], batch['signal_mask']))
         start_errors.append(start_error(decoded['trace_rows']['span'], batch))
     summary = ecg_trainer.summarize(ecg_trainer.concat_stats(stats))
@@ -141,12 +142,15 @@ def score_variant(maps, patches):
             'start_error_columns': mean_finite(torch.cat(start_errors))}
 
 
-def decode_patched(out, batch, patches):
+def decode_patched(out, batch, patches, own):
+    patches = dict(patches)
+    start_weight = patches.pop('start_weight', own['start_weight'])
     saved = {name: getattr(ecg_model, name) for name in patches}
     try:
         for name, function in patches.items():
             setattr(ecg_model, name, function)
-        geometry = dict(ecg_model.read_geometry(batch), theta=out['decode_theta'])
+        geometry = dict(ecg_model.read_geometry(batch, own['layouts']), theta=out['decode_theta'],
+                        start_weight=start_weight)
         return ecg_model.decode_outputs(out, geometry)
     finally:
         for name, function in saved.items():
@@ -173,11 +177,13 @@ def main(argv=None):
     dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
     if len(dataset) == 0:
         raise pdx.InputError(f'{args.sim_root}: no usable held-out page')
-    maps = network_maps(model, DataLoader(dataset, batch_size=4))
-    results = {name: score_variant(maps, patches) for name, patches in VARIANTS.items()}
+    own = {'layouts': ecg_checkpoint.trained_layouts(checkpoint), 'start_weight': model.pulse_start_weight}
+    maps = network_maps(model, DataLoader(dataset, batch_size=4), own['layouts'])
+    results = {name: score_variant(maps, patches, own) for name, patches in VARIANTS.items()}
     pulse_ends = torch.cat([start_error(batch['read_start'], batch) for batch, _ in maps])
     pulse = {'pages': int(torch.isfinite(pulse_ends).sum()), 'start_error_columns': mean_finite(pulse_ends)}
-    print(f'{len(dataset)} pages, checkpoint {args.checkpoint}')
+    print(f'{len(dataset)} pages, checkpoint {args.checkpoint} (its pulse start weight: '
+          f'{model.pulse_start_weight or ecg_model.PULSE_START_WEIGHT:g})')
     for name, row in results.items():
         print(f'{name:16s} pearson {row["pearson"]:.3f}  SNR {row["snr_db"]:.2f} dB  '
               f'time start off by {row["start_error_columns"]:.2f} columns')

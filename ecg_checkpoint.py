@@ -7,6 +7,8 @@ Python objects, so loading a file from elsewhere cannot run code):
     model, model_args           state dict and ECGDigitizer(**model_args)
     image_size, preprocessing   the input (H, W) and how a page becomes the input tensor
     layouts                     the page layouts the model was trained on (ecg_page.LAYOUTS names)
+    decoding                    {'pulse_start_weight': w}: how its maps read best, tuned on its validation
+                                pages when training ended (absent: ecg_model.PULSE_START_WEIGHT)
     config                      every setting of the run (config.json)
     optimizer, scheduler, scaler, epoch, step_in_epoch, global_step, best_metric, select_metric, rng
                                 what --resume needs to continue exactly
@@ -72,10 +74,16 @@ def training_state(model, optimizer, scheduler, scaler, progress, config):
     step_in_epoch, global_step, best_metric and select_metric."""
     return {'format': FORMAT, 'model': model.state_dict(), 'model_args': model.model_args,
             'image_size': list(config['image_size']), 'preprocessing': PREPROCESSING,
-            'layouts': config.get('layouts') or TRAINED_LAYOUTS, 'config': config, 'optimizer': optimizer.state_dict(),
+            'layouts': config.get('layouts') or TRAINED_LAYOUTS, 'decoding': decoding(model), 'config': config,
+            'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'rng': rng_state(),
             **{key: progress[key] for key in ('epoch', 'step_in_epoch', 'global_step', 'best_metric',
                                               'select_metric')}}
+
+
+def decoding(model):
+    """The model's own decoding settings, as a checkpoint keeps them ({}: the toolkit's defaults)."""
+    return {} if model.pulse_start_weight is None else {'pulse_start_weight': float(model.pulse_start_weight)}
 
 
 def trained_layouts(checkpoint):
@@ -132,6 +140,7 @@ def save_weights_only(checkpoint, path):
     """A small file to ship or share: fp16 weights and what is needed to use them (no optimizer, no RNG)."""
     small = {key: checkpoint[key] for key in ('format', 'model_args', 'image_size', 'preprocessing', 'layouts',
                                              'epoch', 'global_step', 'select_metric', 'best_metric')}
+    small['decoding'] = checkpoint.get('decoding', {})
     small['model'] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint['model'].items()}
     small['config'] = {k: checkpoint['config'][k] for k in ('encoder', 'decoder_channels', 'image_size', 'lr',
                                                            'epochs', 'batch_size', 'seed')}
@@ -170,6 +179,7 @@ def build_model(checkpoint, path, device='cpu'):
     try:
         model = ecg_model.ECGDigitizer(**checkpoint['model_args'])
         model.load_state_dict(checkpoint['model'])
+        model.pulse_start_weight = checkpoint.get('decoding', {}).get('pulse_start_weight')
     except (RuntimeError, TypeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise CheckpointError(f'{path}: weights do not fit the architecture it names '

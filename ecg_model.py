@@ -38,6 +38,7 @@ START_PRIOR_WEIGHT = 0.01           # per column off the usual start: only break
 PULSE_START_WEIGHT = 2.0            # per column off where the calibration pulse ends (the traces start there):
                                     # read to ~0.1 column on the page itself; a model with sharp presence edges
                                     # (the starter of 2026-11-30) reads best with its own edges weighing in too
+PULSE_START_WEIGHTS_TRIED = (0.5, 2.0, 10.0, 50.0)   # the trainer keeps the one its validation pages read best
 START_STEP = 0.05                   # columns: resolution of the time-start search
 SPEED_MISMATCH = 1e4                # fit-score cost of a layout at another paper speed than the page's pulse shows
 START_REACH = 0.5                   # a start can lie this far left of the first column (a strip drawn from x = 0)
@@ -58,6 +59,7 @@ class ECGDigitizer(nn.Module):
         super().__init__()
         self.encoder_name = encoder
         self.model_args = {'encoder': encoder, 'decoder_channels': list(decoder_channels)}
+        self.pulse_start_weight = None   # its own decoding weight, tuned on validation (None: PULSE_START_WEIGHT)
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3 + COORD_CHANNELS,
                              classes=sum(HEAD_CHANNELS.values()), decoder_channels=decoder_channels,
                              aux_params={'classes': 1, 'pooling': 'avg', 'dropout': 0.0})
@@ -73,7 +75,7 @@ class ECGDigitizer(nn.Module):
         maps, theta_pred = self.unet(with_coordinates(image))
         out = dict(zip(HEAD_CHANNELS, torch.split(maps, list(HEAD_CHANNELS.values()), dim=1)))
         out['theta'] = theta_pred.squeeze(1)
-        return decode_outputs(out, geometry)
+        return decode_outputs(out, {'start_weight': self.pulse_start_weight, **(geometry or {})})
 
 
 def with_coordinates(image):
@@ -99,7 +101,8 @@ def decode_outputs(out, geometry=None):
                                                      geometry.get('trace_span'), geometry.get('px_per_mv'),
                                                      page_aspect, geometry.get('px_per_s'),
                                                      geometry.get('rhythm_lead'), geometry.get('layouts'),
-                                                     geometry.get('paper_speed'), geometry.get('start'))
+                                                     geometry.get('paper_speed'), geometry.get('start'),
+                                                     geometry.get('start_weight'))
     out['decode_theta'] = theta
     return out
 
@@ -212,7 +215,7 @@ def continuous_cumsum(values, at):
     return cumulative.gather(-1, whole) + partial
 
 
-def fit_start(presence, place, page_aspect, px_per_s=None, start=None):
+def fit_start(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None):
     """Where t = 0 of the page's time axis lies, and how well the layout fits: (B,) start column and
     (B,) score. place (B, 13, 2): page seconds of each strip's first and last sample (NaN: not drawn).
 
@@ -222,13 +225,14 @@ def fit_start(presence, place, page_aspect, px_per_s=None, start=None):
     where that strip is present (columns outside every box, or a box over absent columns, cost). Each
     strip's two ends vote, so the start is far steadier than any one edge; a column's error is about 8
     samples, which costs Pearson more than any amplitude error. start (B,): where the page's calibration
-    pulses end, in input columns (NaN: no pulse found); the fit is held near it (PULSE_START_WEIGHT)."""
+    pulses end, in input columns (NaN: no pulse found); the fit is held near it with start_weight per column
+    (None: PULSE_START_WEIGHT; a trained model carries its own, tuned on its validation pages)."""
     batch, _, width = presence.shape
     px_per_s = page_px_per_s(width, page_aspect, px_per_s).view(-1, 1)
     covered = presence.sigmoid() - 0.5                                            # (B, 13, W)
     shown = torch.isfinite(place).all(-1)                                         # (B, 13)
     place = torch.nan_to_num(place)
-    prior = start_prior(start, batch, width, presence.device)
+    prior = start_prior(start, batch, width, presence.device, start_weight)
     # whole columns first, then a twentieth of a column around the best: the score is piecewise linear in
     # the start with slopes of a few units per column, so the coarse best lies within a column of the fine one
     coarse = torch.arange(-START_REACH, width, 1.0, device=presence.device).expand(batch, -1)
@@ -239,7 +243,7 @@ def fit_start(presence, place, page_aspect, px_per_s=None, start=None):
     return fine.gather(1, index[:, None])[:, 0], best
 
 
-def start_prior(start, batch, width, device):
+def start_prior(start, batch, width, device, start_weight=None):
     """(centre, weight per column) (B, 1) each of the start's prior: the pulse's end where it was found,
     else, barely, where ecg-image-kit starts its traces."""
     centre = torch.full((batch, 1), TRACE_START * width, device=device)
@@ -248,7 +252,8 @@ def start_prior(start, batch, width, device):
         return centre, weight
     start = start.to(device).float().view(-1, 1)
     known = torch.isfinite(start)
-    return torch.where(known, start, centre), torch.where(known, torch.full_like(weight, PULSE_START_WEIGHT), weight)
+    pulse_weight = PULSE_START_WEIGHT if start_weight is None else start_weight
+    return torch.where(known, start, centre), torch.where(known, torch.full_like(weight, pulse_weight), weight)
 
 
 def start_scores(covered, shown, place, px_per_s, starts, prior):
@@ -263,15 +268,15 @@ def start_scores(covered, shown, place, px_per_s, starts, prior):
     return score - weight * (starts - centre).abs()
 
 
-def layout_spans(presence, place, page_aspect, px_per_s=None, start=None):
+def layout_spans(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None):
     """(B, 13, W) presence logits -> (B, 13, 2) column spans of each strip on the page's one time axis
     (fit_start): the start plus each strip's place (B, 13, 2) in seconds at the page's px_per_s."""
-    x0, _ = fit_start(presence, place, page_aspect, px_per_s, start)
+    x0, _ = fit_start(presence, place, page_aspect, px_per_s, start, start_weight)
     px_per_s = page_px_per_s(presence.shape[-1], page_aspect, px_per_s).view(-1, 1, 1)
     return x0.view(-1, 1, 1) + place * px_per_s
 
 
-def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None, start=None):
+def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None, start=None, start_weight=None):
     """The layout of each page among `names` (ecg_page.LAYOUTS keys): the one whose strips best fit where
     the model sees strips (fit_start's score), among those at the paper speed the page's pulse shows
     (paper_speed (B,), NaN or None: 25 mm/s) where there are any. Layouts that differ only in the rhythm
@@ -289,7 +294,7 @@ def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None
     for layout in layouts:
         _, places, _ = layout_strips([layout] * batch, presence.device)
         speed_px = layout_px_per_s(width, page_aspect, px_per_s, page_speed, [layout] * batch)
-        score = fit_start(presence, places, page_aspect, speed_px, start)[1]
+        score = fit_start(presence, places, page_aspect, speed_px, start, start_weight)[1]
         scores.append(score - SPEED_MISMATCH * (page_speed != layout.paper_speed_mm_s).float())
     best = torch.stack(scores, 1).argmax(1).tolist()
     return [layouts[i] for i in best]
@@ -300,12 +305,12 @@ def strip_plan(layout):
     return layout.rows, bool(layout.rhythm), layout.restart_columns, layout.paper_speed_mm_s
 
 
-def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=None, start=None):
+def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=None, start=None, start_weight=None):
     """Per page, the name of the layout (among all of ecg_page.LAYOUTS) whose strips fit the presence maps
     best when the model was trained on no layout drawing those strips, else None: inference warns on such
     pages, which it reads as the nearest trained layout."""
     known = {strip_plan(LAYOUTS[name]) for name in trained}
-    best = choose_layouts(presence, list(LAYOUTS), page_aspect, px_per_s, paper_speed, start)
+    best = choose_layouts(presence, list(LAYOUTS), page_aspect, px_per_s, paper_speed, start, start_weight)
     return [None if strip_plan(layout) in known else layout.name for layout in best]
 
 
@@ -390,15 +395,16 @@ def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_a
 
 
 def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspect, px_per_s=None,
-                   paper_speed=None, start=None):
+                   paper_speed=None, start=None, start_weight=None):
     """Decode pages whose layout is read from the image, among `names` (at the paper speed (B,) the pages'
     pulses show): -> (B, 12, 5000) mV, (B, 12, 5000) shown, and what was used: each page's layout name (its
     rhythm lead told by what the strip shows), the strips' windows and spans (B, 13, 2) and the rhythm lead (B,)."""
-    chosen = choose_layouts(presence, names, page_aspect, px_per_s, paper_speed, start)
+    chosen = choose_layouts(presence, names, page_aspect, px_per_s, paper_speed, start, start_weight)
     window, place, _ = layout_strips(chosen, trace_rows.device)
     page_speed = page_speeds(paper_speed, len(chosen), presence.device)
     span = layout_spans(presence, place, page_aspect,
-                        layout_px_per_s(presence.shape[-1], page_aspect, px_per_s, page_speed, chosen), start)
+                        layout_px_per_s(presence.shape[-1], page_aspect, px_per_s, page_speed, chosen), start,
+                        start_weight)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
     rhythm_lead = pick_rhythm_leads(sampled, valid, chosen, names)
     found = [next(n for n in names if strip_plan(LAYOUTS[n]) == strip_plan(layout)
@@ -408,12 +414,13 @@ def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspec
 
 
 def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None,
-                  rhythm_lead=None, layouts=None, paper_speed=None, start=None):
+                  rhythm_lead=None, layouts=None, paper_speed=None, start=None, start_weight=None):
     """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read.
     px_per_mv, px_per_s (B,): the page's scale in input pixels; NaN or None falls back to the page border.
     Without a window, the layout is read from the maps among `layouts` (names; default the standard page),
     at the paper speed (B,) each page's pulse shows (NaN or None: 25 mm/s), its time start held near where
-    the page's pulses end (start (B,) in input columns, NaN or None: from the presence maps alone)."""
+    the page's pulses end (start (B,) in input columns, NaN or None: from the presence maps alone) with
+    start_weight per column (fit_start)."""
     batch, _, height, width = trace.shape
     device = trace.device
     if page_aspect is None:
@@ -425,7 +432,7 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     presence = column_presence(page[:, 2 * N_TRACES:])
     if window is None:
         signal, _, used = decode_layouts(trace_rows, zero_rows, presence, layouts or [LAYOUT.name], px_per_mv,
-                                         page_aspect, px_per_s, paper_speed, start)
+                                         page_aspect, px_per_s, paper_speed, start, start_weight)
     else:
         signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s,
                                 rhythm_lead)

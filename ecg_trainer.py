@@ -199,6 +199,11 @@ def record_stats(pred, true, mask=None, fs=FS):
     }
 
 
+def per_record(stats):
+    """record_stats output -> (B,) Pearson (mean over the record's leads) and (B,) SNR dB of each record."""
+    return stats['pearson'].nanmean(1), _to_db(stats['snr_ratio'])
+
+
 def summarize(stats):
     """record_stats output (possibly concatenated) -> JSON/TensorBoard-ready dict of floats.
 

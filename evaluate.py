@@ -102,6 +102,7 @@ def score_batches(model, loader, device, layouts=None):
         outputs = model(batch['image'], ecg_model.read_geometry(batch, layouts))
         outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}
         model_stats.append(ecg_trainer.record_stats(outputs['signal'], batch['signal'], batch['signal_mask']))
+        pearson, snr_db = ecg_trainer.per_record(model_stats[-1])
         bound_stats.append(ecg_trainer.record_stats(round_trip(batch), batch['signal'], batch['signal_mask']))
         theta_err = (outputs['decode_theta'] - batch['theta']).abs().cpu()
         dice = seg_dice(outputs['seg'], batch['seg'])
@@ -109,6 +110,7 @@ def score_batches(model, loader, device, layouts=None):
         scale_error = (100 * (batch['read_px_per_mv'] / batch['px_per_mv'] - 1)).cpu()   # NaN: no scale found
         for i in range(len(batch['image'])):
             rows.append({'record_id': batch['record_id'][i], 'fs': float(batch['fs'][i]), 'style': batch['style'][i],
+                         'pearson': float(pearson[i]), 'snr_db': float(snr_db[i]),
                          'theta_true': float(batch['theta'][i]), 'theta_valid': bool(batch['theta_valid'][i] > 0),
                          'theta_error_deg': float(theta_err[i]), 'seg_dice': float(dice[i]),
                          'baseline_error_px': float(base[i]), 'scale_error_pct': float(scale_error[i]),
@@ -187,6 +189,7 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
     report = build_report(frame, model_stats, bound_stats)
     report.update(checkpoint=str(checkpoint_path), untrained=untrained, image_size=config['image_size'],
                   encoder=config['encoder'], trained_layouts=layouts,
+                  pulse_start_weight=model.pulse_start_weight or ecg_model.PULSE_START_WEIGHT,
                   epoch=checkpoint['epoch'], skipped=len(problems) + len(dataset.problems))
     return report, frame
 
@@ -209,7 +212,8 @@ def print_table(report):
     print(f"theta error {fmt(report['theta_error_deg'], 2)} deg (rotated pages {fmt(report['theta_error_deg_rotated'], 2)}), "
           f"0 mV line error {fmt(report['baseline_error_px'], 2)} px, seg Dice {fmt(report['seg_dice'])}")
     print(f"layout found on {100 * report['layout_found_share']:.0f} % of images "
-          f"(among {', '.join(report['trained_layouts'])})")
+          f"(among {', '.join(report['trained_layouts'])}); time start held to the pulses' end with weight "
+          f"{report['pulse_start_weight']:g} per column")
     print(f"scale read from the page on {100 * report['scale_found_share']:.0f} % of images, px per mV off by "
           f"{fmt(report['scale_error_pct'], 2)} % on average")
     per_gain = ', '.join(f'{gain} {100 * share:.0f} %' for gain, share in report['per_gain'].items())

@@ -74,7 +74,8 @@ def export(checkpoint, output, opset=OPSET):
                           output_names=list(OUTPUTS), dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     graph = onnx.load(str(output))
     onnx.checker.check_model(graph)
-    meta = {'image_size': list(size_hw), 'head_channels': ecg_model.HEAD_CHANNELS, 'checkpoint': str(checkpoint)}
+    meta = {'image_size': list(size_hw), 'head_channels': ecg_model.HEAD_CHANNELS, 'checkpoint': str(checkpoint),
+            'pulse_start_weight': model.pulse_start_weight}
     graph.metadata_props.add(key='ecg_digitizer', value=json.dumps(meta))
     onnx.save(graph, str(output))
     return size_hw
@@ -94,13 +95,14 @@ class OnnxDigitizer:
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map['ecg_digitizer'])
         self.image_size = tuple(meta['image_size'])
         self.head_channels = meta['head_channels']
+        self.pulse_start_weight = meta.get('pulse_start_weight')   # the checkpoint's decoding, as ECGDigitizer's
 
     def __call__(self, images, geometry=None):
         image = np.ascontiguousarray(images.detach().float().cpu().numpy())
         maps, theta = (torch.from_numpy(v) for v in self.session.run(list(OUTPUTS), {INPUT: image}))
         out = dict(zip(self.head_channels, torch.split(maps, list(self.head_channels.values()), dim=1)))
         out['theta'] = theta
-        return ecg_model.decode_outputs(out, geometry)
+        return ecg_model.decode_outputs(out, {'start_weight': self.pulse_start_weight, **(geometry or {})})
 
 
 def main(argv=None):

@@ -49,13 +49,21 @@ def test_bench_decoding_scores_each_variant_on_the_same_maps(tmp_path, fixture_d
     out = tmp_path / 'decoding.json'
     run_cli('bench_decoding.py', '--sim_root', sim_root, '--csv_root', csv_root, '--out', out)
     variants = json.loads(out.read_text())['variants']
-    assert set(variants) == {'current', 'presence_start', 'pulse_weight_10', 'pulse_weight_50', 'start_box',
+    assert set(variants) == {'current', 'presence_start', 'pulse_weight_0.5', 'pulse_weight_2', 'pulse_weight_10',
+                             'pulse_weight_50', 'start_box',
                              'topk_2', 'topk_5', 'topk_8', 'zero_per_strip', 'true_zero', 'true_trace', 'true_scale'}
     # the oracles: the fixture's scale is read right, and its true trace rows read better than the network's
     assert variants['true_scale']['snr_db'] == pytest.approx(variants['current']['snr_db'], abs=0.05)
     assert variants['true_trace']['pearson'] > variants['current']['pearson'] + 0.02
     # the fixture's pages all print their pulses: holding the start near their end changes the reading
     assert variants['presence_start'] != variants['current']
+    # 'current' reads with the starter's own weight (PULSE_START_WEIGHT where it names none); the others differ
+    import ecg_checkpoint
+    import ecg_model
+    own = ecg_checkpoint.load(ecg_checkpoint.STARTER).get('decoding', {}).get('pulse_start_weight',
+                                                                              ecg_model.PULSE_START_WEIGHT)
+    assert variants[f'pulse_weight_{own:g}'] == variants['current']
+    assert len({v['pearson'] for k, v in variants.items() if k.startswith('pulse_weight_')}) > 1
     # a column is ~8 samples; the old start (start_box: strip boxes over the presence maps, no pulse) is the weakest
     assert all(0 <= v['start_error_columns'] < 0.5 for k, v in variants.items() if k != 'start_box')
     assert variants['start_box']['start_error_columns'] < 2

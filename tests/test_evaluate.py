@@ -3,6 +3,7 @@ import json
 import math
 
 import pandas as pd
+import pytest
 
 import production_dataset as pdx
 from conftest import run_cli, run_in_process
@@ -27,6 +28,12 @@ def test_evaluate_on_the_ecg_image_kit_fixture(tiny_checkpoint, fixture_dirs, tm
                      '--output', tmp_path / 'fx')
     report = json.loads((tmp_path / 'fx_eval.json').read_text())
     assert report['n_images'] == 4
+    # the per-image table adds up to the report: every fixture page shows all 12 leads, and SNR is the dB of
+    # the mean power ratio
+    frame = pd.read_csv(tmp_path / 'fx_eval.csv')
+    assert frame.pearson.mean() == pytest.approx(report['pearson'], abs=1e-5)
+    assert 10 * math.log10((10 ** (frame.snr_db / 10)).mean()) == pytest.approx(report['snr_db'], abs=1e-3)
+    assert report['pulse_start_weight'] > 0
     assert set(report['per_fs']) == {'256.0', '512.0'} and set(report['per_style']) == {'eik-plain', 'eik+augment'}
     assert report['per_fs']['256.0']['n'] == 2
     # the rotated fixture pages are among the scored ones

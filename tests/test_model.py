@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ecg_checkpoint
 import ecg_model as em
 import ecg_trainer as et
 import production_dataset as pdx
@@ -19,6 +20,26 @@ def fixture_batch(fixture_dirs):
     images, signals = fixture_dirs
     dataset = pdx.ECGImageDataset(images, signals, target_size=SIZE)
     return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+
+
+def test_the_models_own_pulse_start_weight_decodes_its_maps(fixture_dirs):
+    """forward reads the time start with the model's pulse_start_weight (a checkpoint's tuned one), exactly as
+    decode_outputs given that weight; the starter's maps read with a weight of 50 and one of 0.5 put the
+    fixture's strips at other columns."""
+    images, signals = fixture_dirs
+    dataset = pdx.ECGImageDataset(images, signals, target_size=SIZE, read_scale=True)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    assert torch.isfinite(batch['read_start']).all()          # every fixture page prints its pulses
+    model, _ = ecg_checkpoint.load_model(ecg_checkpoint.STARTER)   # trained: its presence maps have edges
+    spans = {}
+    with torch.no_grad():
+        for weight in (0.5, 50.0):
+            model.pulse_start_weight = weight
+            out = model(batch['image'], em.read_geometry(batch))
+            again = em.decode_outputs(out, dict(em.read_geometry(batch), theta=out['decode_theta'], start_weight=weight))
+            assert torch.equal(out['signal'], again['signal'])
+            spans[weight] = out['trace_rows']['span']
+    assert not torch.equal(spans[0.5], spans[50.0])
 
 
 def test_forward_returns_every_head_at_input_size():

@@ -60,6 +60,8 @@ def test_onnxruntime_signals_match_torch_within_a_microvolt(exported, tiny_check
     assert (together['decode_theta'] - reference['decode_theta']).abs().max() <= 0.02 + 1e-6
     assert (torch.cat([o['signal'] for o in one_by_one]) - together['signal']).abs().max() < 1e-3
     assert together['seg'].shape == reference['seg'].shape and together['theta'].shape == (3,)
+    # the export decodes with the checkpoint's own pulse start weight, as the torch model does
+    assert network.pulse_start_weight == model.pulse_start_weight is not None
 
 
 def test_inference_cli_onnx_writes_the_same_csvs(exported, tiny_checkpoint, pages, tmp_path):

@@ -48,6 +48,25 @@ def test_debug_run_writes_every_file(debug_run):
     assert checkpoint['epoch'] == 3 and checkpoint['global_step'] == 3 * 2   # 11 train images, batch 4, drop_last
 
 
+def test_best_checkpoint_keeps_the_decoding_its_validation_pages_read_best(debug_run):
+    """When training ends, best.pth's maps are decoded with every tried pulse start weight on the validation
+    pages, and the weight with the best Pearson is kept in best.pth; loading it gives the model that weight."""
+    import re
+    import ecg_checkpoint
+    import ecg_model
+    run_dir, _ = debug_run
+    log = (run_dir / 'logs' / 'train.log').read_text()
+    line = re.search(r'decoding: pulse start weight (\S+) kept in best.pth \(validation Pearson (.*)\)', log)
+    assert line, log[-2000:]
+    scores = {float(w): float(p) for w, p in (pair.split(': ') for pair in line.group(2).split(', '))}
+    assert set(scores) == set(ecg_model.PULSE_START_WEIGHTS_TRIED)
+    kept = torch.load(run_dir / 'checkpoints' / 'best.pth')['decoding']['pulse_start_weight']
+    assert kept == float(line.group(1)) and scores[kept] == max(scores.values())
+    model, _ = ecg_checkpoint.load_model(run_dir / 'checkpoints' / 'best.pth')
+    assert model.pulse_start_weight == kept
+    assert torch.load(run_dir / 'checkpoints' / 'last.pth')['decoding'] == {}   # only best.pth is tuned
+
+
 def test_config_records_resolved_settings_and_loss_weights(debug_run):
     run_dir, _ = debug_run
     config = json.loads((run_dir / 'config.json').read_text())
