@@ -177,7 +177,7 @@ def main(argv=None):
     dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
     if len(dataset) == 0:
         raise pdx.InputError(f'{args.sim_root}: no usable held-out page')
-    own = {'layouts': ecg_checkpoint.trained_layouts(checkpoint), 'start_weight': model.pulse_start_weight}
+    own = {'layouts': ecg_checkpoint.readable_layouts(checkpoint), 'start_weight': model.pulse_start_weight}
     maps = network_maps(model, DataLoader(dataset, batch_size=4), own['layouts'])
     results = {name: score_variant(maps, patches, own) for name, patches in VARIANTS.items()}
     pulse_ends = torch.cat([start_error(batch['read_start'], batch) for batch, _ in maps])

@@ -102,12 +102,14 @@ def decode_outputs(out, geometry=None):
                                                      page_aspect, geometry.get('px_per_s'),
                                                      geometry.get('rhythm_lead'), geometry.get('layouts'),
                                                      geometry.get('paper_speed'), geometry.get('start'),
-                                                     geometry.get('start_weight'))
+                                                     geometry.get('start_weight'), geometry.get('lead_channel'),
+                                                     geometry.get('lead_sign'))
     out['decode_theta'] = theta
     return out
 
 
-GEOMETRY_KEYS = ('theta', 'trace_window', 'trace_span', 'px_per_mv', 'page_aspect', 'rhythm_lead')
+GEOMETRY_KEYS = ('theta', 'trace_window', 'trace_span', 'px_per_mv', 'page_aspect', 'rhythm_lead', 'lead_channel',
+                 'lead_sign')
 
 
 def true_geometry(batch):
@@ -182,6 +184,13 @@ def layout_strips(layouts, device):
     places = torch.tensor(np.stack([p for _, p in seconds]), dtype=torch.float32, device=device)
     rhythm = torch.tensor([layout.rhythm_lead for layout in layouts], dtype=torch.long, device=device)
     return windows, places, rhythm
+
+
+def lead_maps(layouts, device):
+    """(B, 12) trace channel of each lead's short strip and (B, 12) its sign (ecg_page.Layout.lead_channels)."""
+    maps = [layout.lead_channels() for layout in layouts]
+    return (torch.tensor(np.stack([c for c, _ in maps]), dtype=torch.long, device=device),
+            torch.tensor(np.stack([s for _, s in maps]), dtype=torch.float32, device=device))
 
 
 def default_windows(batch, device):
@@ -301,8 +310,9 @@ def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None
 
 
 def strip_plan(layout):
-    """What a layout draws where, without the rhythm strip's lead: layouts alike in this fit alike."""
-    return layout.rows, bool(layout.rhythm), layout.restart_columns, layout.paper_speed_mm_s
+    """What a layout draws where, without the leads' order or the rhythm strip's lead: layouts alike in
+    this fit alike (3x4+II, 3x4+V1 and 3x4+II-Cabrera draw the same strips)."""
+    return layout.channel_rows or layout.rows, bool(layout.rhythm), layout.restart_columns, layout.paper_speed_mm_s
 
 
 def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=None, start=None, start_weight=None):
@@ -314,21 +324,77 @@ def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=No
     return [None if strip_plan(layout) in known else layout.name for layout in best]
 
 
-def pick_rhythm_leads(sampled, valid, layouts, names):
-    """(B,) rhythm lead of each page: among the `names` layouts that draw the same rows as the chosen one,
-    the lead whose own short strip the rhythm strip matches best (Pearson r where both are shown).
-    sampled, valid (B, 13, 5000): every channel read at the 500 Hz instants."""
-    rhythm = []
-    for i, layout in enumerate(layouts):
-        options = sorted({LAYOUTS[n].rhythm_lead for n in names if strip_plan(LAYOUTS[n]) == strip_plan(layout)
-                          and layout.rhythm})
-        if len(options) <= 1:
-            rhythm.append(layout.rhythm_lead)
+LIMB_LEADS = [LEADS.index(lead) for lead in ('I', 'II', 'III', 'aVR', 'aVL', 'aVF')]
+# each limb lead as a combination of I and II (Einthoven: III = II - I; Goldberger: aVR = -(I + II) / 2, ...)
+LIMB_IN_I_II = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0], [-0.5, -0.5], [1.0, -0.5], [-0.5, 1.0]])
+
+
+def limb_misfit(readings):
+    """How far the limb leads shown together (3 or more readings at an instant, each centred) stray from the
+    plane Einthoven's and Goldberger's laws confine them to: the share of their power outside it. Near 0
+    when each reading is the lead it is taken for, large when the order is wrong (a rhythm strip of II and
+    the short strip read as II must then agree too). readings: [(lead index, values (T,), shown (T,))];
+    NaN when no 3 limb readings are shown together."""
+    limb = [(LIMB_LEADS.index(lead), values, shown) for lead, values, shown in readings if lead in LIMB_LEADS]
+    if len(limb) < 3:
+        return float('nan')
+    values = torch.stack([v for _, v, _ in limb]).float()
+    seen = torch.stack([s for _, _, s in limb])
+    in_i_ii = LIMB_IN_I_II.to(values.device)[[k for k, _, _ in limb]]
+    outside = total = 0.0
+    for pattern in torch.unique(seen.T, dim=0):
+        if int(pattern.sum()) < 3:
             continue
-        r = [masked_pearson(sampled[i, RHYTHM], sampled[i, lead], valid[i, RHYTHM] & valid[i, lead])
-             for lead in options]
-        rhythm.append(options[int(np.argmax(r))])
-    return torch.tensor(rhythm, dtype=torch.long, device=sampled.device)
+        at = (seen.T == pattern).all(1)
+        y = values[pattern][:, at]
+        y = y - y.mean(1, keepdim=True)
+        basis, _ = torch.linalg.qr(in_i_ii[pattern])
+        outside += float((y - basis @ (basis.T @ y)).pow(2).sum())
+        total += float(y.pow(2).sum())
+    return outside / total if total > 0 else float('nan')
+
+
+def pick_layouts(sampled, valid, layouts, names):
+    """Each page's layout among the `names` that draw the strips of the chosen one (layouts): for each lead
+    order, the rhythm lead whose own short strip the rhythm strip matches best (Pearson r where both are
+    shown); then the order whose limb leads, rhythm strip included, fit Einthoven's and Goldberger's laws
+    best (limb_misfit: a Cabrera page draws the standard page's strips). sampled, valid (B, 13, 5000): every
+    channel read at the 500 Hz instants. -> [Layout] per page."""
+    found = []
+    for i, layout in enumerate(layouts):
+        options = [LAYOUTS[n] for n in names if strip_plan(LAYOUTS[n]) == strip_plan(layout)] or [layout]
+        orders = {}
+        for option in options:
+            orders.setdefault(option.rows, []).append(option)
+        best = {rows: best_rhythm(sampled[i], valid[i], group) for rows, group in orders.items()}
+        if len(best) > 1:
+            misfit = {rows: limb_misfit(order_readings(sampled[i], valid[i], option))
+                      for rows, option in best.items()}
+            finite = {rows: m for rows, m in misfit.items() if math.isfinite(m)}
+            found.append(best[min(finite, key=finite.get)] if finite else next(iter(best.values())))
+        else:
+            found.append(next(iter(best.values())))
+    return found
+
+
+def order_readings(sampled, valid, layout):
+    """[(lead index, values (5000,), shown (5000,))]: each lead's short strip as `layout` reads the channels
+    (13, 5000), then its rhythm strip."""
+    channel, sign = layout.lead_channels()
+    readings = [(lead, sampled[c] * float(sign[lead]), valid[c]) for lead, c in enumerate(channel.tolist())]
+    if layout.rhythm_lead >= 0:
+        readings.append((layout.rhythm_lead, sampled[RHYTHM], valid[RHYTHM]))
+    return readings
+
+
+def best_rhythm(sampled, valid, group):
+    """Among layouts of one lead order (group), the one whose rhythm lead's short strip the rhythm strip
+    (13, 5000 channels) matches best."""
+    if len(group) == 1:
+        return group[0]
+    readings = order_readings(sampled, valid, group[0])
+    return max(group, key=lambda option: masked_pearson(sampled[RHYTHM], readings[option.rhythm_lead][1],
+                                                        valid[RHYTHM] & readings[option.rhythm_lead][2]))
 
 
 def masked_pearson(a, b, mask):
@@ -356,11 +422,18 @@ def sample_columns(values, window, span):
     return v_left * (1 - frac) + v_right * frac, valid
 
 
-def channels_to_leads(values, valid, rhythm_lead=None):
-    """(B, 13, 5000) channel readings -> (B, 12, 5000) leads: the rhythm strip fills its lead (rhythm_lead
-    (B,), -1: none; default the standard page's II) and wins where both are shown."""
-    leads = torch.where(valid[:, :N_LEADS], values[:, :N_LEADS], torch.zeros_like(values[:, :N_LEADS]))
-    shown = valid[:, :N_LEADS].clone()
+def channels_to_leads(values, valid, rhythm_lead=None, lead_channel=None, lead_sign=None):
+    """(B, 13, 5000) channel readings -> (B, 12, 5000) leads: each lead from the channel of its short strip
+    (lead_channel (B, 12), times lead_sign (B, 12); default its own channel, +1), and the rhythm strip fills
+    its lead (rhythm_lead (B,), -1: none; default the standard page's II) and wins where both are shown."""
+    short, short_valid = values[:, :N_LEADS], valid[:, :N_LEADS]
+    if lead_channel is not None:
+        index = lead_channel.to(values.device).long()[..., None].expand_as(short)
+        short, short_valid = short.gather(1, index), short_valid.gather(1, index)
+    if lead_sign is not None:
+        short = short * lead_sign.to(values.device, values.dtype)[..., None]
+    leads = torch.where(short_valid, short, torch.zeros_like(short))
+    shown = short_valid.clone()
     if rhythm_lead is None:
         rhythm_lead = torch.full((values.shape[0],), LAYOUT.rhythm_lead, device=values.device)
     rhythm_lead = rhythm_lead.to(values.device).long().view(-1)
@@ -378,12 +451,13 @@ def read_channels(trace_rows, zero_rows, window, span, px_per_mv):
 
 
 def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect=None, px_per_s=None,
-                rhythm_lead=None):
+                rhythm_lead=None, lead_channel=None, lead_sign=None):
     """Shared by the model and the round-trip bound: page-frame rows per column -> (B, 12, 5000) mV.
 
     trace_rows, zero_rows, presence: (B, 13, W); window, span: (B, 13, 2) or None (the standard page,
     its start read from presence); px_per_mv (B,); px_per_s (B,) or None: the page's columns per second
-    when the span is read from presence; rhythm_lead (B,) or None (the standard page's)."""
+    when the span is read from presence; rhythm_lead (B,) or None (the standard page's); lead_channel,
+    lead_sign (B, 12) or None: which channel holds each lead (channels_to_leads)."""
     batch = trace_rows.shape[0]
     if page_aspect is None:
         page_aspect = torch.full((batch,), PAGE_ASPECT, device=trace_rows.device)
@@ -391,14 +465,15 @@ def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_a
         window, place, rhythm_lead = layout_strips([LAYOUT] * batch, trace_rows.device)
         span = layout_spans(presence, place, page_aspect, px_per_s)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
-    return channels_to_leads(sampled, valid, rhythm_lead)
+    return channels_to_leads(sampled, valid, rhythm_lead, lead_channel, lead_sign)
 
 
 def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspect, px_per_s=None,
                    paper_speed=None, start=None, start_weight=None):
     """Decode pages whose layout is read from the image, among `names` (at the paper speed (B,) the pages'
     pulses show): -> (B, 12, 5000) mV, (B, 12, 5000) shown, and what was used: each page's layout name (its
-    rhythm lead told by what the strip shows), the strips' windows and spans (B, 13, 2) and the rhythm lead (B,)."""
+    lead order and rhythm lead told by what the strips show: pick_layouts), the strips' windows and spans
+    (B, 13, 2), the rhythm lead (B,) and the channel and sign of each lead (B, 12)."""
     chosen = choose_layouts(presence, names, page_aspect, px_per_s, paper_speed, start, start_weight)
     window, place, _ = layout_strips(chosen, trace_rows.device)
     page_speed = page_speeds(paper_speed, len(chosen), presence.device)
@@ -406,21 +481,24 @@ def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspec
                         layout_px_per_s(presence.shape[-1], page_aspect, px_per_s, page_speed, chosen), start,
                         start_weight)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
-    rhythm_lead = pick_rhythm_leads(sampled, valid, chosen, names)
-    found = [next(n for n in names if strip_plan(LAYOUTS[n]) == strip_plan(layout)
-                  and LAYOUTS[n].rhythm_lead == int(lead)) for layout, lead in zip(chosen, rhythm_lead)]
-    signal, shown = channels_to_leads(sampled, valid, rhythm_lead)
-    return signal, shown, dict(layouts=found, window=window, span=span, rhythm_lead=rhythm_lead)
+    found = pick_layouts(sampled, valid, chosen, names)
+    rhythm_lead = torch.tensor([layout.rhythm_lead for layout in found], dtype=torch.long, device=sampled.device)
+    lead_channel, lead_sign = lead_maps(found, sampled.device)
+    signal, shown = channels_to_leads(sampled, valid, rhythm_lead, lead_channel, lead_sign)
+    return signal, shown, dict(layouts=[layout.name for layout in found], window=window, span=span,
+                               rhythm_lead=rhythm_lead, lead_channel=lead_channel, lead_sign=lead_sign)
 
 
 def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None,
-                  rhythm_lead=None, layouts=None, paper_speed=None, start=None, start_weight=None):
+                  rhythm_lead=None, layouts=None, paper_speed=None, start=None, start_weight=None, lead_channel=None,
+                  lead_sign=None):
     """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read.
     px_per_mv, px_per_s (B,): the page's scale in input pixels; NaN or None falls back to the page border.
     Without a window, the layout is read from the maps among `layouts` (names; default the standard page),
     at the paper speed (B,) each page's pulse shows (NaN or None: 25 mm/s), its time start held near where
     the page's pulses end (start (B,) in input columns, NaN or None: from the presence maps alone) with
-    start_weight per column (fit_start)."""
+    start_weight per column (fit_start). With a window, lead_channel and lead_sign (B, 12) say which channel
+    holds each lead (None: its own; channels_to_leads)."""
     batch, _, height, width = trace.shape
     device = trace.device
     if page_aspect is None:
@@ -435,8 +513,9 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
                                          page_aspect, px_per_s, paper_speed, start, start_weight)
     else:
         signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s,
-                                rhythm_lead)
-        used = dict(layouts=None, window=window, span=span, rhythm_lead=rhythm_lead)
+                                rhythm_lead, lead_channel, lead_sign)
+        used = dict(layouts=None, window=window, span=span, rhythm_lead=rhythm_lead, lead_channel=lead_channel,
+                    lead_sign=lead_sign)
     # what the signal was decoded with, so row_spread reads the very same strips
     return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
                         zero_log_prob=zero_log_prob, px_per_mv=px_per_mv, **used)
@@ -452,7 +531,8 @@ def row_spread(out):
     variance = (prob * (grid - rows['trace'].unsqueeze(2)) ** 2).sum(2)
     spread_rows = variance.clamp(min=0).sqrt()
     spread, _ = decode_rows(-spread_rows, torch.zeros_like(spread_rows), rows['presence'], rows['window'],
-                            rows['span'], rows['px_per_mv'], rhythm_lead=rows['rhythm_lead'])
+                            rows['span'], rows['px_per_mv'], rhythm_lead=rows['rhythm_lead'],
+                            lead_channel=rows.get('lead_channel'))   # a spread has no sign
     return spread
 
 

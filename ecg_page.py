@@ -40,12 +40,19 @@ class Layout:
     A strip's place is where it sits on the page's time axis (seconds from where the traces start, at the
     page's paper speed); its window is which seconds of the signal it shows. Most pages show column j at
     the seconds it sits at; ecg-image-kit's 2-column page restarts every column at t = 0 (restart_columns).
-    The page is as wide as 10 s at 25 mm/s: at 50 mm/s it shows the first 5 s."""
+    The page is as wide as 10 s at 25 mm/s: at 50 mm/s it shows the first 5 s.
+
+    A trace channel is a place on the page, named by the lead the standard order draws there: a Cabrera
+    page (channel_rows: the standard rows it relabels) draws aVL where the standard page draws I, and so
+    on, and draws aVR upside down (inverted, labelled -aVR). Its strips look like the standard page's, so
+    a model reads them in the same channels; lead_channels says which channel holds which lead."""
     name: str
     rows: tuple
     rhythm: tuple = ()
     restart_columns: bool = False
     paper_speed_mm_s: float = MM_PER_S
+    channel_rows: tuple = None    # the rows whose leads name the channels at each place (None: rows)
+    inverted: tuple = ()          # leads drawn upside down
 
     @property
     def n_columns(self):
@@ -82,15 +89,39 @@ class Layout:
         """Lead index of the (first) rhythm strip, -1 without one: the 13th trace channel holds it."""
         return LEADS.index(self.rhythm[0]) if self.rhythm else -1
 
+    def label(self, lead):
+        """The name printed beside a lead's strip: -aVR where it is drawn inverted."""
+        return f'-{lead}' if lead in self.inverted else lead
+
+    def sign(self, lead):
+        """+1, or -1 for a lead drawn upside down: drawn value = sign * the lead's value."""
+        return -1.0 if lead in self.inverted else 1.0
+
+    def drawn_strips(self, fs=FS):
+        """{(lead, is_rhythm, first sample s, last sample s)} of every strip the page draws."""
+        strips = {(lead, False, *self.short_window(lead)) for row in self.rows for lead in row}
+        strips |= {(lead, True, 0.0, self.seconds) for lead in self.rhythm}
+        return {(lead, rhythm, t0, t1 - 1 / fs) for lead, rhythm, t0, t1 in strips}
+
+    def lead_channels(self):
+        """(12,) int: the trace channel of each lead's short strip (its own index on all but relabelled
+        pages) and (12,) float: its sign."""
+        channel = np.arange(N_LEADS)
+        for row, names in zip(self.rows, self.channel_rows or self.rows):
+            for lead, name in zip(row, names):
+                channel[LEADS.index(lead)] = LEADS.index(name)
+        return channel, np.array([self.sign(lead) for lead in LEADS])
+
     def strip_seconds(self, fs=FS):
         """(13, 2) windows and (13, 2) places, seconds [first sample, last sample] of each trace channel
-        (a lead's short strip, then the rhythm strip); NaN where the layout draws no such strip."""
+        (a place's short strip, then the rhythm strip); NaN where the layout draws no such strip."""
         windows = np.full((N_TRACES, 2), np.nan)
         places = np.full((N_TRACES, 2), np.nan)
+        by_channel = replace(self, rows=self.channel_rows or self.rows)
         for i, lead in enumerate(LEADS):
-            if self.column_of(lead) is not None:
-                windows[i] = self.short_window(lead)
-                places[i] = self.short_place(lead)
+            if by_channel.column_of(lead) is not None:
+                windows[i] = by_channel.short_window(lead)
+                places[i] = by_channel.short_place(lead)
         if self.rhythm:
             windows[RHYTHM] = places[RHYTHM] = (0.0, self.seconds)
         windows[:, 1] -= 1 / fs
@@ -114,6 +145,16 @@ class Layout:
         strip showing fewer seconds."""
         return replace(self, name=f'{self.name}@{paper_speed_mm_s:g}mm/s', paper_speed_mm_s=paper_speed_mm_s)
 
+    def cabrera(self):
+        """The same page with its limb leads in the Cabrera order (NAME-Cabrera): aVL, I, -aVR, II, aVF,
+        III where the standard order draws I, II, III, aVR, aVL, aVF."""
+        rows = tuple(tuple(CABRERA_AT.get(lead, lead) for lead in row) for row in self.rows)
+        return replace(self, name=f'{self.name}-Cabrera', rows=rows, channel_rows=self.rows, inverted=('aVR',))
+
+
+# the Cabrera order puts the limb leads in their frontal-plane sequence: what it draws where the standard
+# order draws each limb lead (same places on 3x4 and 12x1 pages)
+CABRERA_AT = {'I': 'aVL', 'II': 'I', 'III': 'aVR', 'aVR': 'II', 'aVL': 'aVF', 'aVF': 'III'}
 
 THREE_BY_FOUR = (('I', 'aVR', 'V1', 'V4'),
                  ('II', 'aVL', 'V2', 'V5'),
@@ -130,9 +171,20 @@ LAYOUTS = {layout.name: layout for layout in (
     Layout('6x2', rows=KIT_SIX_BY_TWO, restart_columns=True),
     Layout('12x1', rows=tuple((lead,) for lead in LEADS)),
 )}
+# Cabrera pages (Sweden and much of Europe) of the layouts clinics print them in
+LAYOUTS.update({twin.name: twin for twin in (LAYOUTS[name].cabrera() for name in ('3x4+II', '3x4', '12x1'))})
 # clinics' 50 mm/s pages: every layout above at twice the paper speed, showing 5 s (12x1@50mm/s draws the
 # windows 6x2 draws: page_layout tells them apart by the page's paper speed)
 LAYOUTS.update({fast.name: fast for fast in (layout.at_speed(50.0) for layout in list(LAYOUTS.values()))})
+
+
+def with_cabrera(names):
+    """Layout names plus the Cabrera twin of each that has one: a model reads places, not labels, so one
+    trained on a layout reads its Cabrera pages too (which is which, the limb leads tell when decoding)."""
+    twins = [twin.name for twin in LAYOUTS.values()
+             if twin.channel_rows and any(replace(twin, name='', channel_rows=None, rows=twin.channel_rows,
+                                                  inverted=()) == replace(LAYOUTS[n], name='') for n in names)]
+    return list(names) + [name for name in twins if name not in names]
 
 
 def layout_at_speed(layout, paper_speed_mm_s):
@@ -146,17 +198,18 @@ LAYOUT_NAMES_HELP = (', '.join(name for name, layout in LAYOUTS.items() if layou
                      + ' (each also as NAME@50mm/s)')
 
 
-def page_layout(strips, paper_speed_mm_s=MM_PER_S):
+def page_layout(strips, paper_speed_mm_s=MM_PER_S, named=None):
     """The LAYOUTS name of a page drawn as strips [(lead, first sample s, last sample s, is_rhythm)] at a
-    paper speed, or None when no known layout draws exactly those strips (to within a tenth of a second)."""
-    for layout in LAYOUTS.values():
+    paper speed, or None when no known layout draws exactly those strips (to within a tenth of a second).
+    named: the layout the page's JSON names, if any; it wins where it draws those strips (a 12x1 page and
+    its Cabrera twin show every lead over the same 10 s, in another order)."""
+    candidates = ([LAYOUTS[named]] if named in LAYOUTS else []) + list(LAYOUTS.values())
+    for layout in candidates:
         if layout.paper_speed_mm_s != paper_speed_mm_s:
             continue
-        windows, _ = layout.strip_seconds()
-        wanted = {(LEADS[i] if i < N_LEADS else layout.rhythm[0], i == RHYTHM, tuple(windows[i]))
-                  for i in range(N_TRACES) if np.isfinite(windows[i]).all()}
+        wanted = layout.drawn_strips()
         if len(wanted) == len(strips) and all(
-                any(lead == w[0] and rhythm == w[1] and abs(t0 - w[2][0]) < 0.1 and abs(t1 - w[2][1]) < 0.1
+                any(lead == w[0] and rhythm == w[1] and abs(t0 - w[2]) < 0.1 and abs(t1 - w[3]) < 0.1
                     for w in wanted) for lead, t0, t1, rhythm in strips):
             return layout.name
     return None

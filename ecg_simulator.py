@@ -409,7 +409,8 @@ def draw_page_marks(mask, geom, rng, knobs, sig_len, layout=STANDARD):
     boxes = []
     for lead, r, j, _, _ in lead_entries(sig_len, layout):
         x = geom['x_start'] + j * layout.column_seconds * geom['px_per_s'] + mm * rng.uniform(0.0, 1.5)
-        boxes.append(draw_lead_label(mask, lead, x, geom['row_baselines'][r] + label_dy, font, scale, thick))
+        boxes.append(draw_lead_label(mask, layout.label(lead), x, geom['row_baselines'][r] + label_dy, font, scale,
+                                     thick))
     if rng.random() < knobs['header_prob']:
         y = rng.uniform(6, 12) * mm
         for line in header_lines(rng, geom['gain'], layout.paper_speed_mm_s):
@@ -513,7 +514,8 @@ def render_image(signals_df, fs, rng, **knobs):
     width, thickness, alpha = trace_stroke(rng, knobs, dpi)
     entries, points = lead_entries(sig_len, layout), []
     for lead, r, j, start, end in entries:
-        xy = lead_points(signals[lead], fs, start, end, j, geom['row_baselines'][r], geom, layout.column_seconds)
+        xy = lead_points(layout.sign(lead) * signals[lead], fs, start, end, j, geom['row_baselines'][r], geom,
+                         layout.column_seconds)
         points.append(xy)
         runs = finite_runs(xy)
         if runs:

@@ -89,7 +89,8 @@ def round_trip(batch):
     """Ground truth decoded through the model's decoding path: (B, 12, 5000)."""
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
     signal, _ = ecg_model.decode_rows(centre, batch['baseline_row'], None, batch['trace_window'],
-                                      batch['trace_span'], batch['px_per_mv'], rhythm_lead=batch['rhythm_lead'])
+                                      batch['trace_span'], batch['px_per_mv'], rhythm_lead=batch['rhythm_lead'],
+                                      lead_channel=batch['lead_channel'], lead_sign=batch['lead_sign'])
     return signal
 
 
@@ -185,7 +186,7 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
         raise pdx.InputError('no usable image to evaluate')
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     layouts = ecg_checkpoint.trained_layouts(checkpoint)
-    frame, model_stats, bound_stats = score_batches(model, loader, device, layouts)
+    frame, model_stats, bound_stats = score_batches(model, loader, device, ecg_checkpoint.readable_layouts(checkpoint))
     report = build_report(frame, model_stats, bound_stats)
     report.update(checkpoint=str(checkpoint_path), untrained=untrained, image_size=config['image_size'],
                   encoder=config['encoder'], trained_layouts=layouts,
@@ -212,7 +213,7 @@ def print_table(report):
     print(f"theta error {fmt(report['theta_error_deg'], 2)} deg (rotated pages {fmt(report['theta_error_deg_rotated'], 2)}), "
           f"0 mV line error {fmt(report['baseline_error_px'], 2)} px, seg Dice {fmt(report['seg_dice'])}")
     print(f"layout found on {100 * report['layout_found_share']:.0f} % of images "
-          f"(among {', '.join(report['trained_layouts'])}); time start held to the pulses' end with weight "
+          f"(among {', '.join(report['trained_layouts'])} and their Cabrera twins); time start held to the pulses' end with weight "
           f"{report['pulse_start_weight']:g} per column")
     print(f"scale read from the page on {100 * report['scale_found_share']:.0f} % of images, px per mV off by "
           f"{fmt(report['scale_error_pct'], 2)} % on average")

@@ -38,7 +38,7 @@ import ecg_model
 import export_onnx
 import production_dataset as pdx
 import speed
-from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, SECONDS   # the model's signal: 500 Hz over 10 s
+from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, SECONDS, with_cabrera   # the model's signal: 500 Hz over 10 s
 from ecg_page import GAINS_MM_MV, LAYOUT_NAMES_HELP, MM_PER_MV, PAPER_SPEEDS_MM_S
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
@@ -114,13 +114,18 @@ def load_checkpoint(path, device):
     return model, ecg_checkpoint.input_size(checkpoint)
 
 
+def auto_layouts(model):
+    """What --layout auto chooses among: the layouts the model was trained on and their Cabrera twins."""
+    return with_cabrera(getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS))
+
+
 def candidate_layouts(model, layout):
-    """The layouts inference chooses among: --layout NAME, or auto: those the model was trained on. A page
-    layout the model never saw is read, with a warning (its strips may be misplaced)."""
+    """The layouts inference chooses among: --layout NAME, or auto (auto_layouts). A page layout the model
+    never saw is read, with a warning (its strips may be misplaced)."""
     trained = list(getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS))
     if layout == 'auto':
-        return trained
-    if layout not in trained:
+        return auto_layouts(model)
+    if layout not in with_cabrera(trained):
         print(f'warning: --layout {layout}: this model was trained on {", ".join(trained)} only; '
               f'its reading of {layout} pages is untested', file=sys.stderr)
     return [layout]
@@ -161,9 +166,9 @@ def run_model(model, inputs, device, layouts=None):
     """read_batch's inputs -> the model's output dict, decoded with each page's real aspect (a squeezed
     wide input changes the page's shape, and the de-rotation must know it), the scale its grid and
     calibration pulse show (padding, cropping or rescaling the page leaves amplitudes right) and its layout
-    found among `layouts` (default: the model's trained ones)."""
+    found among `layouts` (default: auto_layouts)."""
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    layouts = layouts or getattr(model, 'trained_layouts', None)
+    layouts = layouts or auto_layouts(model)
     return model(inputs['image'], geometry=ecg_model.read_geometry(inputs, layouts))
 
 
@@ -318,7 +323,7 @@ def digitize(model, size_hw, images, csv_paths, args, device):
     target = dict(zip(images, csv_paths))
     chunks = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     problems, written = [], []
-    layouts = getattr(args, 'layouts', None) or getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS)
+    layouts = getattr(args, 'layouts', None) or auto_layouts(model)
     bar = tqdm(total=len(images), desc='digitizing', unit='img', disable=len(images) == 1,
                mininterval=pdx.PROGRESS_SECONDS)
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(READERS) as pages, ThreadPoolExecutor(1) as writer:

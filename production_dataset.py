@@ -330,8 +330,13 @@ def parse_page(ref):
     strips = [(LEADS[e['lead']], e['start'] / ref.fs, (e['end'] - 1) / ref.fs, e['channel'] == RHYTHM) for e in entries]
     # y_grid is the 5 mm square in px; gain and speed are 10 mm/mV and 25 mm/s unless the JSON says otherwise
     gain, speed = float(meta.get('gain_mm_mv', MM_PER_MV)), float(meta.get('paper_speed_mm_s', MM_PER_S))
-    layout = page_layout(strips, speed)
-    return dict(entries=entries, px_per_mv=gain / MAJOR_MM * float(meta['y_grid']), gain_mm_mv=gain,
+    layout = page_layout(strips, speed, meta.get('layout'))
+    lead_channel, lead_sign = LAYOUTS[layout].lead_channels() if layout else (np.arange(N_LEADS), np.ones(N_LEADS))
+    for entry in entries:   # a channel is a place: on a Cabrera page aVL is read where the standard page draws I
+        if entry['channel'] != RHYTHM:
+            entry['channel'] = int(lead_channel[entry['lead']])
+        entry['sign'] = float(lead_sign[entry['lead']]) if entry['channel'] != RHYTHM else 1.0
+    return dict(entries=entries, lead_channel=lead_channel, lead_sign=lead_sign, px_per_mv=gain / MAJOR_MM * float(meta['y_grid']), gain_mm_mv=gain,
                 paper_speed_mm_s=speed,
                 rhythm_lead=rhythm[0] if rhythm else -1, layout_id=LAYOUT_NAMES.index(layout) if layout else -1,
                 rotation_deg=None if rotation is None else float(rotation),
@@ -364,7 +369,7 @@ def zero_mv_points(entry, values, px_per_mv, theta_deg):
     """0 mV point of each plotted sample: plotted + value * px_per_mv along the page's downward vertical."""
     theta = math.radians(theta_deg)
     down = np.array([-math.sin(theta), math.cos(theta)])   # (x, y) of the page's "down" after a clockwise turn
-    v = values[entry['start']:entry['end'], entry['lead']]
+    v = values[entry['start']:entry['end'], entry['lead']] * entry.get('sign', 1.0)   # -aVR is drawn as drawn
     return entry['xy'] + v[:, None] * px_per_mv * down[None, :]
 
 
@@ -474,7 +479,7 @@ def trace_targets(page, values, theta_deg, scale_xy, size_hw, fs, png_wh):
     for entry in sorted(page['entries'], key=lambda e: e['channel'] != RHYTHM):   # short leads drawn last
         c = entry['channel']
         xy = to_input(entry['xy'], scale_xy)
-        draw_polyline(seg, xy, entry['lead'] + 1)
+        draw_polyline(seg, xy, (entry['lead'] if c == RHYTHM else c) + 1)   # the lead the place stands for
         zero_line = fit_line(to_input(zero_mv_points(entry, values, page['px_per_mv'], theta_deg), scale_xy))
         page_xy = to_input(derotate(entry['xy'], theta_deg, png_wh), scale_xy)
         page_zero = fit_line(to_input(zero_mv_points(dict(entry, xy=derotate(entry['xy'], theta_deg, png_wh)),
@@ -650,7 +655,8 @@ def build_sample(ref, size_hw, scale=False):
                    read_speed_mm_s=np.float32(pulse_reading(found, 'paper_speed_mm_s', 'speed_assumed')),
                    read_start=np.float32(found.get('trace_start_column', float('nan'))),
                    page_aspect=np.float32(png_wh[0] / png_wh[1]),
-                   rhythm_lead=np.int64(page['rhythm_lead']), layout_id=np.int64(page['layout_id']))
+                   rhythm_lead=np.int64(page['rhythm_lead']), layout_id=np.int64(page['layout_id']),
+                   lead_channel=page['lead_channel'].astype(np.int64), lead_sign=page['lead_sign'].astype(np.float32))
     return targets
 
 
@@ -761,6 +767,8 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
     'read_start': (lambda h, w: (), torch.float32),
     'page_aspect': (lambda h, w: (), torch.float32),
     'rhythm_lead': (lambda h, w: (), torch.int64),
+    'lead_channel': (lambda h, w: (N_LEADS,), torch.int64),
+    'lead_sign': (lambda h, w: (N_LEADS,), torch.float32),
     'layout_id': (lambda h, w: (), torch.int64),
 }
 

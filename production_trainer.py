@@ -736,7 +736,8 @@ def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders
         state['step_in_epoch'] = 0
         val_means = None
         if rank == 0 and val_loader is not None:
-            val_means, shown = validate(unwrap(model), val_loader, criterion, amp, device, config.get('layouts'))
+            val_means, shown = validate(unwrap(model), val_loader, criterion, amp, device,
+                                        ecg_checkpoint.readable_layouts(config))
             log_val_images(writer, shown, state['global_step'])
         if rank == 0:
             state['epoch_rng'] = ecg_checkpoint.rng_state()
@@ -784,7 +785,7 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        tune_decoding(run_dir, loaders[1], amp, device, config.get('layouts'))
+        tune_decoding(run_dir, loaders[1], amp, device, ecg_checkpoint.readable_layouts(config))
         log.info('done: best.pth by %s = %s; checkpoints in %s', config['select_metric_used'],
                  state['best_metric'], run_dir / 'checkpoints')
     return run_dir

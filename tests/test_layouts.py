@@ -10,10 +10,11 @@ import torch
 
 import ecg_model
 import ecg_trainer
+import evaluate
 import inference
 from conftest import run_cli
 import production_dataset as pdx
-from ecg_page import FS, LAYOUTS, LEADS, N_SAMPLES, N_TRACES, RHYTHM, STANDARD, page_layout
+from ecg_page import FS, LAYOUTS, LEADS, N_SAMPLES, N_TRACES, RHYTHM, STANDARD, page_layout, with_cabrera
 
 WIDTH = 672
 PX_PER_S = 60.0          # input columns per second of a test page
@@ -118,9 +119,9 @@ def test_the_rhythm_strips_lead_is_told_by_what_it_shows():
         sampled[0, c] = np.where(valid[0, c], truth[lead], 0)
     sampled, valid = torch.from_numpy(sampled), torch.from_numpy(valid)
     names = ['3x4+II', '3x4+V1', '3x4+V5']
-    lead = ecg_model.pick_rhythm_leads(sampled, valid, [STANDARD], names)
-    assert int(lead) == LEADS.index('V1')
-    signal, shown = ecg_model.channels_to_leads(sampled, valid, lead)
+    found = ecg_model.pick_layouts(sampled, valid, [STANDARD], names)
+    assert found[0].name == '3x4+V1'
+    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_lead]))
     assert shown[0, LEADS.index('V1')].all() and not shown[0, LEADS.index('II'), int(2.5 * FS):].any()
     np.testing.assert_allclose(signal[0, LEADS.index('V1')].numpy(), truth[LEADS.index('V1')], atol=1e-6)
     _, no_rhythm = ecg_model.channels_to_leads(sampled, valid, torch.tensor([-1]))
@@ -177,3 +178,119 @@ def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
     assert used['layouts'] == [meta[r]['layout'] for r in batch['record_id']]
     metrics = ecg_trainer.signal_metrics(signal, batch['signal'], batch['signal_mask'])
     assert metrics['pearson'] > 0.9 and metrics['snr_db'] > 10
+
+
+def test_a_cabrera_page_relabels_the_standard_places():
+    """3x4+II-Cabrera draws aVL I -aVR down the first column and II aVF III down the second, in the places
+    and channels of I II III and aVR aVL aVF; aVR is drawn inverted and labelled -aVR."""
+    cabrera = LAYOUTS['3x4+II-Cabrera']
+    assert [row[:2] for row in cabrera.rows] == [('aVL', 'II'), ('I', 'aVF'), ('aVR', 'III')]
+    assert cabrera.label('aVR') == '-aVR' and cabrera.sign('aVR') == -1 and STANDARD.label('aVR') == 'aVR'
+    channel, sign = cabrera.lead_channels()
+    assert [LEADS[channel[LEADS.index(lead)]] for lead in ('aVL', 'I', 'aVR', 'II', 'aVF', 'III')] == \
+        ['I', 'II', 'III', 'aVR', 'aVL', 'aVF']
+    assert sign.tolist() == [-1.0 if lead == 'aVR' else 1.0 for lead in LEADS]
+    np.testing.assert_array_equal(cabrera.strip_seconds()[0], STANDARD.strip_seconds()[0])   # same strips
+    assert ecg_model.strip_plan(cabrera) == ecg_model.strip_plan(STANDARD)
+    mask = cabrera.shown_mask()   # what the page shows of each lead: aVL now in the first 2.5 s
+    assert mask[LEADS.index('aVL'), :int(2.5 * FS)].all() and not mask[LEADS.index('aVL'), int(2.5 * FS):].any()
+    assert with_cabrera(['3x4+II', '6x2+II', '12x1@50mm/s']) == ['3x4+II', '6x2+II', '12x1@50mm/s',
+                                                                '3x4+II-Cabrera', '12x1-Cabrera@50mm/s']
+
+
+def channel_readings(layout, truth):
+    """(1, 13, 5000) channels and their shown masks as a page of `layout` draws the leads `truth` (12, 5000)."""
+    windows, _ = layout.strip_seconds()
+    channel, sign = layout.lead_channels()
+    t = np.arange(N_SAMPLES) / FS
+    sampled = np.zeros((1, N_TRACES, N_SAMPLES), np.float32)
+    valid = np.zeros((1, N_TRACES, N_SAMPLES), bool)
+    for lead in range(12):
+        c = channel[lead]
+        valid[0, c] = (t >= windows[c, 0] - 1e-9) & (t <= windows[c, 1] + 1e-9)
+        sampled[0, c] = np.where(valid[0, c], sign[lead] * truth[lead], 0)
+    if layout.rhythm:
+        valid[0, RHYTHM] = True
+        sampled[0, RHYTHM] = truth[layout.rhythm_lead]
+    return torch.from_numpy(sampled), torch.from_numpy(valid)
+
+
+@pytest.mark.parametrize('name', ['3x4+II', '3x4+II-Cabrera', '3x4', '3x4-Cabrera', '12x1', '12x1-Cabrera'])
+def test_the_lead_order_is_told_by_einthovens_law(name):
+    """Limb leads from a heart vector (I, II and the four others they fix), with a little reading noise:
+    the order whose leads obey Einthoven's and Goldberger's laws is the page's, and decoding with it puts
+    every lead, -aVR turned back, where it belongs."""
+    rng = np.random.default_rng(1)
+    t = np.arange(N_SAMPLES) / FS
+    lead_i, lead_ii = (np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) + 0.3 * np.sin(2 * np.pi * 7 * f * t)
+                       for f in (1.1, 1.3))
+    limb = np.stack([lead_i, lead_ii, lead_ii - lead_i, -(lead_i + lead_ii) / 2, lead_i - lead_ii / 2,
+                     lead_ii - lead_i / 2])
+    chest = np.stack([np.sin(2 * np.pi * (0.7 + 0.3 * k) * t + rng.uniform(0, 6)) for k in range(6)])
+    truth = np.concatenate([limb, chest]) + 0.03 * rng.standard_normal((12, N_SAMPLES))
+    layout = LAYOUTS[name]
+    sampled, valid = channel_readings(layout, truth)
+    plan_mates = [n for n in LAYOUTS if ecg_model.strip_plan(LAYOUTS[n]) == ecg_model.strip_plan(layout)]
+    assert len({LAYOUTS[n].rows for n in plan_mates}) == 2                    # the standard and the Cabrera order
+    misfit = {n: ecg_model.limb_misfit(ecg_model.order_readings(sampled[0], valid[0], LAYOUTS[n])) for n in plan_mates
+              if LAYOUTS[n].rhythm_lead == layout.rhythm_lead}
+    assert misfit[name] < 0.01 and all(m > 0.1 for n, m in misfit.items() if LAYOUTS[n].rows != layout.rows)
+    found = ecg_model.pick_layouts(sampled, valid, [layout], plan_mates)
+    assert found[0].name == name
+    channel, sign = ecg_model.lead_maps(found, 'cpu')
+    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_lead]), channel, sign)
+    assert shown.all(-1).sum() == (12 if name.startswith('12x1') else 1 if layout.rhythm else 0)
+    np.testing.assert_allclose(signal[0][shown[0]].numpy(), truth[shown[0].numpy()], atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def cabrera_pages(tmp_path_factory):
+    """Simulator pages in the Cabrera order (classic style, 100 dpi, upright)."""
+    out = tmp_path_factory.mktemp('cabrera')
+    run_cli('ecg_simulator.py', '--out', out, '--n', 4, '--seed', 11, '--workers', 1, '--dpi_choices', 100,
+            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 0, '--layouts', '3x4+II-Cabrera', '12x1-Cabrera')
+    return out
+
+
+def test_cabrera_pages_train_in_the_standard_channels_and_read_back(cabrera_pages):
+    """The JSON names its leads (aVR for the inverted strip) and its layout; the dataset puts each strip in
+    the channel of its place (its seg label too) with its sign, and the true rows decode to the signal."""
+    refs, problems = pdx.find_samples(cabrera_pages, cabrera_pages)
+    assert not problems and len(refs) == 4
+    meta = {ref.record_id: json.loads(ref.json.read_text()) for ref in refs}
+    assert {m['layout'] for m in meta.values()} == {'3x4+II-Cabrera', '12x1-Cabrera'}
+    for page in (m for m in meta.values() if m['layout'] == '3x4+II-Cabrera'):   # 12 short strips, plain names
+        longest = max(e['end_sample'] - e['start_sample'] for e in page['leads'])
+        assert sorted(e['lead_name'] for e in page['leads'] if e['end_sample'] - e['start_sample'] < longest) == \
+            sorted(LEADS)
+    dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672))
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    assert [pdx.layout_name(i) for i in batch['layout_id']] == [meta[r]['layout'] for r in batch['record_id']]
+    avl, lead_i = LEADS.index('aVL'), LEADS.index('I')
+    assert (batch['lead_channel'][:, avl] == lead_i).all() and (batch['lead_sign'][:, LEADS.index('aVR')] == -1).all()
+    labels = set(batch['seg'][0].unique().tolist())
+    assert labels <= set(range(13)) and len(labels) == 13       # every place's label, aVR's included
+    signal = evaluate.round_trip(batch)
+    metrics = ecg_trainer.signal_metrics(signal, batch['signal'], batch['signal_mask'])
+    assert metrics['pearson'] > 0.95 and metrics['pearson_per_lead'][LEADS.index('aVR')] > 0.9
+
+
+def test_the_starter_reads_a_cabrera_page_by_the_places_it_knows(cabrera_pages, tmp_path):
+    """inference.py --layout auto on a 3x4+II-Cabrera page with the starter (trained on the standard page
+    only): the limb leads say Cabrera, the sidecar names it, and aVL, aVR (turned back) and aVF come out
+    correlated with the truth; read as the standard page they would not be."""
+    png = next(p for p in sorted(cabrera_pages.rglob('*.png'))
+               if json.loads(p.with_suffix('.json').read_text())['layout'] == '3x4+II-Cabrera')
+    truth = pd.read_csv(png.parent / f'{png.parent.name}.csv')
+    fs = pd.read_csv(cabrera_pages / 'train.csv').set_index('id').loc[int(png.parent.name), 'fs']
+    for layout in ('auto', '3x4+II'):
+        out = tmp_path / f'{layout}.csv'
+        run_cli('inference.py', '--image', png, '--output', out, '--layout', layout, '--fs', fs)
+        read = pd.read_csv(out)
+        r = {lead: np.corrcoef(read[lead].dropna(), truth[lead][read[lead].notna()])[0, 1]
+             for lead in ('aVL', 'aVR', 'aVF')}
+        if layout == 'auto':
+            assert json.loads(out.with_suffix('.json').read_text())['layout'] == '3x4+II-Cabrera'
+            assert min(r.values()) > 0.7, r
+        else:
+            assert min(r.values()) < 0.5, r

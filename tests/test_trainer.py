@@ -67,6 +67,22 @@ def test_best_checkpoint_keeps_the_decoding_its_validation_pages_read_best(debug
     assert torch.load(run_dir / 'checkpoints' / 'last.pth')['decoding'] == {}   # only best.pth is tuned
 
 
+def test_resuming_a_finished_run_tunes_the_decoding_of_its_best_checkpoint(debug_run, tmp_path):
+    """A run from before the tuning (best.pth without 'decoding'), resumed from its last.pth: no epoch is
+    trained again, and best.pth gets its weight."""
+    import shutil
+    run_dir = tmp_path / debug_run[0].name
+    shutil.copytree(debug_run[0], run_dir)
+    best = run_dir / 'checkpoints' / 'best.pth'
+    checkpoint = torch.load(best)
+    del checkpoint['decoding']
+    torch.save(checkpoint, best)
+    run_cli('production_trainer.py', '--resume', run_dir / 'checkpoints' / 'last.pth')
+    log = (run_dir / 'logs' / 'train.log').read_text()
+    assert log.count('epoch 3/3') == 1 and log.count('decoding: pulse start weight') == 2
+    assert torch.load(best)['decoding'] == torch.load(debug_run[0] / 'checkpoints' / 'best.pth')['decoding']
+
+
 def test_config_records_resolved_settings_and_loss_weights(debug_run):
     run_dir, _ = debug_run
     config = json.loads((run_dir / 'config.json').read_text())
