@@ -49,7 +49,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def box_start_spans(presence, place, page_aspect, px_per_s=None, start=None):
+def box_start_spans(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None):
     """The earlier time start (commit 79676fc): where one 10 s box of whole columns best covers the columns
     in which any strip is present, refined by a parabola through the best three starts (no pulse start)."""
     batch, _, width = presence.shape

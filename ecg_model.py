@@ -325,6 +325,8 @@ def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=No
 
 
 LIMB_LEADS = [LEADS.index(lead) for lead in ('I', 'II', 'III', 'aVR', 'aVL', 'aVF')]
+RELABEL_MISFIT = 0.5    # Cabrera pages read in their order: misfit 0.02-0.07 on 3x4, 0.2-0.5 on 12x1 (mix model),
+RELABEL_MARGIN = 0.6    # against 0.25-0.8 read in the standard order; standard pages the other way round
 # each limb lead as a combination of I and II (Einthoven: III = II - I; Goldberger: aVR = -(I + II) / 2, ...)
 LIMB_IN_I_II = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0], [-0.5, -0.5], [1.0, -0.5], [-0.5, 1.0]])
 
@@ -366,15 +368,21 @@ def pick_layouts(sampled, valid, layouts, names):
         orders = {}
         for option in options:
             orders.setdefault(option.rows, []).append(option)
-        best = {rows: best_rhythm(sampled[i], valid[i], group) for rows, group in orders.items()}
-        if len(best) > 1:
-            misfit = {rows: limb_misfit(order_readings(sampled[i], valid[i], option))
-                      for rows, option in best.items()}
-            finite = {rows: m for rows, m in misfit.items() if math.isfinite(m)}
-            found.append(best[min(finite, key=finite.get)] if finite else next(iter(best.values())))
-        else:
-            found.append(next(iter(best.values())))
+        best = [best_rhythm(sampled[i], valid[i], group) for group in orders.values()]
+        found.append(best[0] if len(best) == 1 else pick_order(sampled[i], valid[i], best))
     return found
+
+
+def pick_order(sampled, valid, options):
+    """Among layouts that draw the same strips in other lead orders, the plain order unless a relabelled
+    one (Cabrera) fits the limb-lead laws well (misfit at most RELABEL_MISFIT) and far better than it (at most
+    RELABEL_MARGIN of its misfit): a barely trained model reads noise that fits no order."""
+    plain = next((option for option in options if not option.channel_rows), options[0])
+    misfit = {option.name: limb_misfit(order_readings(sampled, valid, option)) for option in options}
+    bar = min(RELABEL_MISFIT, RELABEL_MARGIN * misfit[plain.name]) if math.isfinite(misfit[plain.name]) \
+        else RELABEL_MISFIT
+    fitting = [option for option in options if option is not plain and misfit[option.name] <= bar]
+    return min(fitting, key=lambda option: misfit[option.name]) if fitting else plain
 
 
 def order_readings(sampled, valid, layout):
