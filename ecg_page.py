@@ -181,9 +181,8 @@ LAYOUTS.update({fast.name: fast for fast in (layout.at_speed(50.0) for layout in
 def with_cabrera(names):
     """Layout names plus the Cabrera twin of each that has one: a model reads places, not labels, so one
     trained on a layout reads its Cabrera pages too (which is which, the limb leads tell when decoding)."""
-    twins = [twin.name for twin in LAYOUTS.values()
-             if twin.channel_rows and any(replace(twin, name='', channel_rows=None, rows=twin.channel_rows,
-                                                  inverted=()) == replace(LAYOUTS[n], name='') for n in names)]
+    wanted = [replace(LAYOUTS[name].cabrera(), name='') for name in names]
+    twins = [twin.name for twin in LAYOUTS.values() if twin.channel_rows and replace(twin, name='') in wanted]
     return list(names) + [name for name in twins if name not in names]
 
 

@@ -213,8 +213,8 @@ def print_table(report):
     print(f"theta error {fmt(report['theta_error_deg'], 2)} deg (rotated pages {fmt(report['theta_error_deg_rotated'], 2)}), "
           f"0 mV line error {fmt(report['baseline_error_px'], 2)} px, seg Dice {fmt(report['seg_dice'])}")
     print(f"layout found on {100 * report['layout_found_share']:.0f} % of images "
-          f"(among {', '.join(report['trained_layouts'])} and their Cabrera twins); time start held to the pulses' end with weight "
-          f"{report['pulse_start_weight']:g} per column")
+          f"(among {', '.join(report['trained_layouts'])} and their Cabrera twins); time start held to the "
+          f"pulses' end with weight {report['pulse_start_weight']:g} per column")
     print(f"scale read from the page on {100 * report['scale_found_share']:.0f} % of images, px per mV off by "
           f"{fmt(report['scale_error_pct'], 2)} % on average")
     per_gain = ', '.join(f'{gain} {100 * share:.0f} %' for gain, share in report['per_gain'].items())

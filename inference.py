@@ -125,7 +125,7 @@ def candidate_layouts(model, layout):
     trained = list(getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS))
     if layout == 'auto':
         return auto_layouts(model)
-    if layout not in with_cabrera(trained):
+    if layout not in auto_layouts(model):
         print(f'warning: --layout {layout}: this model was trained on {", ".join(trained)} only; '
               f'its reading of {layout} pages is untested', file=sys.stderr)
     return [layout]

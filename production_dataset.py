@@ -332,12 +332,11 @@ def parse_page(ref):
     gain, speed = float(meta.get('gain_mm_mv', MM_PER_MV)), float(meta.get('paper_speed_mm_s', MM_PER_S))
     layout = page_layout(strips, speed, meta.get('layout'))
     lead_channel, lead_sign = LAYOUTS[layout].lead_channels() if layout else (np.arange(N_LEADS), np.ones(N_LEADS))
-    for entry in entries:   # a channel is a place: on a Cabrera page aVL is read where the standard page draws I
-        if entry['channel'] != RHYTHM:
-            entry['channel'] = int(lead_channel[entry['lead']])
-        entry['sign'] = float(lead_sign[entry['lead']]) if entry['channel'] != RHYTHM else 1.0
-    return dict(entries=entries, lead_channel=lead_channel, lead_sign=lead_sign, px_per_mv=gain / MAJOR_MM * float(meta['y_grid']), gain_mm_mv=gain,
-                paper_speed_mm_s=speed,
+    for entry in (e for e in entries if e['channel'] != RHYTHM):   # a channel is a place: on a Cabrera page
+        entry['channel'] = int(lead_channel[entry['lead']])          # aVL is read where the standard page draws I
+        entry['sign'] = float(lead_sign[entry['lead']])
+    return dict(entries=entries, lead_channel=lead_channel, lead_sign=lead_sign,
+                px_per_mv=gain / MAJOR_MM * float(meta['y_grid']), gain_mm_mv=gain, paper_speed_mm_s=speed,
                 rhythm_lead=rhythm[0] if rhythm else -1, layout_id=LAYOUT_NAMES.index(layout) if layout else -1,
                 rotation_deg=None if rotation is None else float(rotation),
                 grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style') or kit_style(meta))
