@@ -55,6 +55,7 @@ MAX_BAD_STEPS = 20      # non-finite losses or gradients in a row before the run
 DEBUG_SAMPLES = 100
 DEBUG_EPOCHS = 3
 WARMUP_FRACTION = 0.05
+DECAY_FRACTION = 1.0   # share of the steps the learning rate decays over (the rest after warm-up: the peak)
 TB_IMAGES = 3
 log = logging.getLogger('production_trainer')
 
@@ -105,8 +106,12 @@ def build_parser():
     p.add_argument('--max_samples', type=int, default=None, help='use at most this many images')
     p.add_argument('--no_augment', action='store_true', help='train without augmentation')
     p.add_argument('--log_every', type=int, default=10, help='steps between TensorBoard training points')
+    p.add_argument('--decay_fraction', type=float, default=DECAY_FRACTION,
+                   help='the last share of the steps the cosine decay takes; before it, after the warm-up, the '
+                        'learning rate holds its peak (1: cosine from the end of the warm-up)')
     p.add_argument('--time_budget_min', type=float, default=None,
-                   help='stop after the epoch that crosses this many minutes (benchmarks)')
+                   help='train for this many minutes: after each epoch the cosine schedule is laid over the '
+                        'epochs that fit (at most --epochs), so the run ends annealed (benchmarks)')
     return p
 
 
@@ -176,6 +181,7 @@ def resolve_config(argv=None):
                              f'drop {", ".join(conflicts)} or start a new run')
     config['changed_on_resume'] = {k: [resumed[k], config[k]] for k in resumed
                                    if k in cli or k in from_file if resumed[k] != config[k]}
+    config['flags_given'] = sorted({**from_file, **cli})
     config['loss_weights'] = {name: config.pop(f'loss_weight_{name}') for name in LOSS_NAMES}
     for key in ('sim_root', 'csv_root'):
         if not config[key]:
@@ -343,17 +349,55 @@ def set_loader_epoch(loader, epoch, seed):
         loader.generator.manual_seed(seed * 1000 + epoch)
 
 
-def build_optimizer(model, config, steps_per_epoch):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config['lr'], weight_decay=config['weight_decay'])
-    total = max(1, config['epochs'] * steps_per_epoch)
-    warmup = max(1, int(WARMUP_FRACTION * total))
+class WarmupCosine:
+    """Learning-rate factor per step: linear warm-up, the peak held, then a cosine decay over the last
+    `decay_fraction` of the steps to 1 % of the peak at `epochs` (decay_fraction 1: cosine right after the
+    warm-up). An object rather than a closure, so the scheduler's state_dict keeps `epochs` when a time
+    budget shortens the schedule, and a resumed run goes on with the shortened one."""
 
-    def lr_factor(step):   # linear warm-up, then cosine decay to 1 % of the peak
+    def __init__(self, epochs, steps_per_epoch, decay_fraction=1.0):
+        self.epochs, self.steps_per_epoch, self.decay_fraction = epochs, steps_per_epoch, decay_fraction
+
+    def __call__(self, step):
+        total = max(1, self.epochs * self.steps_per_epoch)
+        warmup = max(1, int(WARMUP_FRACTION * total))
         if step < warmup:
             return (step + 1) / warmup
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        decay_start = max(warmup, total - int(self.decay_fraction * total))
+        progress = min(1.0, max(0, step - decay_start) / max(1, total - decay_start))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+def build_optimizer(model, config, steps_per_epoch):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config['lr'], weight_decay=config['weight_decay'])
+    schedule = WarmupCosine(config['epochs'], steps_per_epoch, config['decay_fraction'])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def planned_epochs(scheduler):
+    return scheduler.lr_lambdas[0].epochs
+
+
+def epochs_in_budget(config, epochs_done, epochs_here, seconds_here):
+    """The epochs --time_budget_min has room for, at the mean epoch time of this process so far
+    (validation and saving included): at least the ones done, at most --epochs."""
+    seconds_left = 60 * config['time_budget_min'] - seconds_here
+    more = int(seconds_left // (seconds_here / epochs_here)) if seconds_left > 0 else 0
+    return max(epochs_done, min(config['epochs'], epochs_done + more))
+
+
+def fit_schedule_to_budget(config, scheduler, state, epochs_here, seconds_here, device):
+    """Lay the rest of the cosine schedule over the epochs the time budget has room for, so a budgeted
+    run ends annealed instead of being cut at a high learning rate. Every DDP rank takes rank 0's count."""
+    fitted = epochs_in_budget(config, state['epoch'], epochs_here, seconds_here)
+    if dist.is_initialized():
+        count = torch.tensor([fitted], device=device if device.type == 'cuda' else 'cpu')
+        dist.broadcast(count, 0)
+        fitted = int(count.item())
+    if fitted != planned_epochs(scheduler):
+        log.info('time budget %.1f min: schedule laid over %d epochs (%.1f min each so far)',
+                 config['time_budget_min'], fitted, seconds_here / epochs_here / 60)
+        scheduler.lr_lambdas[0].epochs = fitted
 
 
 def unwrap(model):
@@ -425,7 +469,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
     sums, count, skipped, start = {}, 0, 0, time.perf_counter()
     total = len(loader) if hasattr(loader, '__len__') else None   # bench_threads passes a timed generator
     bar = tqdm(islice(loader, state['step_in_epoch'], None), total=total, initial=state['step_in_epoch'],
-               desc=f'epoch {state["epoch"] + 1}/{config["epochs"]}', disable=rank != 0, leave=False,
+               desc=f'epoch {state["epoch"] + 1}/{planned_epochs(scheduler)}', disable=rank != 0, leave=False,
                mininterval=pdx.PROGRESS_SECONDS)
     for batch in bar:
         losses, updated = train_step(model, to_device(batch, device), criterion, optimizer, scaler, amp, device)
@@ -674,7 +718,12 @@ def resume_from(path, model, optimizer, scheduler, scaler, device, config):
     checkpoint = ecg_checkpoint.load(path, map_location=device)
     unwrap(model).load_state_dict(checkpoint['model'])
     optimizer.load_state_dict(checkpoint['optimizer'])
-    scheduler.load_state_dict(checkpoint['scheduler'])
+    schedule = scheduler.lr_lambdas[0]
+    steps_per_epoch = schedule.steps_per_epoch
+    scheduler.load_state_dict(checkpoint['scheduler'])   # keeps a budget-shortened schedule
+    schedule.steps_per_epoch = steps_per_epoch
+    if 'epochs' in config['flags_given']:   # an --epochs on the resume command lays the schedule anew
+        schedule.epochs = config['epochs']
     scaler.load_state_dict(checkpoint['scaler'])
     ecg_checkpoint.set_rng_state(checkpoint['rng'])
     state = {key: checkpoint[key] for key in ('epoch', 'step_in_epoch', 'global_step', 'best_metric')}
@@ -718,15 +767,15 @@ def end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, write
         state['best_metric'] = value
     save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, improved)
     append_metrics(run_dir, state, train_means, val_means, scheduler.get_last_lr()[0], seconds)
-    log.info(epoch_summary(state['epoch'], config['epochs'], train_means, val_means, seconds))
+    log.info(epoch_summary(state['epoch'], planned_epochs(scheduler), train_means, val_means, seconds))
     writer.flush()
 
 
 def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders, writer, state, stop, rank, run_dir):
     train_loader, val_loader = loaders
     criterion = ecg_trainer.CompositeLoss(config['loss_weights'])
-    started = time.perf_counter()
-    while state['epoch'] < config['epochs']:
+    started, epochs_here = time.perf_counter(), 0
+    while state['epoch'] < planned_epochs(scheduler):
         epoch_start = time.perf_counter()
         set_loader_epoch(train_loader, state['epoch'], config['seed'])
         state['epoch_rng'] = ecg_checkpoint.rng_state()   # saved with a mid-epoch stop: its replay starts here
@@ -739,13 +788,13 @@ def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders
             val_means, shown = validate(unwrap(model), val_loader, criterion, amp, device,
                                         ecg_checkpoint.readable_layouts(config))
             log_val_images(writer, shown, state['global_step'])
+        epochs_here += 1
+        if config['time_budget_min'] is not None:
+            fit_schedule_to_budget(config, scheduler, state, epochs_here, time.perf_counter() - started, device)
         if rank == 0:
             state['epoch_rng'] = ecg_checkpoint.rng_state()
             end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, writer, train_means, val_means,
                       time.perf_counter() - epoch_start)
-        if config['time_budget_min'] is not None and time.perf_counter() - started > 60 * config['time_budget_min']:
-            log.info('time budget of %.1f min reached after epoch %d', config['time_budget_min'], state['epoch'])
-            break
 
 
 def main(argv=None):

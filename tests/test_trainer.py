@@ -111,6 +111,9 @@ def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path
     part, _ = train(sim_data, tmp_path / 'part', *common, '--time_budget_min', '0')   # stops after epoch 1
     first = torch.load(part / 'checkpoints' / 'last.pth')
     assert first['epoch'] == 1
+    assert first['scheduler']['lr_lambdas'][0]['epochs'] == 1   # the budget had room for no more
+    assert 'schedule laid over 1 epochs' in (part / 'logs' / 'train.log').read_text()
+    # --epochs on the resume command lays the schedule over 2 epochs again
     result = run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY, *common,
                      '--output_dir', tmp_path / 'elsewhere', '--resume', part / 'checkpoints' / 'last.pth')
     assert 'resumed from' in result.stdout and not (tmp_path / 'elsewhere').exists()   # same run folder
@@ -123,6 +126,29 @@ def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path
     final_b = torch.load(part / 'checkpoints' / 'last.pth')['model']
     for key in final_a:
         assert torch.allclose(final_a[key].float(), final_b[key].float(), atol=1e-6), key
+
+
+@pytest.mark.parametrize('minutes, done, here, seconds, expected', [
+    (10, 2, 2, 120, 10),    # 60 s an epoch, 8 min left: 8 more
+    (100, 2, 2, 120, 20),   # room for 98 more, but --epochs is 20
+    (10, 5, 1, 700, 5),     # past the budget: the epochs done
+    (10, 7, 2, 120, 15),    # a resumed run: its own 2 epochs time it, 8 more after the 7 done
+])
+def test_time_budget_fits_the_epochs_it_has_room_for(minutes, done, here, seconds, expected):
+    from production_trainer import epochs_in_budget
+    assert epochs_in_budget({'time_budget_min': minutes, 'epochs': 20}, done, here, seconds) == expected
+
+
+def test_warmup_cosine_ends_annealed_wherever_the_budget_lays_it():
+    from production_trainer import WarmupCosine
+    schedule = WarmupCosine(epochs=20, steps_per_epoch=10)
+    assert schedule(0) == pytest.approx(1 / 10) and schedule(10) == pytest.approx(1.0, abs=0.01)
+    assert schedule(199) == pytest.approx(0.01, abs=1e-3)
+    schedule.epochs = 8
+    assert schedule(79) == pytest.approx(0.01, abs=1e-3) and schedule(40) < 0.6
+    held = WarmupCosine(epochs=20, steps_per_epoch=10, decay_fraction=0.2)   # the peak until the last 40 steps
+    assert [held(step) for step in (10, 100, 160)] == [1.0, 1.0, 1.0]
+    assert held(180) == pytest.approx(0.505, abs=0.01) and held(199) == pytest.approx(0.01, abs=0.005)
 
 
 def test_torchrun_two_cpu_processes(sim_data, tmp_path):
