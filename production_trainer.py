@@ -719,11 +719,12 @@ def resume_from(path, model, optimizer, scheduler, scaler, device, config):
     unwrap(model).load_state_dict(checkpoint['model'])
     optimizer.load_state_dict(checkpoint['optimizer'])
     schedule = scheduler.lr_lambdas[0]
-    steps_per_epoch = schedule.steps_per_epoch
-    scheduler.load_state_dict(checkpoint['scheduler'])   # keeps a budget-shortened schedule
-    schedule.steps_per_epoch = steps_per_epoch
-    if 'epochs' in config['flags_given']:   # an --epochs on the resume command lays the schedule anew
-        schedule.epochs = config['epochs']
+    built = dict(vars(schedule))   # from this run's config: the resumed settings, or the flags that override them
+    scheduler.load_state_dict(checkpoint['scheduler'])
+    fitted = schedule.epochs   # a budget-shortened schedule goes on shortened
+    vars(schedule).update(built)
+    if 'epochs' not in config['flags_given']:   # an --epochs on the resume command lays the schedule anew
+        schedule.epochs = fitted
     scaler.load_state_dict(checkpoint['scaler'])
     ecg_checkpoint.set_rng_state(checkpoint['rng'])
     state = {key: checkpoint[key] for key in ('epoch', 'step_in_epoch', 'global_step', 'best_metric')}
