@@ -86,7 +86,7 @@ def without_pulse_start(prior=ecg_model.start_prior):
 
 
 def strip_median(rows, span):
-    """(B, 13, W) rows -> each channel's median over the columns of its span, broadcast back (B, 13, W)."""
+    """(B, 15, W) rows -> each channel's median over the columns of its span, broadcast back (B, 15, W)."""
     columns = torch.arange(rows.shape[-1], device=rows.device).view(1, 1, -1)
     inside = (columns >= span[..., :1]) & (columns <= span[..., 1:]) & torch.isfinite(rows)
     median = torch.nanquantile(torch.where(inside, rows, torch.nan), 0.5, dim=-1, keepdim=True)
@@ -159,7 +159,7 @@ def decode_patched(out, batch, patches, own):
 
 def start_error(columns, batch):
     """(B,) |decoded - true| time start in input columns: where lead I's strip begins, at t = 0 of the page's
-    time axis on every layout of ecg_page.LAYOUTS. columns: (B, 13, 2) spans, or (B,) starts."""
+    time axis on every layout of ecg_page.LAYOUTS. columns: (B, 15, 2) spans, or (B,) starts."""
     found = columns[:, LEAD_I, 0] if columns.dim() == 3 else columns
     return (found.float() - batch['trace_span'][:, LEAD_I, 0]).abs()
 

@@ -184,7 +184,7 @@ def build_model(checkpoint, path, device='cpu'):
     """ECGDigitizer of the checkpoint's architecture with its weights, in eval mode on device."""
     try:
         model = ecg_model.ECGDigitizer(**checkpoint['model_args'])
-        model.load_state_dict(checkpoint['model'])
+        model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model']))
         model.pulse_start_weight = checkpoint.get('decoding', {}).get('pulse_start_weight')
     except (RuntimeError, TypeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200]

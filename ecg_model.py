@@ -3,12 +3,12 @@
 One segmentation-models-pytorch U-Net (encoder selectable, default resnet34) whose last layer gives
 every per-pixel map at the input size (H, W), plus smp's pooled auxiliary head for the page rotation:
 
-    seg       (B, 13, H, W)  lead label logits (0 background, 1..12 leads; rhythm strip = its lead)
+    seg       (B, 13, H, W)  lead label logits (0 background, 1..12 leads; a rhythm strip = its lead)
     grid      (B, 1, H, W)   major grid-line logits
     baseline  (B, 1, H, W)   0 mV line logits
     theta     (B,)           page rotation in degrees (positive = clockwise on screen)
-    trace     (B, 39, H, W)  signal head maps: 13 trace channels (12 leads + rhythm strip), their
-                             13 zero-mV-line channels and 13 presence channels
+    trace     (B, 45, H, W)  signal head maps: 15 trace channels (12 leads + up to 3 rhythm strips),
+                             their 15 zero-mV-line channels and 15 presence channels
     signal    (B, 12, 5000)  mV at 500 Hz, decoded from `trace`
 
 Decoding (the signal head), as the best Kaggle digitizers do: turn the trace maps into the page's own
@@ -78,9 +78,30 @@ class ECGDigitizer(nn.Module):
         return decode_outputs(out, {'start_weight': self.pulse_start_weight, **(geometry or {})})
 
 
+HEAD_KEYS = ('unet.segmentation_head.0.weight', 'unet.segmentation_head.0.bias')
+ONE_RHYTHM_TRACES = N_LEADS + 1     # trace channels of models made before pages of three rhythm strips
+
+
+def widen_trace_head(state):
+    """A state dict of a model from before three rhythm strips (13 trace, 0 mV and presence channels each,
+    54 head channels) made to fit this one (15 each): its rhythm channel is copied to the two new ones,
+    so every page it read reads the same, and training on pages of more rhythm strips tells them apart.
+    Other state dicts come back as they are."""
+    old_total = sum(HEAD_CHANNELS.values()) - 3 * (N_TRACES - ONE_RHYTHM_TRACES)
+    if HEAD_KEYS[1] not in state or state[HEAD_KEYS[1]].shape[0] != old_total:
+        return state
+    first = HEAD_CHANNELS['seg'] + HEAD_CHANNELS['grid'] + HEAD_CHANNELS['baseline']
+    source = list(range(first)) + [first + kind * ONE_RHYTHM_TRACES + min(channel, RHYTHM)
+                                   for kind in range(3) for channel in range(N_TRACES)]
+    widened = dict(state)
+    for key in HEAD_KEYS:
+        widened[key] = state[key][source].clone()
+    return widened
+
+
 def with_coordinates(image):
     """(B, 3, H, W) -> (B, 5, H, W): RGB plus x and y in [-1, 1] (CoordConv), so the network can tell
-    the 13 strips apart by their place on the page without learning position from context alone."""
+    the strips apart by their place on the page without learning position from context alone."""
     batch, _, height, width = image.shape
     y = torch.linspace(-1, 1, height, device=image.device, dtype=image.dtype).view(1, 1, -1, 1)
     x = torch.linspace(-1, 1, width, device=image.device, dtype=image.dtype).view(1, 1, 1, -1)
@@ -100,7 +121,7 @@ def decode_outputs(out, geometry=None):
     out['signal'], out['trace_rows'] = decode_signal(out['trace'], theta, geometry.get('trace_window'),
                                                      geometry.get('trace_span'), geometry.get('px_per_mv'),
                                                      page_aspect, geometry.get('px_per_s'),
-                                                     geometry.get('rhythm_lead'), geometry.get('layouts'),
+                                                     geometry.get('rhythm_leads'), geometry.get('layouts'),
                                                      geometry.get('paper_speed'), geometry.get('start'),
                                                      geometry.get('start_weight'), geometry.get('lead_channel'),
                                                      geometry.get('lead_sign'))
@@ -108,7 +129,7 @@ def decode_outputs(out, geometry=None):
     return out
 
 
-GEOMETRY_KEYS = ('theta', 'trace_window', 'trace_span', 'px_per_mv', 'page_aspect', 'rhythm_lead', 'lead_channel',
+GEOMETRY_KEYS = ('theta', 'trace_window', 'trace_span', 'px_per_mv', 'page_aspect', 'rhythm_leads', 'lead_channel',
                  'lead_sign')
 
 
@@ -177,13 +198,17 @@ def layout_px_per_s(width, page_aspect, px_per_s, page_speed, layouts):
 
 
 def layout_strips(layouts, device):
-    """Per page, what its layout draws: windows and places (B, 13, 2) in seconds (NaN: no such strip; see
-    ecg_page.Layout.strip_seconds) and the rhythm strip's lead (B,) (-1: none). layouts: Layout per page."""
+    """Per page, what its layout draws: windows and places (B, 15, 2) in seconds (NaN: no such strip; see
+    ecg_page.Layout.strip_seconds) and the rhythm strips' leads (B, 3) (-1: none). layouts: Layout per page."""
     seconds = [layout.strip_seconds() for layout in layouts]
     windows = torch.tensor(np.stack([w for w, _ in seconds]), dtype=torch.float32, device=device)
     places = torch.tensor(np.stack([p for _, p in seconds]), dtype=torch.float32, device=device)
-    rhythm = torch.tensor([layout.rhythm_lead for layout in layouts], dtype=torch.long, device=device)
-    return windows, places, rhythm
+    return windows, places, rhythm_lead_tensor(layouts, device)
+
+
+def rhythm_lead_tensor(layouts, device):
+    """(B, 3) lead of each page's rhythm strips, top down (-1: none)."""
+    return torch.tensor([layout.rhythm_leads for layout in layouts], dtype=torch.long, device=device)
 
 
 def lead_maps(layouts, device):
@@ -194,7 +219,7 @@ def lead_maps(layouts, device):
 
 
 def default_windows(batch, device):
-    """(B, 13, 2) seconds [first, last sample] each channel shows on the standard page (LAYOUT)."""
+    """(B, 15, 2) seconds [first, last sample] each channel shows on the standard page (LAYOUT)."""
     return layout_strips([LAYOUT] * batch, device)[0]
 
 
@@ -226,7 +251,7 @@ def continuous_cumsum(values, at):
 
 def fit_start(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None):
     """Where t = 0 of the page's time axis lies, and how well the layout fits: (B,) start column and
-    (B,) score. place (B, 13, 2): page seconds of each strip's first and last sample (NaN: not drawn).
+    (B,) score. place (B, 15, 2): page seconds of each strip's first and last sample (NaN: not drawn).
 
     The page's own scale fixes the pixels per second (px_per_s (B,) read from the grid, else 25 mm/s on a
     page 8.5 in tall and page_aspect wide), so no strip can come out stretched; only the start is read from
@@ -238,8 +263,8 @@ def fit_start(presence, place, page_aspect, px_per_s=None, start=None, start_wei
     (None: PULSE_START_WEIGHT; a trained model carries its own, tuned on its validation pages)."""
     batch, _, width = presence.shape
     px_per_s = page_px_per_s(width, page_aspect, px_per_s).view(-1, 1)
-    covered = presence.sigmoid() - 0.5                                            # (B, 13, W)
-    shown = torch.isfinite(place).all(-1)                                         # (B, 13)
+    covered = presence.sigmoid() - 0.5                                            # (B, 15, W)
+    shown = torch.isfinite(place).all(-1)                                         # (B, 15)
     place = torch.nan_to_num(place)
     prior = start_prior(start, batch, width, presence.device, start_weight)
     # whole columns first, then a twentieth of a column around the best: the score is piecewise linear in
@@ -268,7 +293,7 @@ def start_prior(start, batch, width, device, start_weight=None):
 def start_scores(covered, shown, place, px_per_s, starts, prior):
     """fit_start's score (B, K) of each candidate start column (B, K); prior: start_prior's."""
     # a strip drawn from x0 to x1 fills columns round(x0) .. round(x1): the box is half a column wider each side
-    left = starts[:, None] + place[..., :1] * px_per_s[..., None] - 0.5           # (B, 13, K)
+    left = starts[:, None] + place[..., :1] * px_per_s[..., None] - 0.5           # (B, 15, K)
     right = starts[:, None] + place[..., 1:] * px_per_s[..., None] + 0.5
     inside = continuous_cumsum(covered, right) - continuous_cumsum(covered, left)
     unexplained = covered.clamp(min=0).sum(-1, keepdim=True)                    # a strip the layout lacks
@@ -278,8 +303,8 @@ def start_scores(covered, shown, place, px_per_s, starts, prior):
 
 
 def layout_spans(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None):
-    """(B, 13, W) presence logits -> (B, 13, 2) column spans of each strip on the page's one time axis
-    (fit_start): the start plus each strip's place (B, 13, 2) in seconds at the page's px_per_s."""
+    """(B, 15, W) presence logits -> (B, 15, 2) column spans of each strip on the page's one time axis
+    (fit_start): the start plus each strip's place (B, 15, 2) in seconds at the page's px_per_s."""
     x0, _ = fit_start(presence, place, page_aspect, px_per_s, start, start_weight)
     px_per_s = page_px_per_s(presence.shape[-1], page_aspect, px_per_s).view(-1, 1, 1)
     return x0.view(-1, 1, 1) + place * px_per_s
@@ -289,7 +314,7 @@ def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None
     """The layout of each page among `names` (ecg_page.LAYOUTS keys): the one whose strips best fit where
     the model sees strips (fit_start's score), among those at the paper speed the page's pulse shows
     (paper_speed (B,), NaN or None: 25 mm/s) where there are any. Layouts that differ only in the rhythm
-    strip's lead draw the same strips; pick_rhythm_leads tells them apart by what the strip shows.
+    strips' leads draw the same strips; pick_layouts tells them apart by what the strips show.
     -> [Layout] per page."""
     distinct = {}
     for name in names:   # one fit per set of strips: 3x4+II and 3x4+V1 draw the same
@@ -310,9 +335,9 @@ def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None
 
 
 def strip_plan(layout):
-    """What a layout draws where, without the leads' order or the rhythm strip's lead: layouts alike in
+    """What a layout draws where, without the leads' order or the rhythm strips' leads: layouts alike in
     this fit alike (3x4+II, 3x4+V1 and 3x4+II-Cabrera draw the same strips)."""
-    return layout.channel_rows or layout.rows, bool(layout.rhythm), layout.restart_columns, layout.paper_speed_mm_s
+    return layout.channel_rows or layout.rows, len(layout.rhythm), layout.restart_columns, layout.paper_speed_mm_s
 
 
 def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=None, start=None, start_weight=None):
@@ -358,9 +383,9 @@ def limb_misfit(readings):
 
 def pick_layouts(sampled, valid, layouts, names):
     """Each page's layout among the `names` that draw the strips of the chosen one (layouts): for each lead
-    order, the rhythm lead whose own short strip the rhythm strip matches best (Pearson r where both are
-    shown); then the order whose limb leads, rhythm strip included, fit Einthoven's and Goldberger's laws
-    best (limb_misfit: a Cabrera page draws the standard page's strips). sampled, valid (B, 13, 5000): every
+    order, the rhythm leads whose own short strips the rhythm strips match best (Pearson r where both are
+    shown); then the order whose limb leads, rhythm strips included, fit Einthoven's and Goldberger's laws
+    best (limb_misfit: a Cabrera page draws the standard page's strips). sampled, valid (B, 15, 5000): every
     channel read at the 500 Hz instants. -> [Layout] per page."""
     found = []
     for i, layout in enumerate(layouts):
@@ -387,22 +412,25 @@ def pick_order(sampled, valid, options):
 
 def order_readings(sampled, valid, layout):
     """[(lead index, values (5000,), shown (5000,))]: each lead's short strip as `layout` reads the channels
-    (13, 5000), then its rhythm strip."""
+    (15, 5000), then its rhythm strips."""
     channel, sign = layout.lead_channels()
     readings = [(lead, sampled[c] * float(sign[lead]), valid[c]) for lead, c in enumerate(channel.tolist())]
-    if layout.rhythm_lead >= 0:
-        readings.append((layout.rhythm_lead, sampled[RHYTHM], valid[RHYTHM]))
+    readings += [(lead, sampled[RHYTHM + k], valid[RHYTHM + k]) for k, lead in enumerate(layout.rhythm_leads)
+                 if lead >= 0]
     return readings
 
 
 def best_rhythm(sampled, valid, group):
-    """Among layouts of one lead order (group), the one whose rhythm lead's short strip the rhythm strip
-    (13, 5000 channels) matches best."""
+    """Among layouts of one lead order (group), the one whose rhythm leads' short strips the rhythm strips
+    (15, 5000 channels) match best (summed Pearson r)."""
     if len(group) == 1:
         return group[0]
     readings = order_readings(sampled, valid, group[0])
-    return max(group, key=lambda option: masked_pearson(sampled[RHYTHM], readings[option.rhythm_lead][1],
-                                                        valid[RHYTHM] & readings[option.rhythm_lead][2]))
+
+    def match(option):
+        return sum(masked_pearson(sampled[RHYTHM + k], readings[lead][1], valid[RHYTHM + k] & readings[lead][2])
+                   for k, lead in enumerate(option.rhythm_leads) if lead >= 0)
+    return max(group, key=match)
 
 
 def masked_pearson(a, b, mask):
@@ -414,8 +442,8 @@ def masked_pearson(a, b, mask):
 
 
 def sample_columns(values, window, span):
-    """Read (B, 13, W) per-column values at each 500 Hz instant: channel c's window [t0, t1] maps
-    linearly onto its column span [x0, x1]. Returns (B, 13, 5000) values and a validity mask."""
+    """Read (B, 15, W) per-column values at each 500 Hz instant: channel c's window [t0, t1] maps
+    linearly onto its column span [x0, x1]. Returns (B, 15, 5000) values and a validity mask."""
     t = torch.arange(N_SAMPLES, device=values.device, dtype=torch.float32) / FS
     t0, t1 = window[..., :1], window[..., 1:]
     x0, x1 = span[..., :1], span[..., 1:]
@@ -430,10 +458,10 @@ def sample_columns(values, window, span):
     return v_left * (1 - frac) + v_right * frac, valid
 
 
-def channels_to_leads(values, valid, rhythm_lead=None, lead_channel=None, lead_sign=None):
-    """(B, 13, 5000) channel readings -> (B, 12, 5000) leads: each lead from the channel of its short strip
-    (lead_channel (B, 12), times lead_sign (B, 12); default its own channel, +1), and the rhythm strip fills
-    its lead (rhythm_lead (B,), -1: none; default the standard page's II) and wins where both are shown."""
+def channels_to_leads(values, valid, rhythm_leads=None, lead_channel=None, lead_sign=None):
+    """(B, 15, 5000) channel readings -> (B, 12, 5000) leads: each lead from the channel of its short strip
+    (lead_channel (B, 12), times lead_sign (B, 12); default its own channel, +1), and each rhythm strip fills
+    its lead (rhythm_leads (B, 3), -1: none; default the standard page's II) and wins where both are shown."""
     short, short_valid = values[:, :N_LEADS], valid[:, :N_LEADS]
     if lead_channel is not None:
         index = lead_channel.to(values.device).long()[..., None].expand_as(short)
@@ -442,38 +470,41 @@ def channels_to_leads(values, valid, rhythm_lead=None, lead_channel=None, lead_s
         short = short * lead_sign.to(values.device, values.dtype)[..., None]
     leads = torch.where(short_valid, short, torch.zeros_like(short))
     shown = short_valid.clone()
-    if rhythm_lead is None:
-        rhythm_lead = torch.full((values.shape[0],), LAYOUT.rhythm_lead, device=values.device)
-    rhythm_lead = rhythm_lead.to(values.device).long().view(-1)
-    for_lead = F.one_hot(rhythm_lead.clamp(min=0), N_LEADS).bool() & (rhythm_lead >= 0)[:, None]   # (B, 12)
-    rhythm = for_lead[..., None] & valid[:, RHYTHM:RHYTHM + 1]                   # (B, 12, 5000)
-    leads = torch.where(rhythm, values[:, RHYTHM:RHYTHM + 1], leads)
-    return leads, shown | rhythm
+    if rhythm_leads is None:
+        rhythm_leads = rhythm_lead_tensor([LAYOUT] * values.shape[0], values.device)
+    rhythm_leads = rhythm_leads.to(values.device).long().view(values.shape[0], -1)
+    for k in range(rhythm_leads.shape[1]):
+        lead = rhythm_leads[:, k]
+        for_lead = F.one_hot(lead.clamp(min=0), N_LEADS).bool() & (lead >= 0)[:, None]   # (B, 12)
+        rhythm = for_lead[..., None] & valid[:, RHYTHM + k:RHYTHM + k + 1]              # (B, 12, 5000)
+        leads = torch.where(rhythm, values[:, RHYTHM + k:RHYTHM + k + 1], leads)
+        shown = shown | rhythm
+    return leads, shown
 
 
 def read_channels(trace_rows, zero_rows, window, span, px_per_mv):
-    """Page-frame rows per column (B, 13, W) -> each channel in mV at the 500 Hz instants of its window,
-    and where it is shown: (B, 13, 5000) each."""
+    """Page-frame rows per column (B, 15, W) -> each channel in mV at the 500 Hz instants of its window,
+    and where it is shown: (B, 15, 5000) each."""
     value = (zero_rows - trace_rows) / px_per_mv.view(-1, 1, 1)
     return sample_columns(torch.nan_to_num(value, nan=0.0), window, span)
 
 
 def decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect=None, px_per_s=None,
-                rhythm_lead=None, lead_channel=None, lead_sign=None):
+                rhythm_leads=None, lead_channel=None, lead_sign=None):
     """Shared by the model and the round-trip bound: page-frame rows per column -> (B, 12, 5000) mV.
 
-    trace_rows, zero_rows, presence: (B, 13, W); window, span: (B, 13, 2) or None (the standard page,
+    trace_rows, zero_rows, presence: (B, 15, W); window, span: (B, 15, 2) or None (the standard page,
     its start read from presence); px_per_mv (B,); px_per_s (B,) or None: the page's columns per second
-    when the span is read from presence; rhythm_lead (B,) or None (the standard page's); lead_channel,
+    when the span is read from presence; rhythm_leads (B, 3) or None (the standard page's); lead_channel,
     lead_sign (B, 12) or None: which channel holds each lead (channels_to_leads)."""
     batch = trace_rows.shape[0]
     if page_aspect is None:
         page_aspect = torch.full((batch,), PAGE_ASPECT, device=trace_rows.device)
     if window is None:
-        window, place, rhythm_lead = layout_strips([LAYOUT] * batch, trace_rows.device)
+        window, place, rhythm_leads = layout_strips([LAYOUT] * batch, trace_rows.device)
         span = layout_spans(presence, place, page_aspect, px_per_s)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
-    return channels_to_leads(sampled, valid, rhythm_lead, lead_channel, lead_sign)
+    return channels_to_leads(sampled, valid, rhythm_leads, lead_channel, lead_sign)
 
 
 def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspect, px_per_s=None,
@@ -481,7 +512,7 @@ def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspec
     """Decode pages whose layout is read from the image, among `names` (at the paper speed (B,) the pages'
     pulses show): -> (B, 12, 5000) mV, (B, 12, 5000) shown, and what was used: each page's layout name (its
     lead order and rhythm lead told by what the strips show: pick_layouts), the strips' windows and spans
-    (B, 13, 2), the rhythm lead (B,) and the channel and sign of each lead (B, 12)."""
+    (B, 15, 2), the rhythm strips' leads (B, 3) and the channel and sign of each lead (B, 12)."""
     chosen = choose_layouts(presence, names, page_aspect, px_per_s, paper_speed, start, start_weight)
     window, place, _ = layout_strips(chosen, trace_rows.device)
     page_speed = page_speeds(paper_speed, len(chosen), presence.device)
@@ -490,17 +521,17 @@ def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspec
                         start_weight)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
     found = pick_layouts(sampled, valid, chosen, names)
-    rhythm_lead = torch.tensor([layout.rhythm_lead for layout in found], dtype=torch.long, device=sampled.device)
+    rhythm_leads = rhythm_lead_tensor(found, sampled.device)
     lead_channel, lead_sign = lead_maps(found, sampled.device)
-    signal, shown = channels_to_leads(sampled, valid, rhythm_lead, lead_channel, lead_sign)
+    signal, shown = channels_to_leads(sampled, valid, rhythm_leads, lead_channel, lead_sign)
     return signal, shown, dict(layouts=[layout.name for layout in found], window=window, span=span,
-                               rhythm_lead=rhythm_lead, lead_channel=lead_channel, lead_sign=lead_sign)
+                               rhythm_leads=rhythm_leads, lead_channel=lead_channel, lead_sign=lead_sign)
 
 
 def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None,
-                  rhythm_lead=None, layouts=None, paper_speed=None, start=None, start_weight=None, lead_channel=None,
+                  rhythm_leads=None, layouts=None, paper_speed=None, start=None, start_weight=None, lead_channel=None,
                   lead_sign=None):
-    """Signal head: (B, 39, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read.
+    """Signal head: (B, 45, H, W) trace maps -> (B, 12, 5000) mV, plus the page-frame rows it read.
     px_per_mv, px_per_s (B,): the page's scale in input pixels; NaN or None falls back to the page border.
     Without a window, the layout is read from the maps among `layouts` (names; default the standard page),
     at the paper speed (B,) each page's pulse shows (NaN or None: 25 mm/s), its time start held near where
@@ -521,8 +552,8 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
                                          page_aspect, px_per_s, paper_speed, start, start_weight)
     else:
         signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s,
-                                rhythm_lead, lead_channel, lead_sign)
-        used = dict(layouts=None, window=window, span=span, rhythm_lead=rhythm_lead, lead_channel=lead_channel,
+                                rhythm_leads, lead_channel, lead_sign)
+        used = dict(layouts=None, window=window, span=span, rhythm_leads=rhythm_leads, lead_channel=lead_channel,
                     lead_sign=lead_sign)
     # what the signal was decoded with, so row_spread reads the very same strips
     return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
@@ -539,7 +570,7 @@ def row_spread(out):
     variance = (prob * (grid - rows['trace'].unsqueeze(2)) ** 2).sum(2)
     spread_rows = variance.clamp(min=0).sqrt()
     spread, _ = decode_rows(-spread_rows, torch.zeros_like(spread_rows), rows['presence'], rows['window'],
-                            rows['span'], rows['px_per_mv'], rhythm_lead=rows['rhythm_lead'],
+                            rows['span'], rows['px_per_mv'], rhythm_leads=rows['rhythm_leads'],
                             lead_channel=rows.get('lead_channel'))   # a spread has no sign
     return spread
 
@@ -752,7 +783,7 @@ def build_model(encoder='resnet34', pretrained=False, pretrained_path=None, deco
 
 TRACE_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
                  (240, 50, 230), (150, 150, 0), (0, 128, 128), (170, 110, 40), (128, 0, 0), (0, 0, 128),
-                 (60, 180, 75)]
+                 (60, 180, 75), (0, 130, 200), (245, 130, 48)]   # the rhythm strips last
 
 
 def page_to_image_xy(x, y, theta_deg, page_aspect, size_hw):

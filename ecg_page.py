@@ -1,8 +1,9 @@
 """The paper ECG's vocabulary, written once: leads, the 500 Hz x 10 s signal, paper speed and gain,
 the page, and page layouts as data. Every other file of the toolkit imports these names.
 
-A layout is rows of leads (each row split into equal columns over the 10 s) plus rhythm strips
-(one lead over the whole 10 s, below the rows). The standard page is 3 x 4 + a lead II rhythm strip:
+A layout is rows of leads (each row split into equal columns over the 10 s) plus rhythm strips (one lead
+over the whole 10 s, below the rows; up to three, as clinics print II, V1 and V5). The standard page is
+3 x 4 + a lead II rhythm strip:
 
     I    aVR  V1  V4          columns at 0-2.5, 2.5-5, 5-7.5, 7.5-10 s
     II   aVL  V2  V5
@@ -18,8 +19,9 @@ N_LEADS = len(LEADS)
 FS = 500                          # Hz of every signal the toolkit trains on and writes by default
 SECONDS = 10.0
 N_SAMPLES = int(FS * SECONDS)     # 5000 samples a lead
-N_TRACES = N_LEADS + 1            # trace channels of targets and model: each lead's short strip + the rhythm strip
-RHYTHM = N_LEADS                  # the rhythm strip's trace channel
+N_RHYTHM = 3                      # the most rhythm strips a page draws (clinics' II, V1, V5)
+N_TRACES = N_LEADS + N_RHYTHM     # trace channels of targets and model: each lead's short strip + the rhythm strips
+RHYTHM = N_LEADS                  # the first (top) rhythm strip's trace channel; strip k (top down) is RHYTHM + k
 
 MM_PER_S = 25.0                   # standard paper speed
 MM_PER_MV = 10.0                  # standard gain
@@ -85,9 +87,10 @@ class Layout:
         return None if column is None else (column * self.column_seconds, (column + 1) * self.column_seconds)
 
     @property
-    def rhythm_lead(self):
-        """Lead index of the (first) rhythm strip, -1 without one: the 13th trace channel holds it."""
-        return LEADS.index(self.rhythm[0]) if self.rhythm else -1
+    def rhythm_leads(self):
+        """(N_RHYTHM,) lead index of each rhythm strip, top down (trace channels RHYTHM, RHYTHM + 1, ...), -1
+        where the page draws fewer."""
+        return [LEADS.index(lead) for lead in self.rhythm] + [-1] * (N_RHYTHM - len(self.rhythm))
 
     def label(self, lead):
         """The name printed beside a lead's strip: -aVR where it is drawn inverted."""
@@ -113,8 +116,8 @@ class Layout:
         return channel, np.array([self.sign(lead) for lead in LEADS])
 
     def strip_seconds(self, fs=FS):
-        """(13, 2) windows and (13, 2) places, seconds [first sample, last sample] of each trace channel
-        (a place's short strip, then the rhythm strip); NaN where the layout draws no such strip."""
+        """(15, 2) windows and (15, 2) places, seconds [first sample, last sample] of each trace channel
+        (a place's short strip, then the rhythm strips top down); NaN where the layout draws no such strip."""
         windows = np.full((N_TRACES, 2), np.nan)
         places = np.full((N_TRACES, 2), np.nan)
         by_channel = replace(self, rows=self.channel_rows or self.rows)
@@ -122,8 +125,7 @@ class Layout:
             if by_channel.column_of(lead) is not None:
                 windows[i] = by_channel.short_window(lead)
                 places[i] = by_channel.short_place(lead)
-        if self.rhythm:
-            windows[RHYTHM] = places[RHYTHM] = (0.0, self.seconds)
+        windows[RHYTHM:RHYTHM + len(self.rhythm)] = places[RHYTHM:RHYTHM + len(self.rhythm)] = (0.0, self.seconds)
         windows[:, 1] -= 1 / fs
         places[:, 1] -= 1 / fs
         return windows, places
@@ -167,6 +169,7 @@ LAYOUTS = {layout.name: layout for layout in (
     Layout('3x4', rows=THREE_BY_FOUR),
     # any lead as the rhythm strip: ecg-image-kit --full_mode V1 (and --full_mode None, which draws lead I)
     *(Layout(f'3x4+{lead}', rows=THREE_BY_FOUR, rhythm=(lead,)) for lead in LEADS if lead != 'II'),
+    Layout('3x4+II+V1+V5', rows=THREE_BY_FOUR, rhythm=('II', 'V1', 'V5')),   # clinics' three rhythm strips
     Layout('6x2+II', rows=KIT_SIX_BY_TWO, rhythm=('II',), restart_columns=True),   # --num_columns 2
     Layout('6x2', rows=KIT_SIX_BY_TWO, restart_columns=True),
     Layout('12x1', rows=tuple((lead,) for lead in LEADS)),

@@ -302,7 +302,7 @@ def snr_style_loss(pred, true, mask):
 
 
 def presence_bce(logits, present):
-    """BCE of the (B, 13, W) column presence logits, the columns within EDGE_REACH of a strip's end weighted
+    """BCE of the (B, 15, W) column presence logits, the columns within EDGE_REACH of a strip's end weighted
     1 + PRESENCE_EDGE_WEIGHT: decoding times every strip by where its presence starts and stops, and the
     interior columns, easy and many, would otherwise drown them."""
     change = (present[..., 1:] != present[..., :-1]).float()

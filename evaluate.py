@@ -89,7 +89,7 @@ def round_trip(batch):
     """Ground truth decoded through the model's decoding path: (B, 12, 5000)."""
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
     signal, _ = ecg_model.decode_rows(centre, batch['baseline_row'], None, batch['trace_window'],
-                                      batch['trace_span'], batch['px_per_mv'], rhythm_lead=batch['rhythm_lead'],
+                                      batch['trace_span'], batch['px_per_mv'], rhythm_leads=batch['rhythm_leads'],
                                       lead_channel=batch['lead_channel'], lead_sign=batch['lead_sign'])
     return signal
 

@@ -4,7 +4,7 @@
     python inference.py --image scans/ --onnx model.onnx --output signals/
 
 What is exported: the U-Net with its CoordConv coordinate channels, image (B, 3, H, W) -> the raw maps
-`maps` (B, 55, H, W: seg 13, grid 1, baseline 1, trace 39, in that order) and `theta` (B,) in degrees,
+`maps` (B, 60, H, W: seg 13, grid 1, baseline 1, trace 45, in that order) and `theta` (B,) in degrees,
 with a dynamic batch and the checkpoint's fixed H x W (written into the file's metadata). The decoding
 (ecg_model.decode_outputs: rotation search, de-rotation, soft-argmax, resampling to 500 Hz) stays a
 torch step after it: its data-dependent search and scatter-adds are not worth a second implementation.
@@ -41,7 +41,7 @@ def parse_args(argv=None):
 
 
 class Network(torch.nn.Module):
-    """ECGDigitizer without its decoding: image (B, 3, H, W) -> maps (B, 55, H, W), theta (B,)."""
+    """ECGDigitizer without its decoding: image (B, 3, H, W) -> maps (B, 60, H, W), theta (B,)."""
 
     def __init__(self, model):
         super().__init__()

@@ -9,9 +9,10 @@ validity mask. Every target of DESIGN.md is built at the network's input size (H
     baseline     (H, W)     float, each plotted lead's 0 mV line
     theta        ()         page rotation in degrees (positive = clockwise on screen), theta_valid
     signal       (12, 5000) mV at 500 Hz, signal_mask (12, 5000): finite in the CSV and shown on the image
-    trace_top / trace_bot / baseline_row  (13, W): per column, the rows the trace of each plotted lead spans
-                 and the row of its 0 mV line (channel 12 = rhythm strip); NaN where the lead is not plotted
-    trace_window (13, 2)    seconds [first, last] sample each channel shows; trace_span (13, 2) its columns
+    trace_top / trace_bot / baseline_row  (15, W): per column, the rows the trace of each plotted lead spans
+                 and the row of its 0 mV line (channels 12-14 = rhythm strips, top down); NaN where not plotted
+    trace_window (15, 2)    seconds [first, last] sample each channel shows; trace_span (15, 2) its columns
+    rhythm_leads (3,)       the lead each rhythm strip shows, top down (-1: the page draws fewer)
     px_per_mv    ()         input rows per mV
 
 Validate a data set (counts, sampling rates, problems, timing, preview PNG of the targets):
@@ -41,8 +42,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import page_scale
-from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, MM_PER_S, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT,
-                      PAGE_HEIGHT_MM, RHYTHM, SECONDS, page_layout)
+from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, MM_PER_S, N_LEADS, N_RHYTHM, N_SAMPLES, N_TRACES,
+                      PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS, page_layout)
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
 LAYOUT_NAMES = list(LAYOUTS)       # layout_id indexes this list; -1: a page no known layout draws
@@ -274,8 +275,9 @@ def page_offset(meta, png_wh, path):
 
 
 def trace_channels(leads, path):
-    """Trace channel of each JSON lead entry: the lead's index, or RHYTHM for the rhythm strip
-    (a second entry of the same lead, told apart by its longer sample range)."""
+    """Trace channel of each JSON lead entry: the lead's index, or a rhythm channel for a rhythm strip (a
+    second entry of the same lead, told apart by its longer sample range): RHYTHM + k for the k-th rhythm
+    strip from the top of the page."""
     channels, by_name = [], {}
     for i, entry in enumerate(leads):
         name = entry.get('lead_name')
@@ -283,13 +285,24 @@ def trace_channels(leads, path):
             raise SampleError(f'{path}: unknown lead_name {name!r}')
         by_name.setdefault(name, []).append(i)
         channels.append(LEADS.index(name))
+    rhythm = []
     for name, entries in by_name.items():
         if len(entries) > 2:
             raise SampleError(f'{path}: lead {name} appears {len(entries)} times')
         if len(entries) == 2:
             lengths = [leads[i]['end_sample'] - leads[i]['start_sample'] for i in entries]
-            channels[entries[int(np.argmax(lengths))]] = RHYTHM
+            rhythm.append(entries[int(np.argmax(lengths))])
+    if len(rhythm) > N_RHYTHM:
+        raise SampleError(f'{path}: {len(rhythm)} rhythm strips (leads drawn twice); a page holds at most {N_RHYTHM}')
+    for k, i in enumerate(sorted(rhythm, key=lambda i: mean_row(leads[i]))):
+        channels[i] = RHYTHM + k
     return channels
+
+
+def mean_row(entry):
+    """Mean row of a JSON lead entry's plotted pixels ([row, col] pairs; inf where there are none)."""
+    pixels = np.asarray(entry.get('plotted_pixels', []), np.float64).reshape(-1, 2)
+    return float(pixels[:, 0].mean()) if len(pixels) else float('inf')
 
 
 def parse_page(ref):
@@ -326,18 +339,20 @@ def parse_page(ref):
                     center_xy=np.array(meta.get('rotation_center', [meta['height'] / 2, meta['width'] / 2])[::-1],
                                        np.float64) + offset,
                     spacing=float(meta['x_grid']))
-    rhythm = [e['lead'] for e in entries if e['channel'] == RHYTHM]
-    strips = [(LEADS[e['lead']], e['start'] / ref.fs, (e['end'] - 1) / ref.fs, e['channel'] == RHYTHM) for e in entries]
+    rhythm_leads = np.full(N_RHYTHM, -1, np.int64)
+    for e in (e for e in entries if e['channel'] >= RHYTHM):
+        rhythm_leads[e['channel'] - RHYTHM] = e['lead']
+    strips = [(LEADS[e['lead']], e['start'] / ref.fs, (e['end'] - 1) / ref.fs, e['channel'] >= RHYTHM) for e in entries]
     # y_grid is the 5 mm square in px; gain and speed are 10 mm/mV and 25 mm/s unless the JSON says otherwise
     gain, speed = float(meta.get('gain_mm_mv', MM_PER_MV)), float(meta.get('paper_speed_mm_s', MM_PER_S))
     layout = page_layout(strips, speed, meta.get('layout'))
     lead_channel, lead_sign = LAYOUTS[layout].lead_channels() if layout else (np.arange(N_LEADS), np.ones(N_LEADS))
-    for entry in (e for e in entries if e['channel'] != RHYTHM):   # a channel is a place: on a Cabrera page
+    for entry in (e for e in entries if e['channel'] < RHYTHM):   # a channel is a place: on a Cabrera page
         entry['channel'] = int(lead_channel[entry['lead']])          # aVL is read where the standard page draws I
         entry['sign'] = float(lead_sign[entry['lead']])
     return dict(entries=entries, lead_channel=lead_channel, lead_sign=lead_sign,
                 px_per_mv=gain / MAJOR_MM * float(meta['y_grid']), gain_mm_mv=gain, paper_speed_mm_s=speed,
-                rhythm_lead=rhythm[0] if rhythm else -1, layout_id=LAYOUT_NAMES.index(layout) if layout else -1,
+                rhythm_leads=rhythm_leads, layout_id=LAYOUT_NAMES.index(layout) if layout else -1,
                 rotation_deg=None if rotation is None else float(rotation),
                 grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style') or kit_style(meta))
 
@@ -475,10 +490,10 @@ def trace_targets(page, values, theta_deg, scale_xy, size_hw, fs, png_wh):
     span = np.full((N_TRACES, 2), np.nan, np.float32)
     seg = np.zeros((height, width), np.uint8)
     baseline = np.zeros((height, width), np.uint8)
-    for entry in sorted(page['entries'], key=lambda e: e['channel'] != RHYTHM):   # short leads drawn last
+    for entry in sorted(page['entries'], key=lambda e: e['channel'] < RHYTHM):   # short leads drawn last
         c = entry['channel']
         xy = to_input(entry['xy'], scale_xy)
-        draw_polyline(seg, xy, (entry['lead'] if c == RHYTHM else c) + 1)   # the lead the place stands for
+        draw_polyline(seg, xy, (entry['lead'] if c >= RHYTHM else c) + 1)   # the lead the place stands for
         zero_line = fit_line(to_input(zero_mv_points(entry, values, page['px_per_mv'], theta_deg), scale_xy))
         page_xy = to_input(derotate(entry['xy'], theta_deg, png_wh), scale_xy)
         page_zero = fit_line(to_input(zero_mv_points(dict(entry, xy=derotate(entry['xy'], theta_deg, png_wh)),
@@ -654,7 +669,7 @@ def build_sample(ref, size_hw, scale=False):
                    read_speed_mm_s=np.float32(pulse_reading(found, 'paper_speed_mm_s', 'speed_assumed')),
                    read_start=np.float32(found.get('trace_start_column', float('nan'))),
                    page_aspect=np.float32(png_wh[0] / png_wh[1]),
-                   rhythm_lead=np.int64(page['rhythm_lead']), layout_id=np.int64(page['layout_id']),
+                   rhythm_leads=page['rhythm_leads'].astype(np.int64), layout_id=np.int64(page['layout_id']),
                    lead_channel=page['lead_channel'].astype(np.int64), lead_sign=page['lead_sign'].astype(np.float32))
     return targets
 
@@ -704,7 +719,7 @@ def shift_map(array, dy, dx, border=cv2.BORDER_CONSTANT):
 
 
 def shift_columns(rows, dy, dx):
-    """Translate (13, W) per-column row arrays by (dx, dy) page-frame pixels (dx may be fractional)."""
+    """Translate (15, W) per-column row arrays by (dx, dy) page-frame pixels (dx may be fractional)."""
     out = np.full_like(rows, np.nan)
     cols = np.arange(rows.shape[1])
     for channel, values in enumerate(rows):
@@ -765,7 +780,7 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
     'read_speed_mm_s': (lambda h, w: (), torch.float32),
     'read_start': (lambda h, w: (), torch.float32),
     'page_aspect': (lambda h, w: (), torch.float32),
-    'rhythm_lead': (lambda h, w: (), torch.int64),
+    'rhythm_leads': (lambda h, w: (N_RHYTHM,), torch.int64),
     'lead_channel': (lambda h, w: (N_LEADS,), torch.int64),
     'lead_sign': (lambda h, w: (N_LEADS,), torch.float32),
     'layout_id': (lambda h, w: (), torch.int64),

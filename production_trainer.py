@@ -709,13 +709,16 @@ def init_weights(model, path):
     if checkpoint['model_args'] != model.model_args:
         raise pdx.InputError(f'--init_from {path}: its model is {checkpoint["model_args"]}, this run\'s is '
                              f'{model.model_args}; pass the same --encoder and --decoder_channels')
-    model.load_state_dict(checkpoint['model'])
+    model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model']))
     log.info('weights from %s (trained at %s)', path, 'x'.join(map(str, ecg_checkpoint.input_size(checkpoint))))
 
 
 def resume_from(path, model, optimizer, scheduler, scaler, device, config):
     """Weights, optimizer, schedule, RNG and progress of a checkpoint -> the training state."""
     checkpoint = ecg_checkpoint.load(path, map_location=device)
+    if ecg_model.widen_trace_head(checkpoint['model']) is not checkpoint['model']:
+        raise pdx.InputError(f'--resume {path}: made before pages of three rhythm strips (one rhythm channel); its '
+                             f'optimizer state does not fit this model: start a new run with --init_from {path}')
     unwrap(model).load_state_dict(checkpoint['model'])
     optimizer.load_state_dict(checkpoint['optimizer'])
     schedule = scheduler.lr_lambdas[0]

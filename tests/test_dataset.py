@@ -111,7 +111,7 @@ def test_fixture_baseline_and_theta_consistent_with_trace(fixture_dirs, k, augme
         assert abs(theta) < 0.05
     else:   # ecg-image-kit rotated by an unknown integer angle in [-6, 6]
         assert 1 <= abs(theta) <= 6.05 and abs(theta - round(theta)) < 0.1
-    for channel in range(13):
+    for channel in range(pdx.RHYTHM + 1):   # ecg-image-kit draws one rhythm strip: lead II
         lead = 1 if channel == pdx.RHYTHM else channel
         start, end = sample['trace_window'][channel].numpy()
         x0, x1 = sample['trace_span'][channel].numpy()

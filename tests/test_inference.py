@@ -1,6 +1,7 @@
 """inference.py CLI on tiny simulator images: Kaggle CSV layout, NaN where not shown, --fs, folder mode, --wfdb,
 images without JSON, RGBA and JPEG input, clear errors."""
 import json
+import re
 import shutil
 
 import cv2
@@ -155,7 +156,8 @@ def test_gain_and_paper_speed_flags_override_the_pulse(single, tiny_checkpoint):
     halved = pd.read_csv(out).to_numpy()
     finite = np.isfinite(base) & np.isfinite(halved)
     assert finite.sum() > 5000 and np.abs(halved[finite] - base[finite] / 2).max() < 0.01
-    assert '3x4+II@50mm/s' in result.stderr
+    # which 50 mm/s twin (with or without its rhythm strip) a barely trained model's presence fits is chance
+    assert re.search(r'fit 3x4\S*@50mm/s best', result.stderr)
     report = json.loads(out.with_suffix('.json').read_text())
     assert report['scale']['gain_from_flag'] == 20 and report['scale']['speed_from_flag'] == 50
-    assert '3x4+II@50mm/s' in report['layout_warning']
+    assert re.search(r'3x4\S*@50mm/s', report['layout_warning'])

@@ -1,7 +1,9 @@
 """Page layouts as data (ecg_page.LAYOUTS) and reading them back: which strips each layout draws, where
-it places them and which seconds they show; the layout and the rhythm strip's lead found from the model's
-presence maps and from what the strips show; the rhythm strip filling its own lead."""
+it places them and which seconds they show; the layout and the rhythm strips' leads found from the model's
+presence maps and from what the strips show; each rhythm strip (up to three) filling its own lead."""
 import json
+from dataclasses import replace
+from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
@@ -31,14 +33,19 @@ def test_ecg_image_kit_two_column_page_restarts_each_column_at_zero():
     assert mask[v4, :int(5 * FS)].all() and not mask[v4, int(5 * FS):].any()
     assert mask[LEADS.index('II')].all()
     assert LAYOUTS['12x1'].shown_mask().all() and not np.isfinite(LAYOUTS['12x1'].strip_seconds()[0][RHYTHM]).any()
-    assert LAYOUTS['3x4'].rhythm_lead == -1 and LAYOUTS['3x4+V1'].rhythm_lead == LEADS.index('V1')
+    assert LAYOUTS['3x4'].rhythm_leads == [-1, -1, -1]
+    assert LAYOUTS['3x4+V1'].rhythm_leads == [LEADS.index('V1'), -1, -1]
+    three = LAYOUTS['3x4+II+V1+V5']
+    assert three.rhythm_leads == [LEADS.index(lead) for lead in ('II', 'V1', 'V5')]
+    assert np.isfinite(three.strip_seconds()[0]).all() and three.shown_mask()[[1, 6, 10]].all()
 
 
-@pytest.mark.parametrize('name', ['3x4+II', '3x4', '3x4+V1', '6x2+II', '12x1', '3x4+II@50mm/s', '12x1@50mm/s'])
+@pytest.mark.parametrize('name', ['3x4+II', '3x4', '3x4+V1', '3x4+II+V1+V5', '6x2+II', '12x1', '3x4+II@50mm/s',
+                                  '12x1@50mm/s'])
 def test_a_page_is_named_by_the_strips_it_draws(name):
     layout = LAYOUTS[name]
     windows, _ = layout.strip_seconds()
-    strips = [(LEADS[c] if c < RHYTHM else layout.rhythm[0], windows[c, 0], windows[c, 1], c == RHYTHM)
+    strips = [(LEADS[c] if c < RHYTHM else layout.rhythm[c - RHYTHM], windows[c, 0], windows[c, 1], c >= RHYTHM)
               for c in range(N_TRACES) if np.isfinite(windows[c]).all()]
     assert page_layout(strips, layout.paper_speed_mm_s) == name
     assert page_layout(strips[:-1], layout.paper_speed_mm_s) != name   # one strip fewer is another page
@@ -72,13 +79,13 @@ def drawn_presence(name, x0, batch=1):
     return torch.where(inside, 10.0, -10.0)
 
 
-@pytest.mark.parametrize('name', ['3x4+II', '3x4', '6x2+II', '6x2', '12x1'])
+@pytest.mark.parametrize('name', ['3x4+II', '3x4', '3x4+II+V1+V5', '6x2+II', '6x2', '12x1'])
 def test_layout_and_time_start_are_found_from_presence(name):
     x0 = 37.3
     presence = drawn_presence(name, x0)
     aspect, px_per_s = torch.tensor([11 / 8.5]), torch.tensor([PX_PER_S])
     chosen = ecg_model.choose_layouts(presence, list(LAYOUTS), aspect, px_per_s)
-    assert chosen[0].rows == LAYOUTS[name].rows and bool(chosen[0].rhythm) == bool(LAYOUTS[name].rhythm)
+    assert chosen[0].rows == LAYOUTS[name].rows and len(chosen[0].rhythm) == len(LAYOUTS[name].rhythm)
     _, places, _ = ecg_model.layout_strips(chosen, 'cpu')
     start, _ = ecg_model.fit_start(presence, places, aspect, px_per_s)
     assert float(start) == pytest.approx(x0, abs=0.6)
@@ -121,10 +128,10 @@ def test_the_rhythm_strips_lead_is_told_by_what_it_shows():
     names = ['3x4+II', '3x4+V1', '3x4+V5']
     found = ecg_model.pick_layouts(sampled, valid, [STANDARD], names)
     assert found[0].name == '3x4+V1'
-    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_lead]))
+    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]))
     assert shown[0, LEADS.index('V1')].all() and not shown[0, LEADS.index('II'), int(2.5 * FS):].any()
     np.testing.assert_allclose(signal[0, LEADS.index('V1')].numpy(), truth[LEADS.index('V1')], atol=1e-6)
-    _, no_rhythm = ecg_model.channels_to_leads(sampled, valid, torch.tensor([-1]))
+    _, no_rhythm = ecg_model.channels_to_leads(sampled, valid, torch.tensor([[-1, -1, -1]]))
     assert not no_rhythm[0, LEADS.index('V1'), :int(5 * FS)].any()
 
 
@@ -199,7 +206,7 @@ def test_a_cabrera_page_relabels_the_standard_places():
 
 
 def channel_readings(layout, truth):
-    """(1, 13, 5000) channels and their shown masks as a page of `layout` draws the leads `truth` (12, 5000)."""
+    """(1, 15, 5000) channels and their shown masks as a page of `layout` draws the leads `truth` (12, 5000)."""
     windows, _ = layout.strip_seconds()
     channel, sign = layout.lead_channels()
     t = np.arange(N_SAMPLES) / FS
@@ -209,9 +216,9 @@ def channel_readings(layout, truth):
         c = channel[lead]
         valid[0, c] = (t >= windows[c, 0] - 1e-9) & (t <= windows[c, 1] + 1e-9)
         sampled[0, c] = np.where(valid[0, c], sign[lead] * truth[lead], 0)
-    if layout.rhythm:
-        valid[0, RHYTHM] = True
-        sampled[0, RHYTHM] = truth[layout.rhythm_lead]
+    for k, lead in enumerate(layout.rhythm):
+        valid[0, RHYTHM + k] = True
+        sampled[0, RHYTHM + k] = truth[LEADS.index(lead)]
     return torch.from_numpy(sampled), torch.from_numpy(valid)
 
 
@@ -233,14 +240,69 @@ def test_the_lead_order_is_told_by_einthovens_law(name):
     plan_mates = [n for n in LAYOUTS if ecg_model.strip_plan(LAYOUTS[n]) == ecg_model.strip_plan(layout)]
     assert len({LAYOUTS[n].rows for n in plan_mates}) == 2                    # the standard and the Cabrera order
     misfit = {n: ecg_model.limb_misfit(ecg_model.order_readings(sampled[0], valid[0], LAYOUTS[n])) for n in plan_mates
-              if LAYOUTS[n].rhythm_lead == layout.rhythm_lead}
+              if LAYOUTS[n].rhythm_leads == layout.rhythm_leads}
     assert misfit[name] < 0.01 and all(m > 0.1 for n, m in misfit.items() if LAYOUTS[n].rows != layout.rows)
     found = ecg_model.pick_layouts(sampled, valid, [layout], plan_mates)
     assert found[0].name == name
     channel, sign = ecg_model.lead_maps(found, 'cpu')
-    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_lead]), channel, sign)
+    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]), channel, sign)
     assert shown.all(-1).sum() == (12 if name.startswith('12x1') else 1 if layout.rhythm else 0)
     np.testing.assert_allclose(signal[0][shown[0]].numpy(), truth[shown[0].numpy()], atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def rhythm_pages(tmp_path_factory):
+    """Simulator pages with three rhythm strips, II V1 V5 (classic style, 100 dpi, upright)."""
+    out = tmp_path_factory.mktemp('rhythm3')
+    run_cli('ecg_simulator.py', '--out', out, '--n', 2, '--seed', 5, '--workers', 1, '--dpi_choices', 100,
+            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 0, '--layouts', '3x4+II+V1+V5')
+    return out
+
+
+def test_three_rhythm_strips_train_in_their_own_channels_and_read_back(rhythm_pages):
+    """Clinics' page of three rhythm strips: each strip gets the rhythm channel of its row (top down: II, V1,
+    V5), its channel's rows follow its lead over all 10 s, and decoding the true rows with the layout found
+    from presence fills II, V1 and V5 over the whole 10 s."""
+    refs, problems = pdx.find_samples(rhythm_pages, rhythm_pages)
+    assert not problems and len(refs) == 2
+    dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), read_scale=True)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    three = [LEADS.index(lead) for lead in ('II', 'V1', 'V5')]
+    assert batch['rhythm_leads'].tolist() == [three, three]
+    assert [pdx.layout_name(i) for i in batch['layout_id']] == ['3x4+II+V1+V5'] * 2
+    rows = batch['baseline_row'][:, RHYTHM:].nanmean(-1)
+    assert (rows[:, 0] < rows[:, 1]).all() and (rows[:, 1] < rows[:, 2]).all()       # top down
+    assert (batch['signal_mask'][:, three].float().mean(-1) > 0.99).all()              # 10 s of each
+    presence = torch.where(torch.isfinite(batch['trace_top']), 10.0, -10.0)
+    centre = (batch['trace_top'] + batch['trace_bot']) / 2
+    signal, shown, used = ecg_model.decode_layouts(centre, batch['baseline_row'], presence, list(LAYOUTS),
+                                                   batch['read_px_per_mv'], batch['page_aspect'],
+                                                   batch['read_px_per_s'], batch['read_speed_mm_s'])
+    assert used['layouts'] == ['3x4+II+V1+V5'] * 2 and used['rhythm_leads'].tolist() == [three, three]
+    assert shown[:, three].all()
+    for lead in three:
+        metrics = ecg_trainer.signal_metrics(signal[:, lead:lead + 1], batch['signal'][:, lead:lead + 1],
+                                             batch['signal_mask'][:, lead:lead + 1])
+        assert metrics['pearson'] > 0.95, LEADS[lead]
+    metrics = ecg_trainer.signal_metrics(evaluate.round_trip(batch), batch['signal'], batch['signal_mask'])
+    assert metrics['pearson'] > 0.95 and metrics['snr_db'] > 10
+
+
+def test_rhythm_strips_leads_are_told_apart_when_layouts_differ_only_in_them():
+    """Two layouts of the same strips, rhythm strips II V1 V5 and II V1 V6 (this one made up for the test):
+    the one whose rhythm leads' short strips the strips match is picked."""
+    rng = np.random.default_rng(2)
+    truth = np.stack([np.sin(2 * np.pi * (0.7 + 0.3 * k) * np.arange(N_SAMPLES) / FS + rng.uniform(0, 6))
+                      for k in range(12)])
+    clinic = LAYOUTS['3x4+II+V1+V5']
+    other = replace(clinic, name='3x4+II+V1+V6', rhythm=('II', 'V1', 'V6'))
+    sampled, valid = channel_readings(clinic, truth)
+    names = {clinic.name: clinic, other.name: other}
+    with patch.dict(LAYOUTS, names):
+        found = ecg_model.pick_layouts(sampled, valid, [other], list(names))
+    assert found[0].name == clinic.name
+    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]))
+    np.testing.assert_allclose(signal[0, LEADS.index('V5')].numpy(), truth[LEADS.index('V5')], atol=1e-6)
 
 
 @pytest.fixture(scope='module')

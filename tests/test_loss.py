@@ -20,7 +20,7 @@ def random_outputs(batch, seed=0):
     torch.manual_seed(seed)
     n, (h, w) = len(batch['image']), SIZE
     out = {'seg': torch.randn(n, 13, h, w), 'grid': torch.randn(n, 1, h, w), 'baseline': torch.randn(n, 1, h, w),
-           'trace': torch.randn(n, 39, h, w), 'theta': torch.randn(n)}
+           'trace': torch.randn(n, em.HEAD_CHANNELS['trace'], h, w), 'theta': torch.randn(n)}
     return em.decode_outputs(out, em.true_geometry(batch))
 
 

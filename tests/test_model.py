@@ -52,6 +52,25 @@ def test_forward_returns_every_head_at_input_size():
     assert torch.isfinite(out['signal']).all()
 
 
+def test_a_model_from_before_three_rhythm_strips_loads_with_its_rhythm_channel_widened(tmp_path):
+    """The starter was trained with one rhythm channel (54 head channels); loading copies that channel's
+    trace, 0 mV and presence rows to the two new rhythm channels and keeps every other row as it was."""
+    checkpoint = ecg_checkpoint.load(ecg_checkpoint.STARTER)
+    old = checkpoint['model']['unet.segmentation_head.0.weight'].float()
+    assert old.shape[0] == 54
+    model = ecg_checkpoint.build_model(checkpoint, ecg_checkpoint.STARTER)
+    new = model.unet.segmentation_head[0].weight
+    assert new.shape[0] == sum(em.HEAD_CHANNELS.values()) == 60
+    first = 15   # seg, grid, baseline
+    assert torch.equal(new[:first], old[:first])
+    for kind in range(3):   # trace, 0 mV line, presence
+        for channel in range(15):
+            assert torch.equal(new[first + 15 * kind + channel], old[first + 13 * kind + min(channel, 12)])
+    assert em.widen_trace_head(model.state_dict()) is not None
+    state = model.state_dict()
+    assert em.widen_trace_head(state) is state        # a model of today passes unchanged
+
+
 def test_round_trip_bound_of_true_targets_is_high(fixture_batch):
     """Decoding the targets themselves through the model's decoding path recovers the signal."""
     b = fixture_batch
@@ -65,12 +84,13 @@ def test_round_trip_bound_of_true_targets_is_high(fixture_batch):
 def test_layout_windows_and_page_time_axis_match_truth(fixture_batch):
     b = fixture_batch
     windows = em.default_windows(len(b['image']), 'cpu')
-    assert torch.allclose(windows, b['trace_window'], atol=0.005)
+    assert torch.allclose(windows, b['trace_window'], atol=0.005, equal_nan=True)
+    assert torch.isnan(windows[:, 13:]).all()                   # one rhythm strip: the other two are not drawn
     presence = torch.where(torch.isfinite(b['trace_top']), 10.0, -10.0)
     spans = em.layout_spans(presence, windows, b['page_aspect'])
-    assert (spans - b["trace_span"]).abs().max() < 0.5        # start to half a column, scale from the page
+    assert (spans - b["trace_span"])[:, :13].abs().max() < 0.5   # start to half a column, scale from the page
     flat = em.layout_spans(torch.zeros_like(presence), windows, b['page_aspect'])   # nothing learned yet
-    assert (flat - b['trace_span']).abs().max() < 2.0          # the usual start of an ecg-image-kit page
+    assert (flat - b['trace_span'])[:, :13].abs().max() < 2.0    # the usual start of an ecg-image-kit page
 
 
 def test_derotation_puts_image_frame_traces_on_page_frame_targets(fixture_batch):
