@@ -20,6 +20,24 @@ def test_bench_quality_quick_reports_every_number(tmp_path):
     assert 'held-out simulator' in result.stdout and 'ecg-image-kit fixture' in result.stdout
 
 
+def test_bench_quality_makes_a_data_folder_again_for_another_layout_mix(tmp_path):
+    """The data folders are made once; one of the same name made with other simulator arguments (the layout
+    mix grew) is made again rather than trained on as if it were the new mix."""
+    import bench_quality
+
+    def page_layouts(folder):
+        return sorted(json.loads(p.read_text())['layout'] for p in folder.glob('*/*.json'))
+
+    folder = tmp_path / 'train_data_layouts'
+    bench_quality.simulate(folder, 2, 7, 1, True, ['3x4'])
+    assert page_layouts(folder) == ['3x4', '3x4']
+    made = (folder / 'train.csv').stat().st_mtime_ns
+    bench_quality.simulate(folder, 2, 7, 1, True, ['3x4'])
+    assert (folder / 'train.csv').stat().st_mtime_ns == made           # same arguments: kept
+    bench_quality.simulate(folder, 2, 7, 1, True, ['3x4+II+V1+V5'])
+    assert page_layouts(folder) == ['3x4+II+V1+V5'] * 2
+
+
 def test_bench_dataset_quick(tmp_path):
     run_cli('bench_dataset.py', '--quick', '--n', '3', '--dpi', '100', '--image_size', '64', '320',
                      '--out', tmp_path / 'ds', '--report', tmp_path / 'report.json')
