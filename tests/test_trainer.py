@@ -180,3 +180,19 @@ def test_bad_data_path_fails_clearly(tmp_path):
     result = run_in_process('production_trainer.py', '--sim_root', tmp_path / 'nope', '--csv_root', tmp_path, *TINY,
                             '--output_dir', tmp_path)
     assert result.returncode != 0 and 'nope: --sim_root is not a folder' in result.stderr
+
+
+def test_resuming_a_run_of_one_rhythm_channel_stops_with_advice_to_init_from():
+    """A checkpoint made before the three rhythm strips (the starter's 54-channel head): its optimizer state
+    cannot fit today's head, so resuming stops with a clear error that names --init_from, before any state
+    is touched; --init_from itself loads it (its rhythm channel widened)."""
+    import ecg_checkpoint
+    import ecg_model
+    import production_dataset as pdx
+    import production_trainer
+    model = ecg_model.ECGDigitizer(**ecg_checkpoint.load(ecg_checkpoint.STARTER)['model_args'])
+    with pytest.raises(pdx.InputError, match='--init_from'):
+        production_trainer.resume_from(ecg_checkpoint.STARTER, model, None, None, None, 'cpu', {})
+    production_trainer.init_weights(model, ecg_checkpoint.STARTER)
+    head = model.unet.segmentation_head[0].weight
+    assert torch.equal(head[15 + 12], head[15 + 13]) and torch.equal(head[15 + 12], head[15 + 14])
