@@ -82,13 +82,18 @@ HEAD_KEYS = ('unet.segmentation_head.0.weight', 'unet.segmentation_head.0.bias')
 ONE_RHYTHM_TRACES = N_LEADS + 1     # trace channels of models made before pages of three rhythm strips
 
 
-def widen_trace_head(state):
-    """A state dict of a model from before three rhythm strips (13 trace, 0 mV and presence channels each,
-    54 head channels) made to fit this one (15 each): its rhythm channel is copied to the two new ones,
-    so every page it read reads the same, and training on pages of more rhythm strips tells them apart.
-    Other state dicts come back as they are."""
+def has_one_rhythm_channel(state):
+    """Whether a state dict is of a model from before three rhythm strips: 13 trace, 0 mV and presence
+    channels each, 54 head channels."""
     old_total = sum(HEAD_CHANNELS.values()) - 3 * (N_TRACES - ONE_RHYTHM_TRACES)
-    if HEAD_KEYS[1] not in state or state[HEAD_KEYS[1]].shape[0] != old_total:
+    return HEAD_KEYS[1] in state and state[HEAD_KEYS[1]].shape[0] == old_total
+
+
+def widen_trace_head(state):
+    """A state dict of a model from before three rhythm strips (has_one_rhythm_channel) made to fit this one
+    (15 channels each): its rhythm channel is copied to the two new ones, so every page it read reads the
+    same, and training on pages of more rhythm strips tells them apart. Other state dicts come back as they are."""
+    if not has_one_rhythm_channel(state):
         return state
     first = HEAD_CHANNELS['seg'] + HEAD_CHANNELS['grid'] + HEAD_CHANNELS['baseline']
     source = list(range(first)) + [first + kind * ONE_RHYTHM_TRACES + min(channel, RHYTHM)

@@ -716,7 +716,7 @@ def init_weights(model, path):
 def resume_from(path, model, optimizer, scheduler, scaler, device, config):
     """Weights, optimizer, schedule, RNG and progress of a checkpoint -> the training state."""
     checkpoint = ecg_checkpoint.load(path, map_location=device)
-    if ecg_model.widen_trace_head(checkpoint['model']) is not checkpoint['model']:
+    if ecg_model.has_one_rhythm_channel(checkpoint['model']):
         raise pdx.InputError(f'--resume {path}: made before pages of three rhythm strips (one rhythm channel); its '
                              f'optimizer state does not fit this model: start a new run with --init_from {path}')
     unwrap(model).load_state_dict(checkpoint['model'])

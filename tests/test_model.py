@@ -66,8 +66,9 @@ def test_a_model_from_before_three_rhythm_strips_loads_with_its_rhythm_channel_w
     for kind in range(3):   # trace, 0 mV line, presence
         for channel in range(15):
             assert torch.equal(new[first + 15 * kind + channel], old[first + 13 * kind + min(channel, 12)])
-    assert em.widen_trace_head(model.state_dict()) is not None
+    assert em.has_one_rhythm_channel(checkpoint['model'])
     state = model.state_dict()
+    assert not em.has_one_rhythm_channel(state)
     assert em.widen_trace_head(state) is state        # a model of today passes unchanged
 
 
