@@ -52,6 +52,17 @@ DECODER_CHANNELS = (128, 64, 32, 32, 16)   # half smp's default width: 2x faster
 COORD_CHANNELS = 2   # x and y of each pixel beside RGB: which lead a trace is follows from where it is
 
 
+class NCHWHead(nn.Conv2d):
+    """The 1x1 head conv, computed in NCHW whatever layout the decoder runs in: its 60 maps come out NCHW, where
+    the column soft-argmax and the de-rotation read them faster, and their gradient is not turned back to
+    channels_last (the trainer's CPU layout) at 64 MB a step. With one split of the de-rotated maps
+    (decode_signal) a training step went from 6.6 to 7.5 img/s (tu-regnetx_002, 128 x 672, batch 4, 2 cores,
+    both models stepped in turn in one run)."""
+
+    def forward(self, features):
+        return F.conv2d(features.contiguous(), self.weight.clone(memory_format=torch.contiguous_format), self.bias)
+
+
 class ECGDigitizer(nn.Module):
     """U-Net with heads seg / grid / baseline / theta / signal; forward returns a dict (shapes above)."""
 
@@ -65,7 +76,7 @@ class ECGDigitizer(nn.Module):
                              aux_params={'classes': 1, 'pooling': 'avg', 'dropout': 0.0})
         # a 1x1 head: the decoder's 3x3 convs already see the neighbourhood; smp's 3x3 head over 41
         # channels at full resolution costs as much as the whole last decoder stage
-        self.unet.segmentation_head[0] = nn.Conv2d(decoder_channels[-1], sum(HEAD_CHANNELS.values()), 1)
+        self.unet.segmentation_head[0] = NCHWHead(decoder_channels[-1], sum(HEAD_CHANNELS.values()), 1)
 
     def forward(self, image, geometry=None):
         """image (B, 3, H, W) -> dict of head outputs. `geometry` (optional dict of theta, trace_window,
@@ -548,10 +559,11 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     if page_aspect is None:
         page_aspect = torch.full((batch,), PAGE_ASPECT, device=device)
     px_per_mv = page_px_per_mv(height, batch, device, px_per_mv)
-    page = to_page_frame_batch(trace, theta_deg, page_aspect)
-    trace_rows, trace_log_prob = column_soft_argmax(page[:, :N_TRACES])
-    zero_rows, zero_log_prob = column_soft_argmax(page[:, N_TRACES:2 * N_TRACES])
-    presence = column_presence(page[:, 2 * N_TRACES:])
+    # one split, not three slices: each slice's backward fills a zero gradient of all 45 maps
+    trace_maps, zero_maps, presence_maps = torch.split(to_page_frame_batch(trace, theta_deg, page_aspect), N_TRACES, 1)
+    trace_rows, trace_log_prob = column_soft_argmax(trace_maps)
+    zero_rows, zero_log_prob = column_soft_argmax(zero_maps)
+    presence = column_presence(presence_maps)
     if window is None:
         signal, _, used = decode_layouts(trace_rows, zero_rows, presence, layouts or [LAYOUT.name], px_per_mv,
                                          page_aspect, px_per_s, paper_speed, start, start_weight)
