@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -56,7 +57,9 @@ DEBUG_SAMPLES = 100
 DEBUG_EPOCHS = 3
 WARMUP_FRACTION = 0.05
 DECAY_FRACTION = 1.0   # share of the steps the learning rate decays over (the rest after warm-up: the peak)
+EMA_DECAY = 0.0        # per-step decay of the weights' moving average (0: none)
 TB_IMAGES = 3
+DECODING_MARGIN = 0.005   # validation Pearson another pulse start weight must gain over the default's to be kept
 log = logging.getLogger('production_trainer')
 
 
@@ -109,6 +112,9 @@ def build_parser():
     p.add_argument('--decay_fraction', type=float, default=DECAY_FRACTION,
                    help='the last share of the steps the cosine decay takes; before it, after the warm-up, the '
                         'learning rate holds its peak (1: cosine from the end of the warm-up)')
+    p.add_argument('--ema_decay', type=float, default=EMA_DECAY,
+                   help='keep an exponential moving average of the weights, updated every step with this decay '
+                        '(0.995: about the last 200 steps), and validate and save it as the model; 0: off')
     p.add_argument('--time_budget_min', type=float, default=None,
                    help='train for this many minutes: after each epoch the cosine schedule is laid over the '
                         'epochs that fit (at most --epochs), so the run ends annealed (benchmarks)')
@@ -462,9 +468,10 @@ def train_step(model, batch, criterion, optimizer, scaler, amp, device):
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp, device, writer, state, config,
-                    stop, rank):
+                    stop, rank, ema=None):
     """One pass over the loader from state['step_in_epoch'] (a resumed epoch loads the batches it already
-    trained on again, so the data order and augmentation stay the uninterrupted run's, but skips them)."""
+    trained on again, so the data order and augmentation stay the uninterrupted run's, but skips them);
+    the moving average `ema` (or None) follows every update."""
     model.train()
     sums, count, skipped, start = {}, 0, 0, time.perf_counter()
     total = len(loader) if hasattr(loader, '__len__') else None   # bench_threads passes a timed generator
@@ -477,6 +484,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
         state['step_in_epoch'] += 1
         if updated:
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(unwrap(model))
             state['bad_steps'] = 0
             count += add_losses(sums, losses, len(batch['image']))
         else:
@@ -572,10 +581,16 @@ def is_better(config, value, best):
     return value < best if SELECT_METRICS[config['select_metric_used']] is min else value > best
 
 
-def save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, improved=False, epoch_end=True):
+def save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, ema=None, improved=False,
+                     epoch_end=True):
     """last.pth always; epoch_N.pth every --save_every epochs; best.pth when the chosen metric improved.
-    Weights that are not finite are never written: the previous files stay."""
-    checkpoint = ecg_checkpoint.training_state(unwrap(model), optimizer, scheduler, scaler, state, config)
+    With a moving average, 'model' holds it (what evaluation and inference load) and 'train_model' the weights
+    the optimizer steps (what --resume goes on from). Weights that are not finite are never written: the
+    previous files stay."""
+    checkpoint = ecg_checkpoint.training_state(weights_to_use(model, ema), optimizer, scheduler, scaler, state, config)
+    if ema is not None:
+        checkpoint['train_model'] = unwrap(model).state_dict()
+        checkpoint['ema_steps'] = int(ema.n_averaged)
     checkpoint['rng'] = state['epoch_rng']
     folder = run_dir / 'checkpoints'
     names = ['last.pth']
@@ -609,8 +624,9 @@ def start_weight_scores(model, loader, amp, device, layouts=None):
 def tune_decoding(run_dir, val_loader, amp, device, layouts=None):
     """best.pth's pulse start weight, chosen by validation Pearson and written into it: how far a page's time
     start may stray from where its pulses end depends on how sharp this model's strip edges are (0.015
-    Pearson on the starter, 0.12 on 12x1 pages of a layout-mix model). Returns the weight (None: no
-    validation pages or no best.pth)."""
+    Pearson on the starter, 0.12 on 12x1 pages of a layout-mix model). Another weight than the default must
+    gain DECODING_MARGIN over it: on some 30 validation pages, 10 won by 0.0002 and then read 0.013 worse
+    on the held-out pages. Returns the weight (None: no validation pages or no best.pth)."""
     path = run_dir / 'checkpoints' / 'best.pth'
     if val_loader is None or not path.is_file():
         return None
@@ -620,11 +636,20 @@ def tune_decoding(run_dir, val_loader, amp, device, layouts=None):
     finite = {weight: row['pearson'] for weight, row in scores.items() if math.isfinite(row['pearson'])}
     if not finite:
         return None
-    best = max(finite, key=finite.get)
+    best = chosen_start_weight(finite)
     checkpoint['decoding'] = {'pulse_start_weight': float(best)}
     ecg_checkpoint.save(path, checkpoint)
     log.info('decoding: pulse start weight %g kept in best.pth (validation Pearson %s)', best,
              ', '.join(f'{w:g}: {p:.4f}' for w, p in finite.items()))
+    return best
+
+
+def chosen_start_weight(pearson):
+    """{weight: validation Pearson} -> the default weight unless another beats it by DECODING_MARGIN."""
+    best = max(pearson, key=pearson.get)
+    default = ecg_model.PULSE_START_WEIGHT
+    if default in pearson and pearson[best] < pearson[default] + DECODING_MARGIN:
+        return default
     return best
 
 
@@ -700,7 +725,21 @@ def build_training(config, device, amp, world_size, steps_per_epoch):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp[2])
-    return model, optimizer, scheduler, scaler
+    return model, optimizer, scheduler, scaler, build_ema(model, config['ema_decay'])
+
+
+def build_ema(model, decay):
+    """--ema_decay: a moving average of the weights and of the batch-norm statistics (None when 0)."""
+    if not 0 <= decay < 1:
+        raise pdx.InputError(f'--ema_decay {decay}: give a decay in [0, 1), e.g. 0.995, or 0 for none')
+    if not decay:
+        return None
+    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def weights_to_use(model, ema):
+    """The model validated and saved as 'model': the moving average where there is one."""
+    return ema.module if ema is not None else unwrap(model)
 
 
 def init_weights(model, path):
@@ -713,13 +752,17 @@ def init_weights(model, path):
     log.info('weights from %s (trained at %s)', path, 'x'.join(map(str, ecg_checkpoint.input_size(checkpoint))))
 
 
-def resume_from(path, model, optimizer, scheduler, scaler, device, config):
-    """Weights, optimizer, schedule, RNG and progress of a checkpoint -> the training state."""
+def resume_from(path, model, optimizer, scheduler, scaler, device, config, ema=None):
+    """Weights (and their moving average), optimizer, schedule, RNG and progress of a checkpoint -> the
+    training state."""
     checkpoint = ecg_checkpoint.load(path, map_location=device)
     if ecg_model.has_one_rhythm_channel(checkpoint['model']):
         raise pdx.InputError(f'--resume {path}: made before pages of three rhythm strips (one rhythm channel); its '
                              f'optimizer state does not fit this model: start a new run with --init_from {path}')
-    unwrap(model).load_state_dict(checkpoint['model'])
+    unwrap(model).load_state_dict(checkpoint.get('train_model', checkpoint['model']))
+    if ema is not None and 'train_model' in checkpoint:   # else the average starts from the weights resumed
+        ema.module.load_state_dict(checkpoint['model'])
+        ema.n_averaged.fill_(checkpoint['ema_steps'])
     optimizer.load_state_dict(checkpoint['optimizer'])
     schedule = scheduler.lr_lambdas[0]
     built = dict(vars(schedule))   # from this run's config: the resumed settings, or the flags that override them
@@ -759,7 +802,8 @@ def open_run_folder(run_dir, config, state, rank):
     return writer
 
 
-def end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, writer, train_means, val_means, seconds):
+def end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, writer, train_means, val_means, seconds,
+              ema=None):
     """Rank 0 after each epoch: TensorBoard, checkpoints, metrics.jsonl and the log line."""
     if val_means is not None:
         log_losses(writer, 'Val', val_means, state['global_step'])
@@ -769,13 +813,14 @@ def end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, write
     improved = is_better(config, value, state['best_metric'])
     if improved:
         state['best_metric'] = value
-    save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, improved)
+    save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, ema, improved)
     append_metrics(run_dir, state, train_means, val_means, scheduler.get_last_lr()[0], seconds)
     log.info(epoch_summary(state['epoch'], planned_epochs(scheduler), train_means, val_means, seconds))
     writer.flush()
 
 
-def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders, writer, state, stop, rank, run_dir):
+def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders, writer, state, stop, rank, run_dir,
+               ema=None):
     train_loader, val_loader = loaders
     criterion = ecg_trainer.CompositeLoss(config['loss_weights'])
     started, epochs_here = time.perf_counter(), 0
@@ -784,12 +829,12 @@ def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders
         set_loader_epoch(train_loader, state['epoch'], config['seed'])
         state['epoch_rng'] = ecg_checkpoint.rng_state()   # saved with a mid-epoch stop: its replay starts here
         train_means = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, amp, device,
-                                      writer, state, config, stop, rank)
+                                      writer, state, config, stop, rank, ema)
         state['epoch'] += 1
         state['step_in_epoch'] = 0
         val_means = None
         if rank == 0 and val_loader is not None:
-            val_means, shown = validate(unwrap(model), val_loader, criterion, amp, device,
+            val_means, shown = validate(weights_to_use(model, ema), val_loader, criterion, amp, device,
                                         ecg_checkpoint.readable_layouts(config))
             log_val_images(writer, shown, state['global_step'])
         epochs_here += 1
@@ -798,7 +843,7 @@ def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders
         if rank == 0:
             state['epoch_rng'] = ecg_checkpoint.rng_state()
             end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, writer, train_means, val_means,
-                      time.perf_counter() - epoch_start)
+                      time.perf_counter() - epoch_start, ema)
 
 
 def main(argv=None):
@@ -811,20 +856,20 @@ def main(argv=None):
     if config['debug']:
         log.info('debug mode: %d samples, %d epochs', config['max_samples'], config['epochs'])
     loaders = build_loaders(train, val, config, world_size, rank, device)
-    model, optimizer, scheduler, scaler = build_training(config, device, amp, world_size, len(loaders[0]))
+    model, optimizer, scheduler, scaler, ema = build_training(config, device, amp, world_size, len(loaders[0]))
     state = {'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'best_metric': None, 'bad_steps': 0,
              'select_metric': config['select_metric_used']}
     if config['resume']:
-        state.update(resume_from(config['resume'], model, optimizer, scheduler, scaler, device, config))
+        state.update(resume_from(config['resume'], model, optimizer, scheduler, scaler, device, config, ema))
     writer = open_run_folder(run_dir, config, state, rank)
     stop = {'signal': None}
     install_stop_handlers(stop)
     try:
         train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders, writer, state, stop, rank,
-                   run_dir)
+                   run_dir, ema)
     except TrainingStopped as exc:
         if rank == 0:
-            save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, epoch_end=False)
+            save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, ema, epoch_end=False)
             log.warning('stopped by %s at epoch %d, step %d of it; saved %s. Resume with:\n  python '
                         'production_trainer.py --resume %s', exc, state['epoch'] + 1, state['step_in_epoch'],
                         run_dir / 'checkpoints' / 'last.pth', run_dir / 'checkpoints' / 'last.pth')

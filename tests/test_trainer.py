@@ -50,10 +50,12 @@ def test_debug_run_writes_every_file(debug_run):
 
 def test_best_checkpoint_keeps_the_decoding_its_validation_pages_read_best(debug_run):
     """When training ends, best.pth's maps are decoded with every tried pulse start weight on the validation
-    pages, and the weight with the best Pearson is kept in best.pth; loading it gives the model that weight."""
+    pages, and the default is kept unless another reads clearly better (chosen_start_weight); loading best.pth
+    gives the model that weight."""
     import re
     import ecg_checkpoint
     import ecg_model
+    import production_trainer
     run_dir, _ = debug_run
     log = (run_dir / 'logs' / 'train.log').read_text()
     line = re.search(r'decoding: pulse start weight (\S+) kept in best.pth \(validation Pearson (.*)\)', log)
@@ -61,10 +63,18 @@ def test_best_checkpoint_keeps_the_decoding_its_validation_pages_read_best(debug
     scores = {float(w): float(p) for w, p in (pair.split(': ') for pair in line.group(2).split(', '))}
     assert set(scores) == set(ecg_model.PULSE_START_WEIGHTS_TRIED)
     kept = torch.load(run_dir / 'checkpoints' / 'best.pth')['decoding']['pulse_start_weight']
-    assert kept == float(line.group(1)) and scores[kept] == max(scores.values())
+    assert kept == float(line.group(1)) == production_trainer.chosen_start_weight(scores)
     model, _ = ecg_checkpoint.load_model(run_dir / 'checkpoints' / 'best.pth')
     assert model.pulse_start_weight == kept
     assert torch.load(run_dir / 'checkpoints' / 'last.pth')['decoding'] == {}   # only best.pth is tuned
+
+
+def test_a_pulse_start_weight_must_beat_the_default_clearly_to_be_kept():
+    import production_trainer
+    choose = production_trainer.chosen_start_weight
+    assert choose({0.5: 0.9017, 2.0: 0.9047, 10.0: 0.9049, 50.0: 0.9044}) == 2.0    # 0.0002 better: noise
+    assert choose({0.5: 0.70, 2.0: 0.78, 10.0: 0.90, 50.0: 0.89}) == 10.0          # 12x1 pages of a mix model
+    assert choose({0.5: 0.80, 10.0: 0.81}) == 10.0                                 # no default among them
 
 
 def test_resuming_a_finished_run_tunes_the_decoding_of_its_best_checkpoint(debug_run, tmp_path):
@@ -106,7 +116,8 @@ def test_tensorboard_has_the_guides_tags_and_images(debug_run):
 
 
 def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path):
-    common = ['--epochs', '2', '--seed', '3', '--max_samples', '12']
+    # with a moving average of the weights, whose state must survive the stop as well
+    common = ['--epochs', '2', '--seed', '3', '--max_samples', '12', '--ema_decay', '0.5']
     whole, _ = train(sim_data, tmp_path / 'whole', *common)
     part, _ = train(sim_data, tmp_path / 'part', *common, '--time_budget_min', '0')   # stops after epoch 1
     first = torch.load(part / 'checkpoints' / 'last.pth')
@@ -122,10 +133,29 @@ def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path
     b = scalars(part, 'Train/total_loss')
     assert [s for s, _ in b] == [s for s, _ in a]            # no duplicated or missing steps
     assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5)
-    final_a = torch.load(whole / 'checkpoints' / 'last.pth')['model']
-    final_b = torch.load(part / 'checkpoints' / 'last.pth')['model']
-    for key in final_a:
-        assert torch.allclose(final_a[key].float(), final_b[key].float(), atol=1e-6), key
+    last_a = torch.load(whole / 'checkpoints' / 'last.pth')
+    last_b = torch.load(part / 'checkpoints' / 'last.pth')
+    assert last_a['ema_steps'] == last_b['ema_steps'] == last_a['global_step'] > 0   # one update a step
+    for weights in ('model', 'train_model'):   # the average, and the weights the optimizer steps
+        for key in last_a[weights]:
+            assert torch.allclose(last_a[weights][key].float(), last_b[weights][key].float(), atol=1e-6), key
+    conv = 'unet.segmentation_head.0.weight'
+    assert not torch.allclose(last_a['model'][conv], last_a['train_model'][conv])
+
+
+def test_moving_average_follows_each_update_at_its_decay():
+    import production_trainer
+    model = torch.nn.Linear(2, 1)
+    ema = production_trainer.build_ema(model, 0.75)
+    before = model.weight.detach().clone()
+    ema.update_parameters(model)                      # the first update copies
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    ema.update_parameters(model)
+    assert torch.allclose(production_trainer.weights_to_use(model, ema).weight, before + 0.25 * 4.0)
+    assert production_trainer.build_ema(model, 0) is None and production_trainer.weights_to_use(model, None) is model
+    with pytest.raises(production_trainer.pdx.InputError, match='--ema_decay 1'):
+        production_trainer.build_ema(model, 1)
 
 
 @pytest.mark.parametrize('minutes, done, here, seconds, expected', [
