@@ -18,6 +18,13 @@ through inference.py's own functions, from the first image read to the last CSV 
 Reports images/s, CPU seconds per image (all threads: on a busy machine the part that cannot overlap),
 peak RSS of the process (and torch's peak on CUDA), and each setting's largest difference from the old
 CSVs in mV. The simulator pages are made once into bench_out/. Writes bench_out/bench_inference.json (--report).
+
+    python bench_inference.py --pages DIR --against 90f7f85
+
+also times the whole inference.py command of an earlier commit (its own files, from `git archive`, with a
+random model of its own making) against today's, in turn, on the same pages; each on all pages and on one,
+so that img/s = (n - 1) / (seconds for n - seconds for 1) leaves out start-up and model loading. 90f7f85 is
+inference.py as it was when the speed issue was filed (one image at a time, rotation search per image).
 """
 import argparse
 import json
@@ -44,6 +51,7 @@ PASSIVE = {'OMP_WAIT_POLICY': 'PASSIVE'}    # what inference.py sets before torc
 SETTINGS = {'old': ({}, 1), 'old_b4': ({}, 4), 'new': (PASSIVE, None), 'onnx': (PASSIVE, None)}   # env, batch
 WAIT_VARIABLES = ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'KMP_BLOCKTIME')
 CHILD_TIMEOUT_S = 900
+HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
@@ -60,6 +68,8 @@ def parse_args(argv=None):
                                              'renders at 200 dpi, 2200 x 1700 px: reading them costs more)')
     p.add_argument('--out', type=Path, default=Path('bench_out/inference'), help='CSVs, model files')
     p.add_argument('--report', type=Path, default=Path('bench_out/bench_inference.json'), help='the JSON report')
+    p.add_argument('--against', metavar='COMMIT', help='also time the whole inference.py command of this commit '
+                                                       'against today\'s (needs the git history)')
     p.add_argument('--child', help=argparse.SUPPRESS)   # internal: run one setting
     return p.parse_args(argv)
 
@@ -153,6 +163,68 @@ def largest_difference(out, setting):
     return worst
 
 
+# ---------------------------------------------------------------- the whole command of another commit
+
+OLD_CHECKPOINT = """
+import sys, torch, ecg_model
+torch.manual_seed(0)
+model = ecg_model.ECGDigitizer(encoder=sys.argv[2])
+size = [int(sys.argv[3]), int(sys.argv[4])]
+torch.save({'model': model.state_dict(), 'model_args': model.model_args, 'image_size': size,
+            'config': {'image_size': size, 'encoder': sys.argv[2]}}, sys.argv[1])
+"""   # a checkpoint as the earlier commit's trainer wrote them (run in its source tree)
+
+
+def commit_tree(commit, out):
+    """The commit's files, unpacked once into out/src_COMMIT (git archive: no worktree to clean up)."""
+    tree = out / f'src_{commit}'
+    if not (tree / 'inference.py').is_file():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(['git', 'archive', commit], capture_output=True, check=True, cwd=HERE).stdout
+        subprocess.run(['tar', '-x', '-C', str(tree)], input=archive, check=True)
+    return tree
+
+
+def time_command(name, tree, checkpoint, images, out):
+    """Seconds of one whole `python inference.py` run over `images` (a folder of links to them), in `tree`;
+    its CSVs go to out/csv_{name}_{number of images}."""
+    folder = out / f'pages_{len(images)}'
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for image in images:
+        (folder / image.name).symlink_to(image.resolve())
+    csvs = out / f'csv_{name}_{len(images)}'
+    shutil.rmtree(csvs, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, 'inference.py', '--image', str(folder.resolve()), '--checkpoint',
+                    str(checkpoint.resolve()), '--output', str(csvs.resolve()) + os.sep], cwd=tree, env=env,
+                   check=True, capture_output=True, timeout=CHILD_TIMEOUT_S)
+    return time.perf_counter() - start
+
+
+def against_commit(args):
+    """The whole inference.py command of args.against and of today, on all pages and on one, in turn ->
+    {name: {seconds_n, seconds_1, images_per_s}} and today's speed-up."""
+    images = sorted(args.pages.rglob('*.png'))[:args.n] if args.pages else ensure_pages(args.data, args.n)
+    tree = commit_tree(args.against, args.out)
+    old_checkpoint = args.out / f'random_{args.against}.pth'
+    subprocess.run([sys.executable, '-c', OLD_CHECKPOINT, str(old_checkpoint.resolve()), args.encoder,
+                    *map(str, args.image_size)], cwd=tree, check=True, capture_output=True)
+    runs = {args.against: (tree, old_checkpoint), 'today': (HERE, args.checkpoint)}
+    rows = {}
+    for name, (source, checkpoint) in runs.items():
+        seconds_n = time_command(name, source, checkpoint, images, args.out)
+        seconds_1 = time_command(name, source, checkpoint, images[:1], args.out)
+        rows[name] = {'seconds_n': seconds_n, 'seconds_1': seconds_1,
+                      'images_per_s': (len(images) - 1) / max(seconds_n - seconds_1, 1e-9)}
+        print(f'inference.py of {name}: {seconds_n:.1f} s for {len(images)} pages, {seconds_1:.1f} s for one: '
+              f'{rows[name]["images_per_s"]:.2f} img/s past start-up', flush=True)
+    rows['speedup'] = rows['today']['images_per_s'] / rows[args.against]['images_per_s']
+    print(f'today / {args.against}: {rows["speedup"]:.2f}x img/s', flush=True)
+    return rows
+
+
 def default_settings():
     try:
         import onnxruntime  # noqa: F401
@@ -190,11 +262,12 @@ def main(argv=None):
                 ratio = results[setting]['images_per_s'] / results['old']['images_per_s']
                 results[setting]['speedup_vs_old'] = ratio
                 print(f'{setting} / old: {ratio:.2f}x img/s')
+    commands = against_commit(args) if args.against else None
     args.report.parent.mkdir(parents=True, exist_ok=True)
     with open(args.report, 'w') as handle:
         json.dump({'images': args.n, 'image_size': args.image_size, 'checkpoint': str(args.checkpoint),
-                   'cores': speed.usable_cores(), 'load_average_before': load_before, 'results': results},
-                  handle, indent=2)
+                   'cores': speed.usable_cores(), 'load_average_before': load_before, 'results': results,
+                   'whole_command': commands}, handle, indent=2)
 
 
 if __name__ == '__main__':

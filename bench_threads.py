@@ -90,7 +90,7 @@ def measure(args):
     device = torch.device('cpu')
     amp = speed.amp_choice(device, 'off')
     loader, _ = pt.build_loaders(train, val, config, 1, 0, device)
-    model, optimizer, scheduler, scaler = pt.build_training(config, device, amp, 1, len(loader))
+    model, optimizer, scheduler, scaler, _ = pt.build_training(config, device, amp, 1, len(loader))
     criterion = pt.ecg_trainer.CompositeLoss()
     state = {'epoch': 0, 'global_step': 0, 'step_in_epoch': 0, 'bad_steps': 0}
     for seconds in (0, args.seconds):   # the first (one step) is the warm-up: allocation, kernel choice

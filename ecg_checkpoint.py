@@ -109,7 +109,8 @@ def save(path, checkpoint):
     """Write to path.tmp, then rename over path. Refuses non-finite weights (NonFiniteError) and turns a
     full disk or an unwritable folder into a CheckpointError that says so; path is never left broken."""
     path = Path(path)
-    bad = non_finite_tensors({'model': checkpoint['model'], 'optimizer': checkpoint.get('optimizer', {})})
+    bad = non_finite_tensors({'model': checkpoint['model'], 'optimizer': checkpoint.get('optimizer', {}),
+                              'train_model': checkpoint.get('train_model', {})})
     if bad:
         raise NonFiniteError(f'not saving {path}: {len(bad)} tensors hold NaN/inf (first: {bad[0]}); '
                              f'the previous {path.name} is kept')

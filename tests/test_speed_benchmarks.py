@@ -21,8 +21,10 @@ def test_bench_threads_reports_alone_and_beside_a_competitor(tmp_path):
 
 
 def test_bench_inference_reports_old_and_new_paths_with_the_same_signals(tmp_path):
+    # --against HEAD: the whole command of a commit's own files (git archive) beside today's
     result = run_cli('bench_inference.py', '--n', '3', '--image_size', '64', '320', '--settings', 'old', 'new',
-                     '--data', tmp_path / 'pages', '--out', tmp_path / 'out', '--report', tmp_path / 'report.json')
+                     '--data', tmp_path / 'pages', '--out', tmp_path / 'out', '--report', tmp_path / 'report.json',
+                     '--against', 'HEAD')
     report = json.loads((tmp_path / 'report.json').read_text())
     old, new = report['results']['old'], report['results']['new']
     assert old['images'] == new['images'] == 3 and old['batch_size'] == 1 and new['batch_size'] == 4
@@ -30,3 +32,10 @@ def test_bench_inference_reports_old_and_new_paths_with_the_same_signals(tmp_pat
     assert new['max_diff_vs_old_mv'] < 0.01                      # same model: float rounding only
     assert new['speedup_vs_old'] == pytest.approx(new['images_per_s'] / old['images_per_s'])
     assert len(list((tmp_path / 'out' / 'new').glob('*.csv'))) == 3 and 'new / old:' in result.stdout
+    commands = report['whole_command']
+    assert (tmp_path / 'out' / 'src_HEAD' / 'inference.py').is_file()
+    for name in ('HEAD', 'today'):
+        assert commands[name]['seconds_n'] > 0 and commands[name]['seconds_1'] > 0
+        assert len(list((tmp_path / 'out' / f'csv_{name}_3').glob('*.csv'))) == 3
+    assert commands['speedup'] == pytest.approx(commands['today']['images_per_s'] / commands['HEAD']['images_per_s'])
+    assert 'today / HEAD:' in result.stdout
