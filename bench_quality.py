@@ -56,9 +56,6 @@ SIZES = [(384, 504), (512, 672), (256, 1344), (512, 1344), (512, 2688)]
 # (README's table)
 FULL = dict(train_records=480, heldout_records=60, budget_min=30.0, image_size=(128, 672),
             encoder='tu-regnetx_002', batch_size=4, lr=3e-3, epochs=20, decay_fraction=0.2)
-# the benchmark runs alone (its numbers are a budget of CPU time): OpenMP's spinning wait, which the trainer
-# leaves for the sleeping one that a shared machine needs, trains 1.1-1.2x faster alone (README)
-TRAIN_ENV = {'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY', 'ACTIVE')}
 QUICK = dict(train_records=12, heldout_records=4, budget_min=0.0, image_size=(64, 320),
              encoder='tu-regnetx_002', batch_size=4, lr=1e-3, epochs=1)
 
@@ -89,6 +86,10 @@ def parse_args(argv=None):
                    help='gains the training and held-out pages are drawn at (simulator --gains), e.g. 5 10 20')
     p.add_argument('--speeds', type=float, nargs='+', metavar='MM_PER_S',
                    help='paper speeds likewise (simulator --speeds): 25 50 adds the layouts\' 5 s twins')
+    p.add_argument('--omp_wait_policy', choices=['ACTIVE', 'PASSIVE'], default='ACTIVE',
+                   help='OpenMP wait of the training run: the benchmark runs alone (its numbers are a budget of CPU '
+                        'time), and alone the spinning wait trains faster than the sleeping one the trainer keeps '
+                        'for shared machines')
     p.add_argument('--init_from', help='start from these weights (e.g. starter/ecg_starter.pth) instead of scratch')
     p.add_argument('--export_starter', action='store_true',
                    help=f'write best.pth as the shipped starter weights ({ecg_checkpoint.STARTER.relative_to(ROOT)})')
@@ -134,7 +135,7 @@ def data_suffix(layouts, gains, speeds):
             (f'_speeds{"-".join(f"{v:g}" for v in speeds)}' if speeds else ''))
 
 
-def train(data, out, cfg, init_from=None):
+def train(data, out, cfg, init_from=None, wait_policy='ACTIVE'):
     keep_epochs = 1 if cfg['budget_min'] >= CURVE_MINUTES[1] else 0   # the scaling curve scores them
     start = ['--init_from', init_from] if init_from else []
     run('production_trainer.py', '--sim_root', data, '--csv_root', data, '--output_dir', out, *start,
@@ -142,7 +143,7 @@ def train(data, out, cfg, init_from=None):
         '--num_workers', 0, '--lr', cfg['lr'], '--epochs', cfg['epochs'], '--cache', '--val_fraction', 0.05,
         '--time_budget_min', cfg['budget_min'], '--save_every', keep_epochs,
         *(['--decay_fraction', cfg['decay_fraction']] if cfg.get('decay_fraction') is not None else []),
-        env=TRAIN_ENV)
+        env={'OMP_WAIT_POLICY': wait_policy})
     return sorted(Path(out).glob('run_*'))[-1]
 
 
@@ -312,7 +313,8 @@ def main(argv=None):
             render_kit(args.kit_work, train_data, out / f'kit_train{suffix}', args.kit_train_records)
             mix_kit_into(train_data, out / f'kit_train{suffix}')
     train_start = time.perf_counter()
-    run_dir = Path(args.run_dir) if args.run_dir else train(train_data, out / 'runs', cfg, args.init_from)
+    run_dir = Path(args.run_dir) if args.run_dir else train(train_data, out / 'runs', cfg, args.init_from,
+                                                                     args.omp_wait_policy)
     train_minutes = (time.perf_counter() - train_start) / 60
     epochs = production_trainer.read_metrics(run_dir)
     speeds = [epoch['train']['images_per_s'] for epoch in epochs]
@@ -323,8 +325,8 @@ def main(argv=None):
     fixture, _ = evaluate.evaluate_checkpoint(best, FIXTURE / 'images', FIXTURE / 'signals')
     untrained, _ = evaluate.evaluate_checkpoint(best, heldout_data, heldout_data, untrained=True)
     sizes = [tuple(cfg['image_size'])] if args.quick else sorted(set(SIZES) | {tuple(cfg['image_size'])})
-    report = {'settings': {**cfg, **({} if args.run_dir else TRAIN_ENV)}, 'run_dir': str(run_dir), 'heldout': heldout,
-              'fixture': fixture,
+    report = {'settings': {**cfg, 'omp_wait_policy': None if args.run_dir else args.omp_wait_policy},
+              'run_dir': str(run_dir), 'heldout': heldout, 'fixture': fixture,
               'heldout_untrained': {k: untrained[k] for k in ('pearson', 'snr_db', 'theta_error_deg', 'seg_dice')},
               'train_minutes': train_minutes, 'train_images_per_s': sum(speeds) / max(1, len(speeds)),
               'epochs_done': len(epochs), 'best_epoch': ecg_checkpoint.load(best)['epoch'],
