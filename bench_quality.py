@@ -72,6 +72,7 @@ def parse_args(argv=None):
                    help='the most epochs; the trainer lays its schedule over those the budget has room for')
     p.add_argument('--lr', type=float)
     p.add_argument('--decay_fraction', type=float, help="the trainer's --decay_fraction")
+    p.add_argument('--ema_decay', type=float, help="the trainer's --ema_decay (a moving average of the weights)")
     p.add_argument('--workers', type=int, default=2, help='simulator processes')
     p.add_argument('--run_dir', help='evaluate this finished run instead of training a new one')
     p.add_argument('--checkpoint', default='best', choices=['best', 'last'], help='which checkpoint to score')
@@ -98,7 +99,7 @@ def parse_args(argv=None):
 
 def settings(args):
     chosen = dict(QUICK if args.quick else FULL)
-    for key in ('budget_min', 'train_records', 'image_size', 'encoder', 'epochs', 'lr', 'decay_fraction'):
+    for key in ('budget_min', 'train_records', 'image_size', 'encoder', 'epochs', 'lr', 'decay_fraction', 'ema_decay'):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     chosen['image_size'] = list(chosen['image_size'])
@@ -143,6 +144,7 @@ def train(data, out, cfg, init_from=None, wait_policy='ACTIVE'):
         '--num_workers', 0, '--lr', cfg['lr'], '--epochs', cfg['epochs'], '--cache', '--val_fraction', 0.05,
         '--time_budget_min', cfg['budget_min'], '--save_every', keep_epochs,
         *(['--decay_fraction', cfg['decay_fraction']] if cfg.get('decay_fraction') is not None else []),
+        *(['--ema_decay', cfg['ema_decay']] if cfg.get('ema_decay') else []),
         env={'OMP_WAIT_POLICY': wait_policy})
     return sorted(Path(out).glob('run_*'))[-1]
 

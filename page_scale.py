@@ -109,29 +109,37 @@ def log_spectrum(g):
     return np.log(power + power.mean() * 1e-6 + 1e-12)     # a blank page has no power at all
 
 
-def sample_ray(spec, angle_deg, radii, offsets=(0.0,)):
-    """(len(offsets), len(radii)) spectrum values along a ray from DC at angle_deg (image x right,
-    y down), shifted sideways by each offset in bins. Bilinear, wrapping around the DFT."""
+def sample_rays(spec, angles_deg, radii, offsets=(0.0,)):
+    """(len(angles), len(offsets), len(radii)) spectrum values along rays from DC at each angle (degrees,
+    image x right, y down), each shifted sideways by each offset in bins. Bilinear, wrapping around the
+    DFT; one remap for all of them (the search tries some 240 angles a page)."""
     n = spec.shape[0]
-    a = np.deg2rad(angle_deg)
+    a = np.deg2rad(np.asarray(angles_deg, np.float64))[:, None, None]
     ux, uy = np.cos(a), np.sin(a)
-    off = np.asarray(offsets, np.float32)[:, None]
-    x = (radii[None, :] * ux - off * uy) % n
-    y = (radii[None, :] * uy + off * ux) % n
-    return cv2.remap(spec, x.astype(np.float32), y.astype(np.float32), cv2.INTER_LINEAR, borderMode=cv2.BORDER_WRAP)
+    off = np.asarray(offsets, np.float32)[None, :, None]
+    x = (radii[None, None, :] * ux - off * uy) % n
+    y = (radii[None, None, :] * uy + off * ux) % n
+    shape = x.shape
+    x, y = x.reshape(-1, shape[-1]).astype(np.float32), y.reshape(-1, shape[-1]).astype(np.float32)
+    return cv2.remap(spec, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_WRAP).reshape(shape)
+
+
+def ray_contrasts(spec, angles_deg, radii):
+    """(len(angles), len(radii)) log power along each ray minus its running median: harmonic peaks stand out,
+    the broadband streak of the trace, text and page edges along the same direction does not."""
+    along = sample_rays(spec, angles_deg, radii, offsets=(-1.0, 0.0, 1.0)).max(1)
+    return along - ndimage.median_filter(along, size=(1, BACKGROUND_BINS), mode='nearest')
 
 
 def ray_contrast(spec, angle_deg, radii):
-    """(len(radii),) log power along the ray minus its running median: harmonic peaks stand out,
-    the broadband streak of the trace, text and page edges along the same direction does not."""
-    along = sample_ray(spec, angle_deg, radii, offsets=(-1.0, 0.0, 1.0)).max(0)
-    return along - ndimage.median_filter(along, BACKGROUND_BINS, mode='nearest')
+    """(len(radii),) ray_contrasts of one ray."""
+    return ray_contrasts(spec, [angle_deg], radii)[0]
 
 
 def angle_scores(spec, angles, radii):
     """(len(angles),) how peaked the spectrum is along each ray: mean squared positive contrast,
     so a few strong grid harmonics outweigh the many weak ones of the trace rows' spacing."""
-    return np.array([(np.clip(ray_contrast(spec, a, radii), 0, None) ** 2).mean() for a in angles])
+    return (np.clip(ray_contrasts(spec, angles, radii), 0, None) ** 2).mean(1)
 
 
 def find_grid_angles(spec, radii):
