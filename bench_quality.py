@@ -51,7 +51,7 @@ TRAIN_SEED, HELDOUT_SEED = 100, 200
 LAYOUT_MIX = ('3x4+II', '3x4', '3x4+V1', '3x4+II+V1+V5', '6x2+II', '12x1')
 SIMULATED = 'bench_simulated.json'   # in each data folder: the simulator arguments that made it
 SIZES = [(384, 504), (512, 672), (256, 1344), (512, 1344), (512, 2688)]
-# epochs is the most: the trainer lays its schedule over the epochs the budget has room for (16-17 at 6.2 img/s);
+# epochs is the most: the trainer lays its schedule over the epochs the budget has room for (20 at 7.5 img/s);
 # the peak held until the last 20 % of them, and a peak of 3e-3 (over 1e-3 and 2e-3), each read better at 30 min
 # (README's table)
 FULL = dict(train_records=480, heldout_records=60, budget_min=30.0, image_size=(128, 672),
