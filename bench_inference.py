@@ -108,9 +108,19 @@ def use_old_path():
     inference.write_csv = pandas_csv
 
 
+def bench_images(args):
+    """The pages timed: the first --n of --pages, else the simulator's."""
+    return sorted(args.pages.rglob('*.png'))[:args.n] if args.pages else ensure_pages(args.data, args.n)
+
+
+def without_wait_variables():
+    """This environment less the OpenMP wait settings, which each timed process chooses for itself."""
+    return {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
+
+
 def run_setting(args):
     """Digitize the folder with one setting; prints one JSON line of numbers."""
-    images = sorted(args.pages.rglob('*.png'))[:args.n] if args.pages else ensure_pages(args.data, args.n)
+    images = bench_images(args)
     out = args.out / args.child
     shutil.rmtree(out, ignore_errors=True)     # CSVs of an earlier run's pages would be compared too
     device = torch.device('cpu')
@@ -140,8 +150,7 @@ def run_setting(args):
 # ---------------------------------------------------------------- driving (parent process)
 
 def run_child(setting, args):
-    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
-    env.update(SETTINGS[setting][0])
+    env = {**without_wait_variables(), **SETTINGS[setting][0]}
     command = [sys.executable, __file__, '--child', setting, '--checkpoint', str(args.checkpoint), '--n', str(args.n),
                '--batch_size', str(args.batch_size), '--data', str(args.data), '--out', str(args.out)]
     command += ['--pages', str(args.pages)] if args.pages else []
@@ -179,9 +188,11 @@ def commit_tree(commit, out):
     """The commit's files, unpacked once into out/src_COMMIT (git archive: no worktree to clean up)."""
     tree = out / f'src_{commit}'
     if not (tree / 'inference.py').is_file():
+        archive = subprocess.run(['git', 'archive', commit], capture_output=True, cwd=HERE)
+        if archive.returncode != 0:
+            sys.exit(f'--against {commit}: git archive could not read it ({archive.stderr.decode().strip()})')
         tree.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(['git', 'archive', commit], capture_output=True, check=True, cwd=HERE).stdout
-        subprocess.run(['tar', '-x', '-C', str(tree)], input=archive, check=True)
+        subprocess.run(['tar', '-x', '-C', str(tree)], input=archive.stdout, check=True)
     return tree
 
 
@@ -195,10 +206,10 @@ def time_command(name, tree, checkpoint, images, out):
         (folder / image.name).symlink_to(image.resolve())
     csvs = out / f'csv_{name}_{len(images)}'
     shutil.rmtree(csvs, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
     start = time.perf_counter()
     subprocess.run([sys.executable, 'inference.py', '--image', str(folder.resolve()), '--checkpoint',
-                    str(checkpoint.resolve()), '--output', str(csvs.resolve()) + os.sep], cwd=tree, env=env,
+                    str(checkpoint.resolve()), '--output', str(csvs.resolve()) + os.sep], cwd=tree,
+                   env=without_wait_variables(),
                    check=True, capture_output=True, timeout=CHILD_TIMEOUT_S)
     return time.perf_counter() - start
 
@@ -206,7 +217,7 @@ def time_command(name, tree, checkpoint, images, out):
 def against_commit(args):
     """The whole inference.py command of args.against and of today, on all pages and on one, in turn ->
     {name: {seconds_n, seconds_1, images_per_s}} and today's speed-up."""
-    images = sorted(args.pages.rglob('*.png'))[:args.n] if args.pages else ensure_pages(args.data, args.n)
+    images = bench_images(args)
     tree = commit_tree(args.against, args.out)
     old_checkpoint = args.out / f'random_{args.against}.pth'
     subprocess.run([sys.executable, '-c', OLD_CHECKPOINT, str(old_checkpoint.resolve()), args.encoder,

@@ -28,8 +28,8 @@ Prints a summary and writes bench_out/quality/report_{H}x{W}.json.
 import argparse
 import hashlib
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import time

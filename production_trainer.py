@@ -699,6 +699,7 @@ def setup(argv):
     run_dir = resume_run_dir(config['resume']) if config['resume'] else new_run_dir(config['output_dir'])
     if config['pretrained_path'] and not Path(config['pretrained_path']).is_file():
         raise pdx.InputError(f'--pretrained_path {config["pretrained_path"]}: file not found')
+    check_ema_decay(config['ema_decay'])
     train, val = build_datasets(config)
     config['layouts'] = sorted(name for name in train.layouts if name) or list(ecg_checkpoint.TRAINED_LAYOUTS)
     config.update(run_dir=str(run_dir), device=str(device), world_size=world_size,
@@ -728,10 +729,14 @@ def build_training(config, device, amp, world_size, steps_per_epoch):
     return model, optimizer, scheduler, scaler, build_ema(model, config['ema_decay'])
 
 
-def build_ema(model, decay):
-    """--ema_decay: a moving average of the weights and of the batch-norm statistics (None when 0)."""
+def check_ema_decay(decay):
+    """--ema_decay out of [0, 1) is an InputError, raised before any data is read."""
     if not 0 <= decay < 1:
         raise pdx.InputError(f'--ema_decay {decay}: give a decay in [0, 1), e.g. 0.995, or 0 for none')
+
+
+def build_ema(model, decay):
+    """--ema_decay: a moving average of the weights and of the batch-norm statistics (None when 0)."""
     if not decay:
         return None
     return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -39,3 +39,10 @@ def test_bench_inference_reports_old_and_new_paths_with_the_same_signals(tmp_pat
         assert len(list((tmp_path / 'out' / f'csv_{name}_3').glob('*.csv'))) == 3
     assert commands['speedup'] == pytest.approx(commands['today']['images_per_s'] / commands['HEAD']['images_per_s'])
     assert 'today / HEAD:' in result.stdout
+
+
+def test_bench_inference_against_an_unknown_commit_ends_in_one_line(tmp_path):
+    import bench_inference
+    with pytest.raises(SystemExit, match='--against nosuchcommit: git archive could not read it'):
+        bench_inference.commit_tree('nosuchcommit', tmp_path)
+    assert not (tmp_path / 'src_nosuchcommit').exists()

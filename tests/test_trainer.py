@@ -155,7 +155,7 @@ def test_moving_average_follows_each_update_at_its_decay():
     assert torch.allclose(production_trainer.weights_to_use(model, ema).weight, before + 0.25 * 4.0)
     assert production_trainer.build_ema(model, 0) is None and production_trainer.weights_to_use(model, None) is model
     with pytest.raises(production_trainer.pdx.InputError, match='--ema_decay 1'):
-        production_trainer.build_ema(model, 1)
+        production_trainer.check_ema_decay(1)
 
 
 @pytest.mark.parametrize('minutes, done, here, seconds, expected', [
