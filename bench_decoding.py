@@ -15,6 +15,8 @@ Variants:
                         (Kaggle 2025 teams gained 0.28 dB), instead of the full softmax
     zero_per_strip      each strip's 0 mV row is the median of its columns' rows (the line is straight in the
                         page frame), instead of read column by column
+    no_limb_fit         each limb lead as its own strip shows it, without the least-squares fit of all limb strips
+                        shown at once by Einthoven's and Goldberger's laws (ecg_model.fit_limb_leads)
     true_zero, true_trace, true_scale
                         oracles, not decoders: the true 0 mV rows, trace rows or px per mV put in place of
                         the read ones, so the table shows which reading the remaining error comes from
@@ -118,7 +120,7 @@ VARIANTS = {'current': {}, 'presence_start': {'start_prior': without_pulse_start
             **{f'pulse_weight_{w:g}': {'start_weight': w} for w in ecg_model.PULSE_START_WEIGHTS_TRIED},
             'start_box': {'layout_spans': box_start_spans},
             **{f'topk_{k}': {'column_soft_argmax': topk_soft_argmax(k)} for k in TOPK},
-            'zero_per_strip': {'read_channels': with_zero_per_strip()},
+            'zero_per_strip': {'read_channels': with_zero_per_strip()}, 'no_limb_fit': {'LIMB_FIT': False},
             **{f'true_{part}': oracle(part) for part in ('zero', 'trace', 'scale')}}
 
 

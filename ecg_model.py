@@ -44,6 +44,9 @@ SPEED_MISMATCH = 1e4                # fit-score cost of a layout at another pape
 START_REACH = 0.5                   # a start can lie this far left of the first column (a strip drawn from x = 0)
 LINE_PIXELS_PER_COLUMN = 4          # the rotation search reads as many pixels as four page-wide 0 mV lines
 SHARPER_BY = 1.05                   # the searched angle must sharpen the 0 mV profile this much to win
+# below the rotation search's own error (about 0.1 deg): such a turn moves a trace row and its 0 mV row alike
+# (their difference is the signal), and the top and bottom strips' columns by a quarter of a column at 128 x 672
+NEGLIGIBLE_TURN_DEG = 0.05
 SUBROW_OFFSETS = torch.tensor([-0.375, -0.125, 0.125, 0.375])
 PRESENCE_THRESHOLD = 0.5
 HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
@@ -340,6 +343,7 @@ def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None
         return layouts * presence.shape[0]
     batch, _, width = presence.shape
     page_speed = page_speeds(paper_speed, batch, presence.device)
+    layouts = at_page_speeds(layouts, page_speed)
     scores = []
     for layout in layouts:
         _, places, _ = layout_strips([layout] * batch, presence.device)
@@ -348,6 +352,16 @@ def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None
         scores.append(score - SPEED_MISMATCH * (page_speed != layout.paper_speed_mm_s).float())
     best = torch.stack(scores, 1).argmax(1).tolist()
     return [layouts[i] for i in best]
+
+
+def at_page_speeds(layouts, page_speed):
+    """The layouts drawn at a paper speed some page (B,) shows, when every page has some: a layout at another
+    speed loses by SPEED_MISMATCH, far more than fits differ, so its fit is not worth computing (half of the
+    untrained-layout check at inference)."""
+    shown = set(page_speed.tolist())
+    matching = [layout for layout in layouts if layout.paper_speed_mm_s in shown]
+    covered = shown <= {layout.paper_speed_mm_s for layout in matching}
+    return matching if covered else layouts
 
 
 def strip_plan(layout):
@@ -395,6 +409,38 @@ def limb_misfit(readings):
         outside += float((y - basis @ (basis.T @ y)).pow(2).sum())
         total += float(y.pow(2).sum())
     return outside / total if total > 0 else float('nan')
+
+
+LIMB_FIT = True
+
+
+def fit_limb_leads(signal, sampled, valid, layouts):
+    """Einthoven's and Goldberger's laws applied to what the page shows: wherever three or more limb-lead
+    readings are shown at once (on the standard page I, II, III and the rhythm strip's II in the first
+    column, aVR, aVL, aVF and II in the second), the six limb leads are the least-squares fit of those
+    readings by two (I and II), so each strip's independent misreadings partly cancel (+0.008 Pearson on
+    held-out pages). Only on pages whose readings obey those laws (limb_misfit at most RELABEL_MISFIT): read
+    in a wrong lead order they would mix the wrong strips. (B, 12, 5000) signal -> the same with the shown
+    limb leads replaced; sampled, valid (B, 15, 5000) channels; layouts: the Layout of each page."""
+    signal = signal.clone()
+    basis_all = LIMB_IN_I_II.to(signal.device, signal.dtype)
+    for b, layout in enumerate(layouts):
+        readings = order_readings(sampled[b], valid[b], layout)
+        limb = [(LIMB_LEADS.index(lead), values, shown) for lead, values, shown in readings if lead in LIMB_LEADS]
+        if len(limb) < 3 or not limb_misfit(readings) <= RELABEL_MISFIT:
+            continue
+        values = torch.stack([v for _, v, _ in limb]).to(signal.dtype)
+        seen = torch.stack([s for _, _, s in limb])
+        basis = basis_all[[k for k, _, _ in limb]]
+        for pattern in torch.unique(seen.T, dim=0):
+            if int(pattern.sum()) < 3 or torch.linalg.matrix_rank(basis[pattern]) < 2:
+                continue
+            at = (seen.T == pattern).all(1)
+            in_i_ii = torch.linalg.lstsq(basis[pattern], values[pattern][:, at]).solution      # (2, T)
+            leads = sorted({k for (k, _, _), on in zip(limb, pattern.tolist()) if on})
+            rows = torch.tensor([LIMB_LEADS[k] for k in leads], device=signal.device)
+            signal[b, rows[:, None], at.nonzero()[:, 0][None]] = basis_all[leads] @ in_i_ii
+    return signal
 
 
 def pick_layouts(sampled, valid, layouts, names):
@@ -540,6 +586,8 @@ def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspec
     rhythm_leads = rhythm_lead_tensor(found, sampled.device)
     lead_channel, lead_sign = lead_maps(found, sampled.device)
     signal, shown = channels_to_leads(sampled, valid, rhythm_leads, lead_channel, lead_sign)
+    if LIMB_FIT:
+        signal = fit_limb_leads(signal, sampled, valid, found)
     return signal, shown, dict(layouts=[layout.name for layout in found], window=window, span=span,
                                rhythm_leads=rhythm_leads, lead_channel=lead_channel, lead_sign=lead_sign)
 
@@ -593,14 +641,18 @@ def row_spread(out):
 
 
 def to_page_frame_batch(maps, theta_deg, page_aspect):
-    """Per-sample de-rotation (each sample has its own angle and page shape)."""
+    """Per-sample de-rotation (each sample has its own angle and page shape) of (B, C, H, W) maps. Samples
+    turned by less than NEGLIGIBLE_TURN_DEG are taken as they are (most pages: a third of inference's
+    decoding time was this resampling)."""
     if theta_deg is None:
         return maps
     theta_deg = theta_deg.to(maps.device).float()
-    if bool((theta_deg.abs() < 1e-6).all()):
+    turned = (theta_deg.abs() >= NEGLIGIBLE_TURN_DEG).nonzero()[:, 0]
+    if len(turned) == 0:
         return maps
-    grid = page_grid(theta_deg, page_aspect.to(maps.device).float(), maps.shape[-2:]).to(maps.dtype)
-    return F.grid_sample(maps, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    grid = page_grid(theta_deg[turned], page_aspect.to(maps.device).float()[turned], maps.shape[-2:]).to(maps.dtype)
+    upright = F.grid_sample(maps[turned], grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    return upright if len(turned) == len(maps) else maps.index_copy(0, turned, upright)
 
 
 def page_grid(theta_deg, page_aspect, size_hw):

@@ -69,7 +69,10 @@ def test_bench_decoding_scores_each_variant_on_the_same_maps(tmp_path, fixture_d
     variants = json.loads(out.read_text())['variants']
     assert set(variants) == {'current', 'presence_start', 'pulse_weight_0.5', 'pulse_weight_2', 'pulse_weight_10',
                              'pulse_weight_50', 'start_box',
-                             'topk_2', 'topk_5', 'topk_8', 'zero_per_strip', 'true_zero', 'true_trace', 'true_scale'}
+                             'topk_2', 'topk_5', 'topk_8', 'zero_per_strip', 'no_limb_fit', 'true_zero', 'true_trace',
+                             'true_scale'}
+    # the limb leads' fit changes the reading (the fixture is the standard page: 4 limb strips at once)
+    assert variants['no_limb_fit']['pearson'] != variants['current']['pearson']
     # the oracles: the fixture's scale is read right, and its true trace rows read better than the network's
     assert variants['true_scale']['snr_db'] == pytest.approx(variants['current']['snr_db'], abs=0.05)
     assert variants['true_trace']['pearson'] > variants['current']['pearson'] + 0.02
