@@ -71,11 +71,14 @@ def percentile_u8(a, q):
 
 
 def paper_colour(rgb):
-    """(3,) float: per-channel median of the brighter half of the page (paper dominates any grid)."""
-    small = rgb[::4, ::4]
-    lum = small.astype(np.uint16).sum(2)
-    bright = small[lum >= np.median(lum)]
-    return np.array([percentile_u8(bright[:, c], 50) for c in range(3)], np.float32)
+    """(3,) float: per-channel median of the brighter half of the page (paper dominates any grid). Every 4th
+    pixel; the median brightness from a histogram (numpy's sort and its 3-wide sums took twice as long)."""
+    channels = cv2.split(np.ascontiguousarray(rgb[::4, ::4]))
+    lum = cv2.add(cv2.add(channels[0], channels[1], dtype=cv2.CV_16U), channels[2], dtype=cv2.CV_16U)
+    cum = np.cumsum(np.bincount(lum.ravel(), minlength=3 * 255 + 1))
+    median = (np.searchsorted(cum, (lum.size - 1) // 2 + 1) + np.searchsorted(cum, lum.size // 2 + 1)) / 2
+    bright = lum >= median
+    return np.array([percentile_u8(channel[bright], 50) for channel in channels], np.float32)
 
 
 def max_channel(rgb):
@@ -87,7 +90,7 @@ def max_channel(rgb):
 def gridness(rgb, paper):
     """(h, w) float32 distance of each pixel's colour from the paper's (3,) colour. Lines of any
     hue, and grey lines on white, all stand out; the trace stands out too but is not periodic."""
-    d = cv2.absdiff(rgb, np.full_like(rgb, np.clip(np.rint(paper), 0, 255).astype(np.uint8))).astype(np.float32)
+    d = cv2.absdiff(rgb, tuple(np.clip(np.rint(paper), 0, 255).tolist()) + (0.0,)).astype(np.float32)
     return cv2.sqrt(cv2.transform(d * d, np.ones((1, 3), np.float32)))
 
 

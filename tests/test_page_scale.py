@@ -424,3 +424,23 @@ def test_search_pulse_takes_the_first_close_fit(monkeypatch):
     assert search(None, pieces, drawn) is drawn
     assert search(pieces, None, None) is pieces
     assert search(wrong_period, drawn, drawn) is wrong_period
+
+
+def plain_paper_colour(rgb):
+    """paper_colour's definition in plain numpy: per channel, the median of the brighter half of every 4th pixel."""
+    small = rgb[::4, ::4]
+    lum = small.astype(np.uint16).sum(2)
+    bright = small[lum >= np.median(lum)]
+    return [float(np.percentile(bright[:, c], 50, method='inverted_cdf')) for c in range(3)]
+
+
+@pytest.mark.parametrize('crop', [(slice(None), slice(None)), (slice(3, -1), slice(0, -2))])
+def test_paper_colour_is_the_median_of_the_brighter_half(crop):
+    """paper_colour (histogram median, cv2 sums) gives what the plain formula gives, on a real page, an
+    odd-sized crop of it (its brightness median falls between two values) and the page tinted yellow."""
+    rgb = np.ascontiguousarray(read_page(IMAGES / 'fx2048-0002.png')[0][crop])
+    tinted = rgb.copy()
+    tinted[..., 2] = tinted[..., 2] // 2 + 20
+    for page in (rgb, tinted):
+        assert ps.paper_colour(page).tolist() == plain_paper_colour(page)
+    assert ps.paper_colour(tinted)[2] < 150 < ps.paper_colour(tinted)[0]
