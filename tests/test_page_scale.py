@@ -444,3 +444,12 @@ def test_paper_colour_is_the_median_of_the_brighter_half(crop):
     for page in (rgb, tinted):
         assert ps.paper_colour(page).tolist() == plain_paper_colour(page)
     assert ps.paper_colour(tinted)[2] < 150 < ps.paper_colour(tinted)[0]
+
+
+def test_running_median_is_scipys_median_filter():
+    """The rays' background (running_median) is scipy.ndimage.median_filter of size (1, 9), edges repeated."""
+    from scipy import ndimage
+    rows = np.random.default_rng(0).standard_normal((7, 50)).astype(np.float32)
+    rows[2, :20] = 3.0                                      # plateaus and ties, as a log spectrum has
+    expected = ndimage.median_filter(rows, size=(1, ps.BACKGROUND_BINS), mode='nearest')
+    np.testing.assert_array_equal(ps.running_median(rows, ps.BACKGROUND_BINS), expected)

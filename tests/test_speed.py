@@ -127,18 +127,18 @@ def rotated_lines(thetas, aspects, size_hw, noise, seed):
     return image + noise * torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def test_pages_turned_by_a_negligible_angle_are_not_resampled():
-    """to_page_frame_batch resamples only the pages turned by NEGLIGIBLE_TURN_DEG or more, each exactly as on
-    its own; the rest come back as they are."""
+def test_a_batch_turned_by_a_negligible_angle_is_not_resampled():
+    """to_page_frame_batch takes a batch whose pages are all turned by less than NEGLIGIBLE_TURN_DEG as it is;
+    in a batch with a turned page, every page is resampled (a turned one as on its own, 0 deg unchanged)."""
     maps = torch.randn(4, 3, 32, 96, generator=torch.Generator().manual_seed(0))
-    thetas = torch.tensor([0.0, 2.5, -0.03, -1.0])
     aspects = torch.tensor([1.29, 1.29, 1.0, 1.5])
+    assert em.to_page_frame_batch(maps, torch.tensor([0.0, 0.049, -0.03, -0.049]), aspects) is maps
+    thetas = torch.tensor([0.0, 2.5, -0.03, -1.0])
     upright = em.to_page_frame_batch(maps, thetas, aspects)
-    assert torch.equal(upright[[0, 2]], maps[[0, 2]])
     for i in (1, 3):
         alone = em.to_page_frame_batch(maps[i:i + 1], thetas[i:i + 1], aspects[i:i + 1])
-        assert torch.allclose(upright[i], alone[0], atol=1e-6) and not torch.allclose(alone[0], maps[i])
-    assert em.to_page_frame_batch(maps, torch.full((4,), 0.049), aspects) is maps
+        assert torch.allclose(upright[i], alone[0], atol=1e-6)
+    assert torch.allclose(upright[0], maps[0], atol=1e-4) and not torch.allclose(upright[1], maps[1], atol=1e-2)
 
 
 @pytest.mark.parametrize('size_hw', [(64, 320), (128, 672)])
