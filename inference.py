@@ -408,6 +408,7 @@ def main(argv=None):
     images = find_images(args.image)
     device = pick_device('cpu' if args.onnx else args.device)
     threads, _ = speed.set_threads(args.threads)
+    speed.keep_freed_memory()
     if not args.onnx:
         args.checkpoint = checkpoint_path(args.checkpoint)
     model, size_hw = load_network(args, device, threads)

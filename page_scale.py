@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import scipy.fft
 
 from ecg_page import CAL_PULSE_MV as PULSE_MV, CAL_PULSE_S as PULSE_S, GAINS_MM_MV, MAJOR_MM
 from ecg_page import MM_PER_MV as STANDARD_GAIN_MM_MV, MM_PER_S as STANDARD_SPEED_MM_S, PAGE_ASPECT, PAGE_HEIGHT_MM
@@ -106,9 +107,20 @@ def log_spectrum(g):
     n = g.shape[0]
     win = np.hanning(n).astype(np.float32)
     g = (g - g.mean()) * np.outer(win, win)
-    f = cv2.dft(g, flags=cv2.DFT_COMPLEX_OUTPUT)
-    power = f[..., 0] ** 2 + f[..., 1] ** 2
+    power = mirrored_power(scipy.fft.rfft2(g, workers=1))
     return np.log(power + power.mean() * 1e-6 + 1e-12)     # a blank page has no power at all
+
+
+def mirrored_power(half):
+    """(n, n // 2 + 1) rfft2 of a real (n, n) map -> (n, n) float32 power of its whole DFT: the missing
+    columns mirror the present ones through DC (a real map's power is symmetric). scipy's real FFT and
+    this copy take a sixth of the time of cv2.dft's complex output."""
+    n, kept = half.shape[0], half.shape[1]
+    power = np.empty((n, n), np.float32)
+    power[:, :kept] = half.real ** 2 + half.imag ** 2
+    # column k > n / 2 at row r is column n - k at row -r (mod n): columns n - kept .. 1, rows 0, n - 1 .. 1
+    power[:, kept:] = np.roll(power[::-1, n - kept:0:-1], 1, axis=0)
+    return power
 
 
 def sample_rays(spec, angles_deg, radii, offsets=(0.0,)):

@@ -453,3 +453,12 @@ def test_running_median_is_scipys_median_filter():
     rows[2, :20] = 3.0                                      # plateaus and ties, as a log spectrum has
     expected = ndimage.median_filter(rows, size=(1, ps.BACKGROUND_BINS), mode='nearest')
     np.testing.assert_array_equal(ps.running_median(rows, ps.BACKGROUND_BINS), expected)
+
+
+@pytest.mark.parametrize('n', [64, 33])
+def test_mirrored_power_is_the_whole_dfts_power(n):
+    """log_spectrum's power from a real FFT's half, mirrored through DC, is numpy's full DFT power."""
+    from scipy import fft
+    g = np.random.default_rng(n).standard_normal((n, n)).astype(np.float32)
+    whole = np.abs(np.fft.fft2(g.astype(np.float64))) ** 2
+    np.testing.assert_allclose(ps.mirrored_power(fft.rfft2(g)), whole, rtol=1e-4, atol=1e-4 * whole.mean())

@@ -215,3 +215,9 @@ def test_inference_and_evaluate_take_threads():
     assert inference.parse_args(['--image', 'a.png', '--checkpoint', 'b.pth', '--output', 'c.csv']).threads == 'auto'
     assert inference.parse_args(['--image', 'a', '--onnx', 'm.onnx', '--output', 'c', '--threads', '2']).threads == 2
     assert evaluate.parse_args(['--checkpoint', 'b.pth', '--threads', '1']).threads == 1
+
+
+@pytest.mark.skipif(__import__('platform').libc_ver()[0] != 'glibc', reason='mallopt is glibc')
+def test_freed_memory_is_kept_for_the_next_page():
+    """inference.py has glibc keep freed memory (mallopt took both settings) instead of returning it."""
+    assert speed.keep_freed_memory() is True
