@@ -66,7 +66,7 @@ def sim_data(tmp_path_factory):
 def tiny_run(sim_data, tmp_path_factory):
     """The run folder of a 1-epoch run of the real trainer CLI at 64 x 320 on sim_data, at a non-default
     encoder and input size (what resume must take from the checkpoint). Weights barely trained: for checking
-    files and shapes, not accuracy. test_hardening resumes it to a second epoch."""
+    files and shapes, not accuracy. Shared by the whole session: a test that changes it works on a copy."""
     out = tmp_path_factory.mktemp('tiny_run')
     run_cli('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, '--image_size', '64', '320',
             '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0', '--epochs', '1',

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -212,6 +213,8 @@ def test_ctrl_c_saves_mid_epoch_and_resume_finishes_the_run(sim_data, tmp_path):
 
 
 def test_resume_takes_the_model_from_the_checkpoint_and_refuses_changing_it(tiny_run, tmp_path):
+    # a copy: the session's tiny run stays one epoch for every other test, whatever order they run in
+    tiny_run = Path(shutil.copytree(tiny_run, tmp_path / tiny_run.name))
     last = tiny_run / 'checkpoints' / 'last.pth'
     config_before = (tiny_run / 'config.json').read_text()
     result = run_cli('production_trainer.py', '--resume', last, '--image_size', '128', '672', check=False)
