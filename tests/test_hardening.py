@@ -212,6 +212,21 @@ def test_ctrl_c_saves_mid_epoch_and_resume_finishes_the_run(sim_data, tmp_path):
     assert (final['epoch'], final['step_in_epoch'], final['global_step']) == (3, 0, 33)   # 11 images a step each
 
 
+def test_a_stop_after_an_epochs_last_step_resumes_into_its_end(tiny_run, tmp_path):
+    """Ctrl-C after the last step of an epoch, before its end (validation, checkpoints): the resumed run has no
+    step left in it, and still ends the epoch and writes its checkpoint."""
+    run = Path(shutil.copytree(tiny_run, tmp_path / tiny_run.name))
+    last = run / 'checkpoints' / 'last.pth'
+    stopped = torch.load(last)
+    steps = stopped['global_step']                       # the one epoch's steps
+    stopped['epoch'], stopped['step_in_epoch'] = 0, steps
+    torch.save(stopped, last)
+    run_cli('production_trainer.py', '--resume', last)
+    final = torch.load(last)
+    assert (final['epoch'], final['step_in_epoch'], final['global_step']) == (1, 0, steps)
+    assert 'epoch 1/1 | train loss n/a (every step ran before the resume)' in (run / 'logs' / 'train.log').read_text()
+
+
 def test_resume_takes_the_model_from_the_checkpoint_and_refuses_changing_it(tiny_run, tmp_path):
     # a copy: the session's tiny run stays one epoch for every other test, whatever order they run in
     tiny_run = Path(shutil.copytree(tiny_run, tmp_path / tiny_run.name))
