@@ -401,12 +401,23 @@ def limb_misfit(readings):
     when each reading is the lead it is taken for, large when the order is wrong (a rhythm strip of II and
     the short strip read as II must then agree too). readings: [(lead index, values (T,), shown (T,))];
     NaN when no 3 limb readings are shown together."""
+    stack = limb_stack(readings)
+    return float('nan') if stack is None else stack_misfit(*stack)
+
+
+def limb_stack(readings):
+    """The limb leads among readings [(lead index, values (T,), shown (T,))]: (their places in LIMB_LEADS (K,),
+    values (K, T) float, shown (K, T) bool), or None with fewer than 3."""
     limb = [(LIMB_LEADS.index(lead), values, shown) for lead, values, shown in readings if lead in LIMB_LEADS]
     if len(limb) < 3:
-        return float('nan')
-    values = torch.stack([v for _, v, _ in limb]).float()
-    seen = torch.stack([s for _, _, s in limb])
-    in_i_ii = LIMB_IN_I_II.to(values.device)[[k for k, _, _ in limb]]
+        return None
+    return ([k for k, _, _ in limb], torch.stack([v for _, v, _ in limb]).float(),
+            torch.stack([s for _, _, s in limb]))
+
+
+def stack_misfit(limb, values, seen):
+    """limb_misfit of a limb_stack."""
+    in_i_ii = LIMB_IN_I_II.to(values.device)[limb]
     outside = total = 0.0
     for pattern, at in shown_patterns(seen):
         if int(pattern.sum()) < 3:
@@ -433,18 +444,17 @@ def fit_limb_leads(signal, sampled, valid, layouts):
     signal = signal.clone()
     basis_all = LIMB_IN_I_II.to(signal.device, signal.dtype)
     for b, layout in enumerate(layouts):
-        readings = order_readings(sampled[b], valid[b], layout)
-        limb = [(LIMB_LEADS.index(lead), values, shown) for lead, values, shown in readings if lead in LIMB_LEADS]
-        if len(limb) < 3 or not limb_misfit(readings) <= RELABEL_MISFIT:
+        stack = limb_stack(order_readings(sampled[b], valid[b], layout))
+        if stack is None or not stack_misfit(*stack) <= RELABEL_MISFIT:
             continue
-        values = torch.stack([v for _, v, _ in limb]).to(signal.dtype)
-        seen = torch.stack([s for _, _, s in limb])
-        basis = basis_all[[k for k, _, _ in limb]]
+        limb, values, seen = stack
+        values = values.to(signal.dtype)
+        basis = basis_all[limb]
         for pattern, at in shown_patterns(seen):
             if int(pattern.sum()) < 3 or torch.linalg.matrix_rank(basis[pattern]) < 2:
                 continue
             in_i_ii = torch.linalg.lstsq(basis[pattern], values[pattern][:, at]).solution      # (2, T)
-            leads = sorted({k for (k, _, _), on in zip(limb, pattern.tolist()) if on})
+            leads = sorted({k for k, on in zip(limb, pattern.tolist()) if on})
             rows = torch.tensor([LIMB_LEADS[k] for k in leads], device=signal.device)
             signal[b, rows[:, None], at.nonzero()[:, 0][None]] = basis_all[leads] @ in_i_ii
     return signal

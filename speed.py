@@ -119,7 +119,8 @@ KEEP_FREED_BYTES = 1 << 30                     # freed heap the process keeps fo
 def keep_freed_memory():
     """Have glibc reuse freed memory for the next large array instead of unmapping it and faulting fresh
     pages in: each page of a folder allocates and frees the same few tens of MB (decoded PNG, spectra,
-    maps), and the kernel's page faults were 40 ms of a page's 250 ms of CPU. True where applied (glibc)."""
+    maps), and the kernel's page faults cost 15-35 ms of a page's 250 ms of CPU (system time of inference.py
+    on 64 ecg-image-kit pages, with and without). True where applied (glibc)."""
     try:
         import ctypes
         libc = ctypes.CDLL('libc.so.6')

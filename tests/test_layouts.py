@@ -247,19 +247,24 @@ def channel_readings(layout, truth):
     return torch.from_numpy(sampled), torch.from_numpy(valid)
 
 
-@pytest.mark.parametrize('name', ['3x4+II', '3x4+II-Cabrera', '3x4', '3x4-Cabrera', '12x1', '12x1-Cabrera'])
-def test_the_lead_order_is_told_by_einthovens_law(name):
-    """Limb leads from a heart vector (I, II and the four others they fix), with a little reading noise:
-    the order whose leads obey Einthoven's and Goldberger's laws is the page's, and decoding with it puts
-    every lead, -aVR turned back, where it belongs."""
-    rng = np.random.default_rng(1)
+def heart_vector_leads(rng):
+    """(12, 5000): six limb leads made from I and II by Einthoven's and Goldberger's laws, six chest leads."""
     t = np.arange(N_SAMPLES) / FS
     lead_i, lead_ii = (np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) + 0.3 * np.sin(2 * np.pi * 7 * f * t)
                        for f in (1.1, 1.3))
     limb = np.stack([lead_i, lead_ii, lead_ii - lead_i, -(lead_i + lead_ii) / 2, lead_i - lead_ii / 2,
                      lead_ii - lead_i / 2])
     chest = np.stack([np.sin(2 * np.pi * (0.7 + 0.3 * k) * t + rng.uniform(0, 6)) for k in range(6)])
-    truth = np.concatenate([limb, chest]) + 0.03 * rng.standard_normal((12, N_SAMPLES))
+    return np.concatenate([limb, chest])
+
+
+@pytest.mark.parametrize('name', ['3x4+II', '3x4+II-Cabrera', '3x4', '3x4-Cabrera', '12x1', '12x1-Cabrera'])
+def test_the_lead_order_is_told_by_einthovens_law(name):
+    """Limb leads from a heart vector (I, II and the four others they fix), with a little reading noise:
+    the order whose leads obey Einthoven's and Goldberger's laws is the page's, and decoding with it puts
+    every lead, -aVR turned back, where it belongs."""
+    rng = np.random.default_rng(1)
+    truth = heart_vector_leads(rng) + 0.03 * rng.standard_normal((12, N_SAMPLES))
     layout = LAYOUTS[name]
     sampled, valid = channel_readings(layout, truth)
     plan_mates = [n for n in LAYOUTS if ecg_model.strip_plan(LAYOUTS[n]) == ecg_model.strip_plan(layout)]
@@ -273,17 +278,6 @@ def test_the_lead_order_is_told_by_einthovens_law(name):
     signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]), channel, sign)
     assert shown.all(-1).sum() == (12 if name.startswith('12x1') else 1 if layout.rhythm else 0)
     np.testing.assert_allclose(signal[0][shown[0]].numpy(), truth[shown[0].numpy()], atol=1e-5)
-
-
-def heart_vector_leads(rng):
-    """(12, 5000): six limb leads made from I and II by Einthoven's and Goldberger's laws, six chest leads."""
-    t = np.arange(N_SAMPLES) / FS
-    lead_i, lead_ii = (np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) + 0.3 * np.sin(2 * np.pi * 7 * f * t)
-                       for f in (1.1, 1.3))
-    limb = np.stack([lead_i, lead_ii, lead_ii - lead_i, -(lead_i + lead_ii) / 2, lead_i - lead_ii / 2,
-                     lead_ii - lead_i / 2])
-    chest = np.stack([np.sin(2 * np.pi * (0.7 + 0.3 * k) * t + rng.uniform(0, 6)) for k in range(6)])
-    return np.concatenate([limb, chest])
 
 
 @pytest.mark.parametrize('name, limb_error_ratio', [('3x4+II', 0.8), ('3x4+II-Cabrera', 0.8), ('6x2+II', 0.65),
