@@ -373,8 +373,12 @@ def strip_plan(layout):
 def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=None, start=None, start_weight=None):
     """Per page, the name of the layout (among all of ecg_page.LAYOUTS) whose strips fit the presence maps
     best when the model was trained on no layout drawing those strips, else None: inference warns on such
-    pages, which it reads as the nearest trained layout."""
+    pages, which it reads as the nearest trained layout. Rhythm channels beyond those a trained layout draws
+    were never taught what they show (a model widened from one rhythm channel has copies of it there, present
+    along every standard page's rhythm strip): they are read as showing nothing."""
     known = {strip_plan(LAYOUTS[name]) for name in trained}
+    taught = RHYTHM + max(len(LAYOUTS[name].rhythm) for name in trained)
+    presence = torch.cat([presence[:, :taught], torch.full_like(presence[:, taught:], -1e4)], dim=1)
     best = choose_layouts(presence, list(LAYOUTS), page_aspect, px_per_s, paper_speed, start, start_weight)
     return [None if strip_plan(layout) in known else layout.name for layout in best]
 

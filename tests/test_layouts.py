@@ -137,6 +137,22 @@ def test_pages_of_a_layout_the_model_was_not_trained_on_are_named_and_warned_of(
     assert 'warning: 6x2+II.png' in err and 'warning: 12x1.png' in err and '3x4+V1.png' not in err
 
 
+def test_a_model_widened_from_one_rhythm_channel_warns_of_no_standard_page():
+    """The starter (one rhythm channel, copied to three when loaded) sees its rhythm strip in all three rhythm
+    channels: along a standard page's rhythm strip they fit three rhythm strips, yet a model never trained on
+    such pages was never taught what those channels show. Every ecg-image-kit page read with the starter had
+    been warned of as 3x4+II+V1+V5. A model taught three rhythm strips still tells their pages apart."""
+    standard = drawn_presence('3x4+II', 30.0)
+    widened = standard.clone()
+    widened[:, RHYTHM + 1:] = standard[:, RHYTHM:RHYTHM + 1]
+    aspect, px_per_s = torch.full((1,), 11 / 8.5), torch.full((1,), PX_PER_S)
+    assert ecg_model.choose_layouts(widened, list(LAYOUTS), aspect, px_per_s)[0].name == '3x4+II+V1+V5'
+    assert ecg_model.untrained_fits(widened, ['3x4+II'], aspect, px_per_s) == [None]
+    assert ecg_model.untrained_fits(widened, ['3x4+II', '3x4+II+V1+V5'], aspect, px_per_s) == [None]
+    assert ecg_model.untrained_fits(drawn_presence('3x4+II+V1+V5', 30.0), ['6x2+II', '3x4+II+V1+V5@50mm/s'], aspect,
+                                    px_per_s) == ['3x4+II+V1+V5']
+
+
 def test_the_rhythm_strips_lead_is_told_by_what_it_shows():
     """Same strips, rhythm strip of V1: the lead whose short strip matches it wins, and fills all 10 s."""
     rng = np.random.default_rng(0)
