@@ -13,7 +13,7 @@ through inference.py's own functions, from the first image read to the last CSV 
             no folded batch norms, NCHW (reading and writing still overlap the model, as they do now)
     old_b4  the same at batch 4 (the old inference.py's default --batch_size)
     new     what inference.py does now: OMP_WAIT_POLICY=PASSIVE, --threads auto, --batch_size,
-            estimate_theta_batch, batch norms folded, channels_last
+            estimate_theta_batch, batch norms folded, channels_last, freed memory kept for the next page
     onnx    new, with the network in onnxruntime (export_onnx.py)
 Reports images/s, CPU seconds per image (all threads: on a busy machine the part that cannot overlap),
 peak RSS of the process (and torch's peak on CUDA), and each setting's largest difference from the old
@@ -134,6 +134,7 @@ def run_setting(args):
         model, size_hw = inference.load_checkpoint(args.checkpoint, device)
     else:
         threads, _ = speed.set_threads('auto')
+        speed.keep_freed_memory()
         model, size_hw = inference.load_network(run_args, device, threads)
     inference.tqdm.write = lambda *a, **k: None   # no line per image
     csv_paths = [out / f'{image.stem}.csv' for image in images]

@@ -446,6 +446,19 @@ def test_paper_colour_is_the_median_of_the_brighter_half(crop):
     assert ps.paper_colour(tinted)[2] < 150 < ps.paper_colour(tinted)[0]
 
 
+def test_percentile_u8_is_numpys_inverted_cdf_percentile_over_the_mask():
+    """percentile_u8 (cv2's histogram) is np.percentile's inverted-CDF percentile of the masked pixels, on a
+    strided view as on a plain array; 0 where the mask leaves nothing (ink_coverage on an all-solid page)."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (301, 403), dtype=np.uint8)
+    mask = (rng.random(pixels.shape) < 0.3).astype(np.uint8)
+    for q in (0.3, 50, 96):
+        for a, m in ((pixels, None), (pixels[::2, ::2], None), (pixels, mask), (pixels[::2, ::2], mask[::2, ::2].copy())):
+            values = a[m.astype(bool)] if m is not None else a.ravel()
+            assert ps.percentile_u8(a, q, m) == int(np.percentile(values, q, method='inverted_cdf')), (q, a.shape)
+    assert ps.percentile_u8(pixels, 50, np.zeros_like(pixels)) == 0
+
+
 def test_running_median_is_scipys_median_filter():
     """The rays' background (running_median) is scipy.ndimage.median_filter of size (1, 9), edges repeated."""
     from scipy import ndimage
