@@ -460,12 +460,14 @@ def test_percentile_u8_is_numpys_inverted_cdf_percentile_over_the_mask():
 
 
 def test_running_median_is_scipys_median_filter():
-    """The rays' background (running_median) is scipy.ndimage.median_filter of size (1, 9), edges repeated."""
+    """The rays' background (running_median) is scipy.ndimage.median_filter of size (1, 9), edges repeated (and
+    of any other odd width)."""
     from scipy import ndimage
     rows = np.random.default_rng(0).standard_normal((7, 50)).astype(np.float32)
     rows[2, :20] = 3.0                                      # plateaus and ties, as a log spectrum has
-    expected = ndimage.median_filter(rows, size=(1, ps.BACKGROUND_BINS), mode='nearest')
-    np.testing.assert_array_equal(ps.running_median(rows, ps.BACKGROUND_BINS), expected)
+    for width in (ps.BACKGROUND_BINS, 1, 3, 11):
+        expected = ndimage.median_filter(rows, size=(1, width), mode='nearest')
+        np.testing.assert_array_equal(ps.running_median(rows, width), expected)
 
 
 @pytest.mark.parametrize('n', [64, 33])
