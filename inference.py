@@ -24,8 +24,9 @@ import argparse
 import json
 import re
 import sys
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ WFDB_MAX_MV = 32.767                   # fmt 16 holds +-32767 uV; -32768 is wfdb
 CONFIDENCE_HALF_MV = 0.1               # a row spread of 0.1 mV (1 mm at 10 mm/mV) halves the confidence
 READERS = 2                            # pages decoded and measured at once: PNG decoding and the grid FFT are
                                        # most of the CPU time on full-size pages
+READ_AHEAD = 1                         # batches of pages read beyond the next one while the model runs
 
 
 def parse_args(argv=None):
@@ -259,14 +261,33 @@ def read_page(path, size_hw):
         return None, str(exc)
 
 
-def read_batch(paths, size_hw, pool=None):
-    """Read a batch of images, on `pool`'s threads when given (decoding a PNG and reading its grid release
-    the GIL); unreadable ones are reported and left out. -> (page_inputs or None, paths read, problems)."""
-    results = list(pool.map(read_page, paths, [size_hw] * len(paths)) if pool else
-                   (read_page(path, size_hw) for path in paths))
-    rows = [row for row, _ in results if row is not None]
-    read = [path for path, (row, _) in zip(paths, results) if row is not None]
-    problems = [problem for _, problem in results if problem is not None]
+def read_batch(paths, size_hw):
+    """Read a batch of images here and now; unreadable ones are reported and left out (gather_pages)."""
+    return gather_pages([(path, *read_page(path, size_hw)) for path in paths])
+
+
+def read_batches(images, size_hw, batch_size, pool):
+    """gather_pages' answer for each batch of images in turn, every page read on pool's threads as soon as one
+    is free (decoding a PNG and reading its grid release the GIL), up to READ_AHEAD batches beyond the one
+    yielded: a slow page (a long pulse search) no longer leaves the other thread idle at each batch's end."""
+    upcoming, reading = iter(images), deque()
+
+    def top_up():
+        wanted = (READ_AHEAD + 1) * batch_size - len(reading)
+        reading.extend((path, pool.submit(read_page, path, size_hw)) for path in islice(upcoming, wanted))
+
+    top_up()
+    while reading:
+        batch = [reading.popleft() for _ in range(min(batch_size, len(reading)))]
+        top_up()
+        yield gather_pages([(path, *future.result()) for path, future in batch])
+
+
+def gather_pages(pages):
+    """[(path, read_page's row or None, problem or None)] -> (page_inputs or None, paths read, problems)."""
+    rows = [row for _, row, _ in pages if row is not None]
+    read = [path for path, row, _ in pages if row is not None]
+    problems = [problem for _, _, problem in pages if problem is not None]
     return (stack_inputs(rows) if rows else None), read, problems
 
 
@@ -317,28 +338,23 @@ def page_inputs(pages, size_hw):
 
 
 def digitize(model, size_hw, images, csv_paths, args, device):
-    """Run every image through the model in batches and write its files, the next batch read and the last
-    batch's files written by helper threads while the model runs (cv2 and torch release the GIL; reading
-    and writing cost about as much as the network on a CPU); returns the problems met."""
+    """Run every image through the model in batches and write its files, the next pages read (read_batches)
+    and the last batch's files written by helper threads while the model runs (cv2 and torch release the
+    GIL; reading and writing cost about as much as the network on a CPU); returns the problems met."""
     target = dict(zip(images, csv_paths))
-    chunks = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
     problems, written = [], []
     layouts = getattr(args, 'layouts', None) or auto_layouts(model)
     bar = tqdm(total=len(images), desc='digitizing', unit='img', disable=len(images) == 1,
                mininterval=pdx.PROGRESS_SECONDS)
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(READERS) as pages, ThreadPoolExecutor(1) as writer:
-        ahead = reader.submit(read_batch, chunks[0], size_hw, pages)
-        for index, chunk in enumerate(chunks):
-            inputs, read, bad = ahead.result()
-            if index + 1 < len(chunks):
-                ahead = reader.submit(read_batch, chunks[index + 1], size_hw, pages)
+    with ThreadPoolExecutor(READERS) as readers, ThreadPoolExecutor(1) as writer:
+        for inputs, read, bad in read_batches(images, size_hw, args.batch_size, readers):
             problems += bad
             if inputs is not None:
                 inputs = with_known_scale(inputs, args, size_hw)
                 outputs = run_model(model, inputs, device, layouts)
                 files = outputs_to_files(outputs, inputs, read, args, layouts)
                 written.append(writer.submit(write_batch, files, [(path, target[path]) for path in read], args))
-            bar.update(len(chunk))
+            bar.update(len(read) + len(bad))
         for job in written:
             job.result()   # a failed write raises here
     bar.close()

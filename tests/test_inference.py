@@ -161,3 +161,36 @@ def test_gain_and_paper_speed_flags_override_the_pulse(single, tiny_checkpoint):
     report = json.loads(out.with_suffix('.json').read_text())
     assert report['scale']['gain_from_flag'] == 20 and report['scale']['speed_from_flag'] == 50
     assert re.search(r'3x4\S*@50mm/s', report['layout_warning'])
+
+
+def test_pages_are_read_one_by_one_ahead_of_the_model_and_batched_in_order(monkeypatch):
+    """read_batches yields each batch's pages in order, unreadable ones reported in their own batch, while
+    the reader threads take page after page (a slow page does not stop the other thread at a batch's end),
+    never more than READ_AHEAD batches beyond the next."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    import inference
+    started = []
+
+    def read_page(path, size_hw):
+        started.append(path)
+        time.sleep(0.05 if path % 4 == 0 else 0.005)        # the first page of every batch is slow
+        return (None, f'{path}: bad') if path in (5, 9) else ((path, size_hw), None)
+
+    monkeypatch.setattr(inference, 'read_page', read_page)
+    monkeypatch.setattr(inference, 'stack_inputs', lambda rows: [path for path, _ in rows])
+    pages, batch = list(range(14)), 4
+    with ThreadPoolExecutor(2) as pool:
+        batches = []
+        for inputs, read, problems in inference.read_batches(pages, (128, 672), batch, pool):
+            batches.append((inputs, read, problems))
+            assert len(started) <= (len(batches) + inference.READ_AHEAD + 1) * batch
+            queued = min(len(pages), (len(batches) + inference.READ_AHEAD + 1) * batch)
+            deadline = time.monotonic() + 10
+            while len(started) < queued and time.monotonic() < deadline:   # the model's turn: the readers go on
+                time.sleep(0.01)
+            time.sleep(0.02)
+            assert len(started) == queued
+    assert [read for _, read, _ in batches] == [[0, 1, 2, 3], [4, 6, 7], [8, 10, 11], [12, 13]]
+    assert [inputs for inputs, _, _ in batches] == [read for _, read, _ in batches]
+    assert [problems for _, _, problems in batches] == [[], ['5: bad'], ['9: bad'], []]
