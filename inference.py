@@ -165,7 +165,7 @@ def find_images(path):
 
 @torch.inference_mode()
 def run_model(model, inputs, device, layouts=None):
-    """read_batch's inputs -> the model's output dict, decoded with each page's real aspect (a squeezed
+    """stack_inputs' model inputs -> the model's output dict, decoded with each page's real aspect (a squeezed
     wide input changes the page's shape, and the de-rotation must know it), the scale its grid and
     calibration pulse show (padding, cropping or rescaling the page leaves amplitudes right) and its layout
     found among `layouts` (default: auto_layouts)."""

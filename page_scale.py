@@ -95,7 +95,7 @@ def gridness(rgb, paper):
     # differencing, converting and squaring
     levels = np.arange(256, dtype=np.float32)[:, None]
     squared = (levels - np.clip(np.rint(paper), 0, 255).astype(np.float32)) ** 2            # (256, 3)
-    d2 = cv2.LUT(rgb, np.ascontiguousarray(squared[None]))
+    d2 = cv2.LUT(rgb, squared[None])
     return cv2.sqrt(cv2.transform(d2, np.ones((1, 3), np.float32)))
 
 

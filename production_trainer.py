@@ -677,10 +677,10 @@ def read_metrics(run_dir):
 
 def epoch_summary(epoch, epochs, train, val, seconds):
     if 'total' in train:
-        line = (f'epoch {epoch}/{epochs} | train loss {train["total"]:.4f} (signal {train["signal"]:.4f}) '
-                f'| {train["images_per_s"]:.2f} img/s | {seconds:.0f} s')
+        loss = f'train loss {train["total"]:.4f} (signal {train["signal"]:.4f}) | {train["images_per_s"]:.2f} img/s'
     else:   # a run stopped after the epoch's last step and resumed: its losses went with the stopped process
-        line = f'epoch {epoch}/{epochs} | train loss n/a (every step ran before the resume) | {seconds:.0f} s'
+        loss = 'train loss n/a (every step ran before the resume)'
+    line = f'epoch {epoch}/{epochs} | {loss} | {seconds:.0f} s'
     if train['skipped_steps']:
         line += f' | {train["skipped_steps"]} steps skipped (non-finite)'
     if val:
