@@ -347,6 +347,7 @@ CAP_FRACTION = 0.45               # a line's half-maximum end lies ~0.43 (round 
 LONG_LINE_MM = 30.0               # straight ink this long is grid (grey grids), never a pulse...
 GRID_LINES_MIN = 6                # ...when this many such lines run side by side: a few long lines are
                                   # the rise and fall of pulses stacked on a tight row pitch
+SPECKLE_MM = 1.0                  # ink pieces smaller than this both ways are noise or grid remnants
 PULSE_MM_RANGE = (4.0, 25.0)      # pulse height: 5..20 mm/mV, with slack
 PULSE_PX_RANGE = (10, 700)        # when px per mm is unknown
 PULSE_ASPECT = (0.3, 5.0)         # height / width: 5 mm/mV at 50 mm/s .. 20 mm/mV at 25 mm/s
@@ -356,6 +357,7 @@ THIN_PAIR = 1.5                   # two side-by-side pixels this much over the i
 TOP_DARKNESS = 0.6                # a top-line column as dark, summed over 3 rows, as this much of the rise
 STROKE_GAP_PX = 5                 # breaks in a faint thin stroke that are bridged
 EDGE_MAX_SLOPE = 0.03             # px per row (1.7 deg) a pulse edge may lean after de-rotation
+MERGED_FALL = 1.5                 # a fall this much thicker than the rise has a QRS drawn against it
 SIZE_TOL = 0.08                   # pulses of one page agree in height and width to 8 %
 INK_ANGLE_WIDTH = 640             # ink mask width for the rotation search when there is no grid
 
@@ -451,6 +453,22 @@ def edge_column(band):
     return float((band.sum(0) * np.arange(band.shape[1])).sum() / band.sum()), abs(float(slope))
 
 
+def left_edge(band):
+    """Sub-pixel column where each row of a (rows, cols) darkness band first reaches half its maximum,
+    the median over rows."""
+    peak = band.max(1, keepdims=True)
+    rows = np.flatnonzero(peak[:, 0] > 0)
+    if len(rows) == 0:
+        return 0.0
+    half = 0.5 * peak[rows]
+    b = band[rows]
+    i = np.argmax(b >= half, axis=1)
+    r = np.arange(len(rows))
+    before = np.where(i > 0, b[r, np.maximum(i - 1, 0)], 0.0)
+    frac = (half[:, 0] - before) / np.maximum(b[r, i] - before, 1e-6)
+    return float(np.median(i - 1 + frac))
+
+
 def measure_pulse(dark, a, b):
     """dict(height_px, width_px, x, y, thickness) of the pulse whose rise is stroke a and fall
     stroke b (stats rows), from the darkness itself: the rise's half-maximum ends, the top line's
@@ -464,8 +482,12 @@ def measure_pulse(dark, a, b):
     (cx_a, slope_a), (cx_b, slope_b) = edge_column(cols_a), edge_column(cols_b)
     if max(slope_a, slope_b) > EDGE_MAX_SLOPE:
         return None
-    cx_a, cx_b = la + cx_a, lb + cx_b
     thick = float(cols_a.sum(1).mean() / 255.0)
+    if cols_b.sum(1).mean() / 255.0 > MERGED_FALL * thick + 0.5:
+        # a trace that starts with a QRS draws its rise against the fall: the fall's centre is then its
+        # inner edge (the pulse inside is empty) plus the rise's half-thickness, measured the same way
+        cx_b = left_edge(cols_b) + (cx_a - left_edge(cols_a))
+    cx_a, cx_b = la + cx_a, lb + cx_b
     y0, r0 = max(ya - 2 * pad, 0), max(ya - 2, 0)
     rise = dark[r0: ya + ha + 2, la: xa + wa + pad].astype(np.float32).sum(1)
     ends = half_max_ends(rise)
@@ -477,13 +499,15 @@ def measure_pulse(dark, a, b):
     return dict(height_px=bottom - top, width_px=cx_b - cx_a, x=cx_a, y=bottom, thickness=thick)
 
 
-def is_pulse_outline(ink, dark, cov, a, b):
+def is_pulse_outline(ink, dark, cov, a, b, blank=None):
     """Strokes a (rise) and b (fall) start level, one straight flat line joins their tops, the
     inside is empty and the paper left of the rise is blank (the pulse opens its row): the
     outline of a pulse, not two QRS strokes, a T wave or a letter. A column of the top line
     counts as inked where the ink mask has it, or where its coverage summed over 3 rows is at
     least TOP_DARKNESS of the rise's across it: the same pen, drawn between two pixel rows on a
-    page whose dark grid raised the ink threshold above either half."""
+    page whose dark grid raised the ink threshold above either half. blank (default ink): the mask the
+    paper left of the rise and inside the pulse are judged empty on."""
+    blank = ink if blank is None else blank
     xa, ya, wa, ha = (int(v) for v in a[:4])
     xb, yb, wb, hb = (int(v) for v in b[:4])
     tol = max(3, int(0.12 * ha)) + wa                    # a faint corner may break off
@@ -496,7 +520,7 @@ def is_pulse_outline(ink, dark, cov, a, b):
     # the top line starts at the rise: a trace arriving from the left (an inverted QRS between two S waves
     # looks like a pulse otherwise) or any stroke beside the rise is disqualifying; checked first, since most
     # pairs (a QRS's strokes) fail here
-    before = ink[max(ya - 2, 0): ya + 3 * ha // 4, max(xa - max((xb - xa) // 2, 3 * wa), 0): max(xa - 1, 0)]
+    before = blank[max(ya - 2, 0): ya + 3 * ha // 4, max(xa - max((xb - xa) // 2, 3 * wa), 0): max(xa - 1, 0)]
     if before.sum() > 0.1 * ha:
         return False
     margin = (right - left) // 8                           # clear of the corners
@@ -512,8 +536,13 @@ def is_pulse_outline(ink, dark, cov, a, b):
     centre = (shade * rows).sum(0)[inked] / np.maximum(shade.sum(0)[inked], 1e-6)
     if count.max() > 2 * wa + 3 or centre.std() > max(1.0, 0.5 * wa):
         return False                                       # a hump or a blob, not a line
-    inside = ink[ya + wa + 3: ya + ha - wa - 3, left + 2: right - 2]
-    return inside.size == 0 or inside.mean() < 0.1
+    inside = blank[ya + wa + 3: ya + ha - wa - 3, left + 2: right - 2]
+    if inside.size and inside.mean() >= 0.1:
+        return False
+    # a pulse stands open on its feet; a line joining them closes a box: a grid cell whose remnants outlast
+    # the long lines' removal, or a letter
+    foot = blank[max(ya + ha - ha // 5, 0): ya + ha + ha // 5, top_cols]
+    return foot.size == 0 or foot.any(0).mean() < TOP_COVERAGE
 
 
 def top_line_row(ink, stroke, h_lo, h_hi, side):
@@ -548,10 +577,11 @@ def lowest_pulse_strokes(ink, long, h_lo, h_hi):
     return np.array(cut, dtype=long.dtype).reshape(-1, 5)
 
 
-def pulse_candidates(ink, edges, dark, cov, h_lo, h_hi):
+def pulse_candidates(ink, edges, dark, cov, h_lo, h_hi, blank=None):
     """Every rise/fall pair that outlines a pulse of height in [h_lo, h_hi] px: list of dicts. ink: the
     stroke mask, edges: the mask its vertical strokes are found in, dark: the coverage above the measuring
-    floor, cov: all of it."""
+    floor, cov: all of it, blank: the ink that paper meant to be empty must not show (ink without its specks:
+    a noisy page's speckle and grid remnants; a faint thin stroke breaks into pieces, so strokes keep them)."""
     vert = vertical_strokes(edges, max(6, int(0.7 * h_lo)))
     vert = vert[vert[:, 2] * 3 <= vert[:, 3]]
     fits = vert[:, 3] <= h_hi * 1.1 + 6
@@ -560,7 +590,7 @@ def pulse_candidates(ink, edges, dark, cov, h_lo, h_hi):
     found = []
     for i in np.flatnonzero(vert[:, 3] >= h_lo * 0.9):
         for j in level_falls(vert, i):
-            if is_pulse_outline(ink, dark, cov, vert[i], vert[j]):
+            if is_pulse_outline(ink, dark, cov, vert[i], vert[j], blank):
                 m = measure_pulse(dark, vert[i], vert[j])
                 if m and h_lo <= m['height_px'] <= h_hi:
                     found.append(m)
@@ -597,12 +627,25 @@ def consensus(cands):
 
 def without_long_lines(ink, length):
     """ink with its straight horizontal and vertical runs longer than `length` px removed, along each axis
-    where at least GRID_LINES_MIN of them show that they are a grid."""
+    where at least GRID_LINES_MIN of them show that they are a grid. On a noisy page a grid line breaks up
+    and its pixel columns straddle the threshold: gaps of STROKE_GAP_PX along a line are bridged before it
+    is measured, and a pixel either side of it goes with it; otherwise its pieces stand beside and inside a
+    pulse and pass for strokes."""
     for axis in (0, 1):
-        long_lines = line_opening(ink, length, axis).astype(np.uint8)
+        along, across = ((STROKE_GAP_PX, 1), (1, 3)) if axis == 0 else ((1, STROKE_GAP_PX), (3, 1))
+        bridged = cv2.morphologyEx(ink, cv2.MORPH_CLOSE, np.ones(along, np.uint8))
+        long_lines = line_opening(bridged, length, axis).astype(np.uint8)
         if cv2.connectedComponents(long_lines, connectivity=8)[0] - 1 >= GRID_LINES_MIN:
-            ink = ink & (1 - long_lines)
+            ink = ink & (1 - cv2.dilate(long_lines, np.ones(across, np.uint8)))
     return ink
+
+
+def without_specks(ink, size_px):
+    """ink without its 8-connected pieces whose bounding box is under size_px both ways."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
+    speck = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]) < size_px
+    speck[0] = False
+    return np.where(speck[labels], 0, ink).astype(np.uint8)
 
 
 def window_reduce(mask, length, axis, fill):
@@ -637,14 +680,17 @@ def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step, pairs=False):
     mm of the searched image (None: unknown, heights in PULSE_PX_RANGE / step). pairs: edges are also
     found by column_pairs (a thin edge leaning across two columns after de-rotation breaks up otherwise)."""
     ink = (cov >= ink_min).astype(np.uint8)
+    edges = ink | column_pairs(cov, ink_min) if pairs else ink
     if mm:
         h_lo, h_hi = PULSE_MM_RANGE[0] * mm, max_mm * mm
         ink = without_long_lines(ink, int(LONG_LINE_MM * mm))
+        edges = without_long_lines(edges, int(LONG_LINE_MM * mm)) if pairs else ink
+        blank = without_specks(ink, SPECKLE_MM * mm)
     else:
         h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step
+        blank = ink
     dark = np.where(cov >= floor, cov, 0).astype(np.uint8)
-    edges = ink | column_pairs(cov, ink_min) if pairs else ink
-    return consensus(pulse_candidates(ink, edges, dark, cov, h_lo, h_hi))
+    return consensus(pulse_candidates(ink, edges, dark, cov, h_lo, h_hi, blank))
 
 
 def column_pairs(cov, ink_min):
