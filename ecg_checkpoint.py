@@ -27,7 +27,7 @@ import torch
 
 import ecg_model
 import production_dataset as pdx
-from ecg_page import STANDARD, with_cabrera
+from ecg_page import STANDARD, whole_pages, with_cabrera
 
 FORMAT = 2                                   # 1: numpy RNG pickled (needs weights_only=False)
 PREPROCESSING = {'resize': 'cv2.INTER_AREA', 'mean': pdx.IMAGENET_MEAN.tolist(), 'std': pdx.IMAGENET_STD.tolist(),
@@ -94,7 +94,7 @@ def trained_layouts(checkpoint):
 def readable_layouts(checkpoint):
     """What evaluation chooses each page's layout among: the trained layouts and their Cabrera twins.
     checkpoint: a checkpoint dict, or a run's config (both name the trained 'layouts')."""
-    return with_cabrera(trained_layouts(checkpoint))
+    return whole_pages(with_cabrera(trained_layouts(checkpoint)))
 
 
 def non_finite_tensors(state, prefix=''):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import segmentation_models_pytorch as smp
 
 from ecg_page import (FS, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, N_LEADS, N_SAMPLES, N_TRACES, PAGE_ASPECT, PAGE_HEIGHT_MM,
-                      RHYTHM, SECONDS, STANDARD)
+                      RHYTHM, SECONDS, STANDARD, whole_pages)
 
 LAYOUT = STANDARD                   # the page read when nothing says otherwise
 TRACE_START = 118 / 2200            # where ecg-image-kit starts the traces (after the 1 mV pulse), page widths
@@ -379,7 +379,7 @@ def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=No
     known = {strip_plan(LAYOUTS[name]) for name in trained}
     taught = RHYTHM + max(len(LAYOUTS[name].rhythm) for name in trained)
     presence = torch.cat([presence[:, :taught], torch.full_like(presence[:, taught:], -1e4)], dim=1)
-    best = choose_layouts(presence, list(LAYOUTS), page_aspect, px_per_s, paper_speed, start, start_weight)
+    best = choose_layouts(presence, whole_pages(LAYOUTS), page_aspect, px_per_s, paper_speed, start, start_weight)
     return [None if strip_plan(layout) in known else layout.name for layout in best]
 
 

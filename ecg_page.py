@@ -10,7 +10,7 @@ over the whole 10 s, below the rows; up to three, as clinics print II, V1 and V5
     III  aVF  V3  V6
     II (rhythm strip, 10 s)
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -55,6 +55,7 @@ class Layout:
     paper_speed_mm_s: float = MM_PER_S
     channel_rows: tuple = None    # the rows whose leads name the channels at each place (None: rows)
     inverted: tuple = ()          # leads drawn upside down
+    band_of: str = field(default=None, compare=False)   # a row band: the layout whose rows it crops (row_bands)
 
     @property
     def n_columns(self):
@@ -181,6 +182,30 @@ LAYOUTS.update({twin.name: twin for twin in (LAYOUTS[name].cabrera() for name in
 LAYOUTS.update({fast.name: fast for fast in (layout.at_speed(50.0) for layout in list(LAYOUTS.values()))})
 
 
+# a page of 12 one-column rows is read a second time in two bands of six rows, each cropped from the
+# de-rotated page and fed at the full input size: the rows stand farther apart there than on the whole page
+# (8 input rows at 128 px, where neighbouring traces cross)
+BAND_ROWS = 6
+
+
+def row_bands(layout):
+    """The row bands a layout is read again in (Layouts; none for most layouts): for 12 rows of one column,
+    rows 1-6 and rows 7-12, each with the channels and signs of those rows on the whole page."""
+    if layout.band_of or layout.rhythm or layout.n_columns != 1 or len(layout.rows) != 2 * BAND_ROWS:
+        return ()
+    return tuple(replace(layout, name=f'{layout.name} rows {a + 1}-{a + BAND_ROWS}', rows=layout.rows[a:a + BAND_ROWS],
+                         channel_rows=layout.channel_rows and layout.channel_rows[a:a + BAND_ROWS], band_of=layout.name)
+                 for a in (0, BAND_ROWS))
+
+
+LAYOUTS.update({band.name: band for layout in list(LAYOUTS.values()) for band in row_bands(layout)})
+
+
+def whole_pages(names):
+    """The names that are whole pages, not row bands: what a page's layout is chosen among."""
+    return [name for name in names if not LAYOUTS[name].band_of]
+
+
 def with_cabrera(names):
     """Layout names plus the Cabrera twin of each that has one: a model reads places, not labels, so one
     trained on a layout reads its Cabrera pages too (which is which, the limb leads tell when decoding)."""
@@ -196,7 +221,8 @@ def layout_at_speed(layout, paper_speed_mm_s):
                 and replace(other, name='', paper_speed_mm_s=0.0) == strips)
 
 
-LAYOUT_NAMES_HELP = (', '.join(name for name, layout in LAYOUTS.items() if layout.paper_speed_mm_s == MM_PER_S)
+LAYOUT_NAMES_HELP = (', '.join(name for name, layout in LAYOUTS.items()
+                               if layout.paper_speed_mm_s == MM_PER_S and not layout.band_of)
                      + ' (each also as NAME@50mm/s)')
 
 

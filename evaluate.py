@@ -95,12 +95,16 @@ def round_trip(batch):
 
 
 @torch.no_grad()
-def score_batches(model, loader, device, layouts=None):
-    """Per-image numbers for the whole loader; each page's layout is found among `layouts` (names)."""
+def score_batches(model, loader, device, layouts=None, trained=()):
+    """Per-image numbers for the whole loader; each page's layout is found among `layouts` (names), and pages
+    of a layout with row bands among `trained` (all layout names the model was trained on) are read again in
+    them, as inference does."""
     rows, model_stats, bound_stats = [], [], []
     for batch in tqdm(loader, desc='evaluating', leave=False, mininterval=pdx.PROGRESS_SECONDS):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         outputs = model(batch['image'], ecg_model.read_geometry(batch, layouts))
+        outputs = inference.read_row_bands(model, outputs, batch, lambda i: pdx.read_rgb(batch['png'][i]), trained,
+                                           tuple(batch['image'].shape[-2:]), device)
         outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}
         model_stats.append(ecg_trainer.record_stats(outputs['signal'], batch['signal'], batch['signal_mask']))
         pearson, snr_db = ecg_trainer.per_record(model_stats[-1])
@@ -119,7 +123,8 @@ def score_batches(model, loader, device, layouts=None):
                          'paper_speed_mm_s': float(batch['paper_speed_mm_s'][i]),
                          'read_speed_mm_s': float(batch['read_speed_mm_s'][i]),
                          'layout': pdx.layout_name(batch['layout_id'][i]) or 'unknown',
-                         'layout_found': outputs['trace_rows']['layouts'][i]})
+                         'layout_found': outputs['trace_rows']['layouts'][i],
+                         'row_bands': ' '.join(outputs['row_bands'][i])})
     return pd.DataFrame(rows), ecg_trainer.concat_stats(model_stats), ecg_trainer.concat_stats(bound_stats)
 
 
@@ -186,7 +191,8 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
         raise pdx.InputError('no usable image to evaluate')
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     layouts = ecg_checkpoint.trained_layouts(checkpoint)
-    frame, model_stats, bound_stats = score_batches(model, loader, device, ecg_checkpoint.readable_layouts(checkpoint))
+    frame, model_stats, bound_stats = score_batches(model, loader, device, ecg_checkpoint.readable_layouts(checkpoint),
+                                                    layouts)
     report = build_report(frame, model_stats, bound_stats)
     report.update(checkpoint=str(checkpoint_path), untrained=untrained, image_size=config['image_size'],
                   encoder=config['encoder'], trained_layouts=layouts,

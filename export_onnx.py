@@ -75,7 +75,7 @@ def export(checkpoint, output, opset=OPSET):
     graph = onnx.load(str(output))
     onnx.checker.check_model(graph)
     meta = {'image_size': list(size_hw), 'head_channels': ecg_model.HEAD_CHANNELS, 'checkpoint': str(checkpoint),
-            'pulse_start_weight': model.pulse_start_weight}
+            'pulse_start_weight': model.pulse_start_weight, 'layouts': ecg_checkpoint.trained_layouts(state)}
     graph.metadata_props.add(key='ecg_digitizer', value=json.dumps(meta))
     onnx.save(graph, str(output))
     return size_hw
@@ -96,6 +96,7 @@ class OnnxDigitizer:
         self.image_size = tuple(meta['image_size'])
         self.head_channels = meta['head_channels']
         self.pulse_start_weight = meta.get('pulse_start_weight')   # the checkpoint's decoding, as ECGDigitizer's
+        self.trained_layouts = meta.get('layouts') or list(ecg_checkpoint.TRAINED_LAYOUTS)   # as load_checkpoint sets
 
     def __call__(self, images, geometry=None):
         image = np.ascontiguousarray(images.detach().float().cpu().numpy())

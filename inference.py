@@ -39,7 +39,7 @@ import ecg_model
 import export_onnx
 import production_dataset as pdx
 import speed
-from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, SECONDS, with_cabrera   # the model's signal: 500 Hz over 10 s
+from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, N_LEADS, SECONDS, row_bands, whole_pages, with_cabrera   # 500 Hz x 10 s
 from ecg_page import GAINS_MM_MV, LAYOUT_NAMES_HELP, MM_PER_MV, PAPER_SPEEDS_MM_S
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
@@ -117,14 +117,14 @@ def load_checkpoint(path, device):
 
 
 def auto_layouts(model):
-    """What --layout auto chooses among: the layouts the model was trained on and their Cabrera twins."""
-    return with_cabrera(getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS))
+    """What --layout auto chooses among: the page layouts the model was trained on and their Cabrera twins."""
+    return whole_pages(with_cabrera(getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS)))
 
 
 def candidate_layouts(model, layout):
     """The layouts inference chooses among: --layout NAME, or auto (auto_layouts). A page layout the model
     never saw is read, with a warning (its strips may be misplaced)."""
-    trained = list(getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS))
+    trained = whole_pages(getattr(model, 'trained_layouts', ecg_checkpoint.TRAINED_LAYOUTS))
     if layout == 'auto':
         return auto_layouts(model)
     if layout not in auto_layouts(model):
@@ -172,6 +172,65 @@ def run_model(model, inputs, device, layouts=None):
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     layouts = layouts or auto_layouts(model)
     return model(inputs['image'], geometry=ecg_model.read_geometry(inputs, layouts))
+
+
+def banded_pages(outputs, trained):
+    """[(page index, its row bands)] of a batch's pages whose found layout is read again in row bands
+    (ecg_page.row_bands) that the model was trained on (trained: layout names)."""
+    pages = []
+    for i, name in enumerate(found_layouts(outputs)):
+        bands = row_bands(LAYOUTS[name])
+        if bands and all(band.name in trained for band in bands):
+            pages.append((i, bands))
+    return pages
+
+
+def place_rows(outputs, i, page_height):
+    """(12,) rows (px of the upright page) where each place's strip runs, from the first reading: the median
+    0 mV row over the columns where the strip is present."""
+    zero, present = outputs['trace_rows']['zero'][i, :N_LEADS], outputs['trace_rows']['presence'][i, :N_LEADS] > 0
+    rows = [torch.median(z[p] if p.any() else z).item() for z, p in zip(zero, present)]
+    return (np.array(rows) + 0.5) * page_height / outputs['trace'].shape[-2] - 0.5
+
+
+def band_row(rgb, outputs, inputs, i, band, k, size_hw):
+    """One row band of page i, cut from its pixels rgb where the first reading put its rows, as a model input
+    row with the page's own scale carried over: (input (3, H, W), aspect, px_per_mv, px_per_s, speed, start)."""
+    theta = float(outputs['decode_theta'][i])
+    first, end = pdx.band_bounds(place_rows(outputs, i, rgb.shape[0]), k, rgb.shape[0])
+    crop = pdx.band_pixels(rgb, (theta, first, end))
+    # rows per mV as decoded (page or border, --gain), on the crop's fewer px; columns as the page's
+    px_per_mv = float(outputs['trace_rows']['px_per_mv'][i]) * rgb.shape[0] / crop.shape[0]
+    read_px_per_s = float(inputs['read_px_per_s'][i])
+    px_per_s = read_px_per_s if np.isfinite(read_px_per_s) else float(
+        ecg_model.border_px_per_s(size_hw[1], inputs['page_aspect'][i:i + 1])[0])
+    speed = float(inputs['read_speed_mm_s'][i]) if np.isfinite(read_px_per_s) else float('nan')
+    image, _, aspect = pdx.preprocess(crop, size_hw)
+    return image, aspect, px_per_mv, px_per_s, speed, float(inputs['read_start'][i])
+
+
+@torch.inference_mode()
+def read_row_bands(model, outputs, inputs, pages, trained, size_hw, device):
+    """Second reading of the pages whose layout has row bands the model was trained on (12x1): each band is
+    cut from the upright page and read at the full input size, and its leads replace the first reading's
+    (outputs['signal'] in place; 'row_bands' names the bands read per page). pages: index -> the page's
+    (h, w, 3) RGB, read when needed. The rest of outputs (rows, confidence) stays the first reading's."""
+    banded = banded_pages(outputs, trained)
+    outputs['row_bands'] = [[] for _ in range(len(outputs['signal']))]
+    for k in range(max((len(bands) for _, bands in banded), default=0)):
+        todo = [(i, bands[k]) for i, bands in banded]
+        rows = [band_row(pages(i), outputs, inputs, i, band, k, size_hw) for i, band in todo]
+        images, aspects, px_per_mv, px_per_s, speeds, starts = zip(*rows)
+        geometry = {'theta': torch.zeros(len(rows), device=device), 'layouts': sorted({b.name for _, b in todo}),
+                    **{key: torch.tensor(values, dtype=torch.float32, device=device) for key, values in (
+                        ('page_aspect', aspects), ('px_per_mv', px_per_mv), ('px_per_s', px_per_s),
+                        ('paper_speed', speeds), ('start', starts))}}
+        band_out = model(torch.stack(images).to(device), geometry=geometry)
+        for j, (i, band) in enumerate(todo):
+            leads = torch.from_numpy(band.shown_mask().any(1)).to(outputs['signal'].device)
+            outputs['signal'][i, leads] = band_out['signal'][j, leads].to(outputs['signal'].dtype)
+            outputs['row_bands'][i].append(band_out['trace_rows']['layouts'][j])
+    return outputs
 
 
 def lead_confidence(outputs):
@@ -352,6 +411,8 @@ def digitize(model, size_hw, images, csv_paths, args, device):
             if inputs is not None:
                 inputs = with_known_scale(inputs, args, size_hw)
                 outputs = run_model(model, inputs, device, layouts)
+                outputs = read_row_bands(model, outputs, inputs, lambda i: pdx.read_rgb(read[i]),
+                                         getattr(model, 'trained_layouts', ()), size_hw, device)
                 files = outputs_to_files(outputs, inputs, read, args, layouts)
                 written.append(writer.submit(write_batch, files, [(path, target[path]) for path in read], args))
             bar.update(len(read) + len(bad))
@@ -398,6 +459,7 @@ def reading_report(path, inputs, outputs, i, spread, confidence, args):
     return {'image': str(path), 'checkpoint': str(args.onnx or args.checkpoint), 'fs': args.fs,
             'layout': found_layouts(outputs)[i], 'rotation_deg': float(outputs['decode_theta'][i]), 'scale': scale,
             'px_per_mv_input': float(outputs['trace_rows']['px_per_mv'][i]),
+            'row_bands': outputs.get('row_bands', [[]] * (i + 1))[i],
             'leads': {lead: {'row_spread_mv': round(float(s), 4), 'confidence': round(float(c), 3)}
                       for lead, s, c in zip(LEADS, spread, confidence)}}
 

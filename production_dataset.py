@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import page_scale
 from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, MM_PER_S, N_LEADS, N_RHYTHM, N_SAMPLES, N_TRACES,
-                      PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS, page_layout)
+                      BAND_ROWS, PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS, page_layout, row_bands)
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
 LAYOUT_NAMES = list(LAYOUTS)       # layout_id indexes this list; -1: a page no known layout draws
@@ -55,6 +55,8 @@ PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the
 PLAUSIBLE_SCALE = (0.6, 1.5)       # grid px/mm over the border's when no pulse confirms it: padding ~0.8, crops > 1
 MAX_OFF_PAGE_SHARE = 0.05          # share of a lead's plotted pixels that may fall off the page (clipped peaks)
 MIN_PAGE_SIDE = 128                # px: a 50 dpi letter page is 425 px tall; less cannot hold 13 strips
+BAND_CUT_RANGE = (0.25, 0.75)      # page heights a 12x1 page's middle rows lie in (read outside: a misreading)
+BAND_CUT_FALLBACK = (0.55, 0.45)   # ...and each row band is then cut here instead
 MIN_PAGE_CONTRAST = 2.0            # grey-level std: below it the image is one colour
 PROGRESS_SECONDS = 0.1 if sys.stderr.isatty() else 30.0   # a log file (CI, | tee, nohup) gets a bar line every 30 s
 
@@ -94,6 +96,7 @@ class SampleRef:
     csv: Path
     fs: float
     sig_len: int
+    band: int = None   # a row band of the page (ecg_page.row_bands: 0 the top, 1 the bottom), None: the whole page
 
 
 # ---------------------------------------------------------------- signals
@@ -479,6 +482,47 @@ def derotate(xy, theta_deg, png_wh):
     return (xy - centre) @ inverse.T + centre
 
 
+def band_bounds(rows, band, height):
+    """(first, end) image rows of a row band of a de-rotated 12-row page: rows (12,) the row (px) each place's
+    trace runs at, top down. The top band ends at row 7's trace and the bottom band starts at row 6's, so each
+    keeps its own rows' deflections towards the other half whole (the cut is a row pitch away from them)."""
+    cut = rows[BAND_ROWS] if band == 0 else rows[BAND_ROWS - 1]
+    if not BAND_CUT_RANGE[0] * height < cut < BAND_CUT_RANGE[1] * height:   # rows read nowhere near a 12x1 page's
+        cut = BAND_CUT_FALLBACK[band] * height
+    first, end = (0.0, cut) if band == 0 else (cut, float(height))
+    return max(0, int(math.floor(first))), min(int(height), int(math.ceil(end)) + 1)
+
+
+def band_pixels(rgb, crop):
+    """(h, w, 3) page -> the row band crop = (theta_deg, first, end) cuts from the page turned upright (about
+    its centre, as derotate turns points; white beyond the page's corners)."""
+    theta, first, end = crop
+    if abs(theta) > 1e-6:
+        h, w = rgb.shape[:2]
+        turn = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), theta, 1.0)
+        rgb = cv2.warpAffine(rgb, turn, (w, h), flags=cv2.INTER_LINEAR, borderValue=(255, 255, 255))
+    return np.ascontiguousarray(rgb[first:end])
+
+
+def band_of_page(page, band, theta, png_wh):
+    """A whole 12-row page's geometry (parse_page) -> (that of its row band `band`, the crop for band_pixels):
+    the band's strips in the upright crop's pixels, its layout (ecg_page.row_bands) and grid."""
+    bands = row_bands(LAYOUTS[layout_name(page['layout_id'])])
+    entries = [dict(e, xy=derotate(e['xy'], theta, png_wh)) for e in page['entries']]
+    rows = np.full(N_LEADS, np.nan)
+    for entry in entries:
+        rows[entry['channel']] = np.nanmean(entry['xy'][:, 1])
+    first, end = band_bounds(rows, band, png_wh[1])
+    shift = np.array([0.0, first])
+    layout = bands[band]
+    channels = set(layout.lead_channels()[0][[LEADS.index(row[0]) for row in layout.rows]].tolist())
+    kept = [dict(e, xy=e['xy'] - shift) for e in entries if e['channel'] in channels]
+    grid = page['grid'] and dict(page['grid'], origin_xy=derotate(page['grid']['origin_xy'], theta, png_wh) - shift,
+                                 center_xy=np.array([(png_wh[0] - 1) / 2, (end - first - 1) / 2]))
+    return dict(page, entries=kept, grid=grid, rotation_deg=0.0, layout_id=LAYOUT_NAMES.index(layout.name),
+                rhythm_leads=np.full(N_RHYTHM, -1, np.int64)), (theta, first, end)
+
+
 def trace_targets(page, values, theta_deg, scale_xy, size_hw, fs, png_wh):
     """Seg and 0 mV maps in the image frame; per-channel column extents, 0 mV rows, windows and spans in
     the de-rotated page frame at the input size, where one column is one instant of the trace."""
@@ -588,9 +632,12 @@ def preprocess(rgb, size_hw):
     return normalize(picture), picture, rgb.shape[1] / rgb.shape[0]
 
 
-def read_image(path, size_hw):
-    """Page file -> ((H, W, 3) uint8 RGB picture at the input size, (w, h) of the file, its RGB)."""
+def read_image(path, size_hw, crop=None):
+    """Page file -> ((H, W, 3) uint8 RGB picture at the input size, (w, h) of the file, its RGB); crop: a row
+    band's (band_pixels), read instead of the whole page."""
     rgb = read_rgb(path)
+    if crop is not None:
+        rgb = band_pixels(rgb, crop)
     return resize_page(rgb, size_hw), rgb.shape[1::-1], rgb
 
 
@@ -648,7 +695,11 @@ def build_sample(ref, size_hw, scale=False):
         theta = estimate_rotation(page, raw)
         theta_valid = theta is not None
         theta = theta or 0.0
-    image, png_wh, rgb = read_image(ref.png, size_hw)
+    crop = None
+    if ref.band is not None:
+        page, crop = band_of_page(page, ref.band, theta, png_size(ref.png))
+        theta, theta_valid = 0.0, True
+    image, png_wh, rgb = read_image(ref.png, size_hw, crop)
     read_px_per_mv, read_px_per_s, found = read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), {})
     scale_xy = np.array([size_hw[1] / png_wh[0], size_hw[0] / png_wh[1]])
     targets = trace_targets(page, raw, theta, scale_xy, size_hw, ref.fs, png_wh)
@@ -686,7 +737,8 @@ def check_sample(ref):
     page = parse_page(ref)
     read_signal_csv(ref.csv, ref.fs, ref.sig_len)
     read_rgb(ref.png)
-    return layout_name(page['layout_id'])
+    name = layout_name(page['layout_id'])
+    return name if ref.band is None else row_bands(LAYOUTS[name])[ref.band].name
 
 
 def layout_name(layout_id):
@@ -787,6 +839,21 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
 }
 
 
+def with_row_bands(refs):
+    """refs, each followed by its row bands' where its page has them (ecg_page.row_bands: a 12x1 page is read
+    again in two bands of six rows, so training shows the model those crops too). A page whose JSON does not
+    parse gets none here; the checks report it."""
+    out = []
+    for ref in refs:
+        out.append(ref)
+        try:
+            name = layout_name(parse_page(ref)['layout_id'])
+        except SampleError:
+            continue
+        out += [replace(ref, band=k) for k in range(len(row_bands(LAYOUTS[name])) if name else 0)]
+    return out
+
+
 def split_by_record(refs, val_fraction, seed):
     """Train/validation split by record id, so no signal is seen in both."""
     ids = sorted({ref.record_id for ref in refs})
@@ -805,7 +872,8 @@ class ECGImageDataset(Dataset):
     DataLoader workers read without copying."""
 
     def __init__(self, sim_root=None, csv_root=None, target_size=DEFAULT_IMAGE_SIZE, augment=False,
-                 cache=False, max_samples=None, refs=None, check=True, progress=False, read_scale=False):
+                 cache=False, max_samples=None, refs=None, check=True, progress=False, read_scale=False,
+                 row_bands=False):
         self.size_hw = tuple(int(v) for v in target_size)
         self.augment = augment
         self.read_scale = read_scale   # evaluation: decode with the scale the page shows, as inference does
@@ -814,6 +882,8 @@ class ECGImageDataset(Dataset):
         if refs is None:
             refs, problems = find_samples(sim_root, csv_root, max_samples)
             self.problems.extend((str(p), m) for p, m in problems)
+        if row_bands:
+            refs = with_row_bands(refs)
         self.refs = self._keep_good(refs, progress) if check and not cache else list(refs)
         self.photometric = photometric_augment()
         self.cache = self._fill_cache(progress) if cache else None
@@ -899,6 +969,7 @@ class ECGImageDataset(Dataset):
         out['baseline'] = out['baseline'].float()
         out['signal_mask'] = out['signal_mask'].bool()
         out['record_id'] = ref.record_id
+        out['png'] = str(ref.png)
         out['fs'] = torch.tensor(ref.fs, dtype=torch.float32)
         out['style'] = sample['style']
         return out

@@ -311,7 +311,7 @@ def build_datasets(config):
                              f'--csv_root {config["csv_root"]}')
     train_refs, val_refs = pdx.split_by_record(refs, config['val_fraction'], config['seed'])
     common = dict(target_size=config['image_size'], cache=config['cache'], progress=True)
-    train = pdx.ECGImageDataset(refs=train_refs, augment=not config['no_augment'], **common)
+    train = pdx.ECGImageDataset(refs=train_refs, augment=not config['no_augment'], row_bands=True, **common)
     val = pdx.ECGImageDataset(refs=val_refs, augment=False, read_scale=True, **common)
     skipped = len(train.problems) + len(val.problems)
     log.info('data: %d train / %d val images (%d records), %d skipped as bad', len(train), len(val),

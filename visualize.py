@@ -211,6 +211,7 @@ def predict(args):
     model, size_hw = inference.load_checkpoint(args.checkpoint, device)
     inputs = inference.page_inputs([rgb], size_hw)
     outputs = inference.run_model(model, inputs, device)
+    outputs = inference.read_row_bands(model, outputs, inputs, lambda i: rgb, model.trained_layouts, size_hw, device)
     outputs['spread_mv'], outputs['confidence'] = inference.lead_confidence(outputs)
     outputs['scale'] = inputs['scale'][0]
     return outputs, pdx.resize_page(rgb, size_hw), float(inputs['page_aspect'][0])

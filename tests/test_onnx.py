@@ -1,5 +1,6 @@
 """export_onnx.py and inference.py --onnx: the exported network in onnxruntime gives the signals torch gives
 (within 1e-3 mV), for any batch size; the same CSVs through the CLI. Skipped without the optional extras."""
+import json
 import shutil
 
 import numpy as np
@@ -62,6 +63,9 @@ def test_onnxruntime_signals_match_torch_within_a_microvolt(exported, tiny_check
     assert together['seg'].shape == reference['seg'].shape and together['theta'].shape == (3,)
     # the export decodes with the checkpoint's own pulse start weight, as the torch model does
     assert network.pulse_start_weight == model.pulse_start_weight is not None
+    # and chooses among the layouts the checkpoint was trained on (before, always the standard page alone)
+    meta = json.loads(network.session.get_modelmeta().custom_metadata_map['ecg_digitizer'])
+    assert meta['layouts'] == network.trained_layouts == ['3x4+II']
 
 
 def test_inference_cli_onnx_writes_the_same_csvs(exported, tiny_checkpoint, pages, tmp_path):

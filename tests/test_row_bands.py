@@ -1,0 +1,111 @@
+"""Row bands: a 12x1 page (12 rows of one column, 8 input rows apart at 128 px, where neighbouring traces
+cross) is read a second time in two bands of six rows, each cut from the upright page and fed at the full
+input size. Training shows the model those crops; inference and evaluation cut them where the first reading
+put the rows and replace those leads."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ecg_checkpoint
+import ecg_trainer
+import evaluate
+import inference
+from conftest import run_cli
+import production_dataset as pdx
+from ecg_page import LAYOUTS, LEADS, N_LEADS, row_bands, whole_pages, with_cabrera
+
+LIMB, CHEST = LEADS[:6], LEADS[6:]
+
+
+def test_a_12_row_page_has_two_row_bands_and_other_pages_none():
+    """12x1 and its Cabrera and 50 mm/s twins get rows 1-6 and 7-12, each keeping the channels and signs its
+    rows have on the whole page; a page's layout is never chosen among bands."""
+    for name in ('12x1', '12x1-Cabrera', '12x1@50mm/s', '12x1-Cabrera@50mm/s'):
+        top, bottom = row_bands(LAYOUTS[name])
+        assert (top.name, bottom.name) == (f'{name} rows 1-6', f'{name} rows 7-12')
+        assert LAYOUTS[top.name] == top and top.band_of == name
+        channel, sign = LAYOUTS[name].lead_channels()
+        for band in (top, bottom):
+            band_channel, band_sign = band.lead_channels()
+            shown = band.shown_mask().any(1)
+            assert np.array_equal(band_channel[shown], channel[shown]) and np.array_equal(band_sign, sign)
+        assert [LEADS[i] for i in np.flatnonzero(top.shown_mask().any(1))] == LIMB
+        assert [LEADS[i] for i in np.flatnonzero(bottom.shown_mask().any(1))] == CHEST
+    assert all(not row_bands(layout) for name, layout in LAYOUTS.items() if '12x1' not in name)
+    names = ['3x4+II', '12x1', '12x1 rows 1-6', '12x1 rows 7-12']
+    assert whole_pages(with_cabrera(names)) == ['3x4+II', '12x1', '3x4+II-Cabrera', '12x1-Cabrera']
+
+
+def test_band_pixels_turn_the_page_as_derotate_turns_points():
+    """The crop is cut from the page turned upright by the same turn that brings the JSON's points into the
+    page's frame: a dot lands where derotate puts it."""
+    rgb = np.full((300, 400, 3), 255, np.uint8)
+    rgb[200:203, 300:303] = 0
+    for theta in (-4.0, 3.0):
+        crop = pdx.band_pixels(rgb, (theta, 50, 280))
+        rows, cols = np.nonzero(crop[..., 0] < 128)
+        x, y = pdx.derotate(np.array([[301.0, 201.0]]), theta, (400, 300))[0]
+        assert abs(cols.mean() - x) < 0.6 and abs(rows.mean() + 50 - y) < 0.6
+        assert crop.shape == (230, 400, 3) and crop[0, 0].tolist() == [255, 255, 255]   # white beyond the corners
+
+
+@pytest.fixture(scope='module')
+def twelve_row_pages(tmp_path_factory):
+    """Simulator 12x1 pages, turned by up to 3 degrees (classic style, 100 dpi)."""
+    out = tmp_path_factory.mktemp('twelve_rows')
+    run_cli('ecg_simulator.py', '--out', out, '--n', 3, '--seed', 21, '--workers', 1, '--dpi_choices', 100,
+            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 3, '--layouts', '12x1')
+    return out
+
+
+def test_row_band_samples_cut_their_six_strips_from_the_upright_page(twelve_row_pages):
+    """Each 12x1 page brings its two bands: upright (theta 0), six strips each, the strips farther apart in
+    input rows than on the whole page, and their true rows decode back to the signal of those leads only."""
+    refs, problems = pdx.find_samples(twelve_row_pages, twelve_row_pages)
+    assert not problems and len(refs) == 3
+    dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), row_bands=True)
+    assert [ref.band for ref in dataset.refs] == [None, 0, 1] * 3
+    assert dataset.layouts == {'12x1': 3, '12x1 rows 1-6': 3, '12x1 rows 7-12': 3}
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    names = [pdx.layout_name(i) for i in batch['layout_id']]
+    assert names == ['12x1', '12x1 rows 1-6', '12x1 rows 7-12'] * 3
+    assert (batch['theta'][0::3].abs() > 0.2).any() and (batch['theta'][1::3] == 0).all()
+    pitch = batch['baseline_row'][:, :N_LEADS].nanmean(-1).diff(dim=1).nanmean(1)
+    assert (pitch[1::3] > 1.5 * pitch[0::3]).all() and (pitch[2::3] > 1.5 * pitch[0::3]).all()
+    shown = batch['signal_mask'].any(-1)
+    assert shown[1::3, :6].all() and not shown[1::3, 6:].any()
+    assert shown[2::3, 6:].all() and not shown[2::3, :6].any()
+    for start in (1, 2):
+        band = {k: v[start::3] if torch.is_tensor(v) else v for k, v in batch.items()}
+        metrics = ecg_trainer.signal_metrics(evaluate.round_trip(band), band['signal'], band['signal_mask'])
+        assert metrics['pearson'] > 0.95 and metrics['snr_db'] > 10
+
+
+def test_trained_bands_are_read_again_at_inference(twelve_row_pages, tmp_path):
+    """The trainer trains the bands of 12x1 pages and its checkpoint names them; inference.py then reads a
+    12x1 page a second time in them: the sidecar names both bands, every lead is written over the 10 s, and
+    the bands' leads are the second reading's (they differ from a reading without the bands)."""
+    run_cli('production_trainer.py', '--sim_root', twelve_row_pages, '--csv_root', twelve_row_pages,
+            '--image_size', '64', '320', '--encoder', 'tu-regnetx_002', '--batch_size', '3', '--num_workers', '0',
+            '--epochs', '1', '--val_fraction', '0', '--select_metric', 'latest', '--output_dir', tmp_path / 'runs')
+    best = next((tmp_path / 'runs').glob('run_*')) / 'checkpoints' / 'best.pth'
+    checkpoint = torch.load(best, map_location='cpu', weights_only=False)
+    assert ecg_checkpoint.trained_layouts(checkpoint) == ['12x1', '12x1 rows 1-6', '12x1 rows 7-12']
+    assert ecg_checkpoint.readable_layouts(checkpoint) == ['12x1', '12x1-Cabrera']
+    png = sorted(twelve_row_pages.rglob('*.png'))[0]
+    run_cli('inference.py', '--image', png, '--checkpoint', best, '--output', tmp_path / 'banded.csv',
+            '--layout', '12x1')
+    sidecar = json.loads((tmp_path / 'banded.json').read_text())
+    assert sidecar['layout'] == '12x1' and sidecar['row_bands'] == ['12x1 rows 1-6', '12x1 rows 7-12']
+    banded = pd.read_csv(tmp_path / 'banded.csv')
+    assert list(banded.columns) == LEADS and len(banded) == 5000 and banded.notna().all().all()
+    checkpoint['layouts'] = ['12x1']
+    torch.save(checkpoint, tmp_path / 'whole.pth')
+    run_cli('inference.py', '--image', png, '--checkpoint', tmp_path / 'whole.pth', '--output', tmp_path / 'whole.csv',
+            '--layout', '12x1')
+    assert json.loads((tmp_path / 'whole.json').read_text())['row_bands'] == []
+    whole = pd.read_csv(tmp_path / 'whole.csv')
+    assert (banded - whole).abs().mean().gt(1e-4).all()      # every lead comes from a band's reading
