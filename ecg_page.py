@@ -182,20 +182,20 @@ LAYOUTS.update({twin.name: twin for twin in (LAYOUTS[name].cabrera() for name in
 LAYOUTS.update({fast.name: fast for fast in (layout.at_speed(50.0) for layout in list(LAYOUTS.values()))})
 
 
-# a page of 12 one-column rows is read a second time in two bands of six rows, each cropped from the
+# a page of 12 one-column rows is read a second time in three bands of four rows, each cropped from the
 # de-rotated page and fed at the full input size: the rows stand farther apart there than on the whole page
 # (8 input rows at 128 px, where neighbouring traces cross)
-BAND_ROWS = 6
+BAND_ROWS = 4
 
 
 def row_bands(layout):
     """The row bands a layout is read again in (Layouts; none for most layouts): for 12 rows of one column,
-    rows 1-6 and rows 7-12, each with the channels and signs of those rows on the whole page."""
-    if layout.band_of or layout.rhythm or layout.n_columns != 1 or len(layout.rows) != 2 * BAND_ROWS:
+    rows 1-4, 5-8 and 9-12, each with the channels and signs of those rows on the whole page."""
+    if layout.band_of or layout.rhythm or layout.n_columns != 1 or len(layout.rows) != N_LEADS:
         return ()
     return tuple(replace(layout, name=f'{layout.name} rows {a + 1}-{a + BAND_ROWS}', rows=layout.rows[a:a + BAND_ROWS],
                          channel_rows=layout.channel_rows and layout.channel_rows[a:a + BAND_ROWS], band_of=layout.name)
-                 for a in (0, BAND_ROWS))
+                 for a in range(0, N_LEADS, BAND_ROWS))
 
 
 LAYOUTS.update({band.name: band for layout in list(LAYOUTS.values()) for band in row_bands(layout)})

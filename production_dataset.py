@@ -55,8 +55,7 @@ PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the
 PLAUSIBLE_SCALE = (0.6, 1.5)       # grid px/mm over the border's when no pulse confirms it: padding ~0.8, crops > 1
 MAX_OFF_PAGE_SHARE = 0.05          # share of a lead's plotted pixels that may fall off the page (clipped peaks)
 MIN_PAGE_SIDE = 128                # px: a 50 dpi letter page is 425 px tall; less cannot hold 13 strips
-BAND_CUT_RANGE = (0.25, 0.75)      # page heights a 12x1 page's middle rows lie in (read outside: a misreading)
-BAND_CUT_FALLBACK = (0.55, 0.45)   # ...and each row band is then cut here instead
+BAND_MARGIN_PITCHES = 1.5         # a row band reaches this many row pitches above the page's top row (below its last)
 MIN_PAGE_CONTRAST = 2.0            # grey-level std: below it the image is one colour
 PROGRESS_SECONDS = 0.1 if sys.stderr.isatty() else 30.0   # a log file (CI, | tee, nohup) gets a bar line every 30 s
 
@@ -484,12 +483,19 @@ def derotate(xy, theta_deg, png_wh):
 
 def band_bounds(rows, band, height):
     """(first, end) image rows of a row band of a de-rotated 12-row page: rows (12,) the row (px) each place's
-    trace runs at, top down. The top band ends at row 7's trace and the bottom band starts at row 6's, so each
-    keeps its own rows' deflections towards the other half whole (the cut is a row pitch away from them)."""
-    cut = rows[BAND_ROWS] if band == 0 else rows[BAND_ROWS - 1]
-    if not BAND_CUT_RANGE[0] * height < cut < BAND_CUT_RANGE[1] * height:   # rows read nowhere near a 12x1 page's
-        cut = BAND_CUT_FALLBACK[band] * height
-    first, end = (0.0, cut) if band == 0 else (cut, float(height))
+    trace runs at, top down. A band reaches to the trace of the row beyond each of its ends (a row pitch: its
+    own rows' deflections that way stay whole), or BAND_MARGIN_PITCHES past its outer row at the page's top and
+    bottom (the header and margins left out). Rows that are no 12-row page's (a misreading) are taken evenly
+    spaced down the page."""
+    rows = np.asarray(rows, np.float64)
+    steps = np.diff(rows)
+    if not (np.isfinite(rows).all() and (steps > 0).all() and rows[0] > 0 and rows[-1] < height):
+        rows = (np.arange(len(rows)) + 1.5) * height / (len(rows) + 2)
+        steps = np.diff(rows)
+    pitch = float(np.median(steps))
+    top, bottom = band * BAND_ROWS, band * BAND_ROWS + BAND_ROWS - 1
+    first = rows[top - 1] if top > 0 else rows[0] - BAND_MARGIN_PITCHES * pitch
+    end = rows[bottom + 1] if bottom + 1 < len(rows) else rows[-1] + BAND_MARGIN_PITCHES * pitch
     return max(0, int(math.floor(first))), min(int(height), int(math.ceil(end)) + 1)
 
 

@@ -16,7 +16,8 @@ import evaluate
 import inference
 from conftest import run_cli
 import production_dataset as pdx
-from ecg_page import FS, LAYOUTS, LEADS, N_SAMPLES, N_TRACES, RHYTHM, STANDARD, page_layout, with_cabrera
+from ecg_page import (FS, LAYOUTS, LEADS, N_SAMPLES, N_TRACES, RHYTHM, STANDARD, page_layout, whole_pages,
+                      with_cabrera)
 
 WIDTH = 672
 PX_PER_S = 60.0          # input columns per second of a test page
@@ -105,12 +106,12 @@ def test_layouts_at_a_speed_no_page_shows_are_left_out_of_the_fit():
             presence, places, *a)):
         for batch in (slice(0, 3), slice(0, 4)):
             fitted.clear()
-            chosen = ecg_model.choose_layouts(presence[batch], list(LAYOUTS), aspect[batch], px_per_s[batch],
+            chosen = ecg_model.choose_layouts(presence[batch], whole_pages(LAYOUTS), aspect[batch], px_per_s[batch],
                                               speeds[batch])
             assert len(fitted) == (6 if batch.stop == 3 else 12)     # 12 plans: 6 at each speed
             with patch.object(ecg_model, 'at_page_speeds', lambda layouts, page_speed: layouts):
-                assert ecg_model.choose_layouts(presence[batch], list(LAYOUTS), aspect[batch], px_per_s[batch],
-                                                speeds[batch]) == chosen
+                assert ecg_model.choose_layouts(presence[batch], whole_pages(LAYOUTS), aspect[batch],
+                                                px_per_s[batch], speeds[batch]) == chosen
             assert [layout.name for layout in chosen] == pages[batch]
     only_slow = ecg_model.at_page_speeds([LAYOUTS['3x4+II']], torch.tensor([50.0]))
     assert [layout.name for layout in only_slow] == ['3x4+II']

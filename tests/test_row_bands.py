@@ -1,5 +1,5 @@
 """Row bands: a 12x1 page (12 rows of one column, 8 input rows apart at 128 px, where neighbouring traces
-cross) is read a second time in two bands of six rows, each cut from the upright page and fed at the full
+cross) is read a second time in three bands of four rows, each cut from the upright page and fed at the full
 input size. Training shows the model those crops; inference and evaluation cut them where the first reading
 put the rows and replace those leads."""
 import json
@@ -17,25 +17,26 @@ from conftest import run_cli
 import production_dataset as pdx
 from ecg_page import LAYOUTS, LEADS, N_LEADS, row_bands, whole_pages, with_cabrera
 
-LIMB, CHEST = LEADS[:6], LEADS[6:]
+BANDS = ('rows 1-4', 'rows 5-8', 'rows 9-12')
 
 
-def test_a_12_row_page_has_two_row_bands_and_other_pages_none():
-    """12x1 and its Cabrera and 50 mm/s twins get rows 1-6 and 7-12, each keeping the channels and signs its
-    rows have on the whole page; a page's layout is never chosen among bands."""
+def test_a_12_row_page_has_three_row_bands_and_other_pages_none():
+    """12x1 and its Cabrera and 50 mm/s twins get rows 1-4, 5-8 and 9-12, each keeping the channels and signs
+    its rows have on the whole page; a page's layout is never chosen among bands."""
     for name in ('12x1', '12x1-Cabrera', '12x1@50mm/s', '12x1-Cabrera@50mm/s'):
-        top, bottom = row_bands(LAYOUTS[name])
-        assert (top.name, bottom.name) == (f'{name} rows 1-6', f'{name} rows 7-12')
-        assert LAYOUTS[top.name] == top and top.band_of == name
+        bands = row_bands(LAYOUTS[name])
+        assert [band.name for band in bands] == [f'{name} {rows}' for rows in BANDS]
+        assert all(LAYOUTS[band.name] == band and band.band_of == name for band in bands)
         channel, sign = LAYOUTS[name].lead_channels()
-        for band in (top, bottom):
+        for k, band in enumerate(bands):
             band_channel, band_sign = band.lead_channels()
             shown = band.shown_mask().any(1)
             assert np.array_equal(band_channel[shown], channel[shown]) and np.array_equal(band_sign, sign)
-        assert [LEADS[i] for i in np.flatnonzero(top.shown_mask().any(1))] == LIMB
-        assert [LEADS[i] for i in np.flatnonzero(bottom.shown_mask().any(1))] == CHEST
+            assert sorted(band_channel[shown].tolist()) == list(range(4 * k, 4 * k + 4))   # its four places
+    assert [LEADS[i] for i in np.flatnonzero(row_bands(LAYOUTS['12x1'])[1].shown_mask().any(1))] == \
+        ['aVL', 'aVF', 'V1', 'V2']
     assert all(not row_bands(layout) for name, layout in LAYOUTS.items() if '12x1' not in name)
-    names = ['3x4+II', '12x1', '12x1 rows 1-6', '12x1 rows 7-12']
+    names = ['3x4+II', '12x1', '12x1 rows 1-4', '12x1 rows 5-8']
     assert whole_pages(with_cabrera(names)) == ['3x4+II', '12x1', '3x4+II-Cabrera', '12x1-Cabrera']
 
 
@@ -61,25 +62,24 @@ def twelve_row_pages(tmp_path_factory):
     return out
 
 
-def test_row_band_samples_cut_their_six_strips_from_the_upright_page(twelve_row_pages):
-    """Each 12x1 page brings its two bands: upright (theta 0), six strips each, the strips farther apart in
+def test_row_band_samples_cut_their_four_strips_from_the_upright_page(twelve_row_pages):
+    """Each 12x1 page brings its three bands: upright (theta 0), four strips each, the strips farther apart in
     input rows than on the whole page, and their true rows decode back to the signal of those leads only."""
     refs, problems = pdx.find_samples(twelve_row_pages, twelve_row_pages)
     assert not problems and len(refs) == 3
     dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), row_bands=True)
-    assert [ref.band for ref in dataset.refs] == [None, 0, 1] * 3
-    assert dataset.layouts == {'12x1': 3, '12x1 rows 1-6': 3, '12x1 rows 7-12': 3}
+    assert [ref.band for ref in dataset.refs] == [None, 0, 1, 2] * 3
+    assert dataset.layouts == {'12x1': 3, **{f'12x1 {rows}': 3 for rows in BANDS}}
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     names = [pdx.layout_name(i) for i in batch['layout_id']]
-    assert names == ['12x1', '12x1 rows 1-6', '12x1 rows 7-12'] * 3
-    assert (batch['theta'][0::3].abs() > 0.2).any() and (batch['theta'][1::3] == 0).all()
+    assert names == ['12x1', *(f'12x1 {rows}' for rows in BANDS)] * 3
+    assert (batch['theta'][0::4].abs() > 0.2).any() and (batch['theta'][1::4] == 0).all()
     pitch = batch['baseline_row'][:, :N_LEADS].nanmean(-1).diff(dim=1).nanmean(1)
-    assert (pitch[1::3] > 1.5 * pitch[0::3]).all() and (pitch[2::3] > 1.5 * pitch[0::3]).all()
     shown = batch['signal_mask'].any(-1)
-    assert shown[1::3, :6].all() and not shown[1::3, 6:].any()
-    assert shown[2::3, 6:].all() and not shown[2::3, :6].any()
-    for start in (1, 2):
-        band = {k: v[start::3] if torch.is_tensor(v) else v for k, v in batch.items()}
+    for k in range(3):
+        assert (pitch[k + 1::4] > 2 * pitch[0::4]).all()
+        assert shown[k + 1::4, 4 * k:4 * k + 4].all() and shown[k + 1::4].sum(1).eq(4).all()
+        band = {key: v[k + 1::4] if torch.is_tensor(v) else v for key, v in batch.items()}
         metrics = ecg_trainer.signal_metrics(evaluate.round_trip(band), band['signal'], band['signal_mask'])
         assert metrics['pearson'] > 0.95 and metrics['snr_db'] > 10
 
@@ -93,13 +93,13 @@ def test_trained_bands_are_read_again_at_inference(twelve_row_pages, tmp_path):
             '--epochs', '1', '--val_fraction', '0', '--select_metric', 'latest', '--output_dir', tmp_path / 'runs')
     best = next((tmp_path / 'runs').glob('run_*')) / 'checkpoints' / 'best.pth'
     checkpoint = torch.load(best, map_location='cpu', weights_only=False)
-    assert ecg_checkpoint.trained_layouts(checkpoint) == ['12x1', '12x1 rows 1-6', '12x1 rows 7-12']
+    assert ecg_checkpoint.trained_layouts(checkpoint) == ['12x1', *(f'12x1 {rows}' for rows in BANDS)]
     assert ecg_checkpoint.readable_layouts(checkpoint) == ['12x1', '12x1-Cabrera']
     png = sorted(twelve_row_pages.rglob('*.png'))[0]
     run_cli('inference.py', '--image', png, '--checkpoint', best, '--output', tmp_path / 'banded.csv',
             '--layout', '12x1')
     sidecar = json.loads((tmp_path / 'banded.json').read_text())
-    assert sidecar['layout'] == '12x1' and sidecar['row_bands'] == ['12x1 rows 1-6', '12x1 rows 7-12']
+    assert sidecar['layout'] == '12x1' and sidecar['row_bands'] == [f'12x1 {rows}' for rows in BANDS]
     banded = pd.read_csv(tmp_path / 'banded.csv')
     assert list(banded.columns) == LEADS and len(banded) == 5000 and banded.notna().all().all()
     checkpoint['layouts'] = ['12x1']
