@@ -193,8 +193,8 @@ def place_rows(outputs, i, page_height):
     return (np.array(rows) + 0.5) * page_height / outputs['trace'].shape[-2] - 0.5
 
 
-def band_row(rgb, outputs, inputs, i, band, k, size_hw):
-    """One row band of page i, cut from its pixels rgb where the first reading put its rows, as a model input
+def band_row(rgb, outputs, inputs, i, k, size_hw):
+    """Row band k of page i, cut from its pixels rgb where the first reading put its rows, as a model input
     row with the page's own scale carried over: (input (3, H, W), aspect, px_per_mv, px_per_s, speed, start)."""
     theta = float(outputs['decode_theta'][i])
     first, end = pdx.band_bounds(place_rows(outputs, i, rgb.shape[0]), k, rgb.shape[0])
@@ -219,7 +219,7 @@ def read_row_bands(model, outputs, inputs, pages, trained, size_hw, device):
     outputs['row_bands'] = [[] for _ in range(len(outputs['signal']))]
     for k in range(max((len(bands) for _, bands in banded), default=0)):
         todo = [(i, bands[k]) for i, bands in banded]
-        rows = [band_row(pages(i), outputs, inputs, i, band, k, size_hw) for i, band in todo]
+        rows = [band_row(pages(i), outputs, inputs, i, k, size_hw) for i, _ in todo]
         images, aspects, px_per_mv, px_per_s, speeds, starts = zip(*rows)
         geometry = {'theta': torch.zeros(len(rows), device=device), 'layouts': sorted({b.name for _, b in todo}),
                     **{key: torch.tensor(values, dtype=torch.float32, device=device) for key, values in (

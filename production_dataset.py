@@ -55,8 +55,8 @@ PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the
 PLAUSIBLE_SCALE = (0.6, 1.5)       # grid px/mm over the border's when no pulse confirms it: padding ~0.8, crops > 1
 MAX_OFF_PAGE_SHARE = 0.05          # share of a lead's plotted pixels that may fall off the page (clipped peaks)
 MIN_PAGE_SIDE = 128                # px: a 50 dpi letter page is 425 px tall; less cannot hold 13 strips
-BAND_MARGIN_PITCHES = 1.5         # a row band reaches this many row pitches above the page's top row (below its last)
 MIN_PAGE_CONTRAST = 2.0            # grey-level std: below it the image is one colour
+BAND_MARGIN_PITCHES = 1.5         # a row band reaches this many row pitches above the page's top row (below its last)
 PROGRESS_SECONDS = 0.1 if sys.stderr.isatty() else 30.0   # a log file (CI, | tee, nohup) gets a bar line every 30 s
 
 log = logging.getLogger('production_dataset')
@@ -95,7 +95,7 @@ class SampleRef:
     csv: Path
     fs: float
     sig_len: int
-    band: int = None   # a row band of the page (ecg_page.row_bands: 0 the top, 1 the bottom), None: the whole page
+    band: int = None   # which of the page's row bands (ecg_page.row_bands, top down); None: the whole page
 
 
 # ---------------------------------------------------------------- signals
