@@ -743,8 +743,7 @@ def check_sample(ref):
     page = parse_page(ref)
     read_signal_csv(ref.csv, ref.fs, ref.sig_len)
     read_rgb(ref.png)
-    name = layout_name(page['layout_id'])
-    return name if ref.band is None else row_bands(LAYOUTS[name])[ref.band].name
+    return layout_name(page['layout_id'])
 
 
 def layout_name(layout_id):
@@ -845,19 +844,10 @@ CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
 }
 
 
-def with_row_bands(refs):
-    """refs, each followed by its row bands' where its page has them (ecg_page.row_bands: a 12x1 page is read
-    again in two bands of six rows, so training shows the model those crops too). A page whose JSON does not
-    parse gets none here; the checks report it."""
-    out = []
-    for ref in refs:
-        out.append(ref)
-        try:
-            name = layout_name(parse_page(ref)['layout_id'])
-        except SampleError:
-            continue
-        out += [replace(ref, band=k) for k in range(len(row_bands(LAYOUTS[name])) if name else 0)]
-    return out
+def band_refs(ref, name):
+    """The refs of the row bands of a page of layout `name` (ecg_page.row_bands: a 12x1 page is read again in
+    three bands of four rows, so training shows the model those crops too); none for most layouts."""
+    return [replace(ref, band=k) for k in range(len(row_bands(LAYOUTS[name])))] if name else []
 
 
 def split_by_record(refs, val_fraction, seed):
@@ -888,8 +878,9 @@ class ECGImageDataset(Dataset):
         if refs is None:
             refs, problems = find_samples(sim_root, csv_root, max_samples)
             self.problems.extend((str(p), m) for p, m in problems)
-        if row_bands:
-            refs = with_row_bands(refs)
+        if row_bands and not (check or cache):
+            raise ValueError('row_bands needs check or cache: a page\'s layout is learned there')
+        self.row_bands = row_bands      # each page's row bands follow it (band_refs), found while checking or caching
         self.refs = self._keep_good(refs, progress) if check and not cache else list(refs)
         self.photometric = photometric_augment()
         self.cache = self._fill_cache(progress) if cache else None
@@ -900,10 +891,13 @@ class ECGImageDataset(Dataset):
         good = []
         for ref in tqdm(refs, desc='checking samples', disable=not progress, mininterval=PROGRESS_SECONDS):
             try:
-                self.layouts[check_sample(ref)] += 1
-                good.append(ref)
+                name = check_sample(ref)
             except SampleError as exc:
                 self.problems.append((str(ref.png), str(exc)))
+                continue
+            bands = band_refs(ref, name) if self.row_bands else []
+            good += [ref] + bands
+            self.layouts.update([name] + [row_bands(LAYOUTS[name])[band.band].name for band in bands])
         return good
 
     def _fill_cache(self, progress):
@@ -911,10 +905,14 @@ class ECGImageDataset(Dataset):
         for ref in tqdm(self.refs, desc='caching samples', disable=not progress,
                         mininterval=PROGRESS_SECONDS):
             try:
-                samples.append(build_sample(ref, self.size_hw, self.read_scale))
-                refs.append(ref)
+                sample = build_sample(ref, self.size_hw, self.read_scale)
+                bands = band_refs(ref, layout_name(sample['layout_id'])) if self.row_bands else []
+                built = [sample] + [build_sample(band, self.size_hw, self.read_scale) for band in bands]
             except SampleError as exc:
                 self.problems.append((str(ref.png), str(exc)))
+                continue
+            samples += built
+            refs += [ref] + bands
         self.refs = refs
         self.layouts.update(layout_name(sample['layout_id']) for sample in samples)
         self.styles = [sample['style'] for sample in samples]   # short strings; the arrays are below

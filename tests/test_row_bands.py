@@ -70,6 +70,8 @@ def test_row_band_samples_cut_their_four_strips_from_the_upright_page(twelve_row
     dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), row_bands=True)
     assert [ref.band for ref in dataset.refs] == [None, 0, 1, 2] * 3
     assert dataset.layouts == {'12x1': 3, **{f'12x1 {rows}': 3 for rows in BANDS}}
+    cached = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), row_bands=True, cache=True)
+    assert cached.refs == dataset.refs and cached.layouts == dataset.layouts
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     names = [pdx.layout_name(i) for i in batch['layout_id']]
     assert names == ['12x1', *(f'12x1 {rows}' for rows in BANDS)] * 3
