@@ -213,10 +213,13 @@ def band_row(rgb, outputs, inputs, i, k, size_hw):
 def read_row_bands(model, outputs, inputs, pages, trained, size_hw, device):
     """Second reading of the pages whose layout has row bands the model was trained on (12x1): each band is
     cut from the upright page and read at the full input size, and its leads replace the first reading's
-    (outputs['signal'] in place; 'row_bands' names the bands read per page). pages: index -> the page's
-    (h, w, 3) RGB, read when needed. The rest of outputs (rows, confidence) stays the first reading's."""
+    (outputs['signal'] in place; 'row_bands' names the bands read per page), and so does their row spread
+    ('spread' (B, 12, 5000), what lead_confidence reports). pages: index -> the page's (h, w, 3) RGB, read
+    when needed. The rest of outputs (rows, layout) stays the first reading's."""
     banded = banded_pages(outputs, trained)
     outputs['row_bands'] = [[] for _ in range(len(outputs['signal']))]
+    if banded:
+        outputs['spread'] = ecg_model.row_spread(outputs)
     for k in range(max((len(bands) for _, bands in banded), default=0)):
         todo = [(i, bands[k]) for i, bands in banded]
         rows = [band_row(pages(i), outputs, inputs, i, k, size_hw) for i, _ in todo]
@@ -226,17 +229,20 @@ def read_row_bands(model, outputs, inputs, pages, trained, size_hw, device):
                         ('page_aspect', aspects), ('px_per_mv', px_per_mv), ('px_per_s', px_per_s),
                         ('paper_speed', speeds), ('start', starts))}}
         band_out = model(torch.stack(images).to(device), geometry=geometry)
+        band_spread = ecg_model.row_spread(band_out)
         for j, (i, band) in enumerate(todo):
             leads = torch.from_numpy(band.shown_mask().any(1)).to(outputs['signal'].device)
             outputs['signal'][i, leads] = band_out['signal'][j, leads].to(outputs['signal'].dtype)
+            outputs['spread'][i, leads] = band_spread[j, leads].to(outputs['spread'].dtype)
             outputs['row_bands'][i].append(band_out['trace_rows']['layouts'][j])
     return outputs
 
 
 def lead_confidence(outputs):
     """Per image and lead, how sure the signal head was: the mean spread (mV) of its row softmax over the
-    samples the page shows, and a 0..1 confidence (0.5 at a spread of CONFIDENCE_HALF_MV)."""
-    spread = ecg_model.row_spread(outputs)
+    samples the page shows, and a 0..1 confidence (0.5 at a spread of CONFIDENCE_HALF_MV). Leads read again in
+    row bands have their band's spread (read_row_bands)."""
+    spread = outputs['spread'] if 'spread' in outputs else ecg_model.row_spread(outputs)
     shown = torch.from_numpy(np.stack([layout_mask(name) for name in found_layouts(outputs)])).to(spread.device)
     mean = (spread * shown).sum(-1) / shown.sum(-1).clamp(min=1)
     return mean.float().cpu().numpy(), (1 / (1 + mean / CONFIDENCE_HALF_MV)).float().cpu().numpy()

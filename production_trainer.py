@@ -44,6 +44,7 @@ from tqdm import tqdm
 import ecg_checkpoint
 import ecg_model
 import ecg_trainer
+import inference
 import production_dataset as pdx
 import speed
 
@@ -528,10 +529,11 @@ def log_losses(writer, split, losses, step):
 
 
 @torch.no_grad()
-def validate(model, loader, criterion, amp, device, layouts=None):
+def validate(model, loader, criterion, amp, device, layouts=None, trained=()):
     """Val losses with the true decoding geometry (comparable with Train), metrics with the geometry
     read from the image, as evaluate.py and inference.py will see it (the layout found among `layouts`,
-    those of the training data)."""
+    those of the training data, and pages of a layout with row bands among `trained` read again in them), so
+    best.pth is chosen by what inference will write."""
     model.eval()
     sums, count, stats, theta_err, shown = {}, 0, [], [], None
     for batch in loader:
@@ -541,7 +543,9 @@ def validate(model, loader, criterion, amp, device, layouts=None):
             losses = criterion(outputs, batch)
         predicted = ecg_model.decode_outputs({k: v.float() for k, v in outputs.items() if torch.is_tensor(v)},
                                              ecg_model.read_geometry(batch, layouts))
-        stats.append(ecg_trainer.record_stats(predicted['signal'], batch['signal'], batch['signal_mask']))
+        predicted = inference.read_row_bands(unwrap(model), predicted, batch, lambda i: pdx.read_rgb(batch['png'][i]),
+                                             trained, tuple(batch['image'].shape[-2:]), device)
+        stats.append(ecg_trainer.record_stats(predicted['signal'].float(), batch['signal'], batch['signal_mask']))
         valid = batch['theta_valid'] > 0
         theta_err.append((predicted['decode_theta'] - batch['theta']).abs()[valid].cpu())
         count += add_losses(sums, losses, len(batch['image']))
@@ -843,7 +847,7 @@ def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders
         val_means = None
         if rank == 0 and val_loader is not None:
             val_means, shown = validate(weights_to_use(model, ema), val_loader, criterion, amp, device,
-                                        ecg_checkpoint.readable_layouts(config))
+                                        ecg_checkpoint.readable_layouts(config), config['layouts'])
             log_val_images(writer, shown, state['global_step'])
         epochs_here += 1
         if config['time_budget_min'] is not None:

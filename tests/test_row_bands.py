@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import ecg_checkpoint
+import ecg_model
 import ecg_trainer
 import evaluate
 import inference
 from conftest import run_cli
 import production_dataset as pdx
+import production_trainer
 from ecg_page import LAYOUTS, LEADS, N_LEADS, row_bands, whole_pages, with_cabrera
 
 BANDS = ('rows 1-4', 'rows 5-8', 'rows 9-12')
@@ -111,3 +113,26 @@ def test_trained_bands_are_read_again_at_inference(twelve_row_pages, tmp_path):
     assert json.loads((tmp_path / 'whole.json').read_text())['row_bands'] == []
     whole = pd.read_csv(tmp_path / 'whole.csv')
     assert (banded - whole).abs().mean().gt(1e-4).all()      # every lead comes from a band's reading
+    spreads = [{lead: v['row_spread_mv'] for lead, v in json.loads((tmp_path / f'{name}.json').read_text())['leads'].items()}
+               for name in ('banded', 'whole')]
+    assert all(spreads[0][lead] != spreads[1][lead] for lead in LEADS)   # and so does its confidence
+
+
+def test_validation_reads_the_bands_as_evaluation_does(twelve_row_pages):
+    """The trainer's validation metrics (what best.pth is chosen by) read 12x1 pages in their bands when the
+    run trains them: the same Pearson and SNR as evaluate.py's, and not those of one reading."""
+    refs, _ = pdx.find_samples(twelve_row_pages, twelve_row_pages)
+    loader = torch.utils.data.DataLoader(pdx.ECGImageDataset(refs=refs, target_size=(64, 320), read_scale=True),
+                                         batch_size=3)
+    torch.manual_seed(0)
+    model = ecg_model.build_model('tu-regnetx_002').eval()
+    trained = ['12x1', *(f'12x1 {rows}' for rows in BANDS)]
+    cpu, no_amp = torch.device('cpu'), (False, torch.float32, False)
+    validate = lambda bands: production_trainer.validate(model, loader, ecg_trainer.CompositeLoss(), no_amp, cpu,
+                                                         ['12x1'], bands)[0]
+    banded, once = validate(trained), validate(['12x1'])
+    _, stats, _ = evaluate.score_batches(model, loader, cpu, ['12x1'], trained)
+    scored = ecg_trainer.summarize(stats)
+    assert banded['pearson'] == pytest.approx(scored['pearson'], abs=1e-6)
+    assert banded['snr_db'] == pytest.approx(scored['snr_db'], abs=1e-4)
+    assert abs(banded['pearson'] - once['pearson']) > 1e-3
