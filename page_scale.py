@@ -384,13 +384,23 @@ def ink_levels(cov):
     return int(np.clip(grid + INK_ABOVE_GRID, INK_MIN, INK_MAX)), int(max(INK_FLOOR, grid + FLOOR_ABOVE_GRID))
 
 
+def edge_fill(v, paper):
+    """(H, W) bool: dark pixels joined to the image's edge, the fill around a turned page (or a scanner
+    bed). Where it thins out to a wedge it passes for ink, and its straight edges run along the image, not
+    the paper."""
+    _, labels = cv2.connectedComponents((v < 0.5 * paper).astype(np.uint8), connectivity=8)
+    touching = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return np.isin(labels, touching[touching > 0])
+
+
 def ink_angle(v, paper):
     """Rotation (degrees, clockwise positive) that makes the ink's row profile sharpest: trace
     baselines and text lines run along the paper. For pages without a grid. Coarse 1 degree
-    steps, then quarter degrees around the best, on a small copy."""
+    steps, then quarter degrees around the best, on a small copy, without the fill around the page."""
     scale = min(1.0, INK_ANGLE_WIDTH / v.shape[1])
     small = cv2.resize(v, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     cov = ink_coverage(small, paper).astype(np.float32)
+    cov[cv2.dilate(edge_fill(small, paper).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)] = 0
     h, w = cov.shape
 
     def sharpness(a):
@@ -720,13 +730,15 @@ def search_pulse(cov, mm, max_mm, step):
     instead) and with thin edges found by column pairs. The first that fits closely wins, or that
     rescale_to_pulse will take the scale from (a grid read at a wrong period: the pulse fits no standard pair
     on the grid, even loosely, but its shape does), else the first found; without a grid (mm None), the first
-    found."""
+    that rows agree on and whose shape fits a standard pair (a page's scale is taken from such a pulse alone;
+    at 100 dpi a pulse's thin edges can fall between two pixel columns, and letters then agree with
+    nothing), else the first found."""
     raised = ink_levels(cov)
     plain = [((INK_MIN, INK_FLOOR), False)] if raised != (INK_MIN, INK_FLOOR) else []
     first = None
     for levels, pairs in [(raised, False)] + plain + [(raised, True)]:
         pulse = pulse_at_levels(cov, *levels, mm, max_mm, step, pairs)
-        if pulse and (mm is None or fits_standard(pulse, mm) or
+        if pulse and (rescales_grid(pulse) if mm is None else fits_standard(pulse, mm) or
                       (not fits_standard(pulse, mm, SNAP_TOL) and rescales_grid(pulse))):
             return pulse
         first = first or pulse
