@@ -22,7 +22,11 @@
    and held-out pages in that mix of layouts (in their own folders, train_data_layouts/...), reported per
    layout with how often inference found the layout; --gains 5 10 20 and --speeds 25 50 draw them at those
    gains and paper speeds as well (folders and report suffixed _gains5-10-20_speeds25-50), reported with
-   how often the pulse gave the gain and the speed.
+   how often the pulse gave the gain and the speed. The layouts are also compared on equal footing: every
+   held-out record is drawn again in each layout of the mix (heldout_data{suffix}_by_layout/NAME, the same
+   signals on every layout), and each layout's SNR gap below the standard page's is reported with a 95 %
+   interval from resampling the records, pairs kept together (a few pages per layout in the mixed set
+   cannot resolve a 1.5 dB gap: 7 pages of 12x1 read 9.12 dB where the same weights read 10.11 on 60).
 Prints a summary and writes bench_out/quality/report_{H}x{W}.json.
 """
 import argparse
@@ -35,9 +39,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import ecg_checkpoint
+import ecg_model
 import ecg_trainer
 import evaluate
 import production_trainer
@@ -50,6 +56,7 @@ CURVE_MINUTES = (15, 30, 60, 120)
 TRAIN_SEED, HELDOUT_SEED = 100, 200
 LAYOUT_MIX = ('3x4+II', '3x4', '3x4+V1', '3x4+II+V1+V5', '6x2+II', '12x1')
 SIMULATED = 'bench_simulated.json'   # in each data folder: the simulator arguments that made it
+BOOTSTRAP_DRAWS = 2000   # resamples of the held-out records for a layout gap's 95 % interval
 SIZES = [(384, 504), (512, 672), (256, 1344), (512, 1344), (512, 2688)]
 # epochs is the most: the trainer lays its schedule over the epochs the budget has room for (20 at 7.5 img/s);
 # the peak held until the last 20 % of them, and a peak of 3e-3 (over 1e-3 and 2e-3), each read better at 30 min
@@ -112,10 +119,11 @@ def run(*command, env=None):
     subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, check=True, env={**os.environ, **(env or {})})
 
 
-def simulate(folder, records, seed, workers, quick, layouts=None, gains=None, speeds=None):
-    """Simulator pages in folder, made once: a folder made with other arguments (another layout mix under
-    the same name) is made again."""
+def simulate(folder, records, seed, workers, quick, layouts=None, gains=None, speeds=None, csv_root=None):
+    """Simulator pages in folder, made once (of csv_root's signals if given): a folder made with other
+    arguments (another layout mix under the same name) is made again."""
     extra = ['--dpi_choices', '100'] if quick else []
+    extra += ['--csv_root', csv_root] if csv_root else []
     extra += ['--layouts', *layouts] if layouts else []
     extra += ['--gains', *gains] if gains else []
     extra += ['--speeds', *speeds] if speeds else []
@@ -147,6 +155,48 @@ def train(data, out, cfg, init_from=None, wait_policy='ACTIVE'):
         *(['--ema_decay', cfg['ema_decay']] if cfg.get('ema_decay') else []),
         env={'OMP_WAIT_POLICY': wait_policy})
     return sorted(Path(out).glob('run_*'))[-1]
+
+
+# ---------------------------------------------------------------- layouts on equal footing
+
+def standard_of(layouts):
+    """The layout the others are compared with: the standard page if in the mix, else the first."""
+    return ecg_model.LAYOUT.name if ecg_model.LAYOUT.name in layouts else layouts[0]
+
+
+def layout_folders(heldout_data, records, workers, quick, layouts, gains, speeds):
+    """{layout: folder}: the held-out records drawn again in each layout alone (their own signals, at the
+    same gains and speeds), so that every layout is read on the same signals."""
+    root = heldout_data.with_name(heldout_data.name + '_by_layout')
+    folders = {name: root / name.replace('/', '-') for name in layouts}
+    for name, folder in folders.items():
+        simulate(folder, records, HELDOUT_SEED, workers, quick, [name], gains, speeds, csv_root=heldout_data)
+    return folders
+
+
+def paired_gap(standard, other, draws=BOOTSTRAP_DRAWS, seed=0):
+    """SNR of `other` below `standard` on the same records (evaluate's per-image frames: record_id, snr_db)
+    -> (gap dB, (low, high) 95 % interval): the score is the dB of the mean ratio, so the records are
+    resampled with their pairs kept together and the gap taken of each resample's two mean ratios."""
+    both = standard.merge(other, on='record_id', suffixes=('_standard', '_other'))
+    ratios = 10 ** (both[['snr_db_standard', 'snr_db_other']].to_numpy() / 10)             # (N, 2)
+    picks = np.random.default_rng(seed).integers(0, len(both), (draws, len(both)))
+    gaps = np.diff(-10 * np.log10(ratios[picks].mean(1)), axis=-1)[:, 0]                  # standard - other
+    gap = float(np.diff(-10 * np.log10(ratios.mean(0)))[0])
+    return gap, (float(np.percentile(gaps, 2.5)), float(np.percentile(gaps, 97.5)))
+
+
+def compare_layouts(best, folders):
+    """Each layout's held-out score on the same records, and its gap below the standard page's."""
+    scored = {name: evaluate.evaluate_checkpoint(best, folder, folder) for name, folder in folders.items()}
+    standard = standard_of(list(folders))
+    rows = {}
+    for name, (report, frame) in scored.items():
+        gap, interval = paired_gap(scored[standard][1], frame)
+        rows[name] = {'n': report['n_images'], 'pearson': report['pearson'], 'snr_db': report['snr_db'],
+                      'bound_snr_db': report['bound_snr_db'], 'gap_db': gap, 'gap_ci95': list(interval),
+                      'layout_found_share': report['layout_found_share']}
+    return {'standard': standard, 'per_layout': rows}
 
 
 # ---------------------------------------------------------------- the real renderer
@@ -284,6 +334,12 @@ def summary_lines(report):
                      f"{100 * held['speed_found_share']:.1f} %")
         lines += [f"  layout {name}: pearson {v['pearson']:.3f}  SNR {v['snr_db']:.2f} dB  (bound {v['bound_snr_db']:.2f})"
                   for name, v in held['per_layout'].items()]
+    if report.get('paired_layouts'):
+        paired = report['paired_layouts']
+        lines.append(f"  the same held-out records drawn in each layout, gap below {paired['standard']} (95 % interval):")
+        lines += [f"    {name}: pearson {v['pearson']:.3f}  SNR {v['snr_db']:.2f} dB  gap {v['gap_db']:+.2f} dB "
+                  f"[{v['gap_ci95'][0]:+.2f}, {v['gap_ci95'][1]:+.2f}]  layout found {100 * v['layout_found_share']:.0f} %"
+                  for name, v in paired['per_layout'].items()]
     if report.get('kit'):
         kit = report['kit']
         lines.append(f"ecg-image-kit renders ({kit['n_images']} images): pearson {kit['pearson']:.3f}  "
@@ -335,6 +391,9 @@ def main(argv=None):
               'bound_by_input_size': bound_at_sizes(heldout_data, sizes, 8 if args.quick else 30)}
     if kit is not None:
         report['kit'], _ = evaluate.evaluate_checkpoint(best, kit, kit)
+    if layouts and len(layouts) > 1:
+        report['paired_layouts'] = compare_layouts(best, layout_folders(
+            heldout_data, cfg['heldout_records'], args.workers, args.quick, layouts, args.gains, args.speeds))
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}{suffix}'
     if cfg['budget_min'] >= CURVE_MINUTES[1] and list((run_dir / 'checkpoints').glob('epoch_*.pth')):

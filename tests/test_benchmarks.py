@@ -1,6 +1,7 @@
 """The benchmark scripts stay working: their quick modes run and report sane numbers."""
 import json
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
@@ -36,6 +37,34 @@ def test_bench_quality_makes_a_data_folder_again_for_another_layout_mix(tmp_path
     assert (folder / 'train.csv').stat().st_mtime_ns == made           # same arguments: kept
     bench_quality.simulate(folder, 2, 7, 1, True, ['3x4+II+V1+V5'])
     assert page_layouts(folder) == ['3x4+II+V1+V5'] * 2
+
+
+def test_layouts_are_compared_on_the_same_records(tmp_path):
+    """bench_quality draws every held-out record again in each layout of the mix (the same signals, its own
+    layout on every page), and a layout's gap below the standard page is the dB of the two mean power ratios
+    over the same records, with a bootstrap interval that keeps the pairs together."""
+    import pandas as pd
+
+    import bench_quality
+    held = tmp_path / 'heldout_data_layouts'
+    bench_quality.simulate(held, 3, 7, 1, True, ['3x4+II', '12x1'])
+    folders = bench_quality.layout_folders(held, 3, 1, True, ['3x4+II', '12x1'], None, None)
+    assert bench_quality.standard_of(list(folders)) == '3x4+II'
+    for name, folder in folders.items():
+        assert sorted(json.loads(p.read_text())['layout'] for p in folder.glob('*/*.json')) == [name] * 3
+        for csv in held.glob('*/*.csv'):
+            assert (folder / csv.parent.name / csv.name).read_bytes() == csv.read_bytes()
+
+    records = list('abcd')
+    standard = pd.DataFrame({'record_id': records, 'snr_db': [10.0, 12.0, 8.0, 10.0]})
+    lower = pd.DataFrame({'record_id': records[::-1], 'snr_db': [8.0, 6.0, 10.0, 8.0]})   # 2 dB below, any order
+    gap, interval = bench_quality.paired_gap(standard, lower)
+    assert gap == pytest.approx(2.0) and interval == pytest.approx((2.0, 2.0))
+    mixed = pd.DataFrame({'record_id': records, 'snr_db': [10.0, 9.0, 9.0, 10.0]})
+    gap, (low, high) = bench_quality.paired_gap(standard, mixed)
+    ratio = lambda db: np.mean(10 ** (np.array(db) / 10))
+    assert gap == pytest.approx(10 * np.log10(ratio([10, 12, 8, 10]) / ratio([10, 9, 9, 10])))
+    assert low < gap < high
 
 
 def test_bench_dataset_quick(tmp_path):
