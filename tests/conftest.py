@@ -21,6 +21,14 @@ def run_cli(*args, cwd=ROOT, timeout=600, check=True):
     return result
 
 
+def classic_pages(out, n, seed, *knobs, dpi=100, max_rotation=0):
+    """ecg_simulator.py pages in the classic style (a red or pink grid, the quickest to draw and read) at
+    one dpi, turned by up to max_rotation degrees; knobs: more simulator flags (--layouts, --gains, ...)."""
+    run_cli('ecg_simulator.py', '--out', out, '--n', n, '--seed', seed, '--workers', 1, '--dpi_choices', dpi,
+            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', max_rotation, *knobs)
+    return out
+
+
 def run_in_process(script, *args, check=False):
     """A script's main() run as its __main__ block runs it (production_dataset.run_cli), in this process:
     the CLI's own code without the ~5 s interpreter and torch start, for cases that stop at the input (a

@@ -14,7 +14,7 @@ import ecg_model
 import ecg_trainer
 import evaluate
 import inference
-from conftest import run_cli
+from conftest import classic_pages, run_cli
 import production_dataset as pdx
 from ecg_page import (FS, LAYOUTS, LEADS, N_SAMPLES, N_TRACES, RHYTHM, STANDARD, page_layout, whole_pages,
                       with_cabrera)
@@ -195,11 +195,8 @@ def test_inference_layout_flag_masks_what_the_page_shows_and_warns_off_training(
 @pytest.fixture(scope='module')
 def layout_pages(tmp_path_factory):
     """Simulator pages of the non-standard layouts and gains (classic style, 200 dpi, upright)."""
-    out = tmp_path_factory.mktemp('layouts')
-    run_cli('ecg_simulator.py', '--out', out, '--n', 6, '--seed', 3, '--workers', 1, '--dpi_choices', 200,
-            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 0, '--gains', 5, 20, '--speeds', 25, 50,
-            '--layouts', '6x2+II', '12x1', '3x4', '3x4+V1')
-    return out
+    return classic_pages(tmp_path_factory.mktemp('layouts'), 6, 3, '--gains', 5, 20, '--speeds', 25, 50,
+                         '--layouts', '6x2+II', '12x1', '3x4', '3x4+V1', dpi=200)
 
 
 def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
@@ -326,10 +323,7 @@ def test_limb_leads_are_the_least_squares_fit_of_every_limb_strip(name, limb_err
 @pytest.fixture(scope='module')
 def rhythm_pages(tmp_path_factory):
     """Simulator pages with three rhythm strips, II V1 V5 (classic style, 100 dpi, upright)."""
-    out = tmp_path_factory.mktemp('rhythm3')
-    run_cli('ecg_simulator.py', '--out', out, '--n', 2, '--seed', 5, '--workers', 1, '--dpi_choices', 100,
-            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 0, '--layouts', '3x4+II+V1+V5')
-    return out
+    return classic_pages(tmp_path_factory.mktemp('rhythm3'), 2, 5, '--layouts', '3x4+II+V1+V5')
 
 
 def test_three_rhythm_strips_train_in_their_own_channels_and_read_back(rhythm_pages):
@@ -381,10 +375,7 @@ def test_rhythm_strips_leads_are_told_apart_when_layouts_differ_only_in_them():
 @pytest.fixture(scope='module')
 def cabrera_pages(tmp_path_factory):
     """Simulator pages in the Cabrera order (classic style, 100 dpi, upright)."""
-    out = tmp_path_factory.mktemp('cabrera')
-    run_cli('ecg_simulator.py', '--out', out, '--n', 4, '--seed', 11, '--workers', 1, '--dpi_choices', 100,
-            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 0, '--layouts', '3x4+II-Cabrera', '12x1-Cabrera')
-    return out
+    return classic_pages(tmp_path_factory.mktemp('cabrera'), 4, 11, '--layouts', '3x4+II-Cabrera', '12x1-Cabrera')
 
 
 def test_cabrera_pages_train_in_the_standard_channels_and_read_back(cabrera_pages):

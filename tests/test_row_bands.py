@@ -14,7 +14,7 @@ import ecg_model
 import ecg_trainer
 import evaluate
 import inference
-from conftest import run_cli
+from conftest import classic_pages, run_cli
 import production_dataset as pdx
 import production_trainer
 from ecg_page import LAYOUTS, LEADS, N_LEADS, row_bands, whole_pages, with_cabrera
@@ -58,10 +58,7 @@ def test_band_pixels_turn_the_page_as_derotate_turns_points():
 @pytest.fixture(scope='module')
 def twelve_row_pages(tmp_path_factory):
     """Simulator 12x1 pages, turned by up to 3 degrees (classic style, 100 dpi)."""
-    out = tmp_path_factory.mktemp('twelve_rows')
-    run_cli('ecg_simulator.py', '--out', out, '--n', 3, '--seed', 21, '--workers', 1, '--dpi_choices', 100,
-            '--style_probs', 1, 0, 0, 0, 0, '--max_rotation', 3, '--layouts', '12x1')
-    return out
+    return classic_pages(tmp_path_factory.mktemp('twelve_rows'), 3, 21, '--layouts', '12x1', max_rotation=3)
 
 
 def test_row_band_samples_cut_their_four_strips_from_the_upright_page(twelve_row_pages):
