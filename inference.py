@@ -193,14 +193,19 @@ def place_rows(outputs, i, page_height):
     return (np.array(rows) + 0.5) * page_height / outputs['trace'].shape[-2] - 0.5
 
 
-def band_row(rgb, outputs, inputs, i, k, size_hw):
-    """Row band k of page i, cut from its pixels rgb where the first reading put its rows, as a model input
-    row with the page's own scale carried over: (input (3, H, W), aspect, px_per_mv, px_per_s, speed, start)."""
-    theta = float(outputs['decode_theta'][i])
-    first, end = pdx.band_bounds(place_rows(outputs, i, rgb.shape[0]), k, rgb.shape[0])
-    crop = pdx.band_pixels(rgb, (theta, first, end))
+def upright_page(rgb, outputs, i):
+    """Page i's pixels turned upright by the first reading's rotation, as band_pixels turns them: (h, w, 3)."""
+    return pdx.band_pixels(rgb, (float(outputs['decode_theta'][i]), 0, rgb.shape[0]))
+
+
+def band_row(upright, outputs, inputs, i, k, size_hw):
+    """Row band k of page i, cut from its upright pixels (upright_page) where the first reading put its rows, as a
+    model input row with the page's own scale carried over: (input (3, H, W), aspect, px_per_mv, px_per_s,
+    speed, start)."""
+    first, end = pdx.band_bounds(place_rows(outputs, i, upright.shape[0]), k, upright.shape[0])
+    crop = upright[first:end]
     # rows per mV as decoded (page or border, --gain), on the crop's fewer px; columns as the page's
-    px_per_mv = float(outputs['trace_rows']['px_per_mv'][i]) * rgb.shape[0] / crop.shape[0]
+    px_per_mv = float(outputs['trace_rows']['px_per_mv'][i]) * upright.shape[0] / crop.shape[0]
     read_px_per_s = float(inputs['read_px_per_s'][i])
     px_per_s = read_px_per_s if np.isfinite(read_px_per_s) else float(
         ecg_model.border_px_per_s(size_hw[1], inputs['page_aspect'][i:i + 1])[0])
@@ -215,14 +220,16 @@ def read_row_bands(model, outputs, inputs, pages, trained, size_hw, device):
     cut from the upright page and read at the full input size, and its leads replace the first reading's
     (outputs['signal'] in place; 'row_bands' names the bands read per page), and so does their row spread
     ('spread' (B, 12, 5000), what lead_confidence reports). pages: index -> the page's (h, w, 3) RGB, read
-    when needed. The rest of outputs (rows, layout) stays the first reading's."""
+    when needed (once a page, turned upright once for all its bands). The rest of outputs (rows, layout) stays
+    the first reading's."""
     banded = banded_pages(outputs, trained)
     outputs['row_bands'] = [[] for _ in range(len(outputs['signal']))]
     if banded:
         outputs['spread'] = ecg_model.row_spread(outputs)
+    upright = {i: upright_page(pages(i), outputs, i) for i, _ in banded}
     for k in range(max((len(bands) for _, bands in banded), default=0)):
         todo = [(i, bands[k]) for i, bands in banded]
-        rows = [band_row(pages(i), outputs, inputs, i, k, size_hw) for i, _ in todo]
+        rows = [band_row(upright[i], outputs, inputs, i, k, size_hw) for i, _ in todo]
         images, aspects, px_per_mv, px_per_s, speeds, starts = zip(*rows)
         geometry = {'theta': torch.zeros(len(rows), device=device), 'layouts': sorted({b.name for _, b in todo}),
                     **{key: torch.tensor(values, dtype=torch.float32, device=device) for key, values in (
