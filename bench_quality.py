@@ -181,9 +181,11 @@ def paired_gap(standard, other, draws=BOOTSTRAP_DRAWS, seed=0):
     both = standard.merge(other, on='record_id', suffixes=('_standard', '_other'))
     ratios = 10 ** (both[['snr_db_standard', 'snr_db_other']].to_numpy() / 10)             # (N, 2)
     picks = np.random.default_rng(seed).integers(0, len(both), (draws, len(both)))
-    gaps = np.diff(-10 * np.log10(ratios[picks].mean(1)), axis=-1)[:, 0]                  # standard - other
-    gap = float(np.diff(-10 * np.log10(ratios.mean(0)))[0])
-    return gap, (float(np.percentile(gaps, 2.5)), float(np.percentile(gaps, 97.5)))
+
+    def gap_db(mean_ratios):                                                              # (..., 2) -> (...)
+        return 10 * np.log10(mean_ratios[..., 0] / mean_ratios[..., 1])
+    gaps = gap_db(ratios[picks].mean(1))
+    return float(gap_db(ratios.mean(0))), (float(np.percentile(gaps, 2.5)), float(np.percentile(gaps, 97.5)))
 
 
 def compare_layouts(best, folders):
