@@ -22,7 +22,6 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # waiting threads sleep: a
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import wfdb
 from tqdm import tqdm
 
 import ecg_checkpoint
+import ecg_formats
 import ecg_model
 import export_onnx
 import production_dataset as pdx
@@ -44,8 +43,6 @@ from ecg_page import GAINS_MM_MV, LAYOUT_NAMES_HELP, MM_PER_MV, PAPER_SPEEDS_MM_
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 CSV_DECIMALS = 3
-WFDB_ADC_GAIN = 1000.0                 # digital units per mV: 1 uV steps, as PTB-XL stores its records
-WFDB_MAX_MV = 32.767                   # fmt 16 holds +-32767 uV; -32768 is wfdb's NaN code
 CONFIDENCE_HALF_MV = 0.1               # a row spread of 0.1 mV (1 mm at 10 mm/mV) halves the confidence
 READERS = 2                            # pages decoded and measured at once: PNG decoding and the grid FFT are
                                        # most of the CPU time on full-size pages
@@ -296,17 +293,6 @@ def csv_text(signal):
     return ','.join(LEADS) + '\n' + body.replace('nan', '')
 
 
-def write_wfdb(signal, fs, csv_path):
-    """(12, N) mV -> {stem}.hea/.dat beside the CSV (fmt 16, 1000 units/mV, baseline 0). Not-shown samples
-    are written as wfdb's NaN code (-32768), which wfdb.rdrecord reads back as NaN. Returns the .hea path."""
-    record = re.sub(r'[^-\w]', '_', csv_path.stem)   # wfdb accepts letters, digits, '-' and '_' only
-    p_signal = np.clip(signal.T, -WFDB_MAX_MV, WFDB_MAX_MV)
-    wfdb.wrsamp(record, fs=fs, units=['mV'] * len(LEADS), sig_name=list(LEADS), p_signal=p_signal,
-                fmt=['16'] * len(LEADS), adc_gain=[WFDB_ADC_GAIN] * len(LEADS),
-                baseline=[0] * len(LEADS), write_dir=str(csv_path.parent))
-    return csv_path.parent / f'{record}.hea'
-
-
 # ---------------------------------------------------------------- driving
 
 def output_paths(images, args):
@@ -485,7 +471,7 @@ def write_outputs(signal, csv_path, image_path, args, report):
     sidecar.write_text(json.dumps(report, indent=2))
     written = [csv_path, sidecar]
     if args.wfdb:
-        hea = write_wfdb(signal, args.fs, csv_path)
+        hea = ecg_formats.write_wfdb(signal, args.fs, csv_path)
         written += [hea, hea.with_suffix('.dat')]
     tqdm.write(f'{image_path} -> ' + ', '.join(map(str, written)))
 
