@@ -66,6 +66,20 @@ def parse_args(argv=None):
                         help='auto: CUDA, else MPS, else CPU')
     parser.add_argument('--wfdb', action='store_true',
                         help='also write {stem}.hea/.dat (WFDB, fmt 16, 1000 units/mV, not-shown samples as NaN)')
+    parser.add_argument('--dicom', action='store_true',
+                        help='also write {stem}.dcm, a DICOM 12-lead ECG waveform (1 uV units, not-shown samples as '
+                             'the padding value; optional extra: ./setup.sh --export)')
+    parser.add_argument('--edf', action='store_true',
+                        help='also write {stem}.edf, EDF+ (the shown leads in mV, 1 uV steps, annotations where the '
+                             'page shows no lead; optional extra: ./setup.sh --export)')
+    subject = parser.add_argument_group('patient and study fields for --dicom and --edf (empty, or X in EDF+, '
+                                        'unless given: never guessed)')
+    subject.add_argument('--patient_id')
+    subject.add_argument('--patient_name', help='as DICOM writes it: FAMILY^GIVEN')
+    subject.add_argument('--patient_sex', choices=['M', 'F', 'O'])
+    subject.add_argument('--patient_birth_date', type=ecg_formats.date_arg, metavar='YYYYMMDD')
+    subject.add_argument('--study_date', type=ecg_formats.date_arg, metavar='YYYYMMDD',
+                         help='the day the ECG was recorded')
     parser.add_argument('--threads', type=speed.threads_arg, default='auto',
                         help='CPU threads; auto: one per usable core, or OMP_NUM_THREADS where set (speed.py)')
     parser.add_argument('--gain', type=float, choices=list(GAINS_MM_MV), metavar='MM_PER_MV',
@@ -455,7 +469,8 @@ def write_batch(results, paths, args):
 def reading_report(path, inputs, outputs, i, spread, confidence, args):
     """What the sidecar JSON tells about one image: the scale found, the rotation, per-lead confidence."""
     scale = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in inputs['scale'][i].items()}
-    return {'image': str(path), 'checkpoint': str(args.onnx or args.checkpoint), 'fs': args.fs,
+    return {'image': str(path), 'checkpoint': str(args.onnx or args.checkpoint),
+            'checkpoint_sha256': getattr(args, 'checkpoint_sha256', None), 'fs': args.fs,
             'layout': found_layouts(outputs)[i], 'rotation_deg': float(outputs['decode_theta'][i]), 'scale': scale,
             'px_per_mv_input': float(outputs['trace_rows']['px_per_mv'][i]),
             'row_bands': outputs.get('row_bands', [[]] * (i + 1))[i],
@@ -464,16 +479,23 @@ def reading_report(path, inputs, outputs, i, spread, confidence, args):
 
 
 def write_outputs(signal, csv_path, image_path, args, report):
-    """(12, 5000) mV with NaN gaps -> CSV (and WFDB) at --fs, and {stem}.json: scale found and confidence."""
+    """(12, 5000) mV with NaN gaps -> CSV (and WFDB, DICOM, EDF+) at --fs, and {stem}.json: scale found and
+    confidence."""
     signal = resample_signal(signal, args.fs)
     write_csv(signal, csv_path)
     sidecar = csv_path.with_suffix('.json')
     sidecar.write_text(json.dumps(report, indent=2))
-    written = [csv_path, sidecar]
-    if args.wfdb:
-        hea = ecg_formats.write_wfdb(signal, args.fs, csv_path)
-        written += [hea, hea.with_suffix('.dat')]
+    reading = ecg_formats.Reading.from_report(signal, args.fs, report, subject_of(args))
+    formats = [name for name in ('wfdb', 'dicom', 'edf') if getattr(args, name, False)]
+    written = [csv_path, sidecar] + ecg_formats.write_formats(reading, csv_path, formats)
     tqdm.write(f'{image_path} -> ' + ', '.join(map(str, written)))
+
+
+def subject_of(args):
+    """The patient and study fields the user gave (--patient_id, ...), for the DICOM and EDF+ headers."""
+    return ecg_formats.Subject(getattr(args, 'patient_id', None), getattr(args, 'patient_name', None),
+                               getattr(args, 'patient_sex', None), getattr(args, 'patient_birth_date', None),
+                               getattr(args, 'study_date', None))
 
 
 def main(argv=None):
@@ -482,6 +504,7 @@ def main(argv=None):
         raise pdx.InputError('--fs and --batch_size must be positive')
     if args.checkpoint is not None and args.onnx is not None:
         raise pdx.InputError('give --checkpoint (torch) or --onnx (onnxruntime), not both')
+    ecg_formats.check_formats(args.fs, args.dicom, args.edf)   # a missing extra stops here, before the model
     images = find_images(args.image)
     device = pick_device('cpu' if args.onnx else args.device)
     threads, _ = speed.set_threads(args.threads)
@@ -489,6 +512,7 @@ def main(argv=None):
     if not args.onnx:
         args.checkpoint = checkpoint_path(args.checkpoint)
     model, size_hw = load_network(args, device, threads)
+    args.checkpoint_sha256 = ecg_formats.sha256_file(args.onnx or args.checkpoint)   # once a run, in every file
     args.layouts = candidate_layouts(model, args.layout)
     problems = digitize(model, size_hw, images, output_paths(images, args), args, device)
     n_rows = round(SECONDS * args.fs)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv in the project (once) and install the pinned requirements into it.
 # Re-running is cheap: pip only installs what is missing. Used by train.sh, .ci/run and the README.
-# ./setup.sh --export also installs requirements-export.txt (onnx, onnxruntime) for export_onnx.py.
+# ./setup.sh --export also installs requirements-export.txt (onnx, onnxruntime, pydicom, edfio, pyedflib) for
+# export_onnx.py, inference.py --onnx, --dicom and --edf.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -16,8 +17,8 @@ if ! .venv/bin/python -m pip install -q --disable-pip-version-check -r requireme
     exit 1
 fi
 .venv/bin/python -c "import torch, segmentation_models_pytorch, albumentations, cv2; print('[setup] ready: torch', torch.__version__)"
-if [ "${1:-}" = --export ]; then   # optional: ONNX export and onnxruntime inference
+if [ "${1:-}" = --export ]; then   # optional: ONNX export, onnxruntime inference, DICOM and EDF+ output
     .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-export.txt \
         2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
-    .venv/bin/python -c "import onnx, onnxruntime; print('[setup] export extras: onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__)"
+    .venv/bin/python -c "import onnx, onnxruntime, pydicom, edfio, pyedflib; print('[setup] export extras: onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__, 'pydicom', pydicom.__version__, 'edfio', edfio.__version__, 'pyedflib', pyedflib.__version__)"
 fi
