@@ -95,7 +95,7 @@ class Reading:
     @classmethod
     def from_report(cls, signal, fs, report, subject=None):
         """A Reading from inference's sidecar report (reading_report) of the page."""
-        return cls(signal, fs, report['image'], report.get('checkpoint_sha256', ''), report['layout'],
+        return cls(signal, fs, report['image'], report.get('checkpoint_sha256') or '', report['layout'],
                    report['scale'], {lead: v['confidence'] for lead, v in report['leads'].items()},
                    subject or Subject())
 

@@ -6,6 +6,8 @@ A folder (all *.png / *.jpg / *.jpeg in it, recursively), one {image_stem}.csv e
     python inference.py --image scans/ --checkpoint best.pth --output signals/ --fs 250 --wfdb
 The network in onnxruntime instead of torch (export_onnx.py; the decoding stays in torch):
     python inference.py --image scans/ --onnx model.onnx --output signals/
+Also a DICOM 12-lead ECG waveform, an EDF+ file and WFDB beside the CSV (ecg_formats.py; ./setup.sh --export):
+    python inference.py --image page.png --output out/page.csv --dicom --edf --wfdb --patient_id 123
 
 Needs only the image (no simulator JSON): it is read at any size (RGB, RGBA, gray; PNG or JPEG),
 resized to the checkpoint's input size, its scale read from its grid and calibration pulse, and decoded
@@ -13,7 +15,8 @@ in the layout its strips fit best among those the checkpoint was trained on (--l
 A page whose strips fit a layout the checkpoint never saw better is still read, with a warning.
 The CSV has columns I,II,III,aVR,aVL,aVF,V1..V6 in mV, round(10 * fs) rows (5000 at 500 Hz), and an
 empty cell (NaN) wherever the image does not show a lead (on the standard 3x4 + II page: every lead but
-II outside its 2.5 s column). Beside it, {stem}.json: the layout, scale, rotation and per-lead confidence.
+II outside its 2.5 s column). Beside it, {stem}.json: the layout, scale, rotation, per-lead confidence and the
+checkpoint's sha256.
 """
 import os
 
