@@ -230,7 +230,8 @@ def waveform_group(reading):
 
 def channel_note(reading, i):
     """The text of lead i's annotation: its confidence and the seconds the page shows it."""
-    shown = [f'{start / reading.fs:.2f}-{stop / reading.fs:.2f} s' for start, stop in spans(np.isfinite(reading.signal[i]))]
+    runs = spans(np.isfinite(reading.signal[i]))
+    shown = [f'{start / reading.fs:.2f}-{stop / reading.fs:.2f} s' for start, stop in runs]
     where = f'shown {", ".join(shown)}' if shown else NOT_SHOWN
     return f'{reading.leads[i]}: confidence {reading.confidence[reading.leads[i]]:.3f}; {where}'
 
@@ -326,7 +327,8 @@ def edf_annotations(reading):
     for lead, values in zip(reading.leads, reading.signal):
         left_out = ' (left out)' if np.isnan(values).all() else ''
         for start, stop in not_shown_spans(values):
-            notes.append(EdfAnnotation(start / reading.fs, (stop - start) / reading.fs, f'{lead} {NOT_SHOWN}{left_out}'))
+            text = f'{lead} {NOT_SHOWN}{left_out}'
+            notes.append(EdfAnnotation(start / reading.fs, (stop - start) / reading.fs, text))
     return notes
 
 

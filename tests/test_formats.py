@@ -85,11 +85,12 @@ def test_dicom_channels_carry_the_standard_lead_codes_in_microvolts(written):
     pydicom = extra('pydicom')
     ds = pydicom.dcmread(written[0].with_suffix('.dcm'))
     channels = ds.WaveformSequence[0].ChannelDefinitionSequence
-    codes = [(c.ChannelSourceSequence[0].CodeValue, c.ChannelSourceSequence[0].CodingSchemeDesignator) for c in channels]
+    sources = [c.ChannelSourceSequence[0] for c in channels]
+    codes = [(source.CodeValue, source.CodingSchemeDesignator) for source in sources]
     assert codes == [('5.6.3-9-1', 'SCPECG'), ('5.6.3-9-2', 'SCPECG'), ('5.6.3-9-61', 'SCPECG'),
                      ('5.6.3-9-62', 'SCPECG'), ('5.6.3-9-63', 'SCPECG'), ('5.6.3-9-64', 'SCPECG'),
                      *[(f'5.6.3-9-{k}', 'SCPECG') for k in range(3, 9)]]
-    assert [c.ChannelSourceSequence[0].CodeMeaning for c in channels][1:3] == ['Lead II', 'Lead III']
+    assert [source.CodeMeaning for source in sources][1:3] == ['Lead II', 'Lead III']
     units = channels[0].ChannelSensitivityUnitsSequence[0]
     assert (units.CodeValue, units.CodingSchemeDesignator) == ('uV', 'UCUM')
     assert all(float(c.ChannelSensitivity) == 1 for c in channels)
