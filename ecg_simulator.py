@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import scipy.signal
 from tqdm import tqdm
 
 from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LAYOUT_NAMES_HELP, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN,
@@ -162,16 +164,197 @@ def derive_limb_leads(primary):
     return pd.DataFrame({lead: primary[lead] if lead in primary else derived[lead] for lead in LEADS})
 
 
-def synthesize_record(rng, fs):
-    """10 s of 12-lead ECG at fs Hz in mV: DataFrame of round(10 * fs) rows x LEADS."""
+# ----------------------------------------------------------------------------------------------
+# Real-ECG findings: what real 12-lead records show and a healthy beat model lacks
+# ----------------------------------------------------------------------------------------------
+
+# each finding's share among records drawn with findings; amplitudes and durations from the clinical criteria
+FINDING_PROBS = {
+    'voltage': 0.6,   # QRS from low voltage (limb < 0.5 mV) to LVH (Sokolow-Lyon S V1 + R V5 > 3.5 mV)
+    'bbb': 0.15,      # bundle-branch block: QRS >= 120 ms, RBBB's terminal R' in V1, LBBB's broad R in V6
+    'st': 0.2,        # ST elevation or depression of 0.1-0.4 mV (ischaemia, pericarditis, repolarization)
+    'af': 0.15,       # atrial fibrillation: no P, irregular RR, fibrillatory f waves of 0.02-0.15 mV at 4-9 Hz
+    'rate': 0.2,      # bradycardia (32-45 bpm) or tachycardia (140-190 bpm)
+    'pvc': 0.2,       # premature ventricular beats: early, wide (120-180 ms), 1.5-4 mV, discordant T
+    'paced': 0.05,    # pacemaker spikes (about 1 ms, 0.5-5 mV) before wide paced QRS
+    'wander': 0.35,   # baseline wander to 0.8 mV and electrode-motion drifts of 1-4 mV
+    'emg': 0.25,      # muscle noise: 20-100 Hz, 0.02-0.12 mV
+    'mains': 0.15,    # 50 / 60 Hz interference of 0.02-0.15 mV
+}
+FINDINGS = tuple(FINDING_PROBS)
+
+
+@dataclass(frozen=True)
+class Morphology:
+    """One beat's waves in the dipole model: centers (s, relative to R), widths (s), 3-D amplitudes (mV);
+    P, q, R, S, T, then any extra waves a finding adds (BBB's terminal R', an ST segment shift)."""
+    centers: np.ndarray
+    widths: np.ndarray
+    vectors: np.ndarray
+
+    def waves(self):
+        return self.centers, self.widths, self.vectors
+
+    def with_wave(self, center, width, vector):
+        return Morphology(np.append(self.centers, center), np.append(self.widths, width),
+                          np.vstack([self.vectors, vector]))
+
+
+def draw_findings(rng, findings=FINDINGS):
+    """The findings one record shows (at least one), each among `findings` by its FINDING_PROBS share."""
+    shown = tuple(name for name in findings if rng.random() < FINDING_PROBS[name])
+    return shown or (findings[int(rng.integers(len(findings)))],)
+
+
+def scale_voltage(rng, morphology):
+    """q, R and S scaled together by a log-uniform factor of 0.35-3 (low voltage to LVH)."""
+    vectors = morphology.vectors.copy()
+    vectors[1:4] *= np.exp(rng.uniform(np.log(0.35), np.log(3.0)))
+    return replace(morphology, vectors=vectors)
+
+
+def bundle_branch_block(rng, morphology):
+    """QRS widened to 120-180 ms with a late wave: RBBB's rightward, anterior R' (rSR' in V1), or LBBB's
+    leftward, posterior notch (broad notched R in V6); T discordant to the QRS."""
+    widths, vectors = morphology.widths.copy(), morphology.vectors.copy()
+    widths[1:4] *= rng.uniform(1.5, 2.2)
+    r_axis = np.degrees(np.arctan2(vectors[2, 1], vectors[2, 0]))
+    vectors[4] = -np.linalg.norm(vectors[4]) * vectors[2] / np.linalg.norm(vectors[2])
+    morphology = replace(morphology, widths=widths, vectors=vectors)
+    if rng.random() < 0.5:   # RBBB
+        return morphology.with_wave(rng.uniform(0.05, 0.07), rng.uniform(0.015, 0.025),
+                                    rng.uniform(0.3, 1.0) * unit(rng.uniform(150, 210), rng.uniform(0.6, 1.0)))
+    return morphology.with_wave(rng.uniform(0.03, 0.05), rng.uniform(0.015, 0.025),
+                                rng.uniform(0.5, 1.5) * unit(r_axis + rng.uniform(-20, 20), rng.uniform(-0.8, -0.4)))
+
+
+def st_shift(rng, morphology):
+    """A plateau between S and T along a random direction: ST raised in the leads it points to, lowered in
+    the others."""
+    return morphology.with_wave(rng.uniform(0.08, 0.14), rng.uniform(0.04, 0.07),
+                                rng.uniform(0.1, 0.4) * unit(rng.uniform(-180, 180), rng.uniform(-1, 1)))
+
+
+def no_p_waves(rng, morphology):
+    """Atrial fibrillation has no P wave (its f waves are drawn with the artefacts)."""
+    vectors = morphology.vectors.copy()
+    vectors[0] = 0.0
+    return replace(morphology, vectors=vectors)
+
+
+# paced beats start in the right ventricle: wide, LBBB-like or RBBB-like QRS as a block draws them
+RESHAPES = {'voltage': scale_voltage, 'bbb': bundle_branch_block, 'paced': bundle_branch_block, 'st': st_shift,
+            'af': no_p_waves}
+
+
+def irregular_beats(rng, rr):
+    """R times of atrial fibrillation: each RR drawn on its own (a coefficient of variation near 0.2)."""
+    t, times = -rng.uniform(0.0, rr) - rr, []
+    while t < SECONDS + 2 * rr:
+        times.append(t)
+        t += rr * float(np.clip(rng.lognormal(0.0, 0.22), 0.45, 1.9))
+    return np.array(times)
+
+
+def ectopic_beats(rng, beats, rr):
+    """(mask of the beats kept normal, times of the ectopic ones): 1-4 beats come 20-40 % early, with a full
+    compensatory pause (the next beat keeps its time)."""
+    normal = np.ones(len(beats), bool)
+    inside = np.flatnonzero((beats > 0.3) & (beats < SECONDS - 0.3))
+    chosen = rng.choice(inside, size=min(len(inside), int(rng.integers(1, 5))), replace=False)
+    normal[chosen] = False
+    return normal, beats[chosen] - rng.uniform(0.2, 0.4, len(chosen)) * rr
+
+
+def ectopic_morphology(rng):
+    """A ventricular beat: no P, a wide QRS of 1.5-4 mV in its own direction, T opposite to it."""
+    direction = unit(rng.uniform(-180, 180), rng.uniform(-1, 1))
+    centers = np.array([0.0, rng.uniform(0.04, 0.06), rng.uniform(0.25, 0.32)])
+    widths = np.array([rng.uniform(0.025, 0.04), rng.uniform(0.02, 0.03), rng.uniform(0.06, 0.09)])
+    vectors = np.array([rng.uniform(1.5, 4.0) * direction, -0.3 * direction, -rng.uniform(0.3, 0.8) * direction])
+    return Morphology(centers, widths, vectors)
+
+
+def pacing_spikes(rng, t, beats, morphology, fs):
+    """(T, 3) pacemaker spikes 40-60 ms before each R, about 1 ms wide (at least one sample, as a recorder's
+    filter leaves them), 0.5-5 mV along one direction."""
+    direction = rng.uniform(0.5, 5.0) * unit(rng.uniform(-180, 180), rng.uniform(-1, 1))
+    width = max(0.001, 0.6 / fs)
+    return heart_vector(t, beats - rng.uniform(0.04, 0.06), np.ones(len(beats)), [0.0], [width], direction[None])
+
+
+def artefacts(rng, t, fs, shown):
+    """(T, 8) what the recording adds on top of the heart, per primary lead: f waves, wander and
+    electrode-motion drift, muscle noise, mains."""
+    out = np.zeros((len(t), len(PRIMARY_LEADS)))
+    if 'af' in shown:
+        f = rng.uniform(4.0, 9.0) + 0.5 * np.sin(2 * np.pi * rng.uniform(0.1, 0.3) * t)
+        wave = np.sin(2 * np.pi * np.cumsum(f) / fs)
+        out += wave[:, None] * rng.uniform(0.02, 0.15) * np.r_[0.5, 0.8, 1.0, 0.8, 0.5, 0.4, 0.3, 0.3]
+    if 'wander' in shown:
+        out += baseline_drift(rng, t)
+    if 'emg' in shown:
+        out += muscle_noise(rng, len(t), fs)
+    if 'mains' in shown:
+        out += rng.uniform(0.02, 0.15, out.shape[1]) * np.sin(2 * np.pi * rng.choice([50.0, 60.0]) * t[:, None]
+                                                              + rng.uniform(0, 2 * np.pi))
+    return out
+
+
+def baseline_drift(rng, t):
+    """(T, 8) wander of up to 0.8 mV (0.05-0.4 Hz: breathing, movement) and, in one lead out of two records,
+    an electrode-motion drift of 1-4 mV that decays over a second or two."""
+    n = len(PRIMARY_LEADS)
+    out = rng.uniform(0.1, 0.8, n) * np.sin(2 * np.pi * rng.uniform(0.05, 0.4, n) * t[:, None]
+                                            + rng.uniform(0, 2 * np.pi, n))
+    if rng.random() < 0.5:
+        start, lead = rng.uniform(0.0, SECONDS - 1.0), int(rng.integers(n))
+        after = np.clip(t - start, 0.0, None)
+        out[:, lead] += (rng.choice([-1, 1]) * rng.uniform(1.0, 4.0) * (after > 0)
+                         * (1 - np.exp(-after / 0.3)) * np.exp(-after / rng.uniform(1.0, 3.0)))
+    return out
+
+
+def muscle_noise(rng, n_samples, fs):
+    """(T, 8) band-limited noise of 20-100 Hz (up to below Nyquist), 0.02-0.12 mV rms, in bursts."""
+    high = min(100.0, 0.45 * fs)
+    sos = scipy.signal.butter(4, [20.0, high], btype='bandpass', fs=fs, output='sos')
+    noise = scipy.signal.sosfiltfilt(sos, rng.standard_normal((n_samples, len(PRIMARY_LEADS))), axis=0)
+    noise /= noise.std(0, keepdims=True) + 1e-12
+    bursts = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.1, 0.5) * np.arange(n_samples) / fs
+                                + rng.uniform(0, 2 * np.pi)) ** 2
+    return noise * bursts[:, None] * rng.uniform(0.02, 0.12)
+
+
+def synthesize_record(rng, fs, findings_rng=None, findings=FINDINGS):
+    """10 s of 12-lead ECG at fs Hz in mV: DataFrame of round(10 * fs) rows x LEADS. With findings_rng, the
+    record also shows some of the real-ECG findings named in `findings` (draw_findings), drawn from that rng
+    alone, so a record without them is the same whatever the findings' share."""
     sig_len = int(round(SECONDS * fs))
     t = np.arange(sig_len) / fs
     rr = 60.0 / rng.uniform(45.0, 140.0)
+    shown = () if findings_rng is None else draw_findings(findings_rng, findings)
+    if 'rate' in shown:
+        rr = 60.0 / findings_rng.choice([findings_rng.uniform(32.0, 45.0), findings_rng.uniform(140.0, 190.0)])
     centers, widths, vectors = wave_params(rng, rr)
     beats = beat_times(rng, rr)
+    if 'af' in shown:
+        beats = irregular_beats(findings_rng, rr)
     beat_scale = 1.0 + 0.04 * rng.standard_normal(len(beats))
-    dipole = heart_vector(t, beats, beat_scale, centers, widths, vectors)
+    morphology = Morphology(centers, widths, vectors)
+    for name in (name for name in RESHAPES if name in shown):
+        morphology = RESHAPES[name](findings_rng, morphology)
+    normal = np.ones(len(beats), bool)
+    if 'pvc' in shown:
+        normal, ectopic = ectopic_beats(findings_rng, beats, rr)
+    dipole = heart_vector(t, beats[normal], beat_scale[normal], *morphology.waves())
+    if 'pvc' in shown:
+        dipole += heart_vector(t, ectopic, np.ones(len(ectopic)), *ectopic_morphology(findings_rng).waves())
+    if 'paced' in shown:
+        dipole += pacing_spikes(findings_rng, t, beats, morphology, fs)
     primary = dipole @ lead_vectors(rng).T + wander_and_noise(rng, t, len(PRIMARY_LEADS))
+    if shown:
+        primary += artefacts(findings_rng, t, fs, shown)
     return derive_limb_leads(dict(zip(PRIMARY_LEADS, primary.T)))
 
 
@@ -592,12 +775,30 @@ def write_images(df, fs, rec_id, rec_dir, seed, i, images_per_id, knobs):
             json.dump(meta, f, separators=(",", ":"), allow_nan=False)
 
 
-def make_sim_record(i, out, seed, images_per_id, fs_choices, nan_mask_prob, knobs):
-    """Record i: signals from rng([seed, i]), CSV, then its images."""
+@dataclass(frozen=True)
+class SignalKnobs:
+    """What the simulated signals are: sampling rates drawn from, the share of NaN-masked CSVs, and the share
+    of records with real-ECG findings (and which findings)."""
+    fs_choices: tuple = FS_CHOICES
+    nan_mask_prob: float = 0.5
+    findings_prob: float = 0.0
+    findings: tuple = FINDINGS
+
+
+def findings_rng_of(seed, i, signal_knobs):
+    """Record i's own rng for its findings (None: a healthy record), apart from rng([seed, i]) so records
+    without findings stay the same whatever the share."""
+    rng = np.random.default_rng([seed, i, 0, 1])
+    return rng if rng.random() < signal_knobs.findings_prob else None
+
+
+def make_sim_record(i, out, seed, images_per_id, signal_knobs, knobs):
+    """Record i: signals from rng([seed, i]) (and its findings' rng), CSV, then its images."""
     rng = np.random.default_rng([seed, i])
+    fs_choices, nan_mask_prob = signal_knobs.fs_choices, signal_knobs.nan_mask_prob
     fs = int(fs_choices[rng.integers(len(fs_choices))])
     rec_id = str(1000000 * (seed + 1) + i)
-    full = round_mv(synthesize_record(rng, fs))
+    full = round_mv(synthesize_record(rng, fs, findings_rng_of(seed, i, signal_knobs), signal_knobs.findings))
     standard = set(knobs['layouts']) == {STANDARD.name} and set(knobs.get('speeds', (MM_PER_S,))) == {MM_PER_S}
     masked = rng.random() < nan_mask_prob and standard
     df = nan_mask(full) if masked else full
@@ -665,9 +866,10 @@ def run_jobs(job, count, workers, progress):
 
 
 def generate(out, n=None, seed=0, images_per_id=1, workers=1, csv_root=None, fs_choices=FS_CHOICES,
-             nan_mask_prob=0.5, progress=False, **knobs):
+             nan_mask_prob=0.5, progress=False, findings_prob=0.0, findings=FINDINGS, **knobs):
     """Write n simulated records (or render the records of csv_root) into out; returns the ids.
-    Deterministic in seed whatever the worker count."""
+    Deterministic in seed whatever the worker count. findings_prob: the share of simulated records that show
+    real-ECG findings (FINDING_PROBS), among `findings`."""
     knobs = check_knobs(knobs)
     if seed < 0:
         raise ValueError('seed must be >= 0')
@@ -681,8 +883,9 @@ def generate(out, n=None, seed=0, images_per_id=1, workers=1, csv_root=None, fs_
     else:
         if n is None:
             raise ValueError('n is required without csv_root')
+        signal_knobs = SignalKnobs(tuple(fs_choices), nan_mask_prob, findings_prob, tuple(findings))
         job = partial(make_sim_record, out=str(out), seed=seed, images_per_id=images_per_id,
-                      fs_choices=tuple(fs_choices), nan_mask_prob=nan_mask_prob, knobs=knobs)
+                      signal_knobs=signal_knobs, knobs=knobs)
         count = n
     results = run_jobs(job, count, workers, progress)
     index = out / 'train.csv'
@@ -705,6 +908,11 @@ def parse_args(argv=None):
     p.add_argument('--nan_mask_prob', type=float, default=0.5,
                    help='records NaN-masked like Kaggle training CSVs (standard pages only: on other layouts '
                         'a masked CSV would leave drawn strips without their truth)')
+    p.add_argument('--findings_prob', type=float, default=0.0,
+                   help='share of records with real-ECG findings: tall or low QRS, bundle-branch block, ST shift, '
+                        'AF, brady/tachycardia, ectopic beats, pacing, wander and electrode drift, muscle noise, mains')
+    p.add_argument('--findings', nargs='+', default=list(FINDINGS), choices=list(FINDINGS), metavar='NAME',
+                   help='which findings those records draw from: ' + ' '.join(FINDINGS))
     p.add_argument('--dpi_choices', type=int, nargs='+', default=list(DPI_CHOICES))
     p.add_argument('--max_rotation', type=float, default=DEFAULT_KNOBS['max_rotation'], help='degrees')
     p.add_argument('--gains', type=float, nargs='+', default=list(DEFAULT_KNOBS['gains']), metavar='MM_PER_MV',
@@ -739,7 +947,8 @@ def main(argv=None):
         raise ValueError(f'--layouts: unknown {unknown}; known: {", ".join(LAYOUTS)} or all')
     t0 = time.time()
     ids = generate(args.out, args.n, args.seed, args.images_per_id, args.workers, csv_root=args.csv_root,
-                   fs_choices=args.fs_choices, nan_mask_prob=args.nan_mask_prob, progress=True, **knobs)
+                   fs_choices=args.fs_choices, nan_mask_prob=args.nan_mask_prob, progress=True,
+                   findings_prob=args.findings_prob, findings=args.findings, **knobs)
     print(f'wrote {len(ids)} records x {args.images_per_id} image(s) to {args.out} in {time.time() - t0:.1f} s')
 
 

@@ -267,3 +267,46 @@ def test_csv_root_errors_name_the_file(tmp_path):
 def test_unknown_knob_is_an_error(record):
     with pytest.raises(TypeError, match='max_rotaton'):
         sim.render_image(record, 500, np.random.default_rng(0), max_rotaton=3)
+
+
+def test_findings_change_only_the_records_that_show_them():
+    """A share of 0 leaves every record as it was; with findings the leads still obey Einthoven's and
+    Goldberger's laws, and each finding shows what it names."""
+    healthy = sim.synthesize_record(np.random.default_rng([7, 0]), 500)
+    again = sim.synthesize_record(np.random.default_rng([7, 0]), 500, None)
+    pd.testing.assert_frame_equal(healthy, again)
+    for k, name in enumerate(sim.FINDINGS):
+        for fs in (250, 1025):
+            df = sim.synthesize_record(np.random.default_rng([1, k]), fs, np.random.default_rng([2, k]), (name,))
+            assert len(df) == round(10 * fs) and np.isfinite(df.to_numpy()).all()
+            assert_identities(df, 1e-9)
+    tall = [sim.synthesize_record(np.random.default_rng([1, k]), 500, np.random.default_rng([2, k]), ('voltage',))
+            for k in range(20)]
+    peaks = [df.abs().max().max() for df in tall]
+    assert max(peaks) > 4.0 and min(peaks) < 1.0      # LVH-tall and low-voltage records both drawn
+    emg = sim.synthesize_record(np.random.default_rng([1, 0]), 500, np.random.default_rng([2, 0]), ('emg',))
+    calm = sim.synthesize_record(np.random.default_rng([1, 0]), 500)
+    assert np.abs(np.diff(emg['V5'].to_numpy())).mean() > 2 * np.abs(np.diff(calm['V5'].to_numpy())).mean()
+
+
+def test_findings_af_beats_are_irregular():
+    rng = np.random.default_rng(0)
+    rr = np.diff(sim.irregular_beats(rng, 0.8))
+    assert 0.12 < rr.std() / rr.mean() < 0.35
+    regular = np.diff(sim.beat_times(np.random.default_rng(0), 0.8))
+    assert regular.std() / regular.mean() < 0.08
+
+
+def test_findings_prob_cli(tmp_path):
+    """--findings_prob 0 writes the records it always wrote; 1 gives every record findings."""
+    base = ['--n', '3', '--seed', '4', '--images_per_id', '0', '--workers', '1', '--nan_mask_prob', '0']
+    subprocess.run([sys.executable, str(ROOT / 'ecg_simulator.py'), '--out', str(tmp_path / 'a'), *base], check=True)
+    subprocess.run([sys.executable, str(ROOT / 'ecg_simulator.py'), '--out', str(tmp_path / 'b'), *base,
+                    '--findings_prob', '0'], check=True)
+    subprocess.run([sys.executable, str(ROOT / 'ecg_simulator.py'), '--out', str(tmp_path / 'c'), *base,
+                    '--findings_prob', '1', '--findings', 'wander'], check=True)
+    assert all_files(tmp_path / 'a') == all_files(tmp_path / 'b')
+    for rec in pd.read_csv(tmp_path / 'a' / 'train.csv', dtype={'id': str})['id']:
+        calm = pd.read_csv(tmp_path / 'a' / rec / f'{rec}.csv')
+        wander = pd.read_csv(tmp_path / 'c' / rec / f'{rec}.csv')
+        assert (wander - calm).abs().max().max() > 0.1   # the same heart, wandering
