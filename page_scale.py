@@ -33,6 +33,8 @@ from ecg_page import MM_PER_MV as STANDARD_GAIN_MM_MV, MM_PER_S as STANDARD_SPEE
 from ecg_page import PAPER_SPEEDS_MM_S as SPEEDS_MM_S
 
 PX_PER_MM_RANGE = (1.8, 26.0)     # 45 .. 660 dpi
+SCALE_SIDE_PX = 4400              # a page with a longer side (600 dpi scans, 48 MP photos of a page) is read on a
+                                  # copy shrunk to it, about 400 dpi: its grid stays inside PX_PER_MM_RANGE
 FFT_SIZE = 1024                   # central square analysed; ~43 mm even at 600 dpi
 MAX_ANGLE_DEG = 12.0
 ANGLE_STEP_DEG = 0.2
@@ -909,7 +911,29 @@ def estimate_scale(rgb, use_pulse=True):
     from the calibration pulse (source 'pulse': no grid, or pulses on two rows that overrule a grid read
     at a wrong period), else source None and NaN px per mm. With
     use_pulse the pulse also gives gain and paper speed (else the standard 10 mm/mV and 25 mm/s,
-    flagged as assumed)."""
+    flagged as assumed). A page longer than SCALE_SIDE_PX is read on a shrunk copy, its px per mm in the
+    page's own pixels."""
+    shrink = SCALE_SIDE_PX / max(rgb.shape[:2])
+    if shrink >= 1:
+        return estimate_scale_here(rgb, use_pulse)
+    small = cv2.resize(rgb, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+    fx, fy = small.shape[1] / rgb.shape[1], small.shape[0] / rgb.shape[0]
+    return in_page_pixels(estimate_scale_here(small, use_pulse), fx, fy)
+
+
+def in_page_pixels(scale, fx, fy):
+    """A PageScale read on a copy resized by fx, fy (columns, rows) -> the same in the page's own pixels."""
+    scale.px_per_mm_x, scale.px_per_mm_y = scale.px_per_mm_x / fx, scale.px_per_mm_y / fy
+    if scale.pulse is not None:
+        pulse = dict(scale.pulse, height_px=scale.pulse['height_px'] / fy, width_px=scale.pulse['width_px'] / fx,
+                     thickness=scale.pulse['thickness'] / max(fx, fy))
+        pulse['positions'] = [(x / fx, y / fy) for x, y in scale.pulse['positions']]
+        scale.pulse = pulse
+    return scale
+
+
+def estimate_scale_here(rgb, use_pulse=True):
+    """estimate_scale at the pixels given."""
     ax, ay = measure_grid(rgb)
     grid = combine_axes(ax, ay)
     if grid is not None:
@@ -947,10 +971,10 @@ def px_per_s(scale):
 # ----------------------------------------------------------------------------------------------
 
 def read_rgb(path):
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise SystemExit(f'cannot read {path}')
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    """The toolkit's one image reader (production_dataset.read_rgb: EXIF orientation, TIFF, broken files named).
+    Imported here, not at the top: production_dataset imports this module."""
+    import production_dataset
+    return production_dataset.read_rgb(path)
 
 
 def describe(scale):
@@ -1015,4 +1039,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    import production_dataset
+    production_dataset.run_cli(main)   # an unreadable image: one line naming it
