@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from scipy.interpolate import CubicSpline
 from scipy.signal import resample_poly
 from torch.utils.data import Dataset
@@ -46,6 +46,7 @@ from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, MM_PER_S, N_LEADS
                       BAND_ROWS, PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS, page_layout, row_bands)
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')   # what a folder of pages is searched for
 LAYOUT_NAMES = list(LAYOUTS)       # layout_id indexes this list; -1: a page no known layout draws
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -572,34 +573,82 @@ def signal_shown_mask(page, signal, fs):
     return shown & np.isfinite(signal)
 
 
-def read_rgb(path):
-    """Any image cv2 decodes -> (h, w, 3) uint8 RGB at its own size. Gray is repeated; RGBA is composited
-    over white paper (a transparent page is paper, not black); 16-bit is scaled to 8. Refuses images too
-    small or too blank to be an ECG page, so nobody trains on them or reads a signal out of them."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None or image.size == 0:
-        raise SampleError(f'{path}: unreadable image (cv2 could not decode its pixels)')
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    elif image.shape[2] == 4:
-        image = over_white_paper(image)
-    else:
-        image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
-    check_page_pixels(image, path)
+@dataclass(frozen=True)
+class ImagePage:
+    """One page of an image file: a PNG or JPEG holds one, a TIFF may hold several (index counts from 0)."""
+    path: Path
+    index: int = 0
+    count: int = 1
+
+    @property
+    def name(self):
+        """What the page's outputs are named by: the file's stem, with _p{page} on a file of several pages."""
+        return self.path.stem if self.count == 1 else f'{self.path.stem}_p{self.index + 1}'
+
+    def __str__(self):
+        return str(self.path) if self.count == 1 else f'{self.path} page {self.index + 1}'
+
+
+def image_pages(path):
+    """The pages of an image file (ImagePage each): every page of a multi-page TIFF, else the one. A file that
+    does not open is one page here; reading it names the problem (read_rgb)."""
+    path = Path(path)
+    if path.suffix.lower() not in ('.tif', '.tiff'):
+        return [ImagePage(path)]
+    try:
+        with Image.open(path) as image:
+            count = getattr(image, 'n_frames', 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        count = 1
+    return [ImagePage(path, k, count) for k in range(count)]
+
+
+def read_rgb(path, page=0):
+    """The toolkit's one image reader: any image Pillow reads (PNG, JPEG, TIFF and its pages, ...) -> (h, w, 3)
+    uint8 RGB at its own size, turned as its EXIF orientation says (phone photos are stored on their side).
+    Gray is repeated; RGBA is composited over white paper (a transparent page is paper, not black); 16-bit
+    is scaled to 8; CMYK converted. A truncated or corrupt file is refused (Pillow's strict loading: a JPEG cut
+    short or with broken data would otherwise decode with a grey or smeared part), and so are images too small
+    or too blank to be an ECG page, so nobody trains on them or reads a signal out of them."""
+    where = f'{path}' if page == 0 else f'{path} page {page + 1}'
+    try:
+        with Image.open(path) as image:
+            image.seek(page)
+            image.load()
+            rgb = pillow_rgb(upright(image))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise SampleError(f'{where}: unreadable image, could not decode its pixels ({exc})') from exc
+    check_page_pixels(rgb, where)
+    return rgb
+
+
+def upright(image):
+    """A Pillow image turned as its EXIF orientation tag says (the tag is absent or 1 on most pages: no copy)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+        return ImageOps.exif_transpose(image)
     return image
 
 
-def over_white_paper(bgra):
-    """(h, w, 4) uint8 BGRA -> (h, w, 3) uint8 RGB composited over white. ecg-image-kit writes RGBA pages
+def pillow_rgb(image):
+    """A loaded Pillow image of any mode -> (h, w, 3) uint8 RGB (over_white_paper where it has alpha)."""
+    if image.mode in ('I;16', 'I;16L', 'I;16B', 'I'):    # 16-bit gray (and 32-bit integer TIFFs)
+        gray = (np.clip(np.asarray(image, np.int64), 0, 65535) // 257).astype(np.uint8)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
+        return over_white_paper(np.asarray(image.convert('RGBA')))
+    if image.mode == 'L':
+        return cv2.cvtColor(np.asarray(image), cv2.COLOR_GRAY2RGB)
+    return np.asarray(image if image.mode == 'RGB' else image.convert('RGB'))
+
+
+def over_white_paper(rgba):
+    """(h, w, 4) uint8 RGBA -> (h, w, 3) uint8 RGB composited over white. ecg-image-kit writes RGBA pages
     that are all opaque: those skip the float blend, which costs as much as decoding the PNG."""
-    alpha = bgra[..., 3]
+    alpha = rgba[..., 3]
     if int(alpha.min()) == 255:
-        return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGB)
+        return np.ascontiguousarray(rgba[..., :3])
     weight = alpha[..., None].astype(np.float32) / 255.0
-    bgr = (bgra[..., :3] * weight + 255.0 * (1 - weight)).round().astype(np.uint8)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return (rgba[..., :3] * weight + 255.0 * (1 - weight)).round().astype(np.uint8)
 
 
 def pixel_std(rgb):
@@ -655,7 +704,7 @@ def read_scale(rgb, size_hw):
     scale = page_scale.estimate_scale(rgb)
     found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
              'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
-             'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y}
+             'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y, 'pulse_found': scale.pulse is not None}
     # px per mm if the image were the whole page edge to edge, by its height or its width (a crop to the
     # traces keeps most of the width); the nearer one judges the reading
     borders = (rgb.shape[0] / PAGE_HEIGHT_MM, rgb.shape[1] / (PAGE_HEIGHT_MM * PAGE_ASPECT))
@@ -860,41 +909,76 @@ def split_by_record(refs, val_fraction, seed):
     return [r for r in refs if r.record_id not in val_ids], [r for r in refs if r.record_id in val_ids]
 
 
+@dataclass
+class CheckedSamples:
+    """The usable samples of a data set (check_sample passed) with each one's layout name, and the problems of the
+    others as (png, message)."""
+    refs: list
+    layouts: list
+    problems: list
+
+    def split(self, val_fraction, seed):
+        """(train, validation) CheckedSamples by record (split_by_record): drawn from the usable samples only, so
+        a bad file cannot leave a split empty; the same for a seed and the same usable samples."""
+        train_refs, val_refs = split_by_record(self.refs, val_fraction, seed)
+        layout = {id(ref): name for ref, name in zip(self.refs, self.layouts)}
+        return tuple(CheckedSamples(part, [layout[id(ref)] for ref in part], []) for part in (train_refs, val_refs))
+
+
+def check_samples(refs, progress=False):
+    """Every sample checked (check_sample: JSON, CSV values, decoded pixels) -> CheckedSamples."""
+    good, layouts, problems = [], [], []
+    for ref in tqdm(refs, desc='checking samples', disable=not progress, mininterval=PROGRESS_SECONDS):
+        try:
+            layouts.append(check_sample(ref))
+            good.append(ref)
+        except SampleError as exc:
+            problems.append((str(ref.png), str(exc)))
+    return CheckedSamples(good, layouts, problems)
+
+
 class ECGImageDataset(Dataset):
     """Pairs every {id}-{k}.png + .json under sim_root with csv_root/{id}/{id}.csv.
 
     Bad samples are reported (self.problems, the log) and skipped, never trained on. With cache=True
     every sample is decoded once, in this process, into contiguous shared-memory tensors that
-    DataLoader workers read without copying."""
+    DataLoader workers read without copying. checked: samples already checked (check_samples), taken as they are.
+    """
 
     def __init__(self, sim_root=None, csv_root=None, target_size=DEFAULT_IMAGE_SIZE, augment=False,
                  cache=False, max_samples=None, refs=None, check=True, progress=False, read_scale=False,
-                 row_bands=False):
+                 row_bands=False, checked=None):
         self.size_hw = tuple(int(v) for v in target_size)
         self.augment = augment
         self.read_scale = read_scale   # evaluation: decode with the scale the page shows, as inference does
         self.problems = []
         self.layouts = Counter()        # layout name (None: unknown strips) -> checked samples
-        if refs is None:
+        if checked is not None:
+            refs, check = checked.refs, False
+        elif refs is None:
             refs, problems = find_samples(sim_root, csv_root, max_samples)
             self.problems.extend((str(p), m) for p, m in problems)
-        if row_bands and not (check or cache):
+        if row_bands and not (check or cache or checked):
             raise ValueError('row_bands needs check or cache: a page\'s layout is learned there')
         self.row_bands = row_bands      # each page's row bands follow it (band_refs), found while checking or caching
-        self.refs = self._keep_good(refs, progress) if check and not cache else list(refs)
+        if checked is not None and not cache:
+            self.refs = self._with_bands(checked)
+        else:
+            self.refs = self._keep_good(refs, progress) if check and not cache else list(refs)
         self.photometric = photometric_augment()
         self.cache = self._fill_cache(progress) if cache else None
         for path, message in self.problems:
             log.warning('skipped %s: %s', path, message)
 
     def _keep_good(self, refs, progress):
+        checked = check_samples(refs, progress)
+        self.problems.extend(checked.problems)
+        return self._with_bands(checked)
+
+    def _with_bands(self, checked):
+        """The checked refs, each followed by its row bands' (band_refs) when the data set reads them."""
         good = []
-        for ref in tqdm(refs, desc='checking samples', disable=not progress, mininterval=PROGRESS_SECONDS):
-            try:
-                name = check_sample(ref)
-            except SampleError as exc:
-                self.problems.append((str(ref.png), str(exc)))
-                continue
+        for ref, name in zip(checked.refs, checked.layouts):
             bands = band_refs(ref, name) if self.row_bands else []
             good += [ref] + bands
             self.layouts.update([name] + [row_bands(LAYOUTS[name])[band.band].name for band in bands])

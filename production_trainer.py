@@ -302,26 +302,30 @@ def seed_everything(seed):
 
 
 def build_datasets(config):
-    """Every sample checked (JSON, CSV values, decoded pixels) before anything is written; bad ones
-    are named and skipped, and a data set with nothing usable stops the run here."""
+    """Every sample checked (JSON, CSV values, decoded pixels) before anything is written and before the
+    train/validation split, so a bad file cannot leave a split empty; bad ones are named and skipped, and a
+    data set with nothing usable stops the run here."""
     refs, problems = pdx.find_samples(config['sim_root'], config['csv_root'], config['max_samples'])
     for path, message in problems:
         log.warning('skipped %s: %s', path, message)
     if not refs:
         raise pdx.InputError(f'no images paired with signals under --sim_root {config["sim_root"]} / '
                              f'--csv_root {config["csv_root"]}')
-    train_refs, val_refs = pdx.split_by_record(refs, config['val_fraction'], config['seed'])
+    checked = pdx.check_samples(refs, progress=True)
+    for path, message in checked.problems:
+        log.warning('skipped %s: %s', path, message)
+    train_part, val_part = checked.split(config['val_fraction'], config['seed'])
     common = dict(target_size=config['image_size'], cache=config['cache'], progress=True)
-    train = pdx.ECGImageDataset(refs=train_refs, augment=not config['no_augment'], row_bands=True, **common)
-    val = pdx.ECGImageDataset(refs=val_refs, augment=False, read_scale=True, **common)
-    skipped = len(train.problems) + len(val.problems)
+    train = pdx.ECGImageDataset(checked=train_part, augment=not config['no_augment'], row_bands=True, **common)
+    val = pdx.ECGImageDataset(checked=val_part, augment=False, read_scale=True, **common)
+    skipped = len(checked.problems) + len(train.problems) + len(val.problems)
     log.info('data: %d train / %d val images (%d records), %d skipped as bad', len(train), len(val),
              len({r.record_id for r in refs}), skipped)
     log.info('page layouts in training: %s', ', '.join(f'{name or "unknown"} {n}' for name, n in
                                                        sorted(train.layouts.items(), key=lambda kv: -kv[1])))
     if len(train) == 0:
         raise pdx.InputError('no usable training sample; run production_dataset.py on the data to see why')
-    if val_refs and len(val) == 0:
+    if val_part.refs and len(val) == 0:
         raise pdx.InputError('no usable validation sample (all were bad, see above); fix them or use '
                              '--val_fraction 0 --select_metric latest')
     return train, val

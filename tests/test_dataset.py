@@ -283,7 +283,7 @@ def test_rgba_pages_composite_over_white_and_contrast_matches_numpy(tmp_path):
     opaque = rgba.copy()
     opaque[..., 3] = 255
     opaque[100:110, :, 0] = 40                # a blue channel of its own: BGRA comes out RGB
-    assert np.array_equal(pdx.over_white_paper(opaque), opaque[..., 2::-1])
+    assert np.array_equal(pdx.over_white_paper(opaque[..., [2, 1, 0, 3]]), opaque[..., 2::-1])   # RGBA in
     noisy = np.random.default_rng(0).integers(0, 256, (120, 170, 3), dtype=np.uint8)
     assert pdx.pixel_std(noisy) == pytest.approx(float(noisy.std()), rel=1e-9)
     assert pdx.pixel_std(rgb) == pytest.approx(float(rgb.std()), rel=1e-9)
