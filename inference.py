@@ -2,21 +2,23 @@
 
 One image:
     python inference.py --image test.png --checkpoint best.pth --output result.csv
-A folder (all *.png / *.jpg / *.jpeg in it, recursively), one {image_stem}.csv each, at 250 Hz, plus WFDB:
+A folder (all *.png / *.jpg / *.jpeg / *.tif / *.tiff in it, recursively), one {image_stem}.csv each ({stem}_p2.csv
+for page 2 of a multi-page TIFF), at 250 Hz, plus WFDB:
     python inference.py --image scans/ --checkpoint best.pth --output signals/ --fs 250 --wfdb
 The network in onnxruntime instead of torch (export_onnx.py; the decoding stays in torch):
     python inference.py --image scans/ --onnx model.onnx --output signals/
 Also a DICOM 12-lead ECG waveform, an EDF+ file and WFDB beside the CSV (ecg_formats.py; ./setup.sh --export):
     python inference.py --image page.png --output out/page.csv --dicom --edf --wfdb --patient_id 123
 
-Needs only the image (no simulator JSON): it is read at any size (RGB, RGBA, gray; PNG or JPEG),
+Needs only the image (no simulator JSON): it is read at any size (RGB, RGBA, gray, 16-bit, CMYK; PNG, JPEG or TIFF,
+turned as its EXIF orientation says; a truncated or corrupt file is named and skipped),
 resized to the checkpoint's input size, its scale read from its grid and calibration pulse, and decoded
 in the layout its strips fit best among those the checkpoint was trained on (--layout NAME to say it).
 A page whose strips fit a layout the checkpoint never saw better is still read, with a warning.
 The CSV has columns I,II,III,aVR,aVL,aVF,V1..V6 in mV, round(10 * fs) rows (5000 at 500 Hz), and an
 empty cell (NaN) wherever the image does not show a lead (on the standard 3x4 + II page: every lead but
 II outside its 2.5 s column). Beside it, {stem}.json: the layout, scale, rotation, per-lead confidence and the
-checkpoint's sha256.
+checkpoint's sha256. An image that does not look like an ECG (EcgEvidence) is named and gets no CSV, unless --force.
 """
 import os
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import sys
 from collections import Counter, deque
+from dataclasses import asdict, dataclass
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -39,16 +42,25 @@ import ecg_checkpoint
 import ecg_formats
 import ecg_model
 import export_onnx
+import page_scale
 import production_dataset as pdx
 import speed
 from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, N_LEADS, SECONDS, row_bands, whole_pages, with_cabrera   # 500 Hz x 10 s
 from ecg_page import GAINS_MM_MV, LAYOUT_NAMES_HELP, MM_PER_MV, PAPER_SPEEDS_MM_S
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+IMAGE_SUFFIXES = pdx.IMAGE_SUFFIXES     # PNG, JPEG, TIFF (every page of a multi-page one)
 CSV_DECIMALS = 3
 CONFIDENCE_HALF_MV = 0.1               # a row spread of 0.1 mV (1 mm at 10 mm/mV) halves the confidence
 READERS = 2                            # pages decoded and measured at once: PNG decoding and the grid FFT are
                                        # most of the CPU time on full-size pages
+# An image is read as an ECG when its grid or calibration pulse is found, or, failing those (phone photos in
+# perspective), when it is a sheet of paper on which the network sees traces. Measured with the starter on 40 + 24
+# simulator pages, the 4 ecg-image-kit pages and the 20 real phone photos (none refused: photos without a grid
+# found had 40-65 % paper and 2.2-3.7 % trace pixels) and on 24 non-ECG images (all refused: blank scans < 0.7 %
+# trace, a page of text < 1.95 %, noise and synthetic photos < 40 % paper or < 1.95 % trace).
+PAPER_TOL = 40                         # RGB distance from the paper's colour that is still paper
+ECG_PAPER_SHARE = 0.3                  # of the input pixels at least this much paper...
+ECG_TRACE_SHARE = 0.02                 # ...and at least this much trace (seg head) make a page without grid or pulse
 READ_AHEAD = 1                         # batches of pages read beyond the next one while the model runs
 
 
@@ -91,6 +103,9 @@ def parse_args(argv=None):
     parser.add_argument('--paper_speed', type=float, choices=list(PAPER_SPEEDS_MM_S), metavar='MM_PER_S',
                         help='the paper speed (25 or 50 mm/s), over what the pulse shows (default: read from the '
                              'pulse; 25 where there is none)')
+    parser.add_argument('--force', action='store_true',
+                        help='read an image even when it does not look like an ECG (no grid, pulse or traces found); '
+                             'its sidecar JSON then carries a warning')
     parser.add_argument('--layout', default='auto', choices=['auto'] + list(LAYOUTS), metavar='NAME',
                         help='the page layout: auto (default) finds it among those the checkpoint was trained '
                              'on; or one of ' + LAYOUT_NAMES_HELP)
@@ -166,15 +181,17 @@ def load_network(args, device, threads):
 
 
 def find_images(path):
-    """--image as given -> sorted list of image files (a folder is searched recursively)."""
+    """--image as given -> the pages to read (pdx.ImagePage: every page of a multi-page TIFF), in file order;
+    a folder is searched recursively."""
     if path.is_dir():
-        images = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not images:
+        files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
             raise pdx.InputError(f'{path}: no {"/".join(IMAGE_SUFFIXES)} image in this folder')
-        return images
-    if not path.is_file():
+    elif path.is_file():
+        files = [path]
+    else:
         raise pdx.InputError(f'{path}: image not found')
-    return [path]
+    return [page for file in files for page in pdx.image_pages(file)]
 
 
 @torch.inference_mode()
@@ -299,7 +316,19 @@ def resample_signal(signal, fs):
 def write_csv(signal, path):
     """(12, N) mV -> Kaggle signal CSV: header I..V6, 3 decimals, empty cells where NaN."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(csv_text(signal))
+    write_whole(path, csv_text(signal))
+
+
+def write_whole(path, text):
+    """Write a file whole or not at all: a failed write (disk full) leaves no half a CSV to be taken for a
+    signal. Written beside it, then renamed over it."""
+    partial = path.with_name(f'.{path.name}.partial')
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise pdx.InputError(f'{path}: could not be written ({exc.strerror or exc})') from exc
 
 
 def csv_text(signal):
@@ -313,25 +342,48 @@ def csv_text(signal):
 # ---------------------------------------------------------------- driving
 
 def output_paths(images, args):
-    """Where each image's CSV goes: --output itself for one image (or inside it when it is a folder, or
-    named as one with a trailing /), {output}/{image_stem}.csv in folder mode."""
+    """Where each page's CSV goes (images: find_images' pages): --output itself for one image (or inside it
+    when it is a folder, or named as one with a trailing /), {output}/{image_stem}.csv in folder mode; the
+    pages of a multi-page TIFF get _p1, _p2, ... after the stem."""
     output = Path(args.output)
     as_folder = args.output.endswith(('/', os.sep)) or output.is_dir()
     if not (args.image.is_dir() or as_folder):
-        return [output]
+        return [output if page.count == 1 else output.with_name(f'{output.stem}_p{page.index + 1}{output.suffix}')
+                for page in images]
     if output.exists() and not output.is_dir():
         raise pdx.InputError(f'{output}: --output must be a folder when --image is a folder')
-    stems = [image.stem for image in images]
-    twins = sorted(stem for stem, n in Counter(stems).items() if n > 1)
+    names = [page.name for page in images]
+    twins = sorted(name for name, n in Counter(names).items() if n > 1)
     if twins:   # a.png and sub/a.jpg would overwrite each other's a.csv
         raise pdx.InputError(f'{args.image}: several images share the stem(s) {twins}; outputs are named by stem')
-    return [output / f'{stem}.csv' for stem in stems]
+    return [output / f'{name}.csv' for name in names]
 
 
-def read_page(path, size_hw):
-    """One image -> (its model inputs (page_input_row) or None, problem or None)."""
+def check_writable(csv_paths):
+    """Every output folder can be made and written, found before the model runs (not after it read every
+    page): the nearest existing folder above each must be a folder we may write in."""
+    for folder in sorted({path.parent for path in csv_paths}):
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise pdx.InputError(f'--output {folder}: cannot be made, {existing} is a file, not a folder')
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise pdx.InputError(f'--output {folder}: cannot be written (no write permission in {existing})')
+    for path in csv_paths:
+        if path.is_dir():
+            raise pdx.InputError(f'--output {path}: is a folder; give a .csv path or a folder with a trailing /')
+
+
+def page_rgb(page):
+    """One page's (h, w, 3) uint8 RGB pixels (pdx.read_rgb, the toolkit's one reader)."""
+    return pdx.read_rgb(page.path, page.index)
+
+
+def read_page(page, size_hw):
+    """One page (pdx.ImagePage) -> (its model inputs (page_input_row) or None, problem or None)."""
     try:
-        return page_input_row(pdx.read_rgb(path), size_hw), None
+        return page_input_row(page_rgb(page), size_hw), None
     except pdx.InputError as exc:
         return None, str(exc)
 
@@ -367,22 +419,32 @@ def gather_pages(pages):
 
 
 def page_input_row(rgb, size_hw):
-    """(h, w, 3) uint8 RGB page -> (input tensor (3, H, W), page aspect, px_per_mv, px_per_s, scale found)."""
-    return pdx.preprocess(rgb, size_hw)[::2] + pdx.read_scale(rgb, size_hw)
+    """(h, w, 3) uint8 RGB page -> (input tensor (3, H, W), page aspect, px_per_mv, px_per_s, scale found,
+    paper share (paper_share))."""
+    tensor, picture, aspect = pdx.preprocess(rgb, size_hw)
+    return (tensor, aspect) + pdx.read_scale(rgb, size_hw) + (paper_share(picture, rgb),)
+
+
+def paper_share(picture, rgb):
+    """Share of the input picture's pixels within PAPER_TOL of the page's paper colour: a page, or a photo of one
+    on a desk, is mostly paper; noise and photos of other things are not."""
+    paper = page_scale.paper_colour(rgb)
+    distance = np.linalg.norm(picture.astype(np.float32) - paper, axis=2)
+    return float((distance < PAPER_TOL).mean())
 
 
 def stack_inputs(rows):
     """page_input_row's per page -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
     read_px_per_s, read_speed_mm_s (B,; NaN: not read from the pulse), read_start (B,: input column where the
     pulses end and the traces start, NaN: no pulse) and 'scale', what each page's grid and pulse showed."""
-    tensors, aspects, px_per_mv, px_per_s, found = zip(*rows)
+    tensors, aspects, px_per_mv, px_per_s, found, paper = zip(*rows)
     speeds = [pdx.pulse_reading(scale, 'paper_speed_mm_s', 'speed_assumed') for scale in found]
     return {'image': torch.stack(tensors), 'page_aspect': torch.tensor(aspects, dtype=torch.float32),
             'read_px_per_mv': torch.tensor(px_per_mv, dtype=torch.float32),
             'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32),
             'read_speed_mm_s': torch.tensor(speeds, dtype=torch.float32),
             'read_start': torch.tensor([scale['trace_start_column'] for scale in found], dtype=torch.float32),
-            'scale': list(found)}
+            'scale': list(found), 'paper_share': list(paper)}
 
 
 def with_known_scale(inputs, args, size_hw):
@@ -427,10 +489,12 @@ def digitize(model, size_hw, images, csv_paths, args, device):
             if inputs is not None:
                 inputs = with_known_scale(inputs, args, size_hw)
                 outputs = run_model(model, inputs, device, layouts)
-                outputs = read_row_bands(model, outputs, inputs, lambda i: pdx.read_rgb(read[i]),
+                outputs = read_row_bands(model, outputs, inputs, lambda i: page_rgb(read[i]),
                                          getattr(model, 'trained_layouts', ()), size_hw, device)
                 files = outputs_to_files(outputs, inputs, read, args, layouts)
-                written.append(writer.submit(write_batch, files, [(path, target[path]) for path in read], args))
+                files, kept, refused = keep_ecg_pages(files, read, args)
+                problems += refused
+                written.append(writer.submit(write_batch, files, [(path, target[path]) for path in kept], args))
             bar.update(len(read) + len(bad))
         for job in written:
             job.result()   # a failed write raises here
@@ -444,9 +508,54 @@ def outputs_to_files(outputs, inputs, read, args, layouts):
     signals = outputs['signal'].float().cpu().numpy()
     spread, confidence = lead_confidence(outputs)
     reports = [reading_report(path, inputs, outputs, i, spread[i], confidence[i], args) for i, path in enumerate(read)]
+    for report, evidence in zip(reports, ecg_evidence(outputs, inputs)):
+        report['ecg_evidence'] = {key: round(value, 4) if isinstance(value, float) else value
+                                  for key, value in asdict(evidence).items()}
     if getattr(args, 'layout', 'auto') == 'auto':
         warn_untrained_layouts(outputs, inputs, reports, layouts)
     return list(zip(signals, reports))
+
+
+@dataclass
+class EcgEvidence:
+    """What says an image shows an ECG: its grid or pulse (page_scale, accepted by pdx.read_scale), or a sheet of
+    paper (paper_share) on which the network's seg head sees traces (trace_share: share of input pixels)."""
+    scale_found: bool
+    paper_share: float
+    trace_share: float
+
+    @property
+    def is_ecg(self):
+        return self.scale_found or (self.paper_share >= ECG_PAPER_SHARE and self.trace_share >= ECG_TRACE_SHARE)
+
+    def why_not(self):
+        return (f'does not look like an ECG: no grid or calibration pulse found, {self.paper_share:.0%} paper and '
+                f'{self.trace_share:.1%} trace pixels where an ECG page shows at least {ECG_PAPER_SHARE:.0%} and '
+                f'{ECG_TRACE_SHARE:.0%} (--force reads it anyway)')
+
+
+def ecg_evidence(outputs, inputs):
+    """EcgEvidence of each page of a batch."""
+    trace = (outputs['seg'].argmax(1) > 0).float().mean((1, 2)).cpu().tolist()
+    return [EcgEvidence(scale['source'] is not None, paper, share)
+            for scale, paper, share in zip(inputs['scale'], inputs['paper_share'], trace)]
+
+
+def keep_ecg_pages(files, read, args):
+    """(files, pages, problems): the pages that show an ECG (reading_report's 'ecg_evidence') with their files,
+    and a problem line for each that does not; with --force those are kept, their sidecar warning."""
+    kept_files, kept, refused = [], [], []
+    for (signal, report), page in zip(files, read):
+        evidence = EcgEvidence(**report['ecg_evidence'])
+        if not evidence.is_ecg:
+            if not getattr(args, 'force', False):
+                refused.append(f'{page}: {evidence.why_not()}')
+                continue
+            report['warning'] = evidence.why_not().replace('(--force reads it anyway)', '(read because of --force)')
+            tqdm.write(f'warning: {page}: {report["warning"]}', file=sys.stderr)
+        kept_files.append((signal, report))
+        kept.append(page)
+    return kept_files, kept, refused
 
 
 def warn_untrained_layouts(outputs, inputs, reports, trained):
@@ -472,13 +581,27 @@ def write_batch(results, paths, args):
 def reading_report(path, inputs, outputs, i, spread, confidence, args):
     """What the sidecar JSON tells about one image: the scale found, the rotation, per-lead confidence."""
     scale = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in inputs['scale'][i].items()}
-    return {'image': str(path), 'checkpoint': str(args.onnx or args.checkpoint),
+    page = {'page': path.index + 1, 'pages': path.count} if getattr(path, 'count', 1) > 1 else {}
+    return {'image': str(getattr(path, 'path', path)), **page, 'checkpoint': str(args.onnx or args.checkpoint),
             'checkpoint_sha256': getattr(args, 'checkpoint_sha256', None), 'fs': args.fs,
             'layout': found_layouts(outputs)[i], 'rotation_deg': float(outputs['decode_theta'][i]), 'scale': scale,
             'px_per_mv_input': float(outputs['trace_rows']['px_per_mv'][i]),
             'row_bands': outputs.get('row_bands', [[]] * (i + 1))[i],
             'leads': {lead: {'row_spread_mv': round(float(s), 4), 'confidence': round(float(c), 3)}
-                      for lead, s, c in zip(LEADS, spread, confidence)}}
+                      for lead, s, c in zip(LEADS, spread, confidence)}, **scale_warning(inputs['scale'][i])}
+
+
+def scale_warning(found):
+    """{'scale_warning': what was wrong with the scale the page shows} where something was, else {}: a grid
+    read at an implausible size (then the page border's scale is used), or a calibration pulse that fits no
+    standard gain and paper speed on the grid (then 10 mm/mV and 25 mm/s are assumed, not an absurd gain)."""
+    if found.get('rejected'):
+        return {'scale_warning': f'{found["rejected"]}: read at the page border\'s scale'}
+    assumed = [name for name, key in (('gain', 'gain_assumed'), ('paper speed', 'speed_assumed')) if found[key]]
+    if found.get('pulse_found') and found['source'] and assumed:
+        return {'scale_warning': f'the calibration pulse fits no standard {" or ".join(assumed)} on the grid; read at '
+                                 f'{found["gain_mm_mv"]:g} mm/mV and {found["paper_speed_mm_s"]:g} mm/s'}
+    return {}
 
 
 def write_outputs(signal, csv_path, image_path, args, report):
@@ -487,7 +610,7 @@ def write_outputs(signal, csv_path, image_path, args, report):
     signal = resample_signal(signal, args.fs)
     write_csv(signal, csv_path)
     sidecar = csv_path.with_suffix('.json')
-    sidecar.write_text(json.dumps(report, indent=2))
+    write_whole(sidecar, json.dumps(report, indent=2))
     reading = ecg_formats.Reading.from_report(signal, args.fs, report, subject_of(args))
     formats = [name for name in ('wfdb', 'dicom', 'edf') if getattr(args, name, False)]
     written = [csv_path, sidecar] + ecg_formats.write_formats(reading, csv_path, formats)
@@ -514,15 +637,17 @@ def main(argv=None):
     speed.keep_freed_memory()
     if not args.onnx:
         args.checkpoint = checkpoint_path(args.checkpoint)
+    csv_paths = output_paths(images, args)
+    check_writable(csv_paths)
     model, size_hw = load_network(args, device, threads)
     args.checkpoint_sha256 = ecg_formats.sha256_file(args.onnx or args.checkpoint)   # once a run, in every file
     args.layouts = candidate_layouts(model, args.layout)
-    problems = digitize(model, size_hw, images, output_paths(images, args), args, device)
+    problems = digitize(model, size_hw, images, csv_paths, args, device)
     n_rows = round(SECONDS * args.fs)
     print(f'wrote {len(images) - len(problems)} signal(s) of {n_rows} rows at {args.fs:g} Hz '
           f'(model input {size_hw[0]}x{size_hw[1]}, device {device}) to {args.output}')
     if problems:
-        raise pdx.InputError('could not read ' + '; '.join(problems))
+        raise pdx.InputError(f'{len(problems)} image(s) not read: ' + '; '.join(problems))
 
 
 if __name__ == '__main__':
