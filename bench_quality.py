@@ -27,6 +27,10 @@
    signals on every layout), and each layout's SNR gap below the standard page's is reported with a 95 %
    interval from resampling the records, pairs kept together (a few pages per layout in the mixed set
    cannot resolve a 1.5 dB gap: 7 pages of 12x1 read 9.12 dB where the same weights read 10.11 on 60).
+9. With --kit_work, real ECGs as well: the recordings of --real_csv (default ../shared/real/signals, never
+   trained on) cut into 10 s windows (real_signals.py) and rendered by ecg-image-kit in its seven styles
+   (random resolution and padding among them), scored per style beside each style's round-trip bound, with
+   the pages below 0 dB; --findings_prob P trains on simulator records of which P show real-ECG findings.
 Prints a summary and writes bench_out/quality/report_{H}x{W}.json.
 """
 import argparse
@@ -48,10 +52,12 @@ import ecg_trainer
 import evaluate
 import production_trainer
 import production_dataset as pdx
+import real_signals
 
 ROOT = Path(__file__).resolve().parent
 FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'ecg-image-kit'
 KIT_TOOLS = ROOT.parent / 'shared' / 'tools' / 'ecg-image-kit'
+REAL_SIGNALS = ROOT.parent / 'shared' / 'real' / 'signals'
 CURVE_MINUTES = (15, 30, 60, 120)
 TRAIN_SEED, HELDOUT_SEED = 100, 200
 LAYOUT_MIX = ('3x4+II', '3x4', '3x4+V1', '3x4+II+V1+V5', '6x2+II', '12x1')
@@ -85,6 +91,10 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', default='best', choices=['best', 'last'], help='which checkpoint to score')
     p.add_argument('--kit_work', help='ecg-image-kit workdir (setup.sh): also score real-renderer pages per style')
     p.add_argument('--kit_records', type=int, default=10, help='held-out records rendered by ecg-image-kit (x7 styles)')
+    p.add_argument('--real_csv', default=str(REAL_SIGNALS),
+                   help='real 12-lead recordings (Kaggle layout) never trained on: with --kit_work, cut into 10 s '
+                        'windows (real_signals.py), rendered by ecg-image-kit in its 7 styles and scored per style '
+                        'beside the round-trip bound; "none" to skip')
     p.add_argument('--kit_train_records', type=int, default=0,
                    help='training records also rendered by ecg-image-kit in all 7 styles and trained on')
     p.add_argument('--layouts', nargs='+', metavar='NAME',
@@ -94,6 +104,9 @@ def parse_args(argv=None):
                    help='gains the training and held-out pages are drawn at (simulator --gains), e.g. 5 10 20')
     p.add_argument('--speeds', type=float, nargs='+', metavar='MM_PER_S',
                    help='paper speeds likewise (simulator --speeds): 25 50 adds the layouts\' 5 s twins')
+    p.add_argument('--findings_prob', type=float, default=0.0,
+                   help='share of training records with real-ECG findings (ecg_simulator.py --findings_prob); the '
+                        'held-out simulator set stays healthy, so its numbers compare across runs')
     p.add_argument('--omp_wait_policy', choices=['ACTIVE', 'PASSIVE'], default='ACTIVE',
                    help='OpenMP wait of the training run: the benchmark runs alone (its numbers are a budget of CPU '
                         'time), and alone the spinning wait trains faster than the sleeping one the trainer keeps '
@@ -119,10 +132,12 @@ def run(*command, env=None):
     subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, check=True, env={**os.environ, **(env or {})})
 
 
-def simulate(folder, records, seed, workers, quick, layouts=None, gains=None, speeds=None, csv_root=None):
+def simulate(folder, records, seed, workers, quick, layouts=None, gains=None, speeds=None, csv_root=None,
+             findings_prob=0.0):
     """Simulator pages in folder, made once (of csv_root's signals if given): a folder made with other
     arguments (another layout mix under the same name) is made again."""
     extra = ['--dpi_choices', '100'] if quick else []
+    extra += ['--findings_prob', findings_prob] if findings_prob else []
     extra += ['--csv_root', csv_root] if csv_root else []
     extra += ['--layouts', *layouts] if layouts else []
     extra += ['--gains', *gains] if gains else []
@@ -210,6 +225,26 @@ def render_kit(work, csv_root, out, records):
     print(f'$ render.sh {work} {csv_root} {out} {records}', flush=True)
     subprocess.run(['bash', str(KIT_TOOLS / 'render.sh'), str(work), str(csv_root), str(out), str(records)],
                    check=True)
+
+
+def render_real(work, real_csv, out):
+    """ecg-image-kit pages (7 styles) of every 10 s window of the real recordings in real_csv -> the folder."""
+    pages = out / 'kit_real'
+    if not (pages / 'train.csv').is_file():
+        windows, _ = real_signals.cut_windows(real_csv, out / 'real_windows')
+        real_signals.write_index(windows, out / 'real_windows')
+        render_kit(work, out / 'real_windows', pages, 0)
+    return pages
+
+
+def real_report(best, pages):
+    """evaluate's report on the real-signal pages, with each style's gap below its round-trip bound."""
+    report, frame = evaluate.evaluate_checkpoint(best, pages, pages)
+    report['gap_db'] = report['bound_snr_db'] - report['snr_db']
+    for row in report['per_style'].values():
+        row['gap_db'] = row['bound_snr_db'] - row['snr_db']
+    report['worst_pages'] = frame.nsmallest(5, 'snr_db')[['record_id', 'style', 'snr_db', 'pearson']].to_dict('records')
+    return report
 
 
 def mix_kit_into(train_data, kit_pages):
@@ -342,6 +377,13 @@ def summary_lines(report):
         lines += [f"    {name}: pearson {v['pearson']:.3f}  SNR {v['snr_db']:.2f} dB  gap {v['gap_db']:+.2f} dB "
                   f"[{v['gap_ci95'][0]:+.2f}, {v['gap_ci95'][1]:+.2f}]  layout found {100 * v['layout_found_share']:.0f} %"
                   for name, v in paired['per_layout'].items()]
+    if report.get('real'):
+        real = report['real']
+        lines.append(f"real ECGs rendered by ecg-image-kit ({real['n_images']} pages): pearson {real['pearson']:.3f}  "
+                     f"SNR {real['snr_db']:.2f} dB  (bound {real['bound_snr_db']:.2f} dB, {real['gap_db']:.2f} below); "
+                     f"{real['pages_below_0db']} pages below 0 dB, worst {real['worst_snr_db']:.2f} dB")
+        lines += [f"  style {name}: pearson {v['pearson']:.3f}  SNR {v['snr_db']:.2f} dB  (bound {v['bound_snr_db']:.2f}, "
+                  f"{v['gap_db']:.2f} below)" for name, v in real['per_style'].items()]
     if report.get('kit'):
         kit = report['kit']
         lines.append(f"ecg-image-kit renders ({kit['n_images']} images): pearson {kit['pearson']:.3f}  "
@@ -361,8 +403,10 @@ def main(argv=None):
     started = time.perf_counter()
     layouts = list(LAYOUT_MIX) if args.layouts == ['mix'] else args.layouts
     suffix = data_suffix(layouts, args.gains, args.speeds)
-    train_data, heldout_data = out / f'train_data{suffix}', out / f'heldout_data{suffix}'
-    simulate(train_data, cfg['train_records'], TRAIN_SEED, args.workers, args.quick, layouts, args.gains, args.speeds)
+    findings = f'_findings{args.findings_prob:g}' if args.findings_prob else ''
+    train_data, heldout_data = out / f'train_data{suffix}{findings}', out / f'heldout_data{suffix}'
+    simulate(train_data, cfg['train_records'], TRAIN_SEED, args.workers, args.quick, layouts, args.gains, args.speeds,
+             findings_prob=args.findings_prob)
     simulate(heldout_data, cfg['heldout_records'], HELDOUT_SEED, args.workers, args.quick, layouts, args.gains,
              args.speeds)
     kit = None
@@ -393,15 +437,18 @@ def main(argv=None):
               'bound_by_input_size': bound_at_sizes(heldout_data, sizes, 8 if args.quick else 30)}
     if kit is not None:
         report['kit'], _ = evaluate.evaluate_checkpoint(best, kit, kit)
+    if args.kit_work and args.real_csv != 'none':
+        report['real'] = real_report(best, render_real(args.kit_work, args.real_csv, out))
     if layouts and len(layouts) > 1:
         report['paired_layouts'] = compare_layouts(best, layout_folders(
             heldout_data, cfg['heldout_records'], args.workers, args.quick, layouts, args.gains, args.speeds))
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}{suffix}'
+    stem = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}{suffix}{findings}'
     if cfg['budget_min'] >= CURVE_MINUTES[1] and list((run_dir / 'checkpoints').glob('epoch_*.pth')):
         report['scaling_curve'] = scaling_curve(run_dir, cfg['budget_min'], heldout_data, kit)
         plot_curve(report['scaling_curve'], stem.with_name(stem.name + '_curve.png'))
     report['training_data'] = (f'{cfg["train_records"]} simulator records (seed {TRAIN_SEED})' +
+                               (f', {args.findings_prob:g} of them with real-ECG findings' if findings else '') +
                                (f' in layouts {", ".join(layouts)}' if layouts else '') +
                                (f' at gains {args.gains} mm/mV' if args.gains else '') +
                                (f' and paper speeds {args.speeds} mm/s' if args.speeds else '') +

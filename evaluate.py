@@ -151,6 +151,7 @@ def build_report(frame, model_stats, bound_stats):
     return {
         'n_images': len(frame),
         'pearson': model_sum['pearson'], 'snr_db': model_sum['snr_db'],
+        'pages_below_0db': int((frame.snr_db < 0).sum()), 'worst_snr_db': float(frame.snr_db.min()),
         'bound_pearson': bound_sum['pearson'], 'bound_snr_db': bound_sum['snr_db'],
         'per_lead': {lead: {'pearson': model_sum['pearson_per_lead'][i], 'snr_db': model_sum['snr_db_per_lead'][i],
                             'bound_pearson': bound_sum['pearson_per_lead'][i],
@@ -216,6 +217,7 @@ def print_table(report):
         for name, row in block.items():
             print(f"{title + ' ' + name:14s}{fmt(row['pearson']):>9s}{fmt(row['snr_db'], 2):>9s}"
                   f"{fmt(row['bound_pearson']):>9s}{fmt(row['bound_snr_db'], 2):>9s}")
+    print(f"{report['pages_below_0db']} page(s) below 0 dB; the worst {fmt(report['worst_snr_db'], 2)} dB")
     print(f"theta error {fmt(report['theta_error_deg'], 2)} deg (rotated pages {fmt(report['theta_error_deg_rotated'], 2)}), "
           f"0 mV line error {fmt(report['baseline_error_px'], 2)} px, seg Dice {fmt(report['seg_dice'])}")
     print(f"layout found on {100 * report['layout_found_share']:.0f} % of images "
