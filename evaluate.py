@@ -4,6 +4,14 @@
     python evaluate.py --checkpoint best.pth --sim_root /path/to/simulations --csv_root /path/to/train
 
 Without --sim_root / --csv_root it scores the validation split recorded in the run's config.json.
+
+Real pages (phone photos, scans) come without simulator JSON: --images scores them against their true signals,
+each image read exactly as inference.py reads it, over the standard layout's windows (or --layout NAME's):
+    python evaluate.py --checkpoint starter/ecg_starter.pth --images ../shared/real/photos/images \
+        --csv_root ../shared/real/photos/csv
+An image {id}-{k}.jpg (or {id}.png) is record {id} of --csv_root/train.csv; only the samples its true signal
+holds (not NaN) are scored. A manifest.csv in or beside the images folder (or --manifest) with an image or id
+column and an artefact (or style) column gives the per-artefact table.
 Reports Pearson and SNR (dB, Kaggle-style) overall, per lead, per sampling rate and per image style;
 the rotation error in degrees; the 0 mV line error in input pixels; the seg Dice; and the round-trip
 bound (the ground-truth targets decoded by the same path, the best any model can do at this input
@@ -17,6 +25,8 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # waiting threads sleep: a
 import argparse
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +41,10 @@ import ecg_trainer
 import inference
 import production_dataset as pdx
 import speed
-from ecg_page import LEADS
+from ecg_page import LAYOUTS, LEADS, STANDARD
+
+MANIFEST = 'manifest.csv'
+ARTEFACT_COLUMNS = ('artefact', 'artifact', 'style')   # the first one a manifest has names each page's artefact
 
 
 def parse_args(argv=None):
@@ -39,6 +52,15 @@ def parse_args(argv=None):
     p.add_argument('--checkpoint', required=True, help='best.pth / last.pth of a run')
     p.add_argument('--sim_root', help='images to score (default: the run\'s validation split)')
     p.add_argument('--csv_root', help='signals of those images')
+    p.add_argument('--images', type=Path,
+                   help='real pages without simulator JSON (photos, scans): a folder or one image, scored against '
+                        '--csv_root as inference.py reads them')
+    p.add_argument('--layout', choices=list(LAYOUTS), metavar='NAME',
+                   help='with --images: read the pages as this layout and score its windows (default: the layout '
+                        'found, as inference.py does, scored over the standard layout\'s windows)')
+    p.add_argument('--manifest', type=Path,
+                   help=f'with --images: a CSV naming each page\'s artefact (default: {MANIFEST} in or beside the '
+                        'images folder, where there is one)')
     p.add_argument('--max_samples', type=int, default=None, help='score at most this many images')
     p.add_argument('--batch_size', type=int, default=4)
     p.add_argument('--num_workers', type=int, default=0)
@@ -133,13 +155,15 @@ def subset(stats, index):
 
 
 def group_report(frame, model_stats, bound_stats, column):
-    """Pearson and SNR of the model and the bound for each value of one column (fs, style)."""
+    """Pearson and SNR of the model and the bound (where given) for each value of one column (fs, style)."""
     out = {}
     for value, group in frame.groupby(column):
         index = torch.tensor(group.index.to_numpy())
-        m, b = ecg_trainer.summarize(subset(model_stats, index)), ecg_trainer.summarize(subset(bound_stats, index))
-        out[str(value)] = {'n': len(group), 'pearson': m['pearson'], 'snr_db': m['snr_db'],
-                           'bound_pearson': b['pearson'], 'bound_snr_db': b['snr_db']}
+        m = ecg_trainer.summarize(subset(model_stats, index))
+        out[str(value)] = {'n': len(group), 'pearson': m['pearson'], 'snr_db': m['snr_db']}
+        if bound_stats is not None:
+            b = ecg_trainer.summarize(subset(bound_stats, index))
+            out[str(value)].update(bound_pearson=b['pearson'], bound_snr_db=b['snr_db'])
     return out
 
 
@@ -202,6 +226,166 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
     return report, frame
 
 
+# ---------------------------------------------------------------- real pages (no simulator JSON)
+
+@dataclass
+class RealPage:
+    """One image to score without JSON: its record, its true signal at 500 Hz (NaN where the page does not
+    print the lead) and the artefact its manifest names ('' where none does)."""
+    record_id: str
+    image: Path
+    truth: np.ndarray
+    artefact: str = ''
+
+
+def record_of(stem, records):
+    """The train.csv id of an image: its stem, or the stem less its '-{k}' page number (Kaggle layout)."""
+    return stem if stem in records else stem.rsplit('-', 1)[0]
+
+
+def manifest_path(images, given=None):
+    """--manifest, or a manifest.csv in or beside the images folder; None where there is none."""
+    if given is not None:
+        if not given.is_file():
+            raise pdx.InputError(f'{given}: --manifest not found')
+        return given
+    folder = images if images.is_dir() else images.parent
+    return next((path for path in (folder / MANIFEST, folder.parent / MANIFEST) if path.is_file()), None)
+
+
+def read_manifest(path):
+    """manifest CSV -> {image file name or record id: artefact}; {} without a path."""
+    if path is None:
+        return {}
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
+        raise pdx.InputError(f'{path}: not a readable CSV ({type(exc).__name__})') from exc
+    column = next((name for name in ARTEFACT_COLUMNS if name in table.columns), None)
+    keys = [name for name in ('image', 'id') if name in table.columns]
+    if column is None or not keys:
+        raise pdx.InputError(f'{path}: a manifest needs an image or id column and one of {list(ARTEFACT_COLUMNS)}')
+    return {key: artefact for name in keys for key, artefact in zip(table[name], table[column].fillna(''))}
+
+
+def real_pages(images, csv_root, manifest=None, max_samples=None):
+    """The images to score with their true signals -> (pages, problems [(path, message)])."""
+    records = pdx.read_train_csv(csv_root)
+    artefacts = read_manifest(manifest)
+    pages, problems = [], []
+    for image in inference.find_images(images)[:max_samples]:
+        record_id = record_of(image.stem, records)
+        if record_id not in records:
+            problems.append((image, f'id {record_id!r} is not in {Path(csv_root) / "train.csv"}'))
+            continue
+        try:
+            truth = pdx.load_signal(Path(csv_root) / record_id / f'{record_id}.csv', *records[record_id])
+        except pdx.SampleError as exc:
+            problems.append((image, str(exc)))
+            continue
+        pages.append(RealPage(record_id, image, truth, artefacts.get(image.name, artefacts.get(record_id, ''))))
+    return pages, problems
+
+
+def read_real_batches(network, size_hw, pages, args, device):
+    """Each batch's pages read exactly as inference.py reads them (its read_batches, with_known_scale, run_model,
+    read_row_bands) -> yields (pages read, the signals inference would write (B, 12, 5000) with NaN where the
+    found layout does not show a lead, the layouts found, each page's scale and rotation, problems)."""
+    by_path = {page.image: page for page in pages}
+    with ThreadPoolExecutor(inference.READERS) as readers:
+        for inputs, read, bad in inference.read_batches(list(by_path), size_hw, args.batch_size, readers):
+            if inputs is None:
+                yield [], None, [], [], bad
+                continue
+            inputs = inference.with_known_scale(inputs, args, size_hw)
+            outputs = inference.run_model(network, inputs, device, args.layouts)
+            outputs = inference.read_row_bands(network, outputs, inputs, lambda i: pdx.read_rgb(read[i]),
+                                               getattr(network, 'trained_layouts', ()), size_hw, device)
+            layouts = inference.found_layouts(outputs)
+            signals = np.stack([inference.shown_signal(signal, layout) for signal, layout in
+                                zip(outputs['signal'].float().cpu().numpy(), layouts)])
+            readings = [(scale['source'], float(theta))
+                        for scale, theta in zip(inputs['scale'], outputs['decode_theta'])]
+            yield [by_path[path] for path in read], signals, layouts, readings, bad
+
+
+def score_real_pages(network, size_hw, pages, args, device):
+    """-> (per-image frame, record_stats of all pages read, problems). Scored: the samples the truth holds
+    within the scored layout's windows; a sample the reading leaves NaN counts as a prediction of 0 (Kaggle)."""
+    window = torch.from_numpy(inference.layout_mask(args.score_layout))
+    rows, stats, problems = [], [], []
+    for read, signals, layouts, readings, bad in tqdm(read_real_batches(network, size_hw, pages, args, device),
+                                                      desc='evaluating', leave=False, mininterval=pdx.PROGRESS_SECONDS):
+        problems += bad
+        if not read:
+            continue
+        truth = torch.from_numpy(np.stack([page.truth for page in read]))
+        stats.append(ecg_trainer.record_stats(torch.from_numpy(signals), truth, window.expand_as(truth)))
+        pearson, snr_db = ecg_trainer.per_record(stats[-1])
+        for i, page in enumerate(read):
+            rows.append({'record_id': page.record_id, 'image': page.image.name, 'artefact': page.artefact,
+                         'pearson': float(pearson[i]), 'snr_db': float(snr_db[i]), 'layout_found': layouts[i],
+                         'scale_source': readings[i][0] or 'border', 'rotation_deg': readings[i][1]})
+    if not rows:
+        raise pdx.InputError('no usable image to evaluate: ' + '; '.join(problems))
+    return pd.DataFrame(rows), ecg_trainer.concat_stats(stats), problems
+
+
+def real_report(frame, stats):
+    """Overall, per lead and per artefact Pearson and SNR; the pages below 0 dB and the worst page."""
+    overall = ecg_trainer.summarize(stats)
+    worst = frame.loc[frame.snr_db.idxmin()]
+    return {
+        'n_images': len(frame), 'pearson': overall['pearson'], 'snr_db': overall['snr_db'],
+        'per_lead': {lead: {'pearson': overall['pearson_per_lead'][i], 'snr_db': overall['snr_db_per_lead'][i]}
+                     for i, lead in enumerate(LEADS)},
+        'per_artefact': group_report(frame, stats, None, 'artefact') if frame.artefact.ne('').any() else {},
+        'pages_below_0_db': int((frame.snr_db < 0).sum()),
+        'worst_page': {'image': worst.image, 'snr_db': float(worst.snr_db), 'pearson': float(worst.pearson)},
+        'scale_found_share': float((frame.scale_source != 'border').mean()),
+    }
+
+
+def evaluate_real_pages(args):
+    """--images: score real pages (no JSON) as inference.py reads them -> (report, per-image frame)."""
+    if not args.csv_root or args.sim_root:
+        raise pdx.InputError('--images needs --csv_root (the true signals) and no --sim_root')
+    device = inference.pick_device('cpu' if args.force_cpu else 'auto')
+    args.onnx = None
+    network, size_hw = inference.load_network(args, device, torch.get_num_threads())
+    args.layouts = inference.candidate_layouts(network, args.layout or 'auto')
+    args.score_layout = args.layout or STANDARD.name
+    manifest = manifest_path(args.images, args.manifest)
+    pages, problems = real_pages(args.images, args.csv_root, manifest, args.max_samples)
+    for path, message in problems:
+        print(f'skipped {path}: {message}')
+    if not pages:
+        raise pdx.InputError(f'{args.images}: no image with a true signal in {args.csv_root} to evaluate')
+    frame, stats, unread = score_real_pages(network, size_hw, pages, args, device)
+    for message in unread:
+        print(f'skipped {message}')
+    report = real_report(frame, stats)
+    report.update(checkpoint=str(args.checkpoint), images=str(args.images), manifest=manifest and str(manifest),
+                  image_size=list(size_hw), layouts_read=args.layouts, layout_scored=args.score_layout,
+                  skipped=len(problems) + len(unread))
+    return report, frame
+
+
+def print_real_table(report):
+    print(f"\n{report['n_images']} real pages, input {report['image_size'][0]}x{report['image_size'][1]}, "
+          f"scored over the {report['layout_scored']} windows")
+    print(f"{'':18s}{'n':>4s}{'pearson':>9s}{'snr dB':>9s}")
+    print(f"{'overall':18s}{report['n_images']:>4d}{fmt(report['pearson']):>9s}{fmt(report['snr_db'], 2):>9s}")
+    for name, row in report['per_artefact'].items():
+        print(f"{'artefact ' + name:18s}{row['n']:>4d}{fmt(row['pearson']):>9s}{fmt(row['snr_db'], 2):>9s}")
+    for lead, row in report['per_lead'].items():
+        print(f"{'lead ' + lead:18s}{'':>4s}{fmt(row['pearson']):>9s}{fmt(row['snr_db'], 2):>9s}")
+    worst = report['worst_page']
+    print(f"{report['pages_below_0_db']} page(s) below 0 dB; worst {worst['image']} "
+          f"{fmt(worst['snr_db'], 2)} dB (r {fmt(worst['pearson'])}); scale read from the page on "
+          f"{100 * report['scale_found_share']:.0f} % of pages")
+
+
 def fmt(value, digits=3):
     return 'nan' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:.{digits}f}'
 
@@ -250,9 +434,13 @@ def write_reports(report, frame, stem):
 def main(argv=None):
     args = parse_args(argv)
     speed.set_threads(args.threads)
-    report, frame = evaluate_checkpoint(args.checkpoint, args.sim_root, args.csv_root, args.max_samples,
-                                        args.batch_size, args.num_workers, args.force_cpu, args.untrained)
-    print_table(report)
+    if args.images:
+        report, frame = evaluate_real_pages(args)
+        print_real_table(report)
+    else:
+        report, frame = evaluate_checkpoint(args.checkpoint, args.sim_root, args.csv_root, args.max_samples,
+                                            args.batch_size, args.num_workers, args.force_cpu, args.untrained)
+        print_table(report)
     stem = args.output or str(Path(args.checkpoint).with_suffix('')) + ('_untrained' if args.untrained else '')
     json_path, csv_path = write_reports(report, frame, stem)
     print(f'reports: {json_path} {csv_path}')
