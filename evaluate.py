@@ -240,7 +240,8 @@ class RealPage:
 
 def record_of(stem, records):
     """The train.csv id of an image: its stem, or the stem less its '-{k}' page number (Kaggle layout)."""
-    return stem if stem in records else stem.rsplit('-', 1)[0]
+    record_id, _, page = stem.rpartition('-')
+    return record_id if stem not in records and page.isdigit() else stem
 
 
 def manifest_path(images, given=None):
