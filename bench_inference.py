@@ -45,6 +45,7 @@ import ecg_model
 import ecg_simulator
 import export_onnx
 import inference
+import production_dataset as pdx
 import speed
 
 PASSIVE = {'OMP_WAIT_POLICY': 'PASSIVE'}    # what inference.py sets before torch loads
@@ -139,7 +140,8 @@ def run_setting(args):
     inference.tqdm.write = lambda *a, **k: None   # no line per image
     csv_paths = [out / f'{image.stem}.csv' for image in images]
     cpu, start = time.process_time(), time.perf_counter()
-    problems = inference.digitize(model, size_hw, images, csv_paths, run_args, device)
+    problems = inference.digitize(model, size_hw, [pdx.ImagePage(image) for image in images], csv_paths, run_args,
+                                  device)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(json.dumps({'images': len(images) - len(problems), 'images_per_s': len(images) / seconds,
                       'cpu_s_per_image': cpu / len(images), 'batch_size': run_args.batch_size, 'threads': threads,

@@ -20,6 +20,7 @@ so the signal loss trains the head end to end.
 import math
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -386,6 +387,7 @@ def untrained_fits(presence, trained, page_aspect, px_per_s=None, paper_speed=No
 LIMB_LEADS = [LEADS.index(lead) for lead in ('I', 'II', 'III', 'aVR', 'aVL', 'aVF')]
 RELABEL_MISFIT = 0.5    # Cabrera pages read in their order: misfit 0.02-0.07 on 3x4, 0.2-0.5 on 12x1 (mix model),
 RELABEL_MARGIN = 0.6    # against 0.25-0.8 read in the standard order; standard pages the other way round
+DOUBTFUL_MISFIT = 0.3   # standard pages read well stay below it (real ECGs on ecg-image-kit pages: at most 0.36)
 # each limb lead as a combination of I and II (Einthoven: III = II - I; Goldberger: aVR = -(I + II) / 2, ...)
 LIMB_IN_I_II = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 1.0], [-0.5, -0.5], [1.0, -0.5], [-0.5, 1.0]])
 
@@ -464,33 +466,53 @@ def fit_limb_leads(signal, sampled, valid, layouts):
     return signal
 
 
+@dataclass(frozen=True)
+class LeadOrder:
+    """How a page's lead order was chosen among orders drawing the same strips (standard, Cabrera): each
+    order's limb misfit (limb_misfit; NaN: no three limb readings shown together) and the verdict, for the
+    sidecar: 'standard', 'relabelled' (another order fits the limb-lead laws clearly), or 'unclear' (the
+    standard order fits them poorly, and no other order clearly better: the standard order is kept)."""
+    chosen: str
+    standard_misfit: float
+    other: str
+    other_misfit: float
+    verdict: str
+
+
 def pick_layouts(sampled, valid, layouts, names):
     """Each page's layout among the `names` that draw the strips of the chosen one (layouts): for each lead
     order, the rhythm leads whose own short strips the rhythm strips match best (Pearson r where both are
     shown); then the order whose limb leads, rhythm strips included, fit Einthoven's and Goldberger's laws
     best (limb_misfit: a Cabrera page draws the standard page's strips). sampled, valid (B, 15, 5000): every
-    channel read at the 500 Hz instants. -> [Layout] per page."""
-    found = []
+    channel read at the 500 Hz instants. -> [Layout] per page, [LeadOrder or None (one order drawn)]."""
+    found, orders_read = [], []
     for i, layout in enumerate(layouts):
         options = [LAYOUTS[n] for n in names if strip_plan(LAYOUTS[n]) == strip_plan(layout)] or [layout]
         orders = {}
         for option in options:
             orders.setdefault(option.rows, []).append(option)
         best = [best_rhythm(sampled[i], valid[i], group) for group in orders.values()]
-        found.append(best[0] if len(best) == 1 else pick_order(sampled[i], valid[i], best))
-    return found
+        order = None if len(best) == 1 else pick_order(sampled[i], valid[i], best)
+        found.append(best[0] if order is None else next(option for option in best if option.name == order.chosen))
+        orders_read.append(order)
+    return found, orders_read
 
 
 def pick_order(sampled, valid, options):
     """Among layouts that draw the same strips in other lead orders, the plain order unless a relabelled
     one (Cabrera) fits the limb-lead laws well (misfit at most RELABEL_MISFIT) and far better than it (at most
-    RELABEL_MARGIN of its misfit): a barely trained model reads noise that fits no order."""
+    RELABEL_MARGIN of its misfit): a barely trained model reads noise that fits no order. -> LeadOrder."""
     plain = next((option for option in options if not option.channel_rows), options[0])
     misfit = {option.name: limb_misfit(order_readings(sampled, valid, option)) for option in options}
     bar = min(RELABEL_MISFIT, RELABEL_MARGIN * misfit[plain.name]) if math.isfinite(misfit[plain.name]) \
         else RELABEL_MISFIT
-    fitting = [option for option in options if option is not plain and misfit[option.name] <= bar]
-    return min(fitting, key=lambda option: misfit[option.name]) if fitting else plain
+    others = [option for option in options if option is not plain]
+    other = min(others, key=lambda option: misfit[option.name] if math.isfinite(misfit[option.name]) else math.inf)
+    if misfit[other.name] <= bar:
+        chosen, verdict = other, 'relabelled'
+    else:
+        chosen, verdict = plain, 'unclear' if misfit[plain.name] > DOUBTFUL_MISFIT else 'standard'
+    return LeadOrder(chosen.name, misfit[plain.name], other.name, misfit[other.name], verdict)
 
 
 def order_readings(sampled, valid, layout):
@@ -603,14 +625,14 @@ def decode_layouts(trace_rows, zero_rows, presence, names, px_per_mv, page_aspec
                         layout_px_per_s(presence.shape[-1], page_aspect, px_per_s, page_speed, chosen), start,
                         start_weight)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
-    found = pick_layouts(sampled, valid, chosen, names)
+    found, lead_orders = pick_layouts(sampled, valid, chosen, names)
     rhythm_leads = rhythm_lead_tensor(found, sampled.device)
     lead_channel, lead_sign = lead_maps(found, sampled.device)
     signal, shown = channels_to_leads(sampled, valid, rhythm_leads, lead_channel, lead_sign)
     if LIMB_FIT:
         signal = fit_limb_leads(signal, sampled, valid, found)
-    return signal, shown, dict(layouts=[layout.name for layout in found], window=window, span=span,
-                               rhythm_leads=rhythm_leads, lead_channel=lead_channel, lead_sign=lead_sign)
+    return signal, shown, dict(layouts=[layout.name for layout in found], lead_orders=lead_orders, window=window,
+                               span=span, rhythm_leads=rhythm_leads, lead_channel=lead_channel, lead_sign=lead_sign)
 
 
 def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page_aspect=None, px_per_s=None,
@@ -639,8 +661,8 @@ def decode_signal(trace, theta_deg, window=None, span=None, px_per_mv=None, page
     else:
         signal, _ = decode_rows(trace_rows, zero_rows, presence, window, span, px_per_mv, page_aspect, px_per_s,
                                 rhythm_leads, lead_channel, lead_sign)
-        used = dict(layouts=None, window=window, span=span, rhythm_leads=rhythm_leads, lead_channel=lead_channel,
-                    lead_sign=lead_sign)
+        used = dict(layouts=None, lead_orders=None, window=window, span=span, rhythm_leads=rhythm_leads,
+                    lead_channel=lead_channel, lead_sign=lead_sign)
     # what the signal was decoded with, so row_spread reads the very same strips
     return signal, dict(trace=trace_rows, zero=zero_rows, presence=presence, trace_log_prob=trace_log_prob,
                         zero_log_prob=zero_log_prob, px_per_mv=px_per_mv, **used)

@@ -125,7 +125,7 @@ def score_batches(model, loader, device, layouts=None, trained=()):
     for batch in tqdm(loader, desc='evaluating', leave=False, mininterval=pdx.PROGRESS_SECONDS):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         outputs = model(batch['image'], ecg_model.read_geometry(batch, layouts))
-        outputs = inference.read_row_bands(model, outputs, batch, lambda i: pdx.read_rgb(batch['png'][i]), trained,
+        outputs = inference.read_row_bands(model, outputs, batch, lambda i: pdx.reading_rgb(batch['png'][i]), trained,
                                            tuple(batch['image'].shape[-2:]), device)
         outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}
         model_stats.append(ecg_trainer.record_stats(outputs['signal'], batch['signal'], batch['signal_mask']))
@@ -233,7 +233,7 @@ class RealPage:
     """One image to score without JSON: its record, its true signal at 500 Hz (NaN where the page does not
     print the lead) and the artefact its manifest names ('' where none does)."""
     record_id: str
-    image: Path
+    image: pdx.ImagePage
     truth: np.ndarray
     artefact: str = ''
 
@@ -275,7 +275,7 @@ def real_pages(images, csv_root, manifest=None, max_samples=None):
     artefacts = read_manifest(manifest)
     pages, problems = [], []
     for image in inference.find_images(images)[:max_samples]:
-        record_id = record_of(image.stem, records)
+        record_id = record_of(image.name, records)
         if record_id not in records:
             problems.append((image, f'id {record_id!r} is not in {Path(csv_root) / "train.csv"}'))
             continue
@@ -284,7 +284,7 @@ def real_pages(images, csv_root, manifest=None, max_samples=None):
         except pdx.SampleError as exc:
             problems.append((image, str(exc)))
             continue
-        pages.append(RealPage(record_id, image, truth, artefacts.get(image.name, artefacts.get(record_id, ''))))
+        pages.append(RealPage(record_id, image, truth, artefacts.get(image.path.name, artefacts.get(record_id, ''))))
     return pages, problems
 
 
@@ -300,7 +300,7 @@ def read_real_batches(network, size_hw, pages, args, device):
                 continue
             inputs = inference.with_known_scale(inputs, args, size_hw)
             outputs = inference.run_model(network, inputs, device, args.layouts)
-            outputs = inference.read_row_bands(network, outputs, inputs, lambda i: pdx.read_rgb(read[i]),
+            outputs = inference.read_row_bands(network, outputs, inputs, lambda i: inference.page_pixels(read[i])[0],
                                                getattr(network, 'trained_layouts', ()), size_hw, device)
             layouts = inference.found_layouts(outputs)
             signals = np.stack([inference.shown_signal(signal, layout) for signal, layout in
@@ -324,7 +324,7 @@ def score_real_pages(network, size_hw, pages, args, device):
         stats.append(ecg_trainer.record_stats(torch.from_numpy(signals), truth, window.expand_as(truth)))
         pearson, snr_db = ecg_trainer.per_record(stats[-1])
         for i, page in enumerate(read):
-            rows.append({'record_id': page.record_id, 'image': page.image.name, 'artefact': page.artefact,
+            rows.append({'record_id': page.record_id, 'image': page.image.path.name, 'artefact': page.artefact,
                          'pearson': float(pearson[i]), 'snr_db': float(snr_db[i]), 'layout_found': layouts[i],
                          'scale_source': readings[i][0] or 'border', 'rotation_deg': readings[i][1]})
     if not rows:
@@ -341,7 +341,7 @@ def real_report(frame, stats):
         'per_lead': {lead: {'pearson': overall['pearson_per_lead'][i], 'snr_db': overall['snr_db_per_lead'][i]}
                      for i, lead in enumerate(LEADS)},
         'per_artefact': group_report(frame, stats, None, 'artefact') if frame.artefact.ne('').any() else {},
-        'pages_below_0_db': int((frame.snr_db < 0).sum()),
+        'pages_below_0db': int((frame.snr_db < 0).sum()),
         'worst_page': {'image': worst.image, 'snr_db': float(worst.snr_db), 'pearson': float(worst.pearson)},
         'scale_found_share': float((frame.scale_source != 'border').mean()),
     }
@@ -382,7 +382,7 @@ def print_real_table(report):
     for lead, row in report['per_lead'].items():
         print(f"{'lead ' + lead:18s}{'':>4s}{fmt(row['pearson']):>9s}{fmt(row['snr_db'], 2):>9s}")
     worst = report['worst_page']
-    print(f"{report['pages_below_0_db']} page(s) below 0 dB; worst {worst['image']} "
+    print(f"{report['pages_below_0db']} page(s) below 0 dB; worst {worst['image']} "
           f"{fmt(worst['snr_db'], 2)} dB (r {fmt(worst['pearson'])}); scale read from the page on "
           f"{100 * report['scale_found_share']:.0f} % of pages")
 

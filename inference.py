@@ -42,6 +42,7 @@ import ecg_checkpoint
 import ecg_formats
 import ecg_model
 import export_onnx
+import page_rectify
 import page_scale
 import production_dataset as pdx
 import speed
@@ -380,10 +381,28 @@ def page_rgb(page):
     return pdx.read_rgb(page.path, page.index)
 
 
+def find_page(rgb):
+    """An image's page as the network reads it -> ((h, w, 3) RGB, what was done, for the sidecar): a photo's
+    paper found and its perspective undone (page_rectify), then paper padding around the grid cut off
+    (pdx.crop_to_grid). A render or scan that needs neither comes back as it is."""
+    rectified = page_rectify.rectify(rgb)
+    page, box = pdx.crop_to_grid(rectified.rgb)
+    done = rectified.summary() if rectified.homography is not None else {'action': rectified.action}
+    if box is not None:
+        done['grid_crop_xywh'] = [box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0]
+    return page, done
+
+
+def page_pixels(page):
+    """One page (pdx.ImagePage) -> find_page's (RGB as read, what was done)."""
+    return find_page(page_rgb(page))
+
+
 def read_page(page, size_hw):
     """One page (pdx.ImagePage) -> (its model inputs (page_input_row) or None, problem or None)."""
     try:
-        return page_input_row(page_rgb(page), size_hw), None
+        rgb, done = page_pixels(page)
+        return page_input_row(rgb, size_hw, done), None
     except pdx.InputError as exc:
         return None, str(exc)
 
@@ -418,11 +437,11 @@ def gather_pages(pages):
     return (stack_inputs(rows) if rows else None), read, problems
 
 
-def page_input_row(rgb, size_hw):
+def page_input_row(rgb, size_hw, page_found=None):
     """(h, w, 3) uint8 RGB page -> (input tensor (3, H, W), page aspect, px_per_mv, px_per_s, scale found,
-    paper share (paper_share))."""
+    paper share (paper_share), what finding the page did (find_page; None: not asked))."""
     tensor, picture, aspect = pdx.preprocess(rgb, size_hw)
-    return (tensor, aspect) + pdx.read_scale(rgb, size_hw) + (paper_share(picture, rgb),)
+    return (tensor, aspect) + pdx.read_scale(rgb, size_hw) + (paper_share(picture, rgb), page_found)
 
 
 def paper_share(picture, rgb):
@@ -437,14 +456,14 @@ def stack_inputs(rows):
     """page_input_row's per page -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
     read_px_per_s, read_speed_mm_s (B,; NaN: not read from the pulse), read_start (B,: input column where the
     pulses end and the traces start, NaN: no pulse) and 'scale', what each page's grid and pulse showed."""
-    tensors, aspects, px_per_mv, px_per_s, found, paper = zip(*rows)
+    tensors, aspects, px_per_mv, px_per_s, found, paper, page_found = zip(*rows)
     speeds = [pdx.pulse_reading(scale, 'paper_speed_mm_s', 'speed_assumed') for scale in found]
     return {'image': torch.stack(tensors), 'page_aspect': torch.tensor(aspects, dtype=torch.float32),
             'read_px_per_mv': torch.tensor(px_per_mv, dtype=torch.float32),
             'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32),
             'read_speed_mm_s': torch.tensor(speeds, dtype=torch.float32),
             'read_start': torch.tensor([scale['trace_start_column'] for scale in found], dtype=torch.float32),
-            'scale': list(found), 'paper_share': list(paper)}
+            'scale': list(found), 'paper_share': list(paper), 'page_found': list(page_found)}
 
 
 def with_known_scale(inputs, args, size_hw):
@@ -489,7 +508,7 @@ def digitize(model, size_hw, images, csv_paths, args, device):
             if inputs is not None:
                 inputs = with_known_scale(inputs, args, size_hw)
                 outputs = run_model(model, inputs, device, layouts)
-                outputs = read_row_bands(model, outputs, inputs, lambda i: page_rgb(read[i]),
+                outputs = read_row_bands(model, outputs, inputs, lambda i: page_pixels(read[i])[0],
                                          getattr(model, 'trained_layouts', ()), size_hw, device)
                 files = outputs_to_files(outputs, inputs, read, args, layouts)
                 files, kept, refused = keep_ecg_pages(files, read, args)
@@ -588,7 +607,24 @@ def reading_report(path, inputs, outputs, i, spread, confidence, args):
             'px_per_mv_input': float(outputs['trace_rows']['px_per_mv'][i]),
             'row_bands': outputs.get('row_bands', [[]] * (i + 1))[i],
             'leads': {lead: {'row_spread_mv': round(float(s), 4), 'confidence': round(float(c), 3)}
-                      for lead, s, c in zip(LEADS, spread, confidence)}, **scale_warning(inputs['scale'][i])}
+                      for lead, s, c in zip(LEADS, spread, confidence)}, **scale_warning(inputs['scale'][i]),
+            **lead_order_report(outputs['trace_rows'].get('lead_orders'), i),
+            **({'page_found': inputs['page_found'][i]} if inputs.get('page_found', [None] * (i + 1))[i] else {})}
+
+
+def lead_order_report(lead_orders, i):
+    """{'lead_order': how page i's lead order was told (ecg_model.LeadOrder)} where the layout has another
+    order drawing the same strips (Cabrera), else {}; an unclear verdict says that the standard order was kept."""
+    order = lead_orders[i] if lead_orders else None
+    if order is None:
+        return {}
+    misfits = {'standard_misfit': order.standard_misfit, 'other_misfit': order.other_misfit}
+    report = {'chosen': order.chosen, 'verdict': order.verdict, 'other': order.other,
+              **{k: (round(v, 4) if np.isfinite(v) else None) for k, v in misfits.items()}}
+    if order.verdict == 'unclear':
+        report['note'] = (f'the limb leads fit Einthoven\'s and Goldberger\'s laws poorly in the standard order and no '
+                          f'better as {order.other}: the standard order is kept')
+    return {'lead_order': report}
 
 
 def scale_warning(found):

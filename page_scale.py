@@ -332,6 +332,62 @@ def measure_grid(rgb):
 
 
 # ----------------------------------------------------------------------------------------------
+# The grid's extent: the page inside paper-coloured padding
+# ----------------------------------------------------------------------------------------------
+
+EXTENT_SIDE_PX = 800              # the extent is found on a copy with this long a side
+GRID_MARK = 24.0                  # colour distance from the paper that marks a grid line, trace or letter
+EXTENT_RUN_SHARE = 0.25           # rows (columns) crossing this share of the page's typical marks are the page's
+EXTENT_GAP_SHARE = 0.03           # gaps this short (share of the side) inside the page are bridged
+PADDING_MIN_SHARE = 0.05          # a border this share of the side or more (on some side) is padding to cut
+
+
+@dataclass(frozen=True)
+class PageBox:
+    """The page's grid inside an image padded around it (ecg-image-kit --random_padding): x0, y0 (first column
+    and row) and x1, y1 (past the last), in the image's pixels."""
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+
+def marked_run(profile, gap):
+    """(first, end) of the longest run of a (n,) profile above EXTENT_RUN_SHARE of its 90th percentile, runs
+    apart by at most `gap` entries joined."""
+    above = profile > EXTENT_RUN_SHARE * np.percentile(profile, 90)
+    index = np.flatnonzero(above)
+    if len(index) == 0:
+        return 0, 0
+    breaks = np.flatnonzero(np.diff(index) > gap + 1)
+    starts, ends = np.r_[index[0], index[breaks + 1]], np.r_[index[breaks], index[-1]] + 1
+    longest = int(np.argmax(ends - starts))
+    return int(starts[longest]), int(ends[longest])
+
+
+def grid_extent(rgb):
+    """PageBox of the page's grid when the image holds paper-coloured padding around it (a border of at
+    least PADDING_MIN_SHARE of a side), else None: a page whose grid reaches its edges (every unpadded render,
+    scan or photo) is left whole. Rows and columns that cross grid lines (or traces, letters) are the page's;
+    the fill around a turned image is not."""
+    scale = min(1.0, EXTENT_SIDE_PX / max(rgb.shape[:2]))
+    small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    paper = paper_colour(small)
+    marks = gridness(small, paper) > GRID_MARK
+    marks &= ~edge_fill(max_channel(small), float(paper.max()))
+    h, w = marks.shape
+    y0, y1 = marked_run(marks.mean(1), EXTENT_GAP_SHARE * h)
+    x0, x1 = marked_run(marks.mean(0), EXTENT_GAP_SHARE * w)
+    if y1 - y0 < h / 3 or x1 - x0 < w / 3:
+        return None
+    borders = np.array([y0, h - y1]) / h, np.array([x0, w - x1]) / w
+    if max(borders[0].max(), borders[1].max()) < PADDING_MIN_SHARE:
+        return None
+    return PageBox(int(x0 / scale), int(y0 / scale), min(rgb.shape[1], int(np.ceil(x1 / scale))),
+                   min(rgb.shape[0], int(np.ceil(y1 / scale))))
+
+
+# ----------------------------------------------------------------------------------------------
 # Calibration pulse: dark ink -> de-rotated -> vertical strokes paired under a flat top
 # ----------------------------------------------------------------------------------------------
 

@@ -687,6 +687,30 @@ def preprocess(rgb, size_hw):
     return normalize(picture), picture, rgb.shape[1] / rgb.shape[0]
 
 
+def crop_to_grid(rgb):
+    """(h, w, 3) page -> (the part inside the padding around its grid, page_scale.PageBox or None): a page padded
+    with paper (ecg-image-kit --random_padding) is read as its unpadded self, which it reads far better as
+    (22 real ECG windows at 50-120 dpi padded by up to 2 in: 14 of 44 pages below 0 dB, 1 cut to the page)."""
+    box = page_scale.grid_extent(rgb)
+    if box is None:
+        return rgb, None
+    return np.ascontiguousarray(rgb[box.y0:box.y1, box.x0:box.x1]), box
+
+
+def reading_rgb(path):
+    """A page file's pixels as reading sees them (evaluation, validation: what build_sample reads with scale)."""
+    return crop_to_grid(read_rgb(path))[0]
+
+
+def page_in_box(page, box):
+    """A page's geometry (parse_page) in the pixels of its crop to `box` (crop_to_grid)."""
+    shift = np.array([box.x0, box.y0], np.float64)
+    entries = [dict(e, xy=e['xy'] - shift) for e in page['entries']]
+    grid = page['grid'] and dict(page['grid'], origin_xy=page['grid']['origin_xy'] - shift,
+                                 center_xy=page['grid']['center_xy'] - shift)
+    return dict(page, entries=entries, grid=grid)
+
+
 def read_image(path, size_hw, crop=None):
     """Page file -> ((H, W, 3) uint8 RGB picture at the input size, (w, h) of the file, its RGB); crop: a row
     band's (band_pixels), read instead of the whole page."""
@@ -722,7 +746,17 @@ def read_scale(rgb, size_hw):
     # without a grid, px per s would come from the pulse's 5 mm width, read to 1-2 %: over a 10 s strip that
     # is 0.1-0.2 s, which costs more than the border's guess on all but padded or cropped pages
     px_per_s = page_scale.px_per_s(scale) * cols if found['source'] == 'grid' else float('nan')
+    if found['source'] == 'grid' and not plausible_along_x(scale, rgb.shape[1]):
+        px_per_s = float('nan')   # the time axis misread (aliasing at 50-75 dpi: 7x the rows' px per mm)
+        found['rejected'] = f'grid read {scale.px_per_mm_x:.2f} px/mm along the time axis'
     return page_scale.px_per_mv(scale) * rows, px_per_s, found
+
+
+def plausible_along_x(scale, png_width):
+    """Whether the grid's px per mm along the time axis is plausible beside the page border's width (as the
+    voltage axis is judged by its height)."""
+    border = png_width / (PAGE_HEIGHT_MM * PAGE_ASPECT)
+    return PLAUSIBLE_SCALE[0] <= scale.px_per_mm_x / border <= PLAUSIBLE_SCALE[1]
 
 
 def pulse_end_column(scale, png_width, width):
@@ -755,6 +789,10 @@ def build_sample(ref, size_hw, scale=False):
         page, crop = band_of_page(page, ref.band, theta, png_size(ref.png))
         theta, theta_valid = 0.0, True
     image, png_wh, rgb = read_image(ref.png, size_hw, crop)
+    if scale and crop is None:   # read as inference reads it: padding around the grid cut off
+        rgb, box = crop_to_grid(rgb)
+        if box is not None:
+            page, image, png_wh = page_in_box(page, box), resize_page(rgb, size_hw), rgb.shape[1::-1]
     read_px_per_mv, read_px_per_s, found = read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), {})
     scale_xy = np.array([size_hw[1] / png_wh[0], size_hw[0] / png_wh[1]])
     targets = trace_targets(page, raw, theta, scale_xy, size_hw, ref.fs, png_wh)

@@ -547,7 +547,7 @@ def validate(model, loader, criterion, amp, device, layouts=None, trained=()):
             losses = criterion(outputs, batch)
         predicted = ecg_model.decode_outputs({k: v.float() for k, v in outputs.items() if torch.is_tensor(v)},
                                              ecg_model.read_geometry(batch, layouts))
-        predicted = inference.read_row_bands(unwrap(model), predicted, batch, lambda i: pdx.read_rgb(batch['png'][i]),
+        predicted = inference.read_row_bands(unwrap(model), predicted, batch, lambda i: pdx.reading_rgb(batch['png'][i]),
                                              trained, tuple(batch['image'].shape[-2:]), device)
         stats.append(ecg_trainer.record_stats(predicted['signal'].float(), batch['signal'], batch['signal_mask']))
         valid = batch['theta_valid'] > 0

@@ -205,16 +205,27 @@ def predict(args):
     """-> (model outputs for the one image, the (H, W, 3) picture the model saw, the page aspect)."""
     if not args.image.is_file():
         raise pdx.InputError(f'{args.image}: image not found')
-    rgb = pdx.read_rgb(args.image)
+    rgb, page_found = inference.find_page(pdx.read_rgb(args.image))   # the page as inference reads it
     device = inference.pick_device(args.device)
     args.checkpoint = inference.checkpoint_path(args.checkpoint)
     model, size_hw = inference.load_checkpoint(args.checkpoint, device)
     inputs = inference.page_inputs([rgb], size_hw)
+    inputs['page_found'] = [page_found]
     outputs = inference.run_model(model, inputs, device)
     outputs = inference.read_row_bands(model, outputs, inputs, lambda i: rgb, model.trained_layouts, size_hw, device)
     outputs['spread_mv'], outputs['confidence'] = inference.lead_confidence(outputs)
-    outputs['scale'] = inputs['scale'][0]
+    outputs['scale'], outputs['page_found'] = inputs['scale'][0], page_found
     return outputs, pdx.resize_page(rgb, size_hw), float(inputs['page_aspect'][0])
+
+
+def page_note(page_found):
+    """What finding the page did, for the title: a photo's page rectified, padding cut, or nothing."""
+    notes = []
+    if page_found['action'] == 'rectified':
+        notes.append(f"page found and rectified (outline fit {page_found['fit_px']:.1f} px)")
+    if 'grid_crop_xywh' in page_found:
+        notes.append('padding around the grid cut off')
+    return ''.join(f'   {note}' for note in notes)
 
 
 def main(argv=None):
@@ -226,7 +237,7 @@ def main(argv=None):
     r = None if truth is None else pearson(pred, truth, layout)
     theta = float(outputs['decode_theta'][0])
     title = f'{args.image.name}   checkpoint {args.checkpoint.name}   layout {layout}   rotation {theta:+.2f} deg   ' + \
-        scale_note(outputs['scale'])
+        scale_note(outputs['scale']) + page_note(outputs['page_found'])
     if r is not None and np.isfinite(r).any():
         title += f'   mean Pearson r {np.nanmean(r):.3f}'
     output = args.output or args.image.with_name(f'{args.image.stem}_visualization.png')

@@ -52,7 +52,7 @@ def test_pages_without_json_score_as_with_it(both_paths):
     assert len(merged) == 2
     assert (merged.snr_db_json - merged.snr_db_bare).abs().max() < 0.2
     assert bare['snr_db'] > 5 and bare['pearson'] > 0.8          # the starter reads clean pages well
-    assert bare['pages_below_0_db'] == 0 and bare['per_artefact'] == {}   # no manifest beside these
+    assert bare['pages_below_0db'] == 0 and bare['per_artefact'] == {}   # no manifest beside these
     assert bare['worst_page']['snr_db'] == pytest.approx(bare_frame.snr_db.min())
 
 
@@ -70,7 +70,7 @@ def test_two_real_photos_per_artefact(tmp_path):
     assert report['per_artefact']['wrinkle']['snr_db'] == pytest.approx(frame.snr_db[1], abs=1e-6)
     assert report['snr_db'] == pytest.approx(mean_db(frame.snr_db), abs=1e-3)
     assert report['pearson'] == pytest.approx(frame.pearson.mean(), abs=1e-5)
-    assert report['pages_below_0_db'] == int((frame.snr_db < 0).sum())
+    assert report['pages_below_0db'] == int((frame.snr_db < 0).sum())
     assert report['worst_page']['image'] == frame.image[frame.snr_db.idxmin()]
     assert -1 < report['pearson'] < 1 and -30 < report['snr_db'] < 26
 

@@ -168,7 +168,7 @@ def test_the_rhythm_strips_lead_is_told_by_what_it_shows():
         sampled[0, c] = np.where(valid[0, c], truth[lead], 0)
     sampled, valid = torch.from_numpy(sampled), torch.from_numpy(valid)
     names = ['3x4+II', '3x4+V1', '3x4+V5']
-    found = ecg_model.pick_layouts(sampled, valid, [STANDARD], names)
+    found, _ = ecg_model.pick_layouts(sampled, valid, [STANDARD], names)
     assert found[0].name == '3x4+V1'
     signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]))
     assert shown[0, LEADS.index('V1')].all() and not shown[0, LEADS.index('II'), int(2.5 * FS):].any()
@@ -286,8 +286,8 @@ def test_the_lead_order_is_told_by_einthovens_law(name):
     misfit = {n: ecg_model.limb_misfit(ecg_model.order_readings(sampled[0], valid[0], LAYOUTS[n])) for n in plan_mates
               if LAYOUTS[n].rhythm_leads == layout.rhythm_leads}
     assert misfit[name] < 0.01 and all(m > 0.1 for n, m in misfit.items() if LAYOUTS[n].rows != layout.rows)
-    found = ecg_model.pick_layouts(sampled, valid, [layout], plan_mates)
-    assert found[0].name == name
+    found, orders = ecg_model.pick_layouts(sampled, valid, [layout], plan_mates)
+    assert found[0].name == name and orders[0].chosen == name
     channel, sign = ecg_model.lead_maps(found, 'cpu')
     signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]), channel, sign)
     assert shown.all(-1).sum() == (12 if name.startswith('12x1') else 1 if layout.rhythm else 0)
@@ -366,7 +366,7 @@ def test_rhythm_strips_leads_are_told_apart_when_layouts_differ_only_in_them():
     sampled, valid = channel_readings(clinic, truth)
     names = {clinic.name: clinic, other.name: other}
     with patch.dict(LAYOUTS, names):
-        found = ecg_model.pick_layouts(sampled, valid, [other], list(names))
+        found, _ = ecg_model.pick_layouts(sampled, valid, [other], list(names))
     assert found[0].name == clinic.name
     signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]))
     np.testing.assert_allclose(signal[0, LEADS.index('V5')].numpy(), truth[LEADS.index('V5')], atol=1e-6)
@@ -417,7 +417,32 @@ def test_the_starter_reads_a_cabrera_page_by_the_places_it_knows(cabrera_pages, 
         read = pd.read_csv(out)
         r[layout] = {lead: np.corrcoef(read[lead].dropna(), truth[lead][read[lead].notna()])[0, 1]
                      for lead in ('aVL', 'aVR', 'aVF')}
-    assert json.loads((tmp_path / 'auto.json').read_text())['layout'] == '3x4+II-Cabrera'
+    sidecar = json.loads((tmp_path / 'auto.json').read_text())
+    assert sidecar['layout'] == '3x4+II-Cabrera'
+    order = sidecar['lead_order']   # the evidence: the Cabrera order fits the limb-lead laws far better
+    assert order['verdict'] == 'relabelled' and order['chosen'] == '3x4+II-Cabrera'
+    assert order['other_misfit'] < 0.3 and order['standard_misfit'] > 2 * order['other_misfit'], order
+    assert 'lead_order' not in json.loads((tmp_path / '3x4+II.json').read_text())   # one order offered: none told
     assert min(r['auto'].values()) > 0.7, r
     assert all(r['auto'][lead] > r['3x4+II'][lead] for lead in r['auto']), r
     assert min(r['3x4+II'].values()) < min(r['auto'].values()) - 0.2, r
+
+
+def test_the_standard_order_is_kept_when_the_limb_leads_fit_no_order():
+    """A reading that obeys Einthoven's law in the standard order stays standard; one that is mostly noise (a
+    poor reading of a small, padded page) fits neither order and keeps the standard order, 'unclear' and not
+    Cabrera; a clean Cabrera page is relabelled."""
+    rng = np.random.default_rng(3)
+    truth = heart_vector_leads(rng)
+    options = [LAYOUTS['3x4+II'], LAYOUTS['3x4+II-Cabrera']]
+
+    def order_of(name, noise, seed):
+        noisy = truth + noise * np.random.default_rng(seed).standard_normal(truth.shape)
+        sampled, valid = channel_readings(LAYOUTS[name], noisy)
+        return ecg_model.pick_order(sampled[0], valid[0], options)
+    clean = order_of('3x4+II', 0.02, 0)
+    assert (clean.chosen, clean.verdict) == ('3x4+II', 'standard') and clean.standard_misfit < 0.1
+    poor = [order_of('3x4+II', 2.0, seed) for seed in range(20)]
+    assert {order.chosen for order in poor} == {'3x4+II'} and {order.verdict for order in poor} == {'unclear'}
+    found = order_of('3x4+II-Cabrera', 0.02, 0)
+    assert (found.chosen, found.verdict) == ('3x4+II-Cabrera', 'relabelled') and found.other_misfit < 0.1

@@ -543,3 +543,59 @@ def test_mirrored_power_is_the_whole_dfts_power(n):
     g = np.random.default_rng(n).standard_normal((n, n)).astype(np.float32)
     whole = np.abs(np.fft.fft2(g.astype(np.float64))) ** 2
     np.testing.assert_allclose(ps.mirrored_power(fft.rfft2(g)), whole, rtol=1e-4, atol=1e-4 * whole.mean())
+
+
+def pad_with_paper(rgb, top, bottom, left, right):
+    """The page inside a border of its own paper colour (as ecg-image-kit's --random_padding pads a page)."""
+    paper = tuple(int(v) for v in ps.paper_colour(rgb))
+    return cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, value=paper)
+
+
+def test_the_grid_is_found_inside_padding_and_whole_pages_are_left_whole(fixture_pages, sim_data):
+    """grid_extent finds the page inside paper-coloured padding to within 1 % of a side, on every side, and
+    returns None on pages whose grid reaches their edges (the fixture, simulator pages)."""
+    for name, (rgb, _) in fixture_pages.items():
+        assert ps.grid_extent(rgb) is None, name
+        h, w = rgb.shape[:2]
+        sides = (int(0.2 * h), int(0.1 * h), int(0.15 * w), int(0.05 * w))
+        box = ps.grid_extent(pad_with_paper(rgb, *sides))
+        assert box is not None, name
+        found = np.array([box.y0, box.y1, box.x0, box.x1])
+        expected = np.array([sides[0], sides[0] + h, sides[2], sides[2] + w])
+        assert np.abs(found - expected).max() <= 0.01 * max(h, w), (name, found, expected)
+    for png in sorted(sim_data.glob('*/*.png')):
+        assert ps.grid_extent(read_page(png)[0]) is None, png
+
+
+def test_a_padded_page_reads_as_the_page_itself(tmp_path):
+    """inference.py on an ecg-image-kit page padded by a fifth of its size with its paper: the padding is
+    cut off (sidecar page_found) and the signal is the unpadded page's; the page itself is left whole."""
+    rgb, _ = read_page(IMAGES / 'fx1024-0001.png')
+    h, w = rgb.shape[:2]
+    cv2.imwrite(str(tmp_path / 'whole.png'), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    padded = pad_with_paper(rgb, h // 5, h // 5, w // 5, w // 5)
+    cv2.imwrite(str(tmp_path / 'padded.png'), cv2.cvtColor(padded, cv2.COLOR_RGB2BGR))
+    run_cli('inference.py', '--image', tmp_path, '--output', tmp_path / 'out/')
+    whole, cut = (np.genfromtxt(tmp_path / 'out' / f'{name}.csv', delimiter=',', skip_header=1)
+                  for name in ('whole', 'padded'))
+    shown = np.isfinite(whole) & np.isfinite(cut)
+    assert shown.sum() > 0.9 * np.isfinite(whole).sum()
+    assert np.corrcoef(whole[shown], cut[shown])[0, 1] > 0.95
+    sidecar = json.loads((tmp_path / 'out' / 'padded.json').read_text())
+    x, y, cw, ch = sidecar['page_found']['grid_crop_xywh']
+    assert abs(x - w // 5) <= 0.01 * w and abs(y - h // 5) <= 0.01 * h and abs(cw - w) <= 0.02 * w
+    assert 'grid_crop_xywh' not in json.loads((tmp_path / 'out' / 'whole.json').read_text())['page_found']
+
+
+def test_a_time_axis_read_far_off_the_page_is_not_decoded_with(fixture_pages, monkeypatch):
+    """A grid whose time axis reads 7x the voltage axis's px per mm (aliasing on a 74 dpi page) leaves px per
+    s to the page border, named in 'rejected'; a plausible one is used."""
+    from dataclasses import replace
+    import production_dataset as pdx
+    rgb, _ = fixture_pages['fx1024-0001']
+    good = ps.estimate_scale(rgb)
+    _, px_per_s, found = pdx.read_scale(rgb, (128, 672))
+    assert math.isfinite(px_per_s) and 'rejected' not in found
+    monkeypatch.setattr(pdx.page_scale, 'estimate_scale', lambda _: replace(good, px_per_mm_x=7 * good.px_per_mm_x))
+    px_per_mv, px_per_s, found = pdx.read_scale(rgb, (128, 672))
+    assert math.isnan(px_per_s) and math.isfinite(px_per_mv) and 'time axis' in found['rejected']
