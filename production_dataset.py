@@ -34,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import simplejpeg
 import torch
 from PIL import ExifTags, Image, ImageOps
 from scipy.interpolate import CubicSpline
@@ -613,13 +614,31 @@ def read_rgb(path, page=0):
     where = f'{path}' if page == 0 else f'{path} page {page + 1}'
     try:
         with Image.open(path) as image:
-            image.seek(page)
-            image.load()
-            rgb = pillow_rgb(upright(image))
+            if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
+                rgb = strict_jpeg(path, image)
+            else:
+                image.seek(page)
+                image.load()
+                rgb = pillow_rgb(upright(image))
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise SampleError(f'{where}: unreadable image, could not decode its pixels ({exc})') from exc
     check_page_pixels(rgb, where)
     return rgb
+
+
+# Pillow's transposition for each EXIF orientation tag, as ImageOps.exif_transpose applies them
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def strict_jpeg(path, image):
+    """An RGB or gray JPEG (opened by Pillow, for its EXIF) -> (h, w, 3) uint8 RGB, turned upright, decoded by
+    libjpeg-turbo with its warnings as errors (simplejpeg strict): Pillow decodes a JPEG whose data was
+    overwritten (4 KiB of zeros) without a word, as grey blocks. The same pixels as Pillow's, in half its time."""
+    rgb = simplejpeg.decode_jpeg(Path(path).read_bytes(), colorspace='RGB', strict=True)
+    turn = EXIF_TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    return rgb if turn is None else np.asarray(Image.fromarray(rgb).transpose(turn))
 
 
 def upright(image):

@@ -44,7 +44,8 @@ def text_page(shape=(850, 1100)):
 def files(sim_data, tmp_path_factory):
     """A folder of what people have, made from two simulator pages (p, q) and read in one run of inference.py:
     plain.png (p), upright.jpg (p), phone.jpg (p stored turned 90 degrees, EXIF 'rotate 90'), two.tiff (p, q),
-    cut.jpg (the first 40 % of upright.jpg), corrupt.jpg (4 KiB of upright.jpg overwritten), blank.png, noise.png,
+    cut.jpg (the first 40 % of upright.jpg), corrupt.jpg and zeroed.jpg (4 KiB of upright.jpg overwritten with
+    random bytes, with zeros), blank.png, noise.png,
     text.png."""
     root = tmp_path_factory.mktemp('files')
     p, q = (pdx.read_rgb(png) for png in sorted(sim_data.glob('*/*-0001.png'))[:2])
@@ -61,6 +62,7 @@ def files(sim_data, tmp_path_factory):
     middle = len(jpeg) // 2
     (root / 'corrupt.jpg').write_bytes(jpeg[:middle] + rng.integers(0, 256, 4096, np.uint8).tobytes()
                                        + jpeg[middle + 4096:])
+    (root / 'zeroed.jpg').write_bytes(jpeg[:middle] + bytes(4096) + jpeg[middle + 4096:])   # Pillow reads it
     Image.fromarray(blank_scan(rng)).save(root / 'blank.png')
     Image.fromarray(rng.integers(0, 256, (850, 1100, 3), np.uint8)).save(root / 'noise.png')
     Image.fromarray(text_page()).save(root / 'text.png')
@@ -91,9 +93,11 @@ def test_every_tiff_page_gets_its_csv_named_by_page(files):
 
 def test_broken_jpegs_and_non_ecg_images_are_named_in_one_line_without_csv(files):
     root, out, result = files
-    line = one_line_error(result, '5 image(s) not read')
-    assert f'{root / "cut.jpg"}: unreadable image' in line and 'truncated' in line
+    line = one_line_error(result, '6 image(s) not read')
+    cut = line.split(f'{root / "cut.jpg"}: unreadable image')[1].split(';')[0]
+    assert 'truncated' in cut or 'premature end' in cut.lower(), line
     assert f'{root / "corrupt.jpg"}: unreadable image' in line
+    assert f'{root / "zeroed.jpg"}: unreadable image' in line and 'Corrupt JPEG data' in line
     for name in ('blank', 'noise', 'text'):
         assert f'{root / name}.png: does not look like an ECG' in line
     written = sorted(p.stem for p in out.glob('*.csv'))
