@@ -99,8 +99,11 @@ def test_amplitude_and_time_start_come_from_the_page(pages, kind):
         assert abs(start_ms) <= 20, (stem, kind, start_ms)
 
 
-def test_the_page_border_gets_padded_pages_wrong(pages):
-    """What the scale read from the page fixes: the border's scale is off by the padding."""
-    ratio, _, scale = decoded(pages["fx2048-0001"]["padded"], "border")
-    bound_ratio, _, _ = decoded(pages['fx2048-0001']['padded'], 'truth')
+def test_the_page_border_gets_cropped_pages_wrong_and_padding_is_cut_off(pages):
+    """What the scale read from the page fixes: the border's scale is off on a page cropped to its traces. A
+    page padded with paper is read cut back to its grid (crop_to_grid), so there even the border is right."""
+    ratio, _, scale = decoded(pages['fx2048-0001']['cropped'], 'border')
+    bound_ratio, _, _ = decoded(pages['fx2048-0001']['cropped'], 'truth')
     assert abs(scale - 1) > 0.15 and abs(ratio / bound_ratio - 1) > 0.15
+    _, _, scale = decoded(pages['fx2048-0001']['padded'], 'border')
+    assert scale == pytest.approx(1.0, abs=0.03)
