@@ -62,6 +62,8 @@ READERS = 2                            # pages decoded and measured at once: PNG
 PAPER_TOL = 40                         # RGB distance from the paper's colour that is still paper
 ECG_PAPER_SHARE = 0.3                  # of the input pixels at least this much paper...
 ECG_TRACE_SHARE = 0.02                 # ...and at least this much trace (seg head) make a page without grid or pulse
+GRID_SEEN_CONFIDENCE = 0.6             # a lattice this sure is a grid even at a size not believed: ecg-image-kit's
+                                       # random grid colours read 0.7 (at 1.6x their size), noise 0.14-0.28, text 0.35
 READ_AHEAD = 1                         # batches of pages read beyond the next one while the model runs
 
 
@@ -537,7 +539,7 @@ def outputs_to_files(outputs, inputs, read, args, layouts):
 
 @dataclass
 class EcgEvidence:
-    """What says an image shows an ECG: its grid or pulse (page_scale, accepted by pdx.read_scale), or a sheet of
+    """What says an image shows an ECG: its grid or pulse seen (grid_or_pulse_seen: scale_found), or a sheet of
     paper (paper_share) on which the network's seg head sees traces (trace_share: share of input pixels)."""
     scale_found: bool
     paper_share: float
@@ -556,8 +558,15 @@ class EcgEvidence:
 def ecg_evidence(outputs, inputs):
     """EcgEvidence of each page of a batch."""
     trace = (outputs['seg'].argmax(1) > 0).float().mean((1, 2)).cpu().tolist()
-    return [EcgEvidence(scale['source'] is not None, paper, share)
+    return [EcgEvidence(grid_or_pulse_seen(scale), paper, share)
             for scale, paper, share in zip(inputs['scale'], inputs['paper_share'], trace)]
+
+
+def grid_or_pulse_seen(scale):
+    """Whether a page's grid or calibration pulse was seen (pdx.read_scale's answer), even where its size was
+    not believed and the page border gives the scale."""
+    return (scale['source'] is not None or bool(scale.get('pulse_found'))
+            or scale.get('grid_confidence', 0.0) >= GRID_SEEN_CONFIDENCE)
 
 
 def keep_ecg_pages(files, read, args):

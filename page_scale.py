@@ -340,6 +340,9 @@ GRID_MARK = 24.0                  # colour distance from the paper that marks a 
 EXTENT_RUN_SHARE = 0.25           # rows (columns) crossing this share of the page's typical marks are the page's
 EXTENT_GAP_SHARE = 0.03           # gaps this short (share of the side) inside the page are bridged
 PADDING_MIN_SHARE = 0.05          # a border this share of the side or more (on some side) is padding to cut
+GRID_EVEN_SHARE = 0.15            # a grid's lines cross every row and column of the page: the sparsest tenth
+                                  # hold this share of the median's marks or more (padded ecg-image-kit pages
+                                  # 0.27 or more; a page of text 0.0 along its rows, between the lines)
 
 
 @dataclass(frozen=True)
@@ -365,6 +368,14 @@ def marked_run(profile, gap):
     return int(starts[longest]), int(ends[longest])
 
 
+def evenly_marked(marks):
+    """Whether every row and column of a (h, w) bool mark map crosses marks, as a grid's do (GRID_EVEN_SHARE)."""
+    for profile in (marks.mean(1), marks.mean(0)):
+        if np.percentile(profile, 10) < GRID_EVEN_SHARE * max(float(np.median(profile)), 1e-9):
+            return False
+    return True
+
+
 def grid_extent(rgb):
     """PageBox of the page's grid when the image holds paper-coloured padding around it (a border of at
     least PADDING_MIN_SHARE of a side), else None: a page whose grid reaches its edges (every unpadded render,
@@ -378,7 +389,7 @@ def grid_extent(rgb):
     h, w = marks.shape
     y0, y1 = marked_run(marks.mean(1), EXTENT_GAP_SHARE * h)
     x0, x1 = marked_run(marks.mean(0), EXTENT_GAP_SHARE * w)
-    if y1 - y0 < h / 3 or x1 - x0 < w / 3:
+    if y1 - y0 < h / 3 or x1 - x0 < w / 3 or not evenly_marked(marks[y0:y1, x0:x1]):
         return None
     borders = np.array([y0, h - y1]) / h, np.array([x0, w - x1]) / w
     if max(borders[0].max(), borders[1].max()) < PADDING_MIN_SHARE:

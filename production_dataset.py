@@ -747,7 +747,8 @@ def read_scale(rgb, size_hw):
     scale = page_scale.estimate_scale(rgb)
     found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
              'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
-             'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y, 'pulse_found': scale.pulse is not None}
+             'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y, 'pulse_found': scale.pulse is not None,
+             'grid_confidence': scale.confidence if scale.source == 'grid' else 0.0}
     # px per mm if the image were the whole page edge to edge, by its height or its width (a crop to the
     # traces keeps most of the width); the nearer one judges the reading
     borders = (rgb.shape[0] / PAGE_HEIGHT_MM, rgb.shape[1] / (PAGE_HEIGHT_MM * PAGE_ASPECT))
