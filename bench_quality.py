@@ -403,7 +403,7 @@ def main(argv=None):
     started = time.perf_counter()
     layouts = list(LAYOUT_MIX) if args.layouts == ['mix'] else args.layouts
     suffix = data_suffix(layouts, args.gains, args.speeds)
-    findings = f'_findings{args.findings_prob:g}' if args.findings_prob else ''
+    findings = f'_findings{round(100 * args.findings_prob)}pct' if args.findings_prob else ''   # no '.': a suffix
     train_data, heldout_data = out / f'train_data{suffix}{findings}', out / f'heldout_data{suffix}'
     simulate(train_data, cfg['train_records'], TRAIN_SEED, args.workers, args.quick, layouts, args.gains, args.speeds,
              findings_prob=args.findings_prob)

@@ -123,3 +123,20 @@ def test_bench_decoding_scores_each_variant_on_the_same_maps(tmp_path, fixture_d
     report, _ = evaluate.evaluate_checkpoint(ROOT / 'starter' / 'ecg_starter.pth', sim_root, csv_root, force_cpu=True)
     assert variants['current']['pearson'] == pytest.approx(report['pearson'], abs=1e-6)
     assert variants['current']['snr_db'] == pytest.approx(report['snr_db'], abs=1e-4)
+
+
+def test_the_real_column_reports_each_styles_gap_below_its_bound(tmp_path):
+    """bench_quality's real column on pages of real recordings (here two windows drawn by the simulator, where the
+    benchmark has ecg-image-kit draw them all): each style's gap below its round-trip bound and the worst pages."""
+    import bench_quality
+    import ecg_checkpoint
+    run_cli('real_signals.py', '--csv_root', ROOT.parent / 'shared' / 'real' / 'signals', '--out', tmp_path / 'win')
+    run_cli('ecg_simulator.py', '--out', tmp_path / 'pages', '--csv_root', tmp_path / 'win', '--n', 2,
+            '--workers', 1, '--dpi_choices', 100)
+    report = bench_quality.real_report(ecg_checkpoint.STARTER, tmp_path / 'pages')
+    assert report['n_images'] == 2 and report['gap_db'] == pytest.approx(report['bound_snr_db'] - report['snr_db'])
+    for row in report['per_style'].values():
+        assert row['gap_db'] == pytest.approx(row['bound_snr_db'] - row['snr_db'])
+    worst = [page['snr_db'] for page in report['worst_pages']]
+    assert worst == sorted(worst) and worst[0] == pytest.approx(report['worst_snr_db'])
+    assert report['pages_below_0db'] == sum(snr < 0 for snr in worst)
