@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import ecg_checkpoint
+import ecg_cli
 import ecg_model
 import ecg_trainer
 import production_dataset as pdx
@@ -178,7 +179,7 @@ def main(argv=None):
     refs, problems = pdx.find_samples(args.sim_root, args.csv_root, args.max_samples)
     dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
     if len(dataset) == 0:
-        raise pdx.InputError(f'{args.sim_root}: no usable held-out page')
+        raise ecg_cli.InputError(f'{args.sim_root}: no usable held-out page')
     own = {'layouts': ecg_checkpoint.readable_layouts(checkpoint), 'start_weight': model.pulse_start_weight}
     maps = network_maps(model, DataLoader(dataset, batch_size=4), own['layouts'])
     results = {name: score_variant(maps, patches, own) for name, patches in VARIANTS.items()}
@@ -198,4 +199,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    pdx.run_cli(main)
+    ecg_cli.run_cli(main)

@@ -45,7 +45,8 @@ import ecg_model
 import ecg_simulator
 import export_onnx
 import inference
-import production_dataset as pdx
+import page_image
+import page_reader
 import speed
 
 PASSIVE = {'OMP_WAIT_POLICY': 'PASSIVE'}    # what inference.py sets before torch loads
@@ -105,7 +106,7 @@ def use_old_path():
     """Put back what inference.py used before: the per-image rotation search, pandas' CSV writer, one
     page read at a time."""
     ecg_model.estimate_theta_batch = ecg_model.estimate_theta
-    inference.READERS = 1
+    page_reader.READERS = 1
     inference.write_csv = pandas_csv
 
 
@@ -126,22 +127,22 @@ def run_setting(args):
     shutil.rmtree(out, ignore_errors=True)     # CSVs of an earlier run's pages would be compared too
     device = torch.device('cpu')
     batch_size = SETTINGS[args.child][1] or args.batch_size
-    run_args = argparse.Namespace(fs=inference.MODEL_FS, wfdb=False, batch_size=batch_size,
-                                  onnx=args.out / 'model.onnx' if args.child == 'onnx' else None,
-                                  checkpoint=args.checkpoint)
+    onnx = args.out / 'model.onnx' if args.child == 'onnx' else None
+    run_args = argparse.Namespace(fs=inference.MODEL_FS, wfdb=False, batch_size=batch_size, gain=None,
+                                  paper_speed=None, checkpoint=args.checkpoint, onnx=onnx)
     if args.child.startswith('old'):
         use_old_path()
         threads = torch.get_num_threads()
-        model, size_hw = inference.load_checkpoint(args.checkpoint, device)
+        model, size_hw = page_reader.load_checkpoint(args.checkpoint, device)
+        reader = page_reader.Reader(model, size_hw, device, page_reader.auto_layouts(model), model.trained_layouts)
     else:
         threads, _ = speed.set_threads('auto')
         speed.keep_freed_memory()
-        model, size_hw = inference.load_network(run_args, device, threads)
+        reader = page_reader.open_reader(args.checkpoint, device, threads, onnx)
     inference.tqdm.write = lambda *a, **k: None   # no line per image
     csv_paths = [out / f'{image.stem}.csv' for image in images]
     cpu, start = time.process_time(), time.perf_counter()
-    problems = inference.digitize(model, size_hw, [pdx.ImagePage(image) for image in images], csv_paths, run_args,
-                                  device)
+    problems = inference.digitize(reader, [page_image.ImagePage(image) for image in images], csv_paths, run_args)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(json.dumps({'images': len(images) - len(problems), 'images_per_s': len(images) / seconds,
                       'cpu_s_per_image': cpu / len(images), 'batch_size': run_args.batch_size, 'threads': threads,

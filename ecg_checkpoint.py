@@ -25,19 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import ecg_cli
 import ecg_model
-import production_dataset as pdx
+import page_image
 from ecg_page import STANDARD, whole_pages, with_cabrera
 
 FORMAT = 2                                   # 1: numpy RNG pickled (needs weights_only=False)
-PREPROCESSING = {'resize': 'cv2.INTER_AREA', 'mean': pdx.IMAGENET_MEAN.tolist(), 'std': pdx.IMAGENET_STD.tolist(),
+PREPROCESSING = {'resize': 'cv2.INTER_AREA', 'mean': page_image.IMAGENET_MEAN.tolist(), 'std': page_image.IMAGENET_STD.tolist(),
                  'coord_channels': ecg_model.COORD_CHANNELS, 'rgba': 'composited over white'}
 TRAINED_LAYOUTS = [STANDARD.name]            # what a checkpoint that names none was trained on
 REQUIRED_KEYS = ('model', 'model_args', 'config')
 STARTER = Path(__file__).resolve().parent / 'starter' / 'ecg_starter.pth'   # shipped weights, see its MODEL_CARD.md
 
 
-class CheckpointError(pdx.InputError):
+class CheckpointError(ecg_cli.InputError):
     """A checkpoint that cannot be read or used: the message names the file and what is wrong."""
 
 

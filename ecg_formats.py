@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import wfdb
 
-import production_dataset as pdx
+import ecg_cli
 from ecg_page import LEADS
 
 UV_PER_MV = 1000                       # every format's digital unit: 1 uV, as PTB-XL stores its records
@@ -110,9 +110,9 @@ def check_formats(fs, dicom=False, edf=False):
         try:
             importlib.import_module(module)
         except ImportError:
-            raise pdx.InputError(f'--{flag} needs {module}, an optional extra not installed here: {EXTRAS}') from None
+            raise ecg_cli.InputError(f'--{flag} needs {module}, an optional extra not installed here: {EXTRAS}') from None
     if dicom and not DICOM_FS_HZ[0] <= fs <= DICOM_FS_HZ[1]:
-        raise pdx.InputError(f'--dicom: a 12-lead ECG waveform object holds {DICOM_FS_HZ[0]}-{DICOM_FS_HZ[1]} Hz; '
+        raise ecg_cli.InputError(f'--dicom: a 12-lead ECG waveform object holds {DICOM_FS_HZ[0]}-{DICOM_FS_HZ[1]} Hz; '
                              f'--fs {fs:g} is outside it')
 
 

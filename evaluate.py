@@ -36,9 +36,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import ecg_checkpoint
+import ecg_cli
 import ecg_model
 import ecg_trainer
-import inference
+import page_image
+import page_reader
 import production_dataset as pdx
 import speed
 from ecg_page import LAYOUTS, LEADS, STANDARD
@@ -77,7 +79,7 @@ def evaluation_refs(config, sim_root=None, csv_root=None, max_samples=None):
     """The images to score: the given roots, or the run's own validation split."""
     if sim_root or csv_root:
         if not (sim_root and csv_root):
-            raise pdx.InputError('give both --sim_root and --csv_root, or neither (the run\'s validation split)')
+            raise ecg_cli.InputError('give both --sim_root and --csv_root, or neither (the run\'s validation split)')
         refs, problems = pdx.find_samples(sim_root, csv_root, max_samples)
         return refs, problems
     refs, problems = pdx.find_samples(config['sim_root'], config['csv_root'], config['max_samples'])
@@ -116,17 +118,14 @@ def round_trip(batch):
     return signal
 
 
-@torch.no_grad()
-def score_batches(model, loader, device, layouts=None, trained=()):
-    """Per-image numbers for the whole loader; each page's layout is found among `layouts` (names), and pages
-    of a layout with row bands among `trained` (all layout names the model was trained on) are read again in
-    them, as inference does."""
+def score_batches(reader, loader):
+    """Per-image numbers for the whole loader, each page read as inference reads it (page_reader.read_signals:
+    its layout found among reader.layouts, pages of a layout with row bands among reader.trained read again
+    in them)."""
     rows, model_stats, bound_stats = [], [], []
-    for batch in tqdm(loader, desc='evaluating', leave=False, mininterval=pdx.PROGRESS_SECONDS):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        outputs = model(batch['image'], ecg_model.read_geometry(batch, layouts))
-        outputs = inference.read_row_bands(model, outputs, batch, lambda i: pdx.reading_rgb(batch['png'][i]), trained,
-                                           tuple(batch['image'].shape[-2:]), device)
+    for batch in tqdm(loader, desc='evaluating', leave=False, mininterval=ecg_cli.PROGRESS_SECONDS):
+        batch = page_reader.to_device(batch, reader.device)
+        outputs = page_reader.read_signals(reader, batch, page_reader.known_pixels(batch['png']))
         outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}
         model_stats.append(ecg_trainer.record_stats(outputs['signal'], batch['signal'], batch['signal_mask']))
         pearson, snr_db = ecg_trainer.per_record(model_stats[-1])
@@ -202,7 +201,7 @@ def build_report(frame, model_stats, bound_stats):
 def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_samples=None, batch_size=4,
                         num_workers=0, force_cpu=False, untrained=False):
     """Score one checkpoint (or, untrained, a fresh model of its architecture) -> (report, per-image frame)."""
-    device = inference.pick_device('cpu' if force_cpu else 'auto')
+    device = page_reader.pick_device('cpu' if force_cpu else 'auto')
     model, checkpoint = ecg_checkpoint.load_model(checkpoint_path, device)
     if untrained:
         torch.manual_seed(checkpoint['config']['seed'])
@@ -213,11 +212,12 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
     for path, message in problems + dataset.problems:
         print(f'skipped {path}: {message}')
     if len(dataset) == 0:
-        raise pdx.InputError('no usable image to evaluate')
+        raise ecg_cli.InputError('no usable image to evaluate')
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     layouts = ecg_checkpoint.trained_layouts(checkpoint)
-    frame, model_stats, bound_stats = score_batches(model, loader, device, ecg_checkpoint.readable_layouts(checkpoint),
-                                                    layouts)
+    reader = page_reader.Reader(model, ecg_checkpoint.input_size(checkpoint), device,
+                                ecg_checkpoint.readable_layouts(checkpoint), layouts)
+    frame, model_stats, bound_stats = score_batches(reader, loader)
     report = build_report(frame, model_stats, bound_stats)
     report.update(checkpoint=str(checkpoint_path), untrained=untrained, image_size=config['image_size'],
                   encoder=config['encoder'], trained_layouts=layouts,
@@ -233,7 +233,7 @@ class RealPage:
     """One image to score without JSON: its record, its true signal at 500 Hz (NaN where the page does not
     print the lead) and the artefact its manifest names ('' where none does)."""
     record_id: str
-    image: pdx.ImagePage
+    image: page_image.ImagePage
     truth: np.ndarray
     artefact: str = ''
 
@@ -248,7 +248,7 @@ def manifest_path(images, given=None):
     """--manifest, or a manifest.csv in or beside the images folder; None where there is none."""
     if given is not None:
         if not given.is_file():
-            raise pdx.InputError(f'{given}: --manifest not found')
+            raise ecg_cli.InputError(f'{given}: --manifest not found')
         return given
     folder = images if images.is_dir() else images.parent
     return next((path for path in (folder / MANIFEST, folder.parent / MANIFEST) if path.is_file()), None)
@@ -261,11 +261,11 @@ def read_manifest(path):
     try:
         table = pd.read_csv(path, dtype=str)
     except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
-        raise pdx.InputError(f'{path}: not a readable CSV ({type(exc).__name__})') from exc
+        raise ecg_cli.InputError(f'{path}: not a readable CSV ({type(exc).__name__})') from exc
     column = next((name for name in ARTEFACT_COLUMNS if name in table.columns), None)
     keys = [name for name in ('image', 'id') if name in table.columns]
     if column is None or not keys:
-        raise pdx.InputError(f'{path}: a manifest needs an image or id column and one of {list(ARTEFACT_COLUMNS)}')
+        raise ecg_cli.InputError(f'{path}: a manifest needs an image or id column and one of {list(ARTEFACT_COLUMNS)}')
     return {key: artefact for name in keys for key, artefact in zip(table[name], table[column].fillna(''))}
 
 
@@ -274,49 +274,46 @@ def real_pages(images, csv_root, manifest=None, max_samples=None):
     records = pdx.read_train_csv(csv_root)
     artefacts = read_manifest(manifest)
     pages, problems = [], []
-    for image in inference.find_images(images)[:max_samples]:
+    for image in page_reader.find_images(images)[:max_samples]:
         record_id = record_of(image.name, records)
         if record_id not in records:
             problems.append((image, f'id {record_id!r} is not in {Path(csv_root) / "train.csv"}'))
             continue
         try:
             truth = pdx.load_signal(Path(csv_root) / record_id / f'{record_id}.csv', *records[record_id])
-        except pdx.SampleError as exc:
+        except ecg_cli.SampleError as exc:
             problems.append((image, str(exc)))
             continue
         pages.append(RealPage(record_id, image, truth, artefacts.get(image.path.name, artefacts.get(record_id, ''))))
     return pages, problems
 
 
-def read_real_batches(network, size_hw, pages, args, device):
-    """Each batch's pages read exactly as inference.py reads them (its read_batches, with_known_scale, run_model,
-    read_row_bands) -> yields (pages read, the signals inference would write (B, 12, 5000) with NaN where the
+def read_real_batches(reader, pages, args):
+    """Each batch's pages read exactly as inference.py reads them without --gain or --paper_speed
+    (page_reader.read_batches, read_signals) -> yields (pages read, the signals inference would write (B, 12, 5000) with NaN where the
     found layout does not show a lead, the layouts found, each page's scale and rotation, problems)."""
     by_path = {page.image: page for page in pages}
-    with ThreadPoolExecutor(inference.READERS) as readers:
-        for inputs, read, bad in inference.read_batches(list(by_path), size_hw, args.batch_size, readers):
+    with ThreadPoolExecutor(page_reader.READERS) as readers:
+        for inputs, read, bad in page_reader.read_batches(list(by_path), reader.size_hw, args.batch_size, readers):
             if inputs is None:
                 yield [], None, [], [], bad
                 continue
-            inputs = inference.with_known_scale(inputs, args, size_hw)
-            outputs = inference.run_model(network, inputs, device, args.layouts)
-            outputs = inference.read_row_bands(network, outputs, inputs, lambda i: inference.page_pixels(read[i])[0],
-                                               getattr(network, 'trained_layouts', ()), size_hw, device)
-            layouts = inference.found_layouts(outputs)
-            signals = np.stack([inference.shown_signal(signal, layout) for signal, layout in
+            outputs = page_reader.read_signals(reader, inputs, page_reader.found_pixels(read))
+            layouts = page_reader.found_layouts(outputs)
+            signals = np.stack([page_reader.shown_signal(signal, layout) for signal, layout in
                                 zip(outputs['signal'].float().cpu().numpy(), layouts)])
             readings = [(scale['source'], float(theta))
                         for scale, theta in zip(inputs['scale'], outputs['decode_theta'])]
             yield [by_path[path] for path in read], signals, layouts, readings, bad
 
 
-def score_real_pages(network, size_hw, pages, args, device):
+def score_real_pages(reader, pages, args):
     """-> (per-image frame, record_stats of all pages read, problems). Scored: the samples the truth holds
     within the scored layout's windows; a sample the reading leaves NaN counts as a prediction of 0 (Kaggle)."""
-    window = torch.from_numpy(inference.layout_mask(args.score_layout))
+    window = torch.from_numpy(page_reader.layout_mask(args.score_layout))
     rows, stats, problems = [], [], []
-    for read, signals, layouts, readings, bad in tqdm(read_real_batches(network, size_hw, pages, args, device),
-                                                      desc='evaluating', leave=False, mininterval=pdx.PROGRESS_SECONDS):
+    for read, signals, layouts, readings, bad in tqdm(read_real_batches(reader, pages, args),
+                                                      desc='evaluating', leave=False, mininterval=ecg_cli.PROGRESS_SECONDS):
         problems += bad
         if not read:
             continue
@@ -328,7 +325,7 @@ def score_real_pages(network, size_hw, pages, args, device):
                          'pearson': float(pearson[i]), 'snr_db': float(snr_db[i]), 'layout_found': layouts[i],
                          'scale_source': readings[i][0] or 'border', 'rotation_deg': readings[i][1]})
     if not rows:
-        raise pdx.InputError('no usable image to evaluate: ' + '; '.join(problems))
+        raise ecg_cli.InputError('no usable image to evaluate: ' + '; '.join(problems))
     return pd.DataFrame(rows), ecg_trainer.concat_stats(stats), problems
 
 
@@ -350,24 +347,22 @@ def real_report(frame, stats):
 def evaluate_real_pages(args):
     """--images: score real pages (no JSON) as inference.py reads them -> (report, per-image frame)."""
     if not args.csv_root or args.sim_root:
-        raise pdx.InputError('--images needs --csv_root (the true signals) and no --sim_root')
-    device = inference.pick_device('cpu' if args.force_cpu else 'auto')
-    args.onnx = None
-    network, size_hw = inference.load_network(args, device, torch.get_num_threads())
-    args.layouts = inference.candidate_layouts(network, args.layout or 'auto')
+        raise ecg_cli.InputError('--images needs --csv_root (the true signals) and no --sim_root')
+    device = page_reader.pick_device('cpu' if args.force_cpu else 'auto')
+    reader = page_reader.open_reader(args.checkpoint, device, torch.get_num_threads(), layout=args.layout or 'auto')
     args.score_layout = args.layout or STANDARD.name
     manifest = manifest_path(args.images, args.manifest)
     pages, problems = real_pages(args.images, args.csv_root, manifest, args.max_samples)
     for path, message in problems:
         print(f'skipped {path}: {message}')
     if not pages:
-        raise pdx.InputError(f'{args.images}: no image with a true signal in {args.csv_root} to evaluate')
-    frame, stats, unread = score_real_pages(network, size_hw, pages, args, device)
+        raise ecg_cli.InputError(f'{args.images}: no image with a true signal in {args.csv_root} to evaluate')
+    frame, stats, unread = score_real_pages(reader, pages, args)
     for message in unread:
         print(f'skipped {message}')
     report = real_report(frame, stats)
     report.update(checkpoint=str(args.checkpoint), images=str(args.images), manifest=manifest and str(manifest),
-                  image_size=list(size_hw), layouts_read=args.layouts, layout_scored=args.score_layout,
+                  image_size=list(reader.size_hw), layouts_read=reader.layouts, layout_scored=args.score_layout,
                   skipped=len(problems) + len(unread))
     return report, frame
 
@@ -448,4 +443,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    pdx.run_cli(main)
+    ecg_cli.run_cli(main)

@@ -20,7 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import production_dataset as pdx
+import ecg_cli
+import page_image
 from ecg_page import PAGE_H_IN, PAGE_W_IN
 
 PX_PER_MM = 8.0                 # output scale: a letter page is 2235 x 1727 px, the grid's 1 mm is 8 px
@@ -242,9 +243,9 @@ def write_outputs(image, found, rgb, out, show):
 def main(argv=None):
     args = parse_args(argv)
     if args.px_per_mm <= 0:
-        raise pdx.InputError('--px_per_mm must be positive')
+        raise ecg_cli.InputError('--px_per_mm must be positive')
     for image in args.images:
-        rgb = pdx.read_rgb(image)
+        rgb = page_image.read_rgb(image)
         found = rectify(rgb, args.px_per_mm)
         write_outputs(image, found, rgb, args.out, args.show)
         print(f'{image}: {found.action}, fit {found.fit_px:.1f} px, outline on the frame '
@@ -252,4 +253,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    pdx.run_cli(main)
+    ecg_cli.run_cli(main)

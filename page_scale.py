@@ -20,6 +20,7 @@ Arrays: rgb is (H, W, 3) uint8 RGB at the page's own resolution; maps are (h, w)
 """
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import scipy.fft
+
+import ecg_cli
+from page_image import read_rgb
 
 from ecg_page import CAL_PULSE_MV as PULSE_MV, CAL_PULSE_S as PULSE_S, GAINS_MM_MV, MAJOR_MM
 from ecg_page import MM_PER_MV as STANDARD_GAIN_MM_MV, MM_PER_S as STANDARD_SPEED_MM_S, PAGE_ASPECT, PAGE_HEIGHT_MM
@@ -43,6 +47,7 @@ SHEAR_STEPS = 15                  # each family refined within 3 deg of the pair
 PEAK_MIN_LOG = 2.5                # a harmonic stands e^2.5 = 12x above the median of its
                                   # neighbourhood: noise does so at ~1 bin in 2000
 BACKGROUND_BINS = 9               # running-median width along a ray (peaks are ~3 bins wide)
+PLAUSIBLE_SCALE = (0.6, 1.5)       # grid px/mm over the border's when no pulse confirms it: padding ~0.8, crops > 1
 HARMONIC_TOL_BINS = (1.5, 0.5)    # matching a candidate comb, then its least-squares refinement
 
 
@@ -1037,11 +1042,70 @@ def px_per_s(scale):
 # CLI: the scale of each image and the seconds it took
 # ----------------------------------------------------------------------------------------------
 
-def read_rgb(path):
-    """The toolkit's one image reader (production_dataset.read_rgb: EXIF orientation, TIFF, broken files named).
-    Imported here, not at the top: production_dataset imports this module."""
-    import production_dataset
-    return production_dataset.read_rgb(path)
+def read_scale(rgb, size_hw):
+    """The page's own scale at the network's input size (H, W), read from its grid and calibration pulse:
+    (px_per_mv, px_per_s, what was found). NaN where the page shows neither (px_per_s also where only the
+    pulse gave the scale): the decoder then falls back to the page border. Padding, cropping or rescaling a
+    page leaves this right, the border not."""
+    scale = estimate_scale(rgb)
+    found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
+             'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
+             'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y, 'pulse_found': scale.pulse is not None,
+             'grid_confidence': scale.confidence if scale.source == 'grid' else 0.0}
+    # px per mm if the image were the whole page edge to edge, by its height or its width (a crop to the
+    # traces keeps most of the width); the nearer one judges the reading
+    borders = (rgb.shape[0] / PAGE_HEIGHT_MM, rgb.shape[1] / (PAGE_HEIGHT_MM * PAGE_ASPECT))
+    border = min(borders, key=lambda b: abs(math.log(scale.px_per_mm_y / b)) if scale.source else 0)
+    confirmed = not (scale.gain_assumed or scale.speed_assumed)   # the pulse fits the grid at a real gain
+    plausible = PLAUSIBLE_SCALE[0] <= scale.px_per_mm_y / border <= PLAUSIBLE_SCALE[1]
+    if scale.source is not None and not (plausible or confirmed):
+        found['source'] = None   # a misread grid (faint colours, low dpi): the border is the better guess
+        found['rejected'] = f'{scale.source} read {scale.px_per_mm_y:.2f} px/mm, the page border {border:.2f}'
+    found['trace_start_column'] = pulse_end_column(scale, rgb.shape[1], size_hw[1])
+    if found['source'] is None:
+        return float('nan'), float('nan'), found
+    rows = size_hw[0] / rgb.shape[0]
+    cols = size_hw[1] / rgb.shape[1]
+    # without a grid, px per s would come from the pulse's 5 mm width, read to 1-2 %: over a 10 s strip that
+    # is 0.1-0.2 s, which costs more than the border's guess on all but padded or cropped pages
+    input_px_per_s = px_per_s(scale) * cols if found['source'] == 'grid' else float('nan')
+    if found['source'] == 'grid' and not plausible_along_x(scale, rgb.shape[1]):
+        input_px_per_s = float('nan')   # the time axis misread (aliasing at 50-75 dpi: 7x the rows' px per mm)
+        found['rejected'] = f'grid read {scale.px_per_mm_x:.2f} px/mm along the time axis'
+    return px_per_mv(scale) * rows, input_px_per_s, found
+
+
+def plausible_along_x(scale, png_width):
+    """Whether the grid's px per mm along the time axis is plausible beside the page border's width (as the
+    voltage axis is judged by its height)."""
+    border = png_width / (PAGE_HEIGHT_MM * PAGE_ASPECT)
+    return PLAUSIBLE_SCALE[0] <= scale.px_per_mm_x / border <= PLAUSIBLE_SCALE[1]
+
+
+def pulse_end_column(scale, png_width, width):
+    """Where the page's traces start, in input columns: the median end of its calibration pulses (each row's
+    trace begins where its pulse falls). NaN without a pulse, or with one whose width fits no paper speed on
+    the grid (a misread, not a pulse)."""
+    pulse = scale.pulse
+    if pulse is None or (scale.source == 'grid' and scale.speed_assumed):
+        return float('nan')
+    ends = [x + pulse['width_px'] for x, _ in pulse['positions']]
+    return (float(np.median(ends)) + 0.5) * width / png_width - 0.5
+
+
+def pulse_reading(found, key, assumed):
+    """A gain or paper speed read_scale took from the calibration pulse; NaN where it had to assume it."""
+    return found[key] if found.get('source') and not found[assumed] else float('nan')
+
+
+def crop_to_grid(rgb):
+    """(h, w, 3) page -> (the part inside the padding around its grid, PageBox or None): a page padded
+    with paper (ecg-image-kit --random_padding) is read as its unpadded self, which it reads far better as
+    (22 real ECG windows at 50-120 dpi padded by up to 2 in: 14 of 44 pages below 0 dB, 1 cut to the page)."""
+    box = grid_extent(rgb)
+    if box is None:
+        return rgb, None
+    return np.ascontiguousarray(rgb[box.y0:box.y1, box.x0:box.x1]), box
 
 
 def describe(scale):
@@ -1106,5 +1170,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    import production_dataset
-    production_dataset.run_cli(main)   # an unreadable image: one line naming it
+    ecg_cli.run_cli(main)   # an unreadable image: one line naming it

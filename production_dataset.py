@@ -23,8 +23,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -34,59 +32,27 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import simplejpeg
 import torch
-from PIL import ExifTags, Image, ImageOps
 from scipy.interpolate import CubicSpline
 from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import ecg_cli
+import page_image
 import page_scale
 from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, MM_PER_S, N_LEADS, N_RHYTHM, N_SAMPLES, N_TRACES,
-                      BAND_ROWS, PAGE_ASPECT, PAGE_HEIGHT_MM, RHYTHM, SECONDS, page_layout, row_bands)
+                      RHYTHM, SECONDS, page_layout, row_bands)
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')   # what a folder of pages is searched for
 LAYOUT_NAMES = list(LAYOUTS)       # layout_id indexes this list; -1: a page no known layout draws
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
 MAX_ABS_MV = 20.0                  # physiological ECG stays within a few mV; 20 allows pacing spikes
 PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the PNG (antialiasing, rounding)
-PLAUSIBLE_SCALE = (0.6, 1.5)       # grid px/mm over the border's when no pulse confirms it: padding ~0.8, crops > 1
 MAX_OFF_PAGE_SHARE = 0.05          # share of a lead's plotted pixels that may fall off the page (clipped peaks)
-MIN_PAGE_SIDE = 128                # px: a 50 dpi letter page is 425 px tall; less cannot hold 13 strips
-MIN_PAGE_CONTRAST = 2.0            # grey-level std: below it the image is one colour
-BAND_MARGIN_PITCHES = 1.5         # a row band reaches this many row pitches above the page's top row (below its last)
-PROGRESS_SECONDS = 0.1 if sys.stderr.isatty() else 30.0   # a log file (CI, | tee, nohup) gets a bar line every 30 s
 
 log = logging.getLogger('production_dataset')
 
-
-class InputError(Exception):
-    """A problem with what the user gave (a path, a file, a flag): the message names it and says what is
-    wrong; the scripts print it as one line, without a traceback (ECG_TRACEBACK=1 shows it)."""
-
-
-class SampleError(InputError, ValueError):
-    """A sample that cannot be used; the message names the file and the problem."""
-
-
-def run_cli(main):
-    """Run a script's main(): a problem with the user's input ends in one line and exit status 1, Ctrl-C in
-    exit status 130, without a traceback (ECG_TRACEBACK=1 shows it, for bug reports). Bugs keep theirs."""
-    try:
-        return main()
-    except InputError as exc:
-        if os.environ.get('ECG_TRACEBACK'):
-            raise
-        sys.exit(f'error: {exc}')
-    except KeyboardInterrupt:
-        if os.environ.get('ECG_TRACEBACK'):
-            raise
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
 
 
 @dataclass
@@ -160,33 +126,33 @@ def resample_lead(values, fs, fs_out=FS, n_out=N_SAMPLES):
 def read_signal_csv(path, fs, sig_len):
     """Kaggle signal CSV -> raw (sig_len, 12) float64 array in mV, checked against train.csv."""
     if not path.is_file():
-        raise SampleError(f'{path}: signal CSV not found')
+        raise ecg_cli.SampleError(f'{path}: signal CSV not found')
     try:
         frame = pd.read_csv(path)
     except Exception as exc:  # pandas raises many types for a broken file
-        raise SampleError(f'{path}: unreadable CSV ({exc})') from exc
+        raise ecg_cli.SampleError(f'{path}: unreadable CSV ({exc})') from exc
     missing = [lead for lead in LEADS if lead not in frame.columns]
     if missing:
-        raise SampleError(f'{path}: missing lead columns {missing}; expected {LEADS}')
+        raise ecg_cli.SampleError(f'{path}: missing lead columns {missing}; expected {LEADS}')
     if len(frame) != sig_len:
-        raise SampleError(f'{path}: {len(frame)} rows but train.csv says sig_len={sig_len}')
+        raise ecg_cli.SampleError(f'{path}: {len(frame)} rows but train.csv says sig_len={sig_len}')
     if abs(len(frame) - SECONDS * fs) > max(2, 0.01 * SECONDS * fs):
-        raise SampleError(f'{path}: {len(frame)} rows disagree with fs={fs:g} Hz for {SECONDS:g} s '
+        raise ecg_cli.SampleError(f'{path}: {len(frame)} rows disagree with fs={fs:g} Hz for {SECONDS:g} s '
                           f'(expected {SECONDS * fs:g})')
     try:
         values = frame[LEADS].to_numpy(np.float64)
     except ValueError as exc:
-        raise SampleError(f'{path}: lead columns must hold numbers in mV ({exc})') from exc
+        raise ecg_cli.SampleError(f'{path}: lead columns must hold numbers in mV ({exc})') from exc
     infinite = [lead for lead, column in zip(LEADS, values.T) if np.isinf(column).any()]
     if infinite:
-        raise SampleError(f'{path}: leads {infinite} hold infinite values')
+        raise ecg_cli.SampleError(f'{path}: leads {infinite} hold infinite values')
     with np.errstate(invalid='ignore'):
         wild = [lead for lead, column in zip(LEADS, values.T) if (np.abs(column) > MAX_ABS_MV).any()]
     if wild:
-        raise SampleError(f'{path}: leads {wild} exceed {MAX_ABS_MV:g} mV (not an ECG in mV; wrong units?)')
+        raise ecg_cli.SampleError(f'{path}: leads {wild} exceed {MAX_ABS_MV:g} mV (not an ECG in mV; wrong units?)')
     empty = [lead for lead, column in zip(LEADS, values.T) if not np.isfinite(column).any()]
     if empty:
-        raise SampleError(f'{path}: leads {empty} are entirely NaN')
+        raise ecg_cli.SampleError(f'{path}: leads {empty} are entirely NaN')
     return values
 
 
@@ -201,21 +167,21 @@ def load_signal(path, fs, sig_len):
 def read_train_csv(csv_root):
     """csv_root/train.csv -> {id: (fs, sig_len)}; ids kept as strings (Kaggle ids are digits)."""
     if not Path(csv_root).is_dir():
-        raise InputError(f'{csv_root}: --csv_root is not a folder')
+        raise ecg_cli.InputError(f'{csv_root}: --csv_root is not a folder')
     path = Path(csv_root) / 'train.csv'
     if not path.is_file():
-        raise InputError(f'{path}: train.csv (id,fs,sig_len) not found under --csv_root')
+        raise ecg_cli.InputError(f'{path}: train.csv (id,fs,sig_len) not found under --csv_root')
     try:
         table = pd.read_csv(path, dtype={'id': str})
     except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:   # binary or broken file
-        raise InputError(f'{path}: not a readable CSV ({type(exc).__name__}); expected columns id,fs,sig_len') from exc
+        raise ecg_cli.InputError(f'{path}: not a readable CSV ({type(exc).__name__}); expected columns id,fs,sig_len') from exc
     missing = {'id', 'fs', 'sig_len'} - set(table.columns)
     if missing:
-        raise InputError(f'{path}: missing columns {sorted(missing)}; expected id,fs,sig_len')
+        raise ecg_cli.InputError(f'{path}: missing columns {sorted(missing)}; expected id,fs,sig_len')
     try:
         return {row.id: (float(row.fs), int(row.sig_len)) for row in table.itertuples()}
     except (TypeError, ValueError) as exc:
-        raise InputError(f'{path}: fs and sig_len must be numbers ({exc})') from exc
+        raise ecg_cli.InputError(f'{path}: fs and sig_len must be numbers ({exc})') from exc
 
 
 def find_samples(sim_root, csv_root, max_samples=None):
@@ -224,10 +190,10 @@ def find_samples(sim_root, csv_root, max_samples=None):
     Returns (refs, problems): problems are (path, message) for files that cannot be paired."""
     sim_root, csv_root = Path(sim_root), Path(csv_root)
     if not sim_root.is_dir():
-        raise InputError(f'{sim_root}: --sim_root is not a folder')
+        raise ecg_cli.InputError(f'{sim_root}: --sim_root is not a folder')
     records = read_train_csv(csv_root)
     if not any(sim_root.rglob('*.png')):
-        raise InputError(f'{sim_root}: no .png image anywhere under --sim_root (expected {{id}}-{{k}}.png + .json)')
+        raise ecg_cli.InputError(f'{sim_root}: no .png image anywhere under --sim_root (expected {{id}}-{{k}}.png + .json)')
     refs, problems, ids_with_images = [], [], set()
     for png in sorted(sim_root.rglob('*.png')):
         record_id = png.stem.rsplit('-', 1)[0]
@@ -249,21 +215,13 @@ def find_samples(sim_root, csv_root, max_samples=None):
 
 def read_json(path):
     if not path.is_file():
-        raise SampleError(f'{path}: JSON beside the PNG not found')
+        raise ecg_cli.SampleError(f'{path}: JSON beside the PNG not found')
     try:
         with open(path) as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SampleError(f'{path}: malformed JSON ({exc})') from exc
+        raise ecg_cli.SampleError(f'{path}: malformed JSON ({exc})') from exc
 
-
-def png_size(path):
-    """(width, height) from the PNG header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except Exception as exc:
-        raise SampleError(f'{path}: unreadable PNG ({exc})') from exc
 
 
 def page_offset(meta, png_wh, path):
@@ -274,7 +232,7 @@ def page_offset(meta, png_wh, path):
     pad = float(meta.get('pad_inches', 0) or 0) * float(meta.get('resolution', 0) or 0)
     if pad and png_wh == (round(width + 2 * pad), round(height + 2 * pad)):
         return pad
-    raise SampleError(f'{path}: PNG is {png_wh[0]}x{png_wh[1]} but its JSON says {width}x{height} '
+    raise ecg_cli.SampleError(f'{path}: PNG is {png_wh[0]}x{png_wh[1]} but its JSON says {width}x{height} '
                       f'(pad_inches={meta.get("pad_inches")})')
 
 
@@ -286,18 +244,18 @@ def trace_channels(leads, path):
     for i, entry in enumerate(leads):
         name = entry.get('lead_name')
         if name not in LEADS:
-            raise SampleError(f'{path}: unknown lead_name {name!r}')
+            raise ecg_cli.SampleError(f'{path}: unknown lead_name {name!r}')
         by_name.setdefault(name, []).append(i)
         channels.append(LEADS.index(name))
     rhythm = []
     for name, entries in by_name.items():
         if len(entries) > 2:
-            raise SampleError(f'{path}: lead {name} appears {len(entries)} times')
+            raise ecg_cli.SampleError(f'{path}: lead {name} appears {len(entries)} times')
         if len(entries) == 2:
             lengths = [leads[i]['end_sample'] - leads[i]['start_sample'] for i in entries]
             rhythm.append(entries[int(np.argmax(lengths))])
     if len(rhythm) > N_RHYTHM:
-        raise SampleError(f'{path}: {len(rhythm)} rhythm strips (leads drawn twice); a page holds at most {N_RHYTHM}')
+        raise ecg_cli.SampleError(f'{path}: {len(rhythm)} rhythm strips (leads drawn twice); a page holds at most {N_RHYTHM}')
     for k, i in enumerate(sorted(rhythm, key=lambda i: mean_row(leads[i]))):
         channels[i] = RHYTHM + k
     return channels
@@ -314,11 +272,11 @@ def parse_page(ref):
     meta = read_json(ref.json)
     missing = [k for k in ('width', 'height', 'x_grid', 'y_grid', 'leads') if k not in meta]
     if missing:
-        raise SampleError(f'{ref.json}: missing keys {missing}')
+        raise ecg_cli.SampleError(f'{ref.json}: missing keys {missing}')
     json_fs = float(meta.get('sampling_frequency', ref.fs))
     if abs(json_fs - ref.fs) > 1e-6:
-        raise SampleError(f'{ref.json}: sampling_frequency {json_fs:g} disagrees with train.csv fs {ref.fs:g}')
-    png_wh = png_size(ref.png)
+        raise ecg_cli.SampleError(f'{ref.json}: sampling_frequency {json_fs:g} disagrees with train.csv fs {ref.fs:g}')
+    png_wh = page_image.png_size(ref.png)
     offset = page_offset(meta, png_wh, ref.png)
     leads = meta['leads']
     channels = trace_channels(leads, ref.json)
@@ -327,10 +285,10 @@ def parse_page(ref):
         start, end = int(entry['start_sample']), int(entry['end_sample'])
         pixels = np.asarray(entry.get('plotted_pixels', []), np.float64).reshape(-1, 2)
         if len(pixels) != end - start:
-            raise SampleError(f'{ref.json}: lead {entry["lead_name"]} has {len(pixels)} plotted_pixels '
+            raise ecg_cli.SampleError(f'{ref.json}: lead {entry["lead_name"]} has {len(pixels)} plotted_pixels '
                               f'for samples [{start}, {end})')
         if end > ref.sig_len or start < 0:
-            raise SampleError(f'{ref.json}: lead {entry["lead_name"]} samples [{start}, {end}) outside '
+            raise ecg_cli.SampleError(f'{ref.json}: lead {entry["lead_name"]} samples [{start}, {end}) outside '
                               f'the signal of {ref.sig_len} rows')
         xy = pixels[:, ::-1] + offset   # JSON gives [row, col]
         check_inside(xy, png_wh, ref.json, entry['lead_name'])
@@ -379,7 +337,7 @@ def check_inside(xy, png_wh, path, lead):
     outside = ((finite < low) | (finite > high)).any(axis=1)
     if len(outside) and outside.mean() > MAX_OFF_PAGE_SHARE:
         x, y = finite[np.argmax(outside)]
-        raise SampleError(f'{path}: lead {lead} has {int(outside.sum())} of {len(outside)} plotted_pixels outside '
+        raise ecg_cli.SampleError(f'{path}: lead {lead} has {int(outside.sum())} of {len(outside)} plotted_pixels outside '
                           f'the {png_wh[0]}x{png_wh[1]} image (e.g. row {y:.0f}, col {x:.0f})')
 
 
@@ -483,44 +441,16 @@ def derotate(xy, theta_deg, png_wh):
     return (xy - centre) @ inverse.T + centre
 
 
-def band_bounds(rows, band, height):
-    """(first, end) image rows of a row band of a de-rotated 12-row page: rows (12,) the row (px) each place's
-    trace runs at, top down. A band reaches to the trace of the row beyond each of its ends (a row pitch: its
-    own rows' deflections that way stay whole), or BAND_MARGIN_PITCHES past its outer row at the page's top and
-    bottom (the header and margins left out). Rows that are no 12-row page's (a misreading) are taken evenly
-    spaced down the page."""
-    rows = np.asarray(rows, np.float64)
-    steps = np.diff(rows)
-    if not (np.isfinite(rows).all() and (steps > 0).all() and rows[0] > 0 and rows[-1] < height):
-        rows = (np.arange(len(rows)) + 1.5) * height / (len(rows) + 2)
-        steps = np.diff(rows)
-    pitch = float(np.median(steps))
-    top, bottom = band * BAND_ROWS, band * BAND_ROWS + BAND_ROWS - 1
-    first = rows[top - 1] if top > 0 else rows[0] - BAND_MARGIN_PITCHES * pitch
-    end = rows[bottom + 1] if bottom + 1 < len(rows) else rows[-1] + BAND_MARGIN_PITCHES * pitch
-    return max(0, int(math.floor(first))), min(int(height), int(math.ceil(end)) + 1)
-
-
-def band_pixels(rgb, crop):
-    """(h, w, 3) page -> the row band crop = (theta_deg, first, end) cuts from the page turned upright (about
-    its centre, as derotate turns points; white beyond the page's corners)."""
-    theta, first, end = crop
-    if abs(theta) > 1e-6:
-        h, w = rgb.shape[:2]
-        turn = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), theta, 1.0)
-        rgb = cv2.warpAffine(rgb, turn, (w, h), flags=cv2.INTER_LINEAR, borderValue=(255, 255, 255))
-    return np.ascontiguousarray(rgb[first:end])
-
 
 def band_of_page(page, band, theta, png_wh):
-    """A whole 12-row page's geometry (parse_page) -> (that of its row band `band`, the crop for band_pixels):
+    """A whole 12-row page's geometry (parse_page) -> (that of its row band `band`, the crop for page_image.band_pixels):
     the band's strips in the upright crop's pixels, its layout (ecg_page.row_bands) and grid."""
     bands = row_bands(LAYOUTS[layout_name(page['layout_id'])])
     entries = [dict(e, xy=derotate(e['xy'], theta, png_wh)) for e in page['entries']]
     rows = np.full(N_LEADS, np.nan)
     for entry in entries:
         rows[entry['channel']] = np.nanmean(entry['xy'][:, 1])
-    first, end = band_bounds(rows, band, png_wh[1])
+    first, end = page_image.band_bounds(rows, band, png_wh[1])
     shift = np.array([0.0, first])
     layout = bands[band]
     channels = set(layout.lead_channels()[0][[LEADS.index(row[0]) for row in layout.rows]].tolist())
@@ -574,155 +504,11 @@ def signal_shown_mask(page, signal, fs):
     return shown & np.isfinite(signal)
 
 
-@dataclass(frozen=True)
-class ImagePage:
-    """One page of an image file: a PNG or JPEG holds one, a TIFF may hold several (index counts from 0)."""
-    path: Path
-    index: int = 0
-    count: int = 1
 
-    @property
-    def name(self):
-        """What the page's outputs are named by: the file's stem, with _p{page} on a file of several pages."""
-        return self.path.stem if self.count == 1 else f'{self.path.stem}_p{self.index + 1}'
-
-    def __str__(self):
-        return str(self.path) if self.count == 1 else f'{self.path} page {self.index + 1}'
-
-
-def image_pages(path):
-    """The pages of an image file (ImagePage each): every page of a multi-page TIFF, else the one. A file that
-    does not open is one page here; reading it names the problem (read_rgb)."""
-    path = Path(path)
-    if path.suffix.lower() not in ('.tif', '.tiff'):
-        return [ImagePage(path)]
-    try:
-        with Image.open(path) as image:
-            count = getattr(image, 'n_frames', 1)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        count = 1
-    return [ImagePage(path, k, count) for k in range(count)]
-
-
-def read_rgb(path, page=0):
-    """The toolkit's one image reader: any image Pillow reads (PNG, JPEG, TIFF and its pages, ...) -> (h, w, 3)
-    uint8 RGB at its own size, turned as its EXIF orientation says (phone photos are stored on their side).
-    Gray is repeated; RGBA is composited over white paper (a transparent page is paper, not black); 16-bit
-    is scaled to 8; CMYK converted. A truncated or corrupt file is refused (Pillow's strict loading: a JPEG cut
-    short or with broken data would otherwise decode with a grey or smeared part), and so are images too small
-    or too blank to be an ECG page, so nobody trains on them or reads a signal out of them."""
-    where = f'{path}' if page == 0 else f'{path} page {page + 1}'
-    try:
-        with Image.open(path) as image:
-            if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
-                rgb = strict_jpeg(path, image)
-            else:
-                image.seek(page)
-                image.load()
-                rgb = pillow_rgb(upright(image))
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise SampleError(f'{where}: unreadable image, could not decode its pixels ({exc})') from exc
-    check_page_pixels(rgb, where)
-    return rgb
-
-
-# Pillow's transposition for each EXIF orientation tag, as ImageOps.exif_transpose applies them
-EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
-
-
-def strict_jpeg(path, image):
-    """An RGB or gray JPEG (opened by Pillow, for its EXIF) -> (h, w, 3) uint8 RGB, turned upright, decoded by
-    libjpeg-turbo with its warnings as errors (simplejpeg strict): Pillow decodes a JPEG whose data was
-    overwritten (4 KiB of zeros) without a word, as grey blocks. The same pixels as Pillow's, in half its time."""
-    rgb = simplejpeg.decode_jpeg(Path(path).read_bytes(), colorspace='RGB', strict=True)
-    turn = EXIF_TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation, 1))
-    return rgb if turn is None else np.asarray(Image.fromarray(rgb).transpose(turn))
-
-
-def upright(image):
-    """A Pillow image turned as its EXIF orientation tag says (the tag is absent or 1 on most pages: no copy)."""
-    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
-        return ImageOps.exif_transpose(image)
-    return image
-
-
-def pillow_rgb(image):
-    """A loaded Pillow image of any mode -> (h, w, 3) uint8 RGB (over_white_paper where it has alpha)."""
-    if image.mode in ('I;16', 'I;16L', 'I;16B', 'I'):    # 16-bit gray (and 32-bit integer TIFFs)
-        gray = (np.clip(np.asarray(image, np.int64), 0, 65535) // 257).astype(np.uint8)
-        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
-    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-        return over_white_paper(np.asarray(image.convert('RGBA')))
-    if image.mode == 'L':
-        return cv2.cvtColor(np.asarray(image), cv2.COLOR_GRAY2RGB)
-    return np.asarray(image if image.mode == 'RGB' else image.convert('RGB'))
-
-
-def over_white_paper(rgba):
-    """(h, w, 4) uint8 RGBA -> (h, w, 3) uint8 RGB composited over white. ecg-image-kit writes RGBA pages
-    that are all opaque: those skip the float blend, which costs as much as decoding the PNG."""
-    alpha = rgba[..., 3]
-    if int(alpha.min()) == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    weight = alpha[..., None].astype(np.float32) / 255.0
-    return (rgba[..., :3] * weight + 255.0 * (1 - weight)).round().astype(np.uint8)
-
-
-def pixel_std(rgb):
-    """Standard deviation over all pixels and channels, from cv2's per-channel moments (a fraction of
-    numpy's cost on a 2200 x 1700 page)."""
-    mean, std = cv2.meanStdDev(rgb)
-    return float(np.sqrt(np.mean(std ** 2 + mean ** 2) - np.mean(mean) ** 2))
-
-
-def check_page_pixels(rgb, path):
-    """An ECG page has some size and some ink: a 1x1 or one-colour image is a mistake, not a page."""
-    height, width = rgb.shape[:2]
-    if min(height, width) < MIN_PAGE_SIDE:
-        raise SampleError(f'{path}: image is {width}x{height} px, too small for an ECG page '
-                          f'(at least {MIN_PAGE_SIDE} px a side)')
-    if pixel_std(rgb) < MIN_PAGE_CONTRAST:
-        raise SampleError(f'{path}: image is blank (one colour, no trace or grid to read)')
-
-
-def resize_page(rgb, size_hw):
-    """(h, w, 3) uint8 page -> (H, W, 3) uint8 at the network's input size; area interpolation keeps thin
-    traces (a 1 px trace survives a 4x shrink as a grey line instead of vanishing between samples)."""
-    return cv2.resize(rgb, (int(size_hw[1]), int(size_hw[0])), interpolation=cv2.INTER_AREA)
-
-
-def normalize(picture):
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 tensor, ImageNet-normalized as the encoders expect."""
-    image = (picture.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(image.transpose(2, 0, 1).copy())
-
-
-def preprocess(rgb, size_hw):
-    """The one path from a page to the network, for training, evaluation and inference:
-    (h, w, 3) uint8 RGB -> ((3, H, W) input tensor, (H, W, 3) uint8 picture, page aspect w / h)."""
-    picture = resize_page(rgb, size_hw)
-    return normalize(picture), picture, rgb.shape[1] / rgb.shape[0]
-
-
-def crop_to_grid(rgb):
-    """(h, w, 3) page -> (the part inside the padding around its grid, page_scale.PageBox or None): a page padded
-    with paper (ecg-image-kit --random_padding) is read as its unpadded self, which it reads far better as
-    (22 real ECG windows at 50-120 dpi padded by up to 2 in: 14 of 44 pages below 0 dB, 1 cut to the page)."""
-    box = page_scale.grid_extent(rgb)
-    if box is None:
-        return rgb, None
-    return np.ascontiguousarray(rgb[box.y0:box.y1, box.x0:box.x1]), box
-
-
-def reading_rgb(path):
-    """A page file's pixels as reading sees them (evaluation, validation: what build_sample reads with scale)."""
-    return crop_to_grid(read_rgb(path))[0]
 
 
 def page_in_box(page, box):
-    """A page's geometry (parse_page) in the pixels of its crop to `box` (crop_to_grid)."""
+    """A page's geometry (parse_page) in the pixels of its crop to `box` (page_scale.crop_to_grid)."""
     shift = np.array([box.x0, box.y0], np.float64)
     entries = [dict(e, xy=e['xy'] - shift) for e in page['entries']]
     grid = page['grid'] and dict(page['grid'], origin_xy=page['grid']['origin_xy'] - shift,
@@ -732,69 +518,19 @@ def page_in_box(page, box):
 
 def read_image(path, size_hw, crop=None):
     """Page file -> ((H, W, 3) uint8 RGB picture at the input size, (w, h) of the file, its RGB); crop: a row
-    band's (band_pixels), read instead of the whole page."""
-    rgb = read_rgb(path)
+    band's (page_image.band_pixels), read instead of the whole page."""
+    rgb = page_image.read_rgb(path)
     if crop is not None:
-        rgb = band_pixels(rgb, crop)
-    return resize_page(rgb, size_hw), rgb.shape[1::-1], rgb
+        rgb = page_image.band_pixels(rgb, crop)
+    return page_image.resize_page(rgb, size_hw), rgb.shape[1::-1], rgb
 
-
-def read_scale(rgb, size_hw):
-    """The page's own scale at the input size, read from its grid and calibration pulse (page_scale):
-    (px_per_mv, px_per_s, what was found). NaN where the page shows neither (px_per_s also where only the
-    pulse gave the scale): the decoder then falls back to the page border. Padding, cropping or rescaling a
-    page leaves this right, the border not."""
-    scale = page_scale.estimate_scale(rgb)
-    found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
-             'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
-             'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y, 'pulse_found': scale.pulse is not None,
-             'grid_confidence': scale.confidence if scale.source == 'grid' else 0.0}
-    # px per mm if the image were the whole page edge to edge, by its height or its width (a crop to the
-    # traces keeps most of the width); the nearer one judges the reading
-    borders = (rgb.shape[0] / PAGE_HEIGHT_MM, rgb.shape[1] / (PAGE_HEIGHT_MM * PAGE_ASPECT))
-    border = min(borders, key=lambda b: abs(math.log(scale.px_per_mm_y / b)) if scale.source else 0)
-    confirmed = not (scale.gain_assumed or scale.speed_assumed)   # the pulse fits the grid at a real gain
-    plausible = PLAUSIBLE_SCALE[0] <= scale.px_per_mm_y / border <= PLAUSIBLE_SCALE[1]
-    if scale.source is not None and not (plausible or confirmed):
-        found['source'] = None   # a misread grid (faint colours, low dpi): the border is the better guess
-        found['rejected'] = f'{scale.source} read {scale.px_per_mm_y:.2f} px/mm, the page border {border:.2f}'
-    found['trace_start_column'] = pulse_end_column(scale, rgb.shape[1], size_hw[1])
-    if found['source'] is None:
-        return float('nan'), float('nan'), found
-    rows = size_hw[0] / rgb.shape[0]
-    cols = size_hw[1] / rgb.shape[1]
-    # without a grid, px per s would come from the pulse's 5 mm width, read to 1-2 %: over a 10 s strip that
-    # is 0.1-0.2 s, which costs more than the border's guess on all but padded or cropped pages
-    px_per_s = page_scale.px_per_s(scale) * cols if found['source'] == 'grid' else float('nan')
-    if found['source'] == 'grid' and not plausible_along_x(scale, rgb.shape[1]):
-        px_per_s = float('nan')   # the time axis misread (aliasing at 50-75 dpi: 7x the rows' px per mm)
-        found['rejected'] = f'grid read {scale.px_per_mm_x:.2f} px/mm along the time axis'
-    return page_scale.px_per_mv(scale) * rows, px_per_s, found
-
-
-def plausible_along_x(scale, png_width):
-    """Whether the grid's px per mm along the time axis is plausible beside the page border's width (as the
-    voltage axis is judged by its height)."""
-    border = png_width / (PAGE_HEIGHT_MM * PAGE_ASPECT)
-    return PLAUSIBLE_SCALE[0] <= scale.px_per_mm_x / border <= PLAUSIBLE_SCALE[1]
-
-
-def pulse_end_column(scale, png_width, width):
-    """Where the page's traces start, in input columns: the median end of its calibration pulses (each row's
-    trace begins where its pulse falls). NaN without a pulse, or with one whose width fits no paper speed on
-    the grid (a misread, not a pulse)."""
-    pulse = scale.pulse
-    if pulse is None or (scale.source == 'grid' and scale.speed_assumed):
-        return float('nan')
-    ends = [x + pulse['width_px'] for x, _ in pulse['positions']]
-    return (float(np.median(ends)) + 0.5) * width / png_width - 0.5
 
 
 def build_sample(ref, size_hw, scale=False):
     """Read one sample and build every target at the input size (no augmentation); with scale, also the
-    scale the page itself shows (read_scale: what evaluation decodes with, as inference does).
+    scale the page itself shows (page_scale.read_scale: what evaluation decodes with, as inference does).
 
-    Returns a dict of numpy arrays; raises SampleError naming the file on bad input."""
+    Returns a dict of numpy arrays; raises ecg_cli.SampleError naming the file on bad input."""
     page = parse_page(ref)
     raw = read_signal_csv(ref.csv, ref.fs, ref.sig_len)
     signal = np.stack([resample_lead(column, ref.fs) for column in raw.T])
@@ -806,14 +542,14 @@ def build_sample(ref, size_hw, scale=False):
         theta = theta or 0.0
     crop = None
     if ref.band is not None:
-        page, crop = band_of_page(page, ref.band, theta, png_size(ref.png))
+        page, crop = band_of_page(page, ref.band, theta, page_image.png_size(ref.png))
         theta, theta_valid = 0.0, True
     image, png_wh, rgb = read_image(ref.png, size_hw, crop)
     if scale and crop is None:   # read as inference reads it: padding around the grid cut off
-        rgb, box = crop_to_grid(rgb)
+        rgb, box = page_scale.crop_to_grid(rgb)
         if box is not None:
-            page, image, png_wh = page_in_box(page, box), resize_page(rgb, size_hw), rgb.shape[1::-1]
-    read_px_per_mv, read_px_per_s, found = read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), {})
+            page, image, png_wh = page_in_box(page, box), page_image.resize_page(rgb, size_hw), rgb.shape[1::-1]
+    read_px_per_mv, read_px_per_s, found = page_scale.read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), {})
     scale_xy = np.array([size_hw[1] / png_wh[0], size_hw[0] / png_wh[1]])
     targets = trace_targets(page, raw, theta, scale_xy, size_hw, ref.fs, png_wh)
     if page['grid'] is not None:
@@ -822,15 +558,15 @@ def build_sample(ref, size_hw, scale=False):
         grid = np.zeros(size_hw, np.uint8)
     mask = signal_shown_mask(page, signal, ref.fs)
     if not mask.any():
-        raise SampleError(f'{ref.json}: no plotted sample of the image has a finite value in {ref.csv}')
+        raise ecg_cli.SampleError(f'{ref.json}: no plotted sample of the image has a finite value in {ref.csv}')
     targets.update(image=image, grid=grid, signal=np.nan_to_num(signal).astype(np.float32), signal_mask=mask,
                    theta=np.float32(theta), theta_valid=np.float32(theta_valid),
                    grid_valid=np.float32(page['has_grid_info']), style=page['style'],
                    px_per_mv=np.float32(page['px_per_mv'] * scale_xy[1]),
                    read_px_per_mv=np.float32(read_px_per_mv), read_px_per_s=np.float32(read_px_per_s),
                    gain_mm_mv=np.float32(page['gain_mm_mv']), paper_speed_mm_s=np.float32(page['paper_speed_mm_s']),
-                   read_gain_mm_mv=np.float32(pulse_reading(found, 'gain_mm_mv', 'gain_assumed')),
-                   read_speed_mm_s=np.float32(pulse_reading(found, 'paper_speed_mm_s', 'speed_assumed')),
+                   read_gain_mm_mv=np.float32(page_scale.pulse_reading(found, 'gain_mm_mv', 'gain_assumed')),
+                   read_speed_mm_s=np.float32(page_scale.pulse_reading(found, 'paper_speed_mm_s', 'speed_assumed')),
                    read_start=np.float32(found.get('trace_start_column', float('nan'))),
                    page_aspect=np.float32(png_wh[0] / png_wh[1]),
                    rhythm_leads=page['rhythm_leads'].astype(np.int64), layout_id=np.int64(page['layout_id']),
@@ -838,18 +574,14 @@ def build_sample(ref, size_hw, scale=False):
     return targets
 
 
-def pulse_reading(found, key, assumed):
-    """A gain or paper speed read_scale took from the calibration pulse; NaN where it had to assume it."""
-    return found[key] if found.get('source') and not found[assumed] else float('nan')
-
 
 def check_sample(ref):
     """Full check of one sample before training: JSON, CSV values and the decoded pixels (a PNG whose
-    header reads but whose pixels do not would otherwise end a long run); raises SampleError. -> the
+    header reads but whose pixels do not would otherwise end a long run); raises ecg_cli.SampleError. -> the
     page's layout name (ecg_page.LAYOUTS), or None for strips no known layout draws."""
     page = parse_page(ref)
     read_signal_csv(ref.csv, ref.fs, ref.sig_len)
-    read_rgb(ref.png)
+    page_image.read_rgb(ref.png)
     return layout_name(page['layout_id'])
 
 
@@ -986,11 +718,11 @@ class CheckedSamples:
 def check_samples(refs, progress=False):
     """Every sample checked (check_sample: JSON, CSV values, decoded pixels) -> CheckedSamples."""
     good, layouts, problems = [], [], []
-    for ref in tqdm(refs, desc='checking samples', disable=not progress, mininterval=PROGRESS_SECONDS):
+    for ref in tqdm(refs, desc='checking samples', disable=not progress, mininterval=ecg_cli.PROGRESS_SECONDS):
         try:
             layouts.append(check_sample(ref))
             good.append(ref)
-        except SampleError as exc:
+        except ecg_cli.SampleError as exc:
             problems.append((str(ref.png), str(exc)))
     return CheckedSamples(good, layouts, problems)
 
@@ -1045,12 +777,12 @@ class ECGImageDataset(Dataset):
     def _fill_cache(self, progress):
         samples, refs = [], []
         for ref in tqdm(self.refs, desc='caching samples', disable=not progress,
-                        mininterval=PROGRESS_SECONDS):
+                        mininterval=ecg_cli.PROGRESS_SECONDS):
             try:
                 sample = build_sample(ref, self.size_hw, self.read_scale)
                 bands = band_refs(ref, layout_name(sample['layout_id'])) if self.row_bands else []
                 built = [sample] + [build_sample(band, self.size_hw, self.read_scale) for band in bands]
-            except SampleError as exc:
+            except ecg_cli.SampleError as exc:
                 self.problems.append((str(ref.png), str(exc)))
                 continue
             samples += built
@@ -1085,11 +817,11 @@ class ECGImageDataset(Dataset):
             try:
                 sample = self.base_sample(i)
                 break
-            except SampleError as exc:   # e.g. a PNG whose header reads but whose pixels do not
+            except ecg_cli.SampleError as exc:   # e.g. a PNG whose header reads but whose pixels do not
                 log.error('skipped sample %s: %s', self.refs[i].png, exc)
                 self.problems.append((str(self.refs[i].png), str(exc)))
         else:
-            raise SampleError('no readable sample left in the data set')
+            raise ecg_cli.SampleError('no readable sample left in the data set')
         if self.augment:
             sample = self.augment_sample(sample)
         return self.to_tensors(sample, self.refs[i])
@@ -1109,7 +841,7 @@ class ECGImageDataset(Dataset):
 
     def to_tensors(self, sample, ref):
         out = {name: torch.as_tensor(np.array(sample[name])) for name in CACHE_FIELDS if name != 'image'}
-        out['image'] = normalize(sample['image'])
+        out['image'] = page_image.normalize(sample['image'])
         out['seg'] = out['seg'].long()
         out['grid'] = out['grid'].float()
         out['baseline'] = out['baseline'].float()
@@ -1120,11 +852,6 @@ class ECGImageDataset(Dataset):
         out['style'] = sample['style']
         return out
 
-
-def denormalize(image):
-    """(3, H, W) normalized tensor -> (H, W, 3) uint8 RGB for pictures."""
-    array = image.detach().cpu().float().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
-    return np.clip(array * 255, 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- validation CLI
@@ -1137,7 +864,7 @@ LEAD_COLOURS = np.array([[0, 0, 0]] + [[int(255 * c) for c in col] for col in (
 
 def preview_panel(sample):
     """Input image with the seg target (lead colours), 0 mV lines (green) and grid target (blue) overlaid."""
-    panel = denormalize(sample['image']).copy()
+    panel = page_image.denormalize(sample['image']).copy()
     grid = sample['grid'].numpy() > 0
     panel[grid] = (0.6 * panel[grid] + 0.4 * np.array([60, 120, 255])).astype(np.uint8)
     base = sample['baseline'].numpy() > 0
@@ -1198,4 +925,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    ecg_cli.run_cli(main)

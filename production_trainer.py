@@ -42,9 +42,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import ecg_checkpoint
+import ecg_cli
 import ecg_model
 import ecg_trainer
-import inference
+import page_image
+import page_reader
 import production_dataset as pdx
 import speed
 
@@ -136,19 +138,19 @@ def settings_file(path, known):
         with open(path) as handle:
             file_config = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise pdx.InputError(f'{path}: --config is not a readable JSON file ({exc})') from exc
+        raise ecg_cli.InputError(f'{path}: --config is not a readable JSON file ({exc})') from exc
     if not isinstance(file_config, dict):
-        raise pdx.InputError(f'{path}: --config must hold a JSON object of settings')
+        raise ecg_cli.InputError(f'{path}: --config must hold a JSON object of settings')
     weights = file_config.pop('loss_weights', None) or {}
     unknown_weights = sorted(set(weights) - set(LOSS_NAMES))
     if unknown_weights:
-        raise pdx.InputError(f'{path}: unknown loss_weights {unknown_weights}; known: {LOSS_NAMES}')
+        raise ecg_cli.InputError(f'{path}: unknown loss_weights {unknown_weights}; known: {LOSS_NAMES}')
     settings = {f'loss_weight_{name}': value for name, value in weights.items()}
     for key in RECORDED_KEYS + ('config', 'resume'):
         file_config.pop(key, None)
     unknown = sorted(set(file_config) - set(known))
     if unknown:
-        raise pdx.InputError(f'{path}: unknown settings {unknown}; every flag of production_trainer.py --help '
+        raise ecg_cli.InputError(f'{path}: unknown settings {unknown}; every flag of production_trainer.py --help '
                              f'can be set by its name (e.g. "lr", "image_size")')
     return {**settings, **file_config}
 
@@ -184,7 +186,7 @@ def resolve_config(argv=None):
     config.update(cli)
     conflicts = resume_conflicts({**from_file, **cli}, resumed)
     if conflicts:
-        raise pdx.InputError(f'--resume {args.resume}: a resumed run keeps the model it was trained with; '
+        raise ecg_cli.InputError(f'--resume {args.resume}: a resumed run keeps the model it was trained with; '
                              f'drop {", ".join(conflicts)} or start a new run')
     config['changed_on_resume'] = {k: [resumed[k], config[k]] for k in resumed
                                    if k in cli or k in from_file if resumed[k] != config[k]}
@@ -192,7 +194,7 @@ def resolve_config(argv=None):
     config['loss_weights'] = {name: config.pop(f'loss_weight_{name}') for name in LOSS_NAMES}
     for key in ('sim_root', 'csv_root'):
         if not config[key]:
-            raise pdx.InputError(f'--{key} is required (or give it in --config, or --resume a run that had it)')
+            raise ecg_cli.InputError(f'--{key} is required (or give it in --config, or --resume a run that had it)')
     if args.debug:
         config['max_samples'] = min(config['max_samples'] or DEBUG_SAMPLES, DEBUG_SAMPLES)
         config['epochs'] = DEBUG_EPOCHS
@@ -205,7 +207,7 @@ def select_metric(config):
     has_val = config['val_fraction'] > 0
     chosen = config['select_metric'] or ('snr_db' if has_val else 'latest')
     if chosen != 'latest' and not has_val:
-        raise pdx.InputError(f'--select_metric {chosen} needs a validation split; with --val_fraction 0 use '
+        raise ecg_cli.InputError(f'--select_metric {chosen} needs a validation split; with --val_fraction 0 use '
                              f'--select_metric latest')
     return chosen
 
@@ -229,7 +231,7 @@ def pick_device(force_cpu, local_rank):
 
 
 def amp_settings(device, amp, amp_dtype):
-    """(enabled, dtype, use GradScaler, reason): speed.amp_choice, one choice per machine."""
+    """speed.AmpSettings: one choice per machine (speed.amp_choice)."""
     return speed.amp_choice(device, amp, amp_dtype)
 
 
@@ -238,7 +240,7 @@ def resume_run_dir(path):
     path = Path(path).resolve()
     run_dir = path.parent.parent
     if path.parent.name != 'checkpoints' or not (run_dir / 'config.json').is_file():
-        raise pdx.InputError(f'--resume {path}: cannot tell which run it belongs to (expected '
+        raise ecg_cli.InputError(f'--resume {path}: cannot tell which run it belongs to (expected '
                              f'RUN/checkpoints/{path.name} with RUN/config.json); resume from a run folder\'s '
                              f'checkpoint, or start a new run with --pretrained_path for its encoder')
     return run_dir
@@ -262,7 +264,7 @@ def make_run_folders(run_dir):
         probe.write_bytes(b'')
         probe.unlink()
     except OSError as exc:
-        raise pdx.InputError(f'{run_dir}: cannot write the run folder here ({exc.strerror or exc}); '
+        raise ecg_cli.InputError(f'{run_dir}: cannot write the run folder here ({exc.strerror or exc}); '
                              f'choose another --output_dir') from exc
 
 
@@ -309,7 +311,7 @@ def build_datasets(config):
     for path, message in problems:
         log.warning('skipped %s: %s', path, message)
     if not refs:
-        raise pdx.InputError(f'no images paired with signals under --sim_root {config["sim_root"]} / '
+        raise ecg_cli.InputError(f'no images paired with signals under --sim_root {config["sim_root"]} / '
                              f'--csv_root {config["csv_root"]}')
     checked = pdx.check_samples(refs, progress=True)
     for path, message in checked.problems:
@@ -324,9 +326,9 @@ def build_datasets(config):
     log.info('page layouts in training: %s', ', '.join(f'{name or "unknown"} {n}' for name, n in
                                                        sorted(train.layouts.items(), key=lambda kv: -kv[1])))
     if len(train) == 0:
-        raise pdx.InputError('no usable training sample; run production_dataset.py on the data to see why')
+        raise ecg_cli.InputError('no usable training sample; run production_dataset.py on the data to see why')
     if val_part.refs and len(val) == 0:
-        raise pdx.InputError('no usable validation sample (all were bad, see above); fix them or use '
+        raise ecg_cli.InputError('no usable validation sample (all were bad, see above); fix them or use '
                              '--val_fraction 0 --select_metric latest')
     return train, val
 
@@ -455,7 +457,7 @@ def to_device(batch, device):
 def train_step(model, batch, criterion, optimizer, scaler, amp, device):
     """Forward, backward, update -> (losses, updated). A non-finite loss or gradient skips the update
     (as GradScaler does for fp16 overflow), so one bad step never reaches the weights."""
-    with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
+    with amp.autocast(device):
         outputs = model(batch['image'], ecg_model.true_geometry(batch))
         losses = criterion(outputs, batch)
     optimizer.zero_grad(set_to_none=True)
@@ -482,7 +484,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
     total = len(loader) if hasattr(loader, '__len__') else None   # bench_threads passes a timed generator
     bar = tqdm(islice(loader, state['step_in_epoch'], None), total=total, initial=state['step_in_epoch'],
                desc=f'epoch {state["epoch"] + 1}/{planned_epochs(scheduler)}', disable=rank != 0, leave=False,
-               mininterval=pdx.PROGRESS_SECONDS)
+               mininterval=ecg_cli.PROGRESS_SECONDS)
     for batch in bar:
         losses, updated = train_step(model, to_device(batch, device), criterion, optimizer, scaler, amp, device)
         state['global_step'] += 1
@@ -533,22 +535,20 @@ def log_losses(writer, split, losses, step):
 
 
 @torch.no_grad()
-def validate(model, loader, criterion, amp, device, layouts=None, trained=()):
-    """Val losses with the true decoding geometry (comparable with Train), metrics with the geometry
-    read from the image, as evaluate.py and inference.py will see it (the layout found among `layouts`,
-    those of the training data, and pages of a layout with row bands among `trained` read again in them), so
-    best.pth is chosen by what inference will write."""
+def validate(model, reader, loader, criterion, amp):
+    """Val losses with the true decoding geometry (comparable with Train), metrics with the signals read as
+    evaluate.py and inference.py read them (page_reader.read_signals with reader: the layout found among the
+    training data's, pages of a layout with row bands among them read again in them), so best.pth is chosen by
+    what inference will write. model: what runs the forward (DDP's wrapper, or the moving average)."""
     model.eval()
     sums, count, stats, theta_err, shown = {}, 0, [], [], None
     for batch in loader:
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
+        batch = to_device(batch, reader.device)
+        with amp.autocast(reader.device):
             outputs = model(batch['image'], ecg_model.true_geometry(batch))
             losses = criterion(outputs, batch)
-        predicted = ecg_model.decode_outputs({k: v.float() for k, v in outputs.items() if torch.is_tensor(v)},
-                                             ecg_model.read_geometry(batch, layouts))
-        predicted = inference.read_row_bands(unwrap(model), predicted, batch, lambda i: pdx.reading_rgb(batch['png'][i]),
-                                             trained, tuple(batch['image'].shape[-2:]), device)
+        maps = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
+        predicted = page_reader.read_signals(reader, batch, page_reader.known_pixels(batch['png']), maps)
         stats.append(ecg_trainer.record_stats(predicted['signal'].float(), batch['signal'], batch['signal_mask']))
         valid = batch['theta_valid'] > 0
         theta_err.append((predicted['decode_theta'] - batch['theta']).abs()[valid].cpu())
@@ -562,11 +562,17 @@ def validate(model, loader, criterion, amp, device, layouts=None, trained=()):
     return means, shown
 
 
+def validation_reader(model, config, device):
+    """The page_reader.Reader validation reads with: the layouts of the training data (and their Cabrera twins)."""
+    return page_reader.Reader(unwrap(model), tuple(config['image_size']), device,
+                              ecg_checkpoint.readable_layouts(config), config['layouts'])
+
+
 def log_val_images(writer, shown, step):
     """A few validation images with the predicted traces drawn where the model reads them."""
     batch, predicted = shown
     for i in range(min(TB_IMAGES, len(batch['image']))):
-        picture = ecg_model.draw_prediction(pdx.denormalize(batch['image'][i]), predicted, i)
+        picture = ecg_model.draw_prediction(page_image.denormalize(batch['image'][i]), predicted, i)
         writer.add_image(f'Val/prediction_{i}', picture, step, dataformats='HWC')
 
 
@@ -619,7 +625,7 @@ def start_weight_scores(model, loader, amp, device, layouts=None):
     stats = {weight: [] for weight in ecg_model.PULSE_START_WEIGHTS_TRIED}
     for batch in loader:
         batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
+        with amp.autocast(device):
             out = model(batch['image'], ecg_model.read_geometry(batch, layouts))
         out = {k: v.float() for k, v in out.items() if torch.is_tensor(v)}
         for weight, kept in stats.items():
@@ -709,13 +715,13 @@ def setup(argv):
     threads = speed.set_threads(config['threads'])
     run_dir = resume_run_dir(config['resume']) if config['resume'] else new_run_dir(config['output_dir'])
     if config['pretrained_path'] and not Path(config['pretrained_path']).is_file():
-        raise pdx.InputError(f'--pretrained_path {config["pretrained_path"]}: file not found')
+        raise ecg_cli.InputError(f'--pretrained_path {config["pretrained_path"]}: file not found')
     check_ema_decay(config['ema_decay'])
     train, val = build_datasets(config)
     config['layouts'] = sorted(name for name in train.layouts if name) or list(ecg_checkpoint.TRAINED_LAYOUTS)
     config.update(run_dir=str(run_dir), device=str(device), world_size=world_size,
-                  amp_enabled=amp[0], amp_dtype_used=str(amp[1]).replace('torch.', ''), grad_scaler=amp[2],
-                  amp_reason=amp[3], threads_used=threads[0], threads_reason=threads[1])
+                  amp_enabled=amp.enabled, amp_dtype_used=str(amp.dtype).replace('torch.', ''), grad_scaler=amp.grad_scaler,
+                  amp_reason=amp.reason, threads_used=threads[0], threads_reason=threads[1])
     return config, rank, world_size, device, amp, run_dir, train, val
 
 
@@ -727,7 +733,7 @@ def build_training(config, device, amp, world_size, steps_per_epoch):
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         if not (config['pretrained'] or config['pretrained_path']):
             raise
-        raise pdx.InputError(str(exc)) from exc
+        raise ecg_cli.InputError(str(exc)) from exc
     if config['init_from']:
         init_weights(model, config['init_from'])
     model = model.to(device)
@@ -736,14 +742,14 @@ def build_training(config, device, amp, world_size, steps_per_epoch):
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp[2])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.grad_scaler)
     return model, optimizer, scheduler, scaler, build_ema(model, config['ema_decay'])
 
 
 def check_ema_decay(decay):
     """--ema_decay out of [0, 1) is an InputError, raised before any data is read."""
     if not 0 <= decay < 1:
-        raise pdx.InputError(f'--ema_decay {decay}: give a decay in [0, 1), e.g. 0.995, or 0 for none')
+        raise ecg_cli.InputError(f'--ema_decay {decay}: give a decay in [0, 1), e.g. 0.995, or 0 for none')
 
 
 def build_ema(model, decay):
@@ -762,7 +768,7 @@ def init_weights(model, path):
     """--init_from: the weights of another run (or the starter), for a model of the same architecture."""
     checkpoint = ecg_checkpoint.load(path)
     if checkpoint['model_args'] != model.model_args:
-        raise pdx.InputError(f'--init_from {path}: its model is {checkpoint["model_args"]}, this run\'s is '
+        raise ecg_cli.InputError(f'--init_from {path}: its model is {checkpoint["model_args"]}, this run\'s is '
                              f'{model.model_args}; pass the same --encoder and --decoder_channels')
     model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model']))
     log.info('weights from %s (trained at %s)', path, 'x'.join(map(str, ecg_checkpoint.input_size(checkpoint))))
@@ -773,7 +779,7 @@ def resume_from(path, model, optimizer, scheduler, scaler, device, config, ema=N
     training state."""
     checkpoint = ecg_checkpoint.load(path, map_location=device)
     if ecg_model.has_one_rhythm_channel(checkpoint['model']):
-        raise pdx.InputError(f'--resume {path}: made before pages of three rhythm strips (one rhythm channel); its '
+        raise ecg_cli.InputError(f'--resume {path}: made before pages of three rhythm strips (one rhythm channel); its '
                              f'optimizer state does not fit this model: start a new run with --init_from {path}')
     unwrap(model).load_state_dict(checkpoint.get('train_model', checkpoint['model']))
     if ema is not None and 'train_model' in checkpoint:   # else the average starts from the weights resumed
@@ -850,8 +856,9 @@ def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders
         state['step_in_epoch'] = 0
         val_means = None
         if rank == 0 and val_loader is not None:
-            val_means, shown = validate(weights_to_use(model, ema), val_loader, criterion, amp, device,
-                                        ecg_checkpoint.readable_layouts(config), config['layouts'])
+            validated = weights_to_use(model, ema)
+            val_means, shown = validate(validated, validation_reader(validated, config, device), val_loader,
+                                        criterion, amp)
             log_val_images(writer, shown, state['global_step'])
         epochs_here += 1
         if config['time_budget_min'] is not None:
@@ -864,8 +871,8 @@ def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders
 
 def main(argv=None):
     config, rank, world_size, device, amp, run_dir, train, val = setup(argv)
-    log.info('device %s, world size %d, amp %s (%s), grad scaler %s, best.pth by %s', device, world_size, amp[0],
-             config['amp_dtype_used'], amp[2], config['select_metric_used'])
+    log.info('device %s, world size %d, amp %s (%s), grad scaler %s, best.pth by %s', device, world_size, amp.enabled,
+             config['amp_dtype_used'], amp.grad_scaler, config['select_metric_used'])
     log.info('precision: %s', config['amp_reason'])
     log.info('threads %d: %s; OMP_WAIT_POLICY %s', config['threads_used'], config['threads_reason'],
              os.environ.get('OMP_WAIT_POLICY', 'unset'))
@@ -891,7 +898,7 @@ def main(argv=None):
                         run_dir / 'checkpoints' / 'last.pth', run_dir / 'checkpoints' / 'last.pth')
         sys.exit(130)
     except (TrainingDiverged, ecg_checkpoint.NonFiniteError) as exc:
-        raise pdx.InputError(f'training diverged: {exc}; {run_dir / "checkpoints"} keeps the last finite '
+        raise ecg_cli.InputError(f'training diverged: {exc}; {run_dir / "checkpoints"} keeps the last finite '
                              f'weights. Lower --lr (now {config["lr"]:g}) or check the data') from exc
     finally:
         if writer:
@@ -906,4 +913,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    pdx.run_cli(main)
+    ecg_cli.run_cli(main)

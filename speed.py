@@ -15,6 +15,7 @@ needs, and the trainer fell to a fifth of its speed beside one other PyTorch pro
 """
 import argparse
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -46,10 +47,24 @@ def amp_mode(amp):
     return {None: 'auto', True: 'on', False: 'off'}.get(amp, amp)
 
 
+class AmpSettings(NamedTuple):
+    """Mixed precision as chosen for a device (amp_choice)."""
+    enabled: bool
+    dtype: torch.dtype          # autocast's
+    grad_scaler: bool           # fp16 needs loss scaling; bf16 has fp32's range and does not
+    reason: str                 # a sentence for the log
+
+    def autocast(self, device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.enabled)
+
+
 def amp_choice(device, amp='auto', amp_dtype='auto'):
-    """(enabled, autocast dtype, use GradScaler, reason) for a device. fp16 needs loss scaling; bf16 has
-    fp32's range and does not. The reason is a sentence for the log."""
-    mode = amp_mode(amp)
+    """AmpSettings for a device: what --amp and --amp_dtype ask, where the device supports it."""
+    return AmpSettings(*amp_tuple(device, amp_mode(amp), amp_dtype))
+
+
+def amp_tuple(device, mode, amp_dtype):
+    """(enabled, autocast dtype, use GradScaler, reason), amp_choice's answer."""
     if device.type == 'mps':
         return False, torch.float32, False, 'MPS: fp32 (no autocast on MPS)'
     if mode == 'off':

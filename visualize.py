@@ -23,9 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+import ecg_cli
 import ecg_model
 import ecg_trainer
-import inference
+import page_image
+import page_reader
 import production_dataset as pdx
 from ecg_page import FS, LAYOUTS, LEADS, N_SAMPLES, SECONDS
 
@@ -98,24 +100,24 @@ def resolve_truth(args):
     quietly (with a note), since the picture is still useful without it."""
     if args.csv is not None:
         if not args.csv.is_file():
-            raise pdx.InputError(f'{args.csv}: truth CSV not found')
+            raise ecg_cli.InputError(f'{args.csv}: truth CSV not found')
         try:
             return load_truth(args.csv, args.image, args.fs)
-        except (pdx.SampleError, ValueError) as exc:
-            raise pdx.InputError(f'{args.csv}: cannot use as truth ({exc})') from exc
+        except (ecg_cli.SampleError, ValueError) as exc:
+            raise ecg_cli.InputError(f'{args.csv}: cannot use as truth ({exc})') from exc
     found = find_truth_csv(args.image)
     if found is None:
         return None, 'none (no --csv, and no {id}.csv beside the image)'
     try:
         return load_truth(found, args.image, args.fs)
-    except (pdx.SampleError, ValueError) as exc:
+    except (ecg_cli.SampleError, ValueError) as exc:
         return None, f'none ({found} unusable: {exc})'
 
 
 def pearson(pred, truth, layout):
     """pred (12, 5000), truth (12, 5000) with NaN -> (12,) r over the samples the image shows (its layout,
     a LAYOUTS name) and the truth has."""
-    mask = inference.layout_mask(layout) & np.isfinite(truth)
+    mask = page_reader.layout_mask(layout) & np.isfinite(truth)
     r = ecg_trainer.pearson_per_lead(torch.from_numpy(pred)[None], torch.from_numpy(np.nan_to_num(truth))[None],
                                      torch.from_numpy(mask)[None])
     return r[0].numpy()
@@ -150,9 +152,9 @@ def lead_axes(figure, grid_spec, layout):
 
 def plot_lead(ax, lead, pred, truth, r, confidence, layout):
     """One lead: the predicted mV over the seconds the image shows it, the truth over it when known, and
-    in the title r and the signal head's confidence (inference.lead_confidence)."""
+    in the title r and the signal head's confidence (page_reader.lead_confidence)."""
     t = np.arange(N_SAMPLES) / FS
-    shown = inference.layout_mask(layout)[lead]
+    shown = page_reader.layout_mask(layout)[lead]
     colour = np.array(ecg_model.TRACE_COLOURS[lead]) / 255
     if truth is not None:
         ax.plot(t, np.where(shown, truth[lead], np.nan), color='black', lw=0.8, label='truth')
@@ -204,18 +206,18 @@ def draw_figure(panel, pred, truth, r, confidence, title, path, layout=ecg_model
 def predict(args):
     """-> (model outputs for the one image, the (H, W, 3) picture the model saw, the page aspect)."""
     if not args.image.is_file():
-        raise pdx.InputError(f'{args.image}: image not found')
-    rgb, page_found = inference.find_page(pdx.read_rgb(args.image))   # the page as inference reads it
-    device = inference.pick_device(args.device)
-    args.checkpoint = inference.checkpoint_path(args.checkpoint)
-    model, size_hw = inference.load_checkpoint(args.checkpoint, device)
-    inputs = inference.page_inputs([rgb], size_hw)
+        raise ecg_cli.InputError(f'{args.image}: image not found')
+    rgb, page_found = page_reader.find_page(page_image.read_rgb(args.image))   # the page as inference reads it
+    device = page_reader.pick_device(args.device)
+    args.checkpoint = page_reader.checkpoint_path(args.checkpoint)
+    reader = page_reader.open_reader(args.checkpoint, device)
+    size_hw = reader.size_hw
+    inputs = page_reader.page_inputs([rgb], size_hw)
     inputs['page_found'] = [page_found]
-    outputs = inference.run_model(model, inputs, device)
-    outputs = inference.read_row_bands(model, outputs, inputs, lambda i: rgb, model.trained_layouts, size_hw, device)
-    outputs['spread_mv'], outputs['confidence'] = inference.lead_confidence(outputs)
+    outputs = page_reader.read_signals(reader, inputs, lambda i: rgb)
+    outputs['spread_mv'], outputs['confidence'] = page_reader.lead_confidence(outputs)
     outputs['scale'], outputs['page_found'] = inputs['scale'][0], page_found
-    return outputs, pdx.resize_page(rgb, size_hw), float(inputs['page_aspect'][0])
+    return outputs, page_image.resize_page(rgb, size_hw), float(inputs['page_aspect'][0])
 
 
 def page_note(page_found):
@@ -233,7 +235,7 @@ def main(argv=None):
     truth, truth_note = resolve_truth(args)
     outputs, picture, aspect = predict(args)
     pred = outputs['signal'][0].float().cpu().numpy()
-    layout = inference.found_layouts(outputs)[0]
+    layout = page_reader.found_layouts(outputs)[0]
     r = None if truth is None else pearson(pred, truth, layout)
     theta = float(outputs['decode_theta'][0])
     title = f'{args.image.name}   checkpoint {args.checkpoint.name}   layout {layout}   rotation {theta:+.2f} deg   ' + \
@@ -250,4 +252,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    pdx.run_cli(main)
+    ecg_cli.run_cli(main)

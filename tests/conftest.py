@@ -30,17 +30,17 @@ def classic_pages(out, n, seed, *knobs, dpi=100, max_rotation=0):
 
 
 def run_in_process(script, *args, check=False):
-    """A script's main() run as its __main__ block runs it (production_dataset.run_cli), in this process:
+    """A script's main() run as its __main__ block runs it (ecg_cli.run_cli), in this process:
     the CLI's own code without the ~5 s interpreter and torch start, for cases that stop at the input (a
     script that forks workers after torch has started its threads can deadlock here: use run_cli). Each
     script has real run_cli runs too.
     Returns a CompletedProcess like run_cli's; check: raise unless it succeeded."""
-    import production_dataset
+    import ecg_cli
     module = importlib.import_module(script.removesuffix('.py'))
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
-            production_dataset.run_cli(lambda: module.main([str(a) for a in args]))
+            ecg_cli.run_cli(lambda: module.main([str(a) for a in args]))
             code = 0
         except SystemExit as exc:       # what the interpreter does with it: a message goes to stderr, status 1
             code = exc.code if isinstance(exc.code, int) else 1

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import page_image
 import production_dataset as pdx
 from conftest import run_cli
 
@@ -79,7 +80,7 @@ def test_fixture_seg_target_lies_on_dark_trace_pixels(fixture_dirs):
     assert len(dataset) == 4 and not dataset.problems
     for i in range(len(dataset)):
         sample = dataset[i]
-        gray = pdx.denormalize(sample['image']).mean(axis=2)
+        gray = page_image.denormalize(sample['image']).mean(axis=2)
         seg = sample['seg'].numpy()
         assert set(np.unique(seg)) == set(range(13))
         on_trace = gray[seg > 0]
@@ -135,7 +136,7 @@ def test_augmentation_moves_targets_with_image_and_differs_per_seed(fixture_dirs
     assert torch.equal(a['image'], b['image']) and torch.equal(a['seg'], b['seg'])
     assert not torch.equal(a['image'], c['image'])
     for sample in (a, c):
-        gray = pdx.denormalize(sample['image']).mean(axis=2)
+        gray = page_image.denormalize(sample['image']).mean(axis=2)
         seg = sample['seg'].numpy()
         assert np.median(gray[seg > 0]) < np.median(gray[seg == 0]) - 30
 
@@ -260,7 +261,7 @@ def test_padded_png_is_detected_and_coordinates_shifted(tmp_path, fixture_dirs):
     padded = pdx.ECGImageDataset(tmp_path / 'images', signals, target_size=SIZE)
     assert len(padded) == 1 and not [p for p in padded.problems if 'fx2048-0001' in p[0]]
     sample = padded[0]
-    gray = pdx.denormalize(sample['image']).mean(axis=2)
+    gray = page_image.denormalize(sample['image']).mean(axis=2)
     seg = sample['seg'].numpy()
     assert np.median(gray[seg > 0]) < 0.8 * np.median(gray[seg == 0])
     meta['pad_inches'] = 0.05      # a border that does not match: a clear error, not a silent shift
@@ -277,13 +278,13 @@ def test_rgba_pages_composite_over_white_and_contrast_matches_numpy(tmp_path):
     rgba[50:55, :, 3] = 128                   # ... half of it half transparent
     path = tmp_path / 'page.png'
     cv2.imwrite(str(path), rgba)
-    rgb = pdx.read_rgb(path)
+    rgb = page_image.read_rgb(path)
     assert rgb[52, 10].tolist() == [127, 127, 127] and rgb[57, 10].tolist() == [0, 0, 0]
     assert rgb[0, 0].tolist() == [255, 255, 255]
     opaque = rgba.copy()
     opaque[..., 3] = 255
     opaque[100:110, :, 0] = 40                # a blue channel of its own: BGRA comes out RGB
-    assert np.array_equal(pdx.over_white_paper(opaque[..., [2, 1, 0, 3]]), opaque[..., 2::-1])   # RGBA in
+    assert np.array_equal(page_image.over_white_paper(opaque[..., [2, 1, 0, 3]]), opaque[..., 2::-1])   # RGBA in
     noisy = np.random.default_rng(0).integers(0, 256, (120, 170, 3), dtype=np.uint8)
-    assert pdx.pixel_std(noisy) == pytest.approx(float(noisy.std()), rel=1e-9)
-    assert pdx.pixel_std(rgb) == pytest.approx(float(rgb.std()), rel=1e-9)
+    assert page_image.pixel_std(noisy) == pytest.approx(float(noisy.std()), rel=1e-9)
+    assert page_image.pixel_std(rgb) == pytest.approx(float(rgb.std()), rel=1e-9)

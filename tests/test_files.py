@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import page_image
 import production_dataset as pdx
 from conftest import classic_pages, run_cli
 from test_hardening import TINY, one_line_error
@@ -48,7 +49,7 @@ def files(sim_data, tmp_path_factory):
     random bytes, with zeros), blank.png, noise.png,
     text.png."""
     root = tmp_path_factory.mktemp('files')
-    p, q = (pdx.read_rgb(png) for png in sorted(sim_data.glob('*/*-0001.png'))[:2])
+    p, q = (page_image.read_rgb(png) for png in sorted(sim_data.glob('*/*-0001.png'))[:2])
     Image.fromarray(p).save(root / 'plain.png')
     Image.fromarray(p).save(root / 'upright.jpg', quality=95)
     exif = Image.Exif()
@@ -131,7 +132,7 @@ def test_an_output_that_cannot_be_written_is_found_before_the_model_runs(sim_dat
 def huge(tmp_path_factory):
     """A 200 dpi simulator page (2200 px wide) and the same page upscaled 3.6x to 8000 px, read in one run."""
     data = classic_pages(tmp_path_factory.mktemp('page200'), 1, 5, dpi=200)
-    rgb = pdx.read_rgb(next(data.glob('*/*-0001.png')))
+    rgb = page_image.read_rgb(next(data.glob('*/*-0001.png')))
     root = tmp_path_factory.mktemp('huge')
     Image.fromarray(rgb).save(root / 'page.png')
     width = 8000

@@ -169,7 +169,7 @@ def test_pages_are_read_one_by_one_ahead_of_the_model_and_batched_in_order(monke
     never more than READ_AHEAD batches beyond the next."""
     import time
     from concurrent.futures import ThreadPoolExecutor
-    import inference
+    import page_reader
     started = []
 
     def read_page(path, size_hw):
@@ -177,15 +177,15 @@ def test_pages_are_read_one_by_one_ahead_of_the_model_and_batched_in_order(monke
         time.sleep(0.05 if path % 4 == 0 else 0.005)        # the first page of every batch is slow
         return (None, f'{path}: bad') if path in (5, 9) else ((path, size_hw), None)
 
-    monkeypatch.setattr(inference, 'read_page', read_page)
-    monkeypatch.setattr(inference, 'stack_inputs', lambda rows: [path for path, _ in rows])
+    monkeypatch.setattr(page_reader, 'read_page', read_page)
+    monkeypatch.setattr(page_reader, 'stack_inputs', lambda rows: [path for path, _ in rows])
     pages, batch = list(range(14)), 4
     with ThreadPoolExecutor(2) as pool:
         batches = []
-        for inputs, read, problems in inference.read_batches(pages, (128, 672), batch, pool):
+        for inputs, read, problems in page_reader.read_batches(pages, (128, 672), batch, pool):
             batches.append((inputs, read, problems))
-            assert len(started) <= (len(batches) + inference.READ_AHEAD + 1) * batch
-            queued = min(len(pages), (len(batches) + inference.READ_AHEAD + 1) * batch)
+            assert len(started) <= (len(batches) + page_reader.READ_AHEAD + 1) * batch
+            queued = min(len(pages), (len(batches) + page_reader.READ_AHEAD + 1) * batch)
             deadline = time.monotonic() + 10
             while len(started) < queued and time.monotonic() < deadline:   # the model's turn: the readers go on
                 time.sleep(0.01)

@@ -15,9 +15,9 @@ onnx = pytest.importorskip('onnx', reason=EXTRAS, exc_type=ImportError)
 onnxruntime = pytest.importorskip('onnxruntime', reason=EXTRAS, exc_type=ImportError)
 
 import export_onnx  # noqa: E402  (after the skips: it is only useful with the extras)
-import inference  # noqa: E402
 from ecg_checkpoint import load_model  # noqa: E402
 import ecg_model  # noqa: E402
+import page_reader
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +49,7 @@ def test_export_writes_a_valid_model_with_dynamic_batch(exported):
 def test_onnxruntime_signals_match_torch_within_a_microvolt(exported, tiny_checkpoint, pages):
     model, _ = load_model(tiny_checkpoint)
     network = export_onnx.OnnxDigitizer(exported[0])
-    inputs, _, problems = inference.read_batch(sorted(pages.iterdir()), network.image_size)
+    inputs, _, problems = page_reader.read_batch(sorted(pages.iterdir()), network.image_size)
     batch = inputs['image']
     assert not problems and len(batch) == 3
     geometry = ecg_model.read_geometry(inputs)

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
+import page_image
 import page_rectify
 import page_scale
-import production_dataset as pdx
 from conftest import FIXTURE, ROOT, run_cli, run_in_process
 
 PHOTOS = ROOT.parent / 'shared' / 'real' / 'photos' / 'images'
@@ -32,7 +32,7 @@ def test_renders_and_simulator_pages_come_back_untouched(simulator_pages):
     pages = sorted((FIXTURE / 'images').glob('*.png')) + simulator_pages
     assert len(pages) == 10
     for path in pages:
-        rgb = pdx.read_rgb(path)
+        rgb = page_image.read_rgb(path)
         found = page_rectify.rectify(rgb)
         assert found.rgb is rgb, f'{path.name}: {found.action}'
         assert found.action.startswith('untouched') and found.homography is None
@@ -45,9 +45,9 @@ def test_photos_are_rectified_onto_the_letter_page(photos_cli):
         report = json.loads((out / f'{stem}.json').read_text())
         assert report['action'] == 'rectified' and report['size_wh'] == [2235, 1727]
         assert f'{stem}.png' in result.stdout
-        page = pdx.read_rgb(out / f'{stem}.png')
+        page = page_image.read_rgb(out / f'{stem}.png')
         assert page.shape == (1727, 2235, 3)
-        assert pdx.read_rgb(out / f'{stem}_corners.png').shape == pdx.read_rgb(PHOTOS / name).shape
+        assert page_image.read_rgb(out / f'{stem}_corners.png').shape == page_image.read_rgb(PHOTOS / name).shape
         # the grid read on the page is square and near 8 px/mm (the prints are scaled ~95 % to fit the paper)
         scale = page_scale.estimate_scale(page)
         assert scale.source == 'grid'
@@ -63,7 +63,7 @@ def test_the_folded_photo_runs_out_of_view(photos_cli):
     """02652_hr: its bottom-left corner lies below the frame; the sides seen carry it there."""
     out, _ = photos_cli
     report = json.loads((out / '02652_hr-0001.json').read_text())
-    height = pdx.read_rgb(PHOTOS / '02652_hr-0001.jpg').shape[0]
+    height = page_image.read_rgb(PHOTOS / '02652_hr-0001.jpg').shape[0]
     assert report['on_frame'] > 0.1 and report['corners_xy'][3][1] > height - 5
 
 

@@ -591,11 +591,10 @@ def test_a_time_axis_read_far_off_the_page_is_not_decoded_with(fixture_pages, mo
     """A grid whose time axis reads 7x the voltage axis's px per mm (aliasing on a 74 dpi page) leaves px per
     s to the page border, named in 'rejected'; a plausible one is used."""
     from dataclasses import replace
-    import production_dataset as pdx
     rgb, _ = fixture_pages['fx1024-0001']
     good = ps.estimate_scale(rgb)
-    _, px_per_s, found = pdx.read_scale(rgb, (128, 672))
+    _, px_per_s, found = ps.read_scale(rgb, (128, 672))
     assert math.isfinite(px_per_s) and 'rejected' not in found
-    monkeypatch.setattr(pdx.page_scale, 'estimate_scale', lambda _: replace(good, px_per_mm_x=7 * good.px_per_mm_x))
-    px_per_mv, px_per_s, found = pdx.read_scale(rgb, (128, 672))
+    monkeypatch.setattr(ps, 'estimate_scale', lambda _: replace(good, px_per_mm_x=7 * good.px_per_mm_x))
+    px_per_mv, px_per_s, found = ps.read_scale(rgb, (128, 672))
     assert math.isnan(px_per_s) and math.isfinite(px_per_mv) and 'time axis' in found['rejected']

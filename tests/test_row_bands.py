@@ -3,6 +3,7 @@ cross) is read a second time in three bands of four rows, each cut from the upri
 input size. Training shows the model those crops; inference and evaluation cut them where the first reading
 put the rows and replace those leads."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,10 +14,12 @@ import ecg_checkpoint
 import ecg_model
 import ecg_trainer
 import evaluate
-import inference
-from conftest import classic_pages, run_cli
+from conftest import classic_pages, run_cli, run_in_process
+import page_image
+import page_reader
 import production_dataset as pdx
 import production_trainer
+import speed
 from ecg_page import LAYOUTS, LEADS, N_LEADS, row_bands, whole_pages, with_cabrera
 
 BANDS = ('rows 1-4', 'rows 5-8', 'rows 9-12')
@@ -48,7 +51,7 @@ def test_band_pixels_turn_the_page_as_derotate_turns_points():
     rgb = np.full((300, 400, 3), 255, np.uint8)
     rgb[200:203, 300:303] = 0
     for theta in (-4.0, 3.0):
-        crop = pdx.band_pixels(rgb, (theta, 50, 280))
+        crop = page_image.band_pixels(rgb, (theta, 50, 280))
         rows, cols = np.nonzero(crop[..., 0] < 128)
         x, y = pdx.derotate(np.array([[301.0, 201.0]]), theta, (400, 300))[0]
         assert abs(cols.mean() - x) < 0.6 and abs(rows.mean() + 50 - y) < 0.6
@@ -115,21 +118,38 @@ def test_trained_bands_are_read_again_at_inference(twelve_row_pages, tmp_path):
     assert all(spreads[0][lead] != spreads[1][lead] for lead in LEADS)   # and so does its confidence
 
 
-def test_validation_reads_the_bands_as_evaluation_does(twelve_row_pages):
-    """The trainer's validation metrics (what best.pth is chosen by) read 12x1 pages in their bands when the
-    run trains them: the same Pearson and SNR as evaluate.py's, and not those of one reading."""
+def test_validation_evaluate_and_inference_read_the_same_signal(twelve_row_pages, tmp_path):
+    """One page reader: the trainer's validation (what best.pth is chosen by), evaluate.py and inference.py
+    read the same 12x1 pages to the same signals with the same checkpoint, row bands included (validation and
+    evaluate to the last bit; inference.py's CSV to its 3 decimals, its batch norms folded); and the bands
+    matter (a reading without them differs)."""
     refs, _ = pdx.find_samples(twelve_row_pages, twelve_row_pages)
     loader = torch.utils.data.DataLoader(pdx.ECGImageDataset(refs=refs, target_size=(64, 320), read_scale=True),
-                                         batch_size=3)
+                                         batch_size=len(refs))
     torch.manual_seed(0)
     model = ecg_model.build_model('tu-regnetx_002').eval()
     trained = ['12x1', *(f'12x1 {rows}' for rows in BANDS)]
-    cpu, no_amp = torch.device('cpu'), (False, torch.float32, False)
-    validate = lambda bands: production_trainer.validate(model, loader, ecg_trainer.CompositeLoss(), no_amp, cpu,
-                                                         ['12x1'], bands)[0]
-    banded, once = validate(trained), validate(['12x1'])
-    _, stats, _ = evaluate.score_batches(model, loader, cpu, ['12x1'], trained)
-    scored = ecg_trainer.summarize(stats)
-    assert banded['pearson'] == pytest.approx(scored['pearson'], abs=1e-6)
-    assert banded['snr_db'] == pytest.approx(scored['snr_db'], abs=1e-4)
+    cpu, no_amp = torch.device('cpu'), speed.amp_choice(torch.device('cpu'), 'off')
+
+    def validate(bands):
+        reader = page_reader.Reader(model, (64, 320), cpu, ['12x1'], bands)
+        return production_trainer.validate(model, reader, loader, ecg_trainer.CompositeLoss(), no_amp)
+
+    (banded, (batch, read)), (once, _) = validate(trained), validate(['12x1'])
+    frame, stats, _ = evaluate.score_batches(page_reader.Reader(model, (64, 320), cpu, ['12x1'], trained), loader)
+    pearson, snr_db = ecg_trainer.per_record(ecg_trainer.record_stats(read['signal'], batch['signal'],
+                                                                      batch['signal_mask']))
+    assert frame['pearson'].tolist() == pearson.tolist() and frame['snr_db'].tolist() == snr_db.tolist()
+    assert banded['pearson'] == pytest.approx(ecg_trainer.summarize(stats)['pearson'], abs=1e-6)
     assert abs(banded['pearson'] - once['pearson']) > 1e-3
+
+    checkpoint = {'model': model.state_dict(), 'model_args': model.model_args, 'layouts': trained,
+                  'config': {'image_size': [64, 320]}}
+    ecg_checkpoint.save(tmp_path / 'model.pth', checkpoint)
+    run_in_process('inference.py', '--image', twelve_row_pages, '--checkpoint', tmp_path / 'model.pth',
+                   '--output', f'{tmp_path / "csv"}/', '--layout', '12x1', check=True)
+    for i, png in enumerate(batch['png']):
+        written = pd.read_csv(tmp_path / 'csv' / f'{Path(png).stem}.csv').to_numpy().T
+        shown = batch['signal_mask'][i].numpy()
+        assert np.abs(written - read['signal'][i].numpy())[shown].max() < 2e-3
+        assert json.loads((tmp_path / 'csv' / f'{Path(png).stem}.json').read_text())['row_bands'] == list(trained[1:])

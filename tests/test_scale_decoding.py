@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ecg_model
+import page_image
 import production_dataset as pdx
 from conftest import FIXTURE
 from ecg_page import RHYTHM
@@ -31,7 +32,7 @@ def write_page(rgb, meta, folder, name, shift_xy=(0.0, 0.0), factor=1.0):
 
 def variants(stem, folder):
     """plain, padded by 12 % of the page on every side, cropped to its traces + 3 %, rescaled 0.7 and 1.3."""
-    rgb = pdx.read_rgb(FIXTURE / 'images' / f'{stem}.png')
+    rgb = page_image.read_rgb(FIXTURE / 'images' / f'{stem}.png')
     meta = json.loads((FIXTURE / 'images' / f'{stem}.json').read_text())
     height, width = rgb.shape[:2]
     pad = round(0.12 * height)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ecg_model as em
+import page_reader
 import production_dataset as pdx
 import speed
 from conftest import ROOT, run_cli
@@ -182,7 +183,7 @@ def test_csv_text_is_what_pandas_writes(tmp_path):
     import pandas as pd
     import inference
     rng = np.random.default_rng(0)
-    signal = inference.shown_signal((rng.normal(size=(12, 5000)) * 3).astype(np.float32))
+    signal = page_reader.shown_signal((rng.normal(size=(12, 5000)) * 3).astype(np.float32))
     signal[3, :4] = [-0.0004, 0.0005, 1e6, -np.inf]
     path = tmp_path / 'pandas.csv'
     pd.DataFrame(signal.T, columns=pdx.LEADS).to_csv(path, index=False, float_format='%.3f')

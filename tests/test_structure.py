@@ -9,7 +9,8 @@ import torch
 import ecg_model
 import ecg_simulator
 import ecg_trainer
-import inference
+import page_image
+import page_reader
 import production_dataset as pdx
 import production_trainer
 from conftest import run_cli, run_in_process
@@ -26,7 +27,7 @@ def test_the_standard_layout_is_written_once_and_derived():
     assert (v4[0], v4[-1]) == (int(7.5 * FS), N_SAMPLES - 1)
     windows = ecg_model.default_windows(1, 'cpu')[0]
     assert windows[LEADS.index('aVF')].tolist() == pytest.approx([2.5, 5.0 - 1 / FS])
-    assert np.array_equal(inference.layout_mask(), mask)
+    assert np.array_equal(page_reader.layout_mask(), mask)
     assert ecg_simulator.LAYOUT == [list(row) for row in STANDARD.rows]
 
 
@@ -40,7 +41,7 @@ def test_training_and_inference_see_identical_tensors(sim_data):
     png = sorted(sim_data.glob('*/*-0001.png'))[0]
     dataset = pdx.ECGImageDataset(sim_data, sim_data, target_size=(64, 320))
     index = [ref.png for ref in dataset.refs].index(png)
-    served, _, aspect = pdx.preprocess(pdx.read_rgb(png), (64, 320))
+    served, _, aspect = page_image.preprocess(page_image.read_rgb(png), (64, 320))
     assert torch.equal(dataset[index]['image'], served)
     assert aspect == pytest.approx(float(dataset[index]['page_aspect']))
 

@@ -154,7 +154,7 @@ def test_moving_average_follows_each_update_at_its_decay():
     ema.update_parameters(model)
     assert torch.allclose(production_trainer.weights_to_use(model, ema).weight, before + 0.25 * 4.0)
     assert production_trainer.build_ema(model, 0) is None and production_trainer.weights_to_use(model, None) is model
-    with pytest.raises(production_trainer.pdx.InputError, match='--ema_decay 1'):
+    with pytest.raises(production_trainer.ecg_cli.InputError, match='--ema_decay 1'):
         production_trainer.check_ema_decay(1)
 
 
@@ -218,10 +218,10 @@ def test_resuming_a_run_of_one_rhythm_channel_stops_with_advice_to_init_from():
     is touched; --init_from itself loads it (its rhythm channel widened)."""
     import ecg_checkpoint
     import ecg_model
-    import production_dataset as pdx
+    import ecg_cli
     import production_trainer
     model = ecg_model.ECGDigitizer(**ecg_checkpoint.load(ecg_checkpoint.STARTER)['model_args'])
-    with pytest.raises(pdx.InputError, match='--init_from'):
+    with pytest.raises(ecg_cli.InputError, match='--init_from'):
         production_trainer.resume_from(ecg_checkpoint.STARTER, model, None, None, None, 'cpu', {})
     production_trainer.init_weights(model, ecg_checkpoint.STARTER)
     head = model.unet.segmentation_head[0].weight
