@@ -7,7 +7,7 @@ side on held-out pages (Pearson, Kaggle SNR), so each row of the README's ablati
 Variants:
     current             what evaluate.py and inference.py do
     presence_start      the time start from the presence maps alone, not held near where the pulses end
-    pulse_weight_W      the start held near the pulses' end with W per column (ecg_model.PULSE_START_WEIGHTS_TRIED)
+    pulse_weight_W      the start held near the pulses' end with W per column (ecg_decode.PULSE_START_WEIGHTS_TRIED)
                         instead of the checkpoint's own weight (the trainer's pick; older ones: PULSE_START_WEIGHT)
     start_box           the time start of the earlier decoder (commit 79676fc): one 10 s box over the columns
                         where any strip is present, instead of every strip's two ends
@@ -16,7 +16,7 @@ Variants:
     zero_per_strip      each strip's 0 mV row is the median of its columns' rows (the line is straight in the
                         page frame), instead of read column by column
     no_limb_fit         each limb lead as its own strip shows it, without the least-squares fit of all limb strips
-                        shown at once by Einthoven's and Goldberger's laws (ecg_model.fit_limb_leads)
+                        shown at once by Einthoven's and Goldberger's laws (ecg_decode.fit_limb_leads)
     true_zero, true_trace, true_scale
                         oracles, not decoders: the true 0 mV rows, trace rows or px per mV put in place of
                         the read ones, so the table shows which reading the remaining error comes from
@@ -25,6 +25,7 @@ calibration pulses' end is scored alone. Writes bench_out/bench_decoding.json.
 """
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,10 +34,10 @@ from torch.utils.data import DataLoader
 
 import ecg_checkpoint
 import ecg_cli
-import ecg_model
+import ecg_decode
 import ecg_trainer
 import production_dataset as pdx
-from ecg_page import LEADS
+from ecg_page import LEADS, SECONDS
 
 TOPK = (2, 5, 8)
 LEAD_I = LEADS.index('I')  # trace channel of lead I, which opens the first column of every layout
@@ -56,14 +57,14 @@ def box_start_spans(presence, place, page_aspect, px_per_s=None, start=None, sta
     """The earlier time start (commit 79676fc): where one 10 s box of whole columns best covers the columns
     in which any strip is present, refined by a parabola through the best three starts (no pulse start)."""
     batch, _, width = presence.shape
-    px_per_s = ecg_model.page_px_per_s(width, page_aspect, px_per_s)
-    box = torch.round(ecg_model.SECONDS * px_per_s).long().clamp(1, width)
+    px_per_s = ecg_decode.page_px_per_s(width, page_aspect, px_per_s)
+    box = torch.round(SECONDS * px_per_s).long().clamp(1, width)
     covered = presence.sigmoid().amax(1) - 0.5
     cumulative = F.pad(covered.cumsum(-1), (1, 0))
     starts = torch.arange(width)
     ends = (starts[None] + box[:, None]).clamp(max=width)
     score = cumulative.gather(1, ends) - cumulative[:, :width]
-    score = score - ecg_model.START_PRIOR_WEIGHT * (starts[None] - ecg_model.TRACE_START * width).abs()
+    score = score - ecg_decode.START_PRIOR_WEIGHT * (starts[None] - ecg_decode.TRACE_START * width).abs()
     best = score.argmax(1)
     left, mid, right = (score.gather(1, (best + d).clamp(0, width - 1)[:, None])[:, 0] for d in (-1, 0, 1))
     curvature = left - 2 * mid + right   # sub-column start: the vertex of the parabola through three scores
@@ -72,7 +73,7 @@ def box_start_spans(presence, place, page_aspect, px_per_s=None, start=None, sta
     return x0 + torch.nan_to_num(place, nan=0.0) * px_per_s.view(-1, 1, 1)
 
 
-def topk_soft_argmax(k, full=ecg_model.column_soft_argmax):
+def topk_soft_argmax(k, full=ecg_decode.column_soft_argmax):
     """column_soft_argmax restricted to the 2k + 1 rows around each column's argmax."""
     def read(logits):
         _, log_prob = full(logits)
@@ -83,7 +84,7 @@ def topk_soft_argmax(k, full=ecg_model.column_soft_argmax):
     return read
 
 
-def without_pulse_start(prior=ecg_model.start_prior):
+def without_pulse_start(prior=ecg_decode.start_prior):
     """start_prior as if no page showed a pulse."""
     return lambda start, batch, width, device, start_weight=None: prior(None, batch, width, device)
 
@@ -96,12 +97,12 @@ def strip_median(rows, span):
     return torch.where(torch.isfinite(median), median, rows).expand_as(rows)
 
 
-def with_zero_per_strip(read=ecg_model.read_channels):
+def with_zero_per_strip(read=ecg_decode.read_channels):
     return lambda trace_rows, zero_rows, window, span, px_per_mv: read(
         trace_rows, strip_median(zero_rows, span), window, span, px_per_mv)
 
 
-def oracle(part, read=ecg_model.read_channels):
+def oracle(part, read=ecg_decode.read_channels):
     """read_channels with one reading replaced by the truth of the batch being decoded."""
     def read_with_truth(batch):
         def patched(trace_rows, zero_rows, window, span, px_per_mv):
@@ -118,7 +119,7 @@ def oracle(part, read=ecg_model.read_channels):
 
 
 VARIANTS = {'current': {}, 'presence_start': {'start_prior': without_pulse_start()},
-            **{f'pulse_weight_{w:g}': {'start_weight': w} for w in ecg_model.PULSE_START_WEIGHTS_TRIED},
+            **{f'pulse_weight_{w:g}': {'start_weight': w} for w in ecg_decode.PULSE_START_WEIGHTS_TRIED},
             'start_box': {'layout_spans': box_start_spans},
             **{f'topk_{k}': {'column_soft_argmax': topk_soft_argmax(k)} for k in TOPK},
             'zero_per_strip': {'read_channels': with_zero_per_strip()}, 'no_limb_fit': {'LIMB_FIT': False},
@@ -128,11 +129,11 @@ VARIANTS = {'current': {}, 'presence_start': {'start_prior': without_pulse_start
 @torch.no_grad()
 def network_maps(model, loader, layouts):
     """One forward per batch: (batch, raw outputs) kept, so every variant decodes the very same maps."""
-    return [(batch, model(batch['image'], ecg_model.read_geometry(batch, layouts))) for batch in loader]
+    return [(batch, model(batch['image'], ecg_decode.read_geometry(batch, layouts))) for batch in loader]
 
 
 def score_variant(maps, patches, own):
-    """Decode every batch with ecg_model's functions patched (patches: a dict, or batch -> dict for the
+    """Decode every batch with ecg_decode's functions patched (patches: a dict, or batch -> dict for the
     oracles; its 'start_weight' replaces the checkpoint's own) -> Pearson, SNR dB. own: the checkpoint's
     trained layouts and start weight, as evaluate.py decodes with them."""
     stats, start_errors = [], []
@@ -148,16 +149,16 @@ def score_variant(maps, patches, own):
 def decode_patched(out, batch, patches, own):
     patches = dict(patches)
     start_weight = patches.pop('start_weight', own['start_weight'])
-    saved = {name: getattr(ecg_model, name) for name in patches}
+    saved = {name: getattr(ecg_decode, name) for name in patches}
     try:
         for name, function in patches.items():
-            setattr(ecg_model, name, function)
-        geometry = dict(ecg_model.read_geometry(batch, own['layouts']), theta=out['decode_theta'],
+            setattr(ecg_decode, name, function)
+        geometry = replace(ecg_decode.read_geometry(batch, own['layouts']), theta=out['decode_theta'],
                         start_weight=start_weight)
-        return ecg_model.decode_outputs(out, geometry)
+        return ecg_decode.decode_outputs(out, geometry)
     finally:
         for name, function in saved.items():
-            setattr(ecg_model, name, function)
+            setattr(ecg_decode, name, function)
 
 
 def start_error(columns, batch):
@@ -186,7 +187,7 @@ def main(argv=None):
     pulse_ends = torch.cat([start_error(batch['read_start'], batch) for batch, _ in maps])
     pulse = {'pages': int(torch.isfinite(pulse_ends).sum()), 'start_error_columns': mean_finite(pulse_ends)}
     print(f'{len(dataset)} pages, checkpoint {args.checkpoint} (its pulse start weight: '
-          f'{model.pulse_start_weight or ecg_model.PULSE_START_WEIGHT:g})')
+          f'{model.pulse_start_weight or ecg_decode.PULSE_START_WEIGHT:g})')
     for name, row in results.items():
         print(f'{name:16s} pearson {row["pearson"]:.3f}  SNR {row["snr_db"]:.2f} dB  '
               f'time start off by {row["start_error_columns"]:.2f} columns')

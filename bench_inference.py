@@ -9,7 +9,7 @@ network in onnxruntime where the optional extras are installed.
 Without --checkpoint it writes a randomly initialised model of the CPU setting as a weights-only checkpoint. Each setting runs in a fresh child process (OpenMP reads its wait policy once, when torch loads)
 through inference.py's own functions, from the first image read to the last CSV written:
     old     the old settings through today's inference.digitize: torch's default threads and OpenMP wait
-            policy, batch 1, the per-image rotation search (ecg_model.estimate_theta), pandas' CSV writer,
+            policy, batch 1, the per-image rotation search (ecg_decode.estimate_theta), pandas' CSV writer,
             no folded batch norms, NCHW (reading and writing still overlap the model, as they do now)
     old_b4  the same at batch 4 (the old inference.py's default --batch_size)
     new     what inference.py does now: OMP_WAIT_POLICY=PASSIVE, --threads auto, --batch_size,
@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 import ecg_checkpoint
+import ecg_decode
 import ecg_model
 import ecg_simulator
 import export_onnx
@@ -105,7 +106,7 @@ def pandas_csv(signal, path):
 def use_old_path():
     """Put back what inference.py used before: the per-image rotation search, pandas' CSV writer, one
     page read at a time."""
-    ecg_model.estimate_theta_batch = ecg_model.estimate_theta
+    ecg_decode.estimate_theta_batch = ecg_decode.estimate_theta
     page_reader.READERS = 1
     inference.write_csv = pandas_csv
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 import ecg_checkpoint
-import ecg_model
+import ecg_decode
 import ecg_trainer
 import evaluate
 import production_trainer
@@ -176,7 +176,7 @@ def train(data, out, cfg, init_from=None, wait_policy='ACTIVE'):
 
 def standard_of(layouts):
     """The layout the others are compared with: the standard page if in the mix, else the first."""
-    return ecg_model.LAYOUT.name if ecg_model.LAYOUT.name in layouts else layouts[0]
+    return ecg_decode.LAYOUT.name if ecg_decode.LAYOUT.name in layouts else layouts[0]
 
 
 def layout_folders(heldout_data, records, workers, quick, layouts, gains, speeds):

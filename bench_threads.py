@@ -90,13 +90,13 @@ def measure(args):
     device = torch.device('cpu')
     amp = speed.amp_choice(device, 'off')
     loader, _ = pt.build_loaders(train, val, config, 1, 0, device)
-    model, optimizer, scheduler, scaler, _ = pt.build_training(config, device, amp, 1, len(loader))
+    training = pt.build_training(config, device, amp, 1, len(loader))
     criterion = pt.ecg_trainer.CompositeLoss()
     state = {'epoch': 0, 'global_step': 0, 'step_in_epoch': 0, 'bad_steps': 0}
     for seconds in (0, args.seconds):   # the first (one step) is the warm-up: allocation, kernel choice
         state['step_in_epoch'] = 0
-        means = pt.train_one_epoch(model, batches_for(loader, seconds), criterion, optimizer, scheduler, scaler,
-                                   amp, device, None, state, config, {'signal': None}, rank=1)
+        means = pt.train_one_epoch(training, batches_for(loader, seconds), criterion, None, state, config,
+                                   {'signal': None}, rank=1)
     print(json.dumps({'images_per_s': means['images_per_s'], 'steps': state['global_step'] - 1, 'threads': threads,
                       'reason': reason}), flush=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import ecg_decode
 import ecg_model
 import ecg_simulator
 import ecg_trainer
@@ -62,7 +63,7 @@ def time_steps(encoder, batch, device, dtype, use_scaler, steps):
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = criterion(model(image, ecg_model.true_geometry(batch)), batch)['total']
+            loss = criterion(model(image, ecg_decode.true_geometry(batch)), batch)['total']
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -8,7 +8,7 @@ Python objects, so loading a file from elsewhere cannot run code):
     image_size, preprocessing   the input (H, W) and how a page becomes the input tensor
     layouts                     the page layouts the model was trained on (ecg_page.LAYOUTS names)
     decoding                    {'pulse_start_weight': w}: how its maps read best, tuned on its validation
-                                pages when training ended (absent: ecg_model.PULSE_START_WEIGHT)
+                                pages when training ended (absent: ecg_decode.PULSE_START_WEIGHT)
     config                      every setting of the run (config.json)
     optimizer, scheduler, scaler, epoch, step_in_epoch, global_step, best_metric, select_metric, rng
                                 what --resume needs to continue exactly

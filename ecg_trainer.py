@@ -15,6 +15,8 @@ The SNR follows the Kaggle "PhysioNet - Digitization of ECG Images" metric:
   score:    10 * log10(mean ratio over records), floored at SNR_DB_FLOOR.
 """
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -199,22 +201,36 @@ def record_stats(pred, true, mask=None, fs=FS):
     }
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A signal metric of the registry (METRICS): read per record and over a set of records from record_stats,
+    and which way is better. Validation, evaluate.py's reports and --select_metric (best.pth) take every entry."""
+    name: str
+    per_record: Callable    # record_stats -> (B,) one value per record
+    overall: Callable       # record_stats of a set (concat_stats) -> float
+    higher_is_better: bool = True
+
+
+METRICS = {metric.name: metric for metric in (
+    # mean r over all defined (record, lead) pairs; a record's: over its leads
+    Metric('pearson', lambda stats: stats['pearson'].nanmean(1), lambda stats: float(stats['pearson'].nanmean())),
+    # the Kaggle score: dB of the mean capped power ratio (not the mean of the records' dB)
+    Metric('snr_db', lambda stats: _to_db(stats['snr_ratio']), lambda stats: float(_to_db(stats['snr_ratio'].nanmean()))),
+)}
+
+
 def per_record(stats):
-    """record_stats output -> (B,) Pearson (mean over the record's leads) and (B,) SNR dB of each record."""
-    return stats['pearson'].nanmean(1), _to_db(stats['snr_ratio'])
+    """record_stats output -> {metric name: (B,) value of each record} for every metric of METRICS."""
+    return {name: metric.per_record(stats) for name, metric in METRICS.items()}
 
 
 def summarize(stats):
-    """record_stats output (possibly concatenated) -> JSON/TensorBoard-ready dict of floats.
-
-    'pearson': mean r over all defined (record, lead) pairs; 'snr_db': the Kaggle score;
-    'pearson_per_lead' / 'snr_db_per_lead': 12 floats in LEADS order, each over the records
-    where that lead is defined (dB of the mean capped per-lead ratio). NaN where nothing counts.
-    """
+    """record_stats output (possibly concatenated) -> JSON/TensorBoard-ready dict of floats: every metric of
+    METRICS over the set, and 'pearson_per_lead' / 'snr_db_per_lead': 12 floats in LEADS order, each over the
+    records where that lead is defined (dB of the mean capped per-lead ratio). NaN where nothing counts."""
     r, lead_ratio = stats['pearson'], stats['lead_ratio']
     return {
-        'pearson': float(r.nanmean()),
-        'snr_db': float(_to_db(stats['snr_ratio'].nanmean())),
+        **{name: metric.overall(stats) for name, metric in METRICS.items()},
         'pearson_per_lead': [float(v) for v in r.nanmean(0)],
         'snr_db_per_lead': [float(v) for v in _to_db(lead_ratio.nanmean(0))],
     }

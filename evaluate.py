@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import ecg_checkpoint
 import ecg_cli
+import ecg_decode
 import ecg_model
 import ecg_trainer
 import page_image
@@ -112,9 +113,7 @@ def baseline_error_px(predicted_rows, true_rows):
 def round_trip(batch):
     """Ground truth decoded through the model's decoding path: (B, 12, 5000)."""
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
-    signal, _ = ecg_model.decode_rows(centre, batch['baseline_row'], None, batch['trace_window'],
-                                      batch['trace_span'], batch['px_per_mv'], rhythm_leads=batch['rhythm_leads'],
-                                      lead_channel=batch['lead_channel'], lead_sign=batch['lead_sign'])
+    signal, _ = ecg_decode.decode_rows(centre, batch['baseline_row'], None, ecg_decode.true_geometry(batch))
     return signal
 
 
@@ -128,7 +127,7 @@ def score_batches(reader, loader):
         outputs = page_reader.read_signals(reader, batch, page_reader.known_pixels(batch['png']))
         outputs = {k: (v.float() if torch.is_tensor(v) else v) for k, v in outputs.items()}
         model_stats.append(ecg_trainer.record_stats(outputs['signal'], batch['signal'], batch['signal_mask']))
-        pearson, snr_db = ecg_trainer.per_record(model_stats[-1])
+        scores = ecg_trainer.per_record(model_stats[-1])
         bound_stats.append(ecg_trainer.record_stats(round_trip(batch), batch['signal'], batch['signal_mask']))
         theta_err = (outputs['decode_theta'] - batch['theta']).abs().cpu()
         dice = seg_dice(outputs['seg'], batch['seg'])
@@ -136,7 +135,7 @@ def score_batches(reader, loader):
         scale_error = (100 * (batch['read_px_per_mv'] / batch['px_per_mv'] - 1)).cpu()   # NaN: no scale found
         for i in range(len(batch['image'])):
             rows.append({'record_id': batch['record_id'][i], 'fs': float(batch['fs'][i]), 'style': batch['style'][i],
-                         'pearson': float(pearson[i]), 'snr_db': float(snr_db[i]),
+                         **{name: float(values[i]) for name, values in scores.items()},
                          'theta_true': float(batch['theta'][i]), 'theta_valid': bool(batch['theta_valid'][i] > 0),
                          'theta_error_deg': float(theta_err[i]), 'seg_dice': float(dice[i]),
                          'baseline_error_px': float(base[i]), 'scale_error_pct': float(scale_error[i]),
@@ -159,10 +158,10 @@ def group_report(frame, model_stats, bound_stats, column):
     for value, group in frame.groupby(column):
         index = torch.tensor(group.index.to_numpy())
         m = ecg_trainer.summarize(subset(model_stats, index))
-        out[str(value)] = {'n': len(group), 'pearson': m['pearson'], 'snr_db': m['snr_db']}
+        out[str(value)] = {'n': len(group), **{name: m[name] for name in ecg_trainer.METRICS}}
         if bound_stats is not None:
             b = ecg_trainer.summarize(subset(bound_stats, index))
-            out[str(value)].update(bound_pearson=b['pearson'], bound_snr_db=b['snr_db'])
+            out[str(value)].update({f'bound_{name}': b[name] for name in ecg_trainer.METRICS})
     return out
 
 
@@ -173,9 +172,9 @@ def build_report(frame, model_stats, bound_stats):
     valid_theta = frame[frame.theta_valid]
     return {
         'n_images': len(frame),
-        'pearson': model_sum['pearson'], 'snr_db': model_sum['snr_db'],
+        **{name: model_sum[name] for name in ecg_trainer.METRICS},
         'pages_below_0db': int((frame.snr_db < 0).sum()), 'worst_snr_db': float(frame.snr_db.min()),
-        'bound_pearson': bound_sum['pearson'], 'bound_snr_db': bound_sum['snr_db'],
+        **{f'bound_{name}': bound_sum[name] for name in ecg_trainer.METRICS},
         'per_lead': {lead: {'pearson': model_sum['pearson_per_lead'][i], 'snr_db': model_sum['snr_db_per_lead'][i],
                             'bound_pearson': bound_sum['pearson_per_lead'][i],
                             'bound_snr_db': bound_sum['snr_db_per_lead'][i]}
@@ -221,7 +220,7 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
     report = build_report(frame, model_stats, bound_stats)
     report.update(checkpoint=str(checkpoint_path), untrained=untrained, image_size=config['image_size'],
                   encoder=config['encoder'], trained_layouts=layouts,
-                  pulse_start_weight=model.pulse_start_weight or ecg_model.PULSE_START_WEIGHT,
+                  pulse_start_weight=model.pulse_start_weight or ecg_decode.PULSE_START_WEIGHT,
                   epoch=checkpoint['epoch'], skipped=len(problems) + len(dataset.problems))
     return report, frame
 
@@ -290,40 +289,36 @@ def real_pages(images, csv_root, manifest=None, max_samples=None):
 
 def read_real_batches(reader, pages, args):
     """Each batch's pages read exactly as inference.py reads them without --gain or --paper_speed
-    (page_reader.read_batches, read_signals) -> yields (pages read, the signals inference would write (B, 12, 5000) with NaN where the
-    found layout does not show a lead, the layouts found, each page's scale and rotation, problems)."""
+    (page_reader.read_batches, read_signals) -> yields (pages read, their page_reader.PageReading, problems)."""
     by_path = {page.image: page for page in pages}
     with ThreadPoolExecutor(page_reader.READERS) as readers:
         for inputs, read, bad in page_reader.read_batches(list(by_path), reader.size_hw, args.batch_size, readers):
             if inputs is None:
-                yield [], None, [], [], bad
+                yield [], [], bad
                 continue
             outputs = page_reader.read_signals(reader, inputs, page_reader.found_pixels(read))
-            layouts = page_reader.found_layouts(outputs)
-            signals = np.stack([page_reader.shown_signal(signal, layout) for signal, layout in
-                                zip(outputs['signal'].float().cpu().numpy(), layouts)])
-            readings = [(scale['source'], float(theta))
-                        for scale, theta in zip(inputs['scale'], outputs['decode_theta'])]
-            yield [by_path[path] for path in read], signals, layouts, readings, bad
+            yield [by_path[path] for path in read], page_reader.page_readings(outputs, inputs), bad
 
 
 def score_real_pages(reader, pages, args):
     """-> (per-image frame, record_stats of all pages read, problems). Scored: the samples the truth holds
-    within the scored layout's windows; a sample the reading leaves NaN counts as a prediction of 0 (Kaggle)."""
+    within the scored layout's windows, against the signal inference would write (NaN where the layout found
+    does not show a lead: a sample the reading leaves NaN counts as a prediction of 0, as Kaggle scores it)."""
     window = torch.from_numpy(page_reader.layout_mask(args.score_layout))
     rows, stats, problems = [], [], []
-    for read, signals, layouts, readings, bad in tqdm(read_real_batches(reader, pages, args),
-                                                      desc='evaluating', leave=False, mininterval=ecg_cli.PROGRESS_SECONDS):
+    for read, readings, bad in tqdm(read_real_batches(reader, pages, args), desc='evaluating', leave=False,
+                                    mininterval=ecg_cli.PROGRESS_SECONDS):
         problems += bad
         if not read:
             continue
         truth = torch.from_numpy(np.stack([page.truth for page in read]))
-        stats.append(ecg_trainer.record_stats(torch.from_numpy(signals), truth, window.expand_as(truth)))
-        pearson, snr_db = ecg_trainer.per_record(stats[-1])
-        for i, page in enumerate(read):
+        signals = torch.from_numpy(np.stack([reading.shown_signal() for reading in readings]))
+        stats.append(ecg_trainer.record_stats(signals, truth, window.expand_as(truth)))
+        scores = ecg_trainer.per_record(stats[-1])
+        for i, (page, reading) in enumerate(zip(read, readings)):
             rows.append({'record_id': page.record_id, 'image': page.image.path.name, 'artefact': page.artefact,
-                         'pearson': float(pearson[i]), 'snr_db': float(snr_db[i]), 'layout_found': layouts[i],
-                         'scale_source': readings[i][0] or 'border', 'rotation_deg': readings[i][1]})
+                         **{name: float(values[i]) for name, values in scores.items()}, 'layout_found': reading.layout,
+                         'scale_source': reading.scale['source'] or 'border', 'rotation_deg': reading.rotation_deg})
     if not rows:
         raise ecg_cli.InputError('no usable image to evaluate: ' + '; '.join(problems))
     return pd.DataFrame(rows), ecg_trainer.concat_stats(stats), problems
@@ -334,7 +329,7 @@ def real_report(frame, stats):
     overall = ecg_trainer.summarize(stats)
     worst = frame.loc[frame.snr_db.idxmin()]
     return {
-        'n_images': len(frame), 'pearson': overall['pearson'], 'snr_db': overall['snr_db'],
+        'n_images': len(frame), **{name: overall[name] for name in ecg_trainer.METRICS},
         'per_lead': {lead: {'pearson': overall['pearson_per_lead'][i], 'snr_db': overall['snr_db_per_lead'][i]}
                      for i, lead in enumerate(LEADS)},
         'per_artefact': group_report(frame, stats, None, 'artefact') if frame.artefact.ne('').any() else {},

@@ -6,7 +6,7 @@
 What is exported: the U-Net with its CoordConv coordinate channels, image (B, 3, H, W) -> the raw maps
 `maps` (B, 60, H, W: seg 13, grid 1, baseline 1, trace 45, in that order) and `theta` (B,) in degrees,
 with a dynamic batch and the checkpoint's fixed H x W (written into the file's metadata). The decoding
-(ecg_model.decode_outputs: rotation search, de-rotation, soft-argmax, resampling to 500 Hz) stays a
+(ecg_decode.decode_outputs: rotation search, de-rotation, soft-argmax, resampling to 500 Hz) stays a
 torch step after it: its data-dependent search and scatter-adds are not worth a second implementation.
 Batch norms are folded into the convolutions before export (onnxruntime would fold them anyway).
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import ecg_checkpoint
+import ecg_decode
 import ecg_model
 import speed
 
@@ -83,7 +84,7 @@ def export(checkpoint, output, opset=OPSET):
 
 class OnnxDigitizer:
     """An exported network in onnxruntime (CPU provider), called like ECGDigitizer: (images (B, 3, H, W),
-    geometry) -> the same output dict, decoded by ecg_model.decode_outputs in torch."""
+    geometry) -> the same output dict, decoded by ecg_decode.decode_outputs in torch."""
 
     def __init__(self, path, threads=None):
         ort = require('onnxruntime')
@@ -103,7 +104,7 @@ class OnnxDigitizer:
         maps, theta = (torch.from_numpy(v) for v in self.session.run(list(OUTPUTS), {INPUT: image}))
         out = dict(zip(self.head_channels, torch.split(maps, list(self.head_channels.values()), dim=1)))
         out['theta'] = theta
-        return ecg_model.decode_outputs(out, {'start_weight': self.pulse_start_weight, **(geometry or {})})
+        return ecg_decode.decode_outputs(out, ecg_decode.with_start_weight(geometry, self.pulse_start_weight))
 
 
 def main(argv=None):
@@ -112,7 +113,7 @@ def main(argv=None):
         sys.exit(f'error: {args.checkpoint}: checkpoint not found')
     size_hw = export(args.checkpoint, args.output, args.opset)
     print(f'wrote {args.output} (input (batch, 3, {size_hw[0]}, {size_hw[1]}), outputs maps and theta; '
-          f'decode with ecg_model.decode_outputs, as inference.py --onnx does)')
+          f'decode with ecg_decode.decode_outputs, as inference.py --onnx does)')
 
 
 if __name__ == '__main__':

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import ecg_cli
 import ecg_formats
-import ecg_model
+import ecg_decode
 import page_reader
 import production_dataset as pdx
 import speed
@@ -212,15 +212,14 @@ def digitize(reader, images, csv_paths, args):
 def outputs_to_files(outputs, inputs, read, args, layouts):
     """The model's outputs for a batch -> [(signal (12, 5000), sidecar report)] per image read; layouts: the
     names decoding chose among."""
-    signals = outputs['signal'].float().cpu().numpy()
-    spread, confidence = page_reader.lead_confidence(outputs)
-    reports = [reading_report(path, inputs, outputs, i, spread[i], confidence[i], args) for i, path in enumerate(read)]
-    for report, evidence in zip(reports, ecg_evidence(outputs, inputs)):
+    readings = page_reader.page_readings(outputs, inputs)
+    reports = [reading_report(path, reading, args) for path, reading in zip(read, readings)]
+    for report, reading in zip(reports, readings):
         report['ecg_evidence'] = {key: round(value, 4) if isinstance(value, float) else value
-                                  for key, value in asdict(evidence).items()}
+                                  for key, value in asdict(ecg_evidence(reading)).items()}
     if getattr(args, 'layout', 'auto') == 'auto':
         warn_untrained_layouts(outputs, inputs, reports, layouts)
-    return list(zip(signals, reports))
+    return [(reading.signal, report) for reading, report in zip(readings, reports)]
 
 
 @dataclass
@@ -241,11 +240,9 @@ class EcgEvidence:
                 f'{ECG_TRACE_SHARE:.0%} (--force reads it anyway)')
 
 
-def ecg_evidence(outputs, inputs):
-    """EcgEvidence of each page of a batch."""
-    trace = (outputs['seg'].argmax(1) > 0).float().mean((1, 2)).cpu().tolist()
-    return [EcgEvidence(grid_or_pulse_seen(scale), paper, share)
-            for scale, paper, share in zip(inputs['scale'], inputs['paper_share'], trace)]
+def ecg_evidence(reading):
+    """EcgEvidence of a page (page_reader.PageReading)."""
+    return EcgEvidence(grid_or_pulse_seen(reading.scale), reading.paper_share, reading.trace_share)
 
 
 def grid_or_pulse_seen(scale):
@@ -276,7 +273,7 @@ def warn_untrained_layouts(outputs, inputs, reports, trained):
     """A page whose strips fit a layout the model was never trained on is still read (as the nearest trained
     layout), with a warning on stderr and in its sidecar ('layout_warning')."""
     device = outputs['signal'].device
-    untrained = ecg_model.untrained_fits(outputs['trace_rows']['presence'], trained, inputs['page_aspect'].to(device),
+    untrained = ecg_decode.untrained_fits(outputs['trace_rows']['presence'], trained, inputs['page_aspect'].to(device),
                                          inputs['read_px_per_s'].to(device), inputs.get('read_speed_mm_s'),
                                          inputs.get('read_start'))
     for report, name in zip(reports, untrained):
@@ -292,25 +289,24 @@ def write_batch(results, paths, args):
         write_outputs(page_reader.shown_signal(signal, report['layout']), csv_path, image_path, args, report)
 
 
-def reading_report(path, inputs, outputs, i, spread, confidence, args):
-    """What the sidecar JSON tells about one image: the scale found, the rotation, per-lead confidence."""
-    scale = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in inputs['scale'][i].items()}
+def reading_report(path, reading, args):
+    """What the sidecar JSON tells about one image (page_reader.PageReading): the scale found, the rotation,
+    per-lead confidence."""
+    scale = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in reading.scale.items()}
     page = {'page': path.index + 1, 'pages': path.count} if getattr(path, 'count', 1) > 1 else {}
     return {'image': str(getattr(path, 'path', path)), **page, 'checkpoint': str(args.onnx or args.checkpoint),
             'checkpoint_sha256': getattr(args, 'checkpoint_sha256', None), 'fs': args.fs,
-            'layout': page_reader.found_layouts(outputs)[i], 'rotation_deg': float(outputs['decode_theta'][i]), 'scale': scale,
-            'px_per_mv_input': float(outputs['trace_rows']['px_per_mv'][i]),
-            'row_bands': outputs.get('row_bands', [[]] * (i + 1))[i],
+            'layout': reading.layout, 'rotation_deg': reading.rotation_deg, 'scale': scale,
+            'px_per_mv_input': reading.px_per_mv_input, 'row_bands': reading.row_bands,
             'leads': {lead: {'row_spread_mv': round(float(s), 4), 'confidence': round(float(c), 3)}
-                      for lead, s, c in zip(LEADS, spread, confidence)}, **scale_warning(inputs['scale'][i]),
-            **lead_order_report(outputs['trace_rows'].get('lead_orders'), i),
-            **({'page_found': inputs['page_found'][i]} if inputs.get('page_found', [None] * (i + 1))[i] else {})}
+                      for lead, s, c in zip(LEADS, reading.spread_mv, reading.confidence)},
+            **scale_warning(reading.scale), **lead_order_report(reading.lead_order),
+            **({'page_found': reading.page_found} if reading.page_found else {})}
 
 
-def lead_order_report(lead_orders, i):
-    """{'lead_order': how page i's lead order was told (ecg_model.LeadOrder)} where the layout has another
+def lead_order_report(order):
+    """{'lead_order': how the page's lead order was told (ecg_decode.LeadOrder)} where the layout has another
     order drawing the same strips (Cabrera), else {}; an unclear verdict says that the standard order was kept."""
-    order = lead_orders[i] if lead_orders else None
     if order is None:
         return {}
     misfits = {'standard_misfit': order.standard_misfit, 'other_misfit': order.other_misfit}

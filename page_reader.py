@@ -12,7 +12,7 @@ A Reader is the network with what reading needs beside the page (input size, dev
 """
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 
 import ecg_checkpoint
 import ecg_cli
-import ecg_model
+import ecg_decode
 import export_onnx
 import page_image
 import page_rectify
@@ -140,7 +140,7 @@ def to_device(inputs, device):
 
 
 @torch.inference_mode()
-def read_signals(reader, inputs, pixels, maps=None):
+def read_signals(reader, inputs, pixels, maps=None, told=None):
     """A batch of pages -> the network's outputs, 'signal' (B, 12, 5000) mV as inference writes it: the maps
     decoded with each page's real aspect (a squeezed wide input changes the page's shape, and the de-rotation
     must know it), the scale its grid and calibration pulse show (padding, cropping or rescaling the page leaves
@@ -148,14 +148,16 @@ def read_signals(reader, inputs, pixels, maps=None):
     was trained on read again in them (read_row_bands).
     inputs: stack_inputs' (or a data set batch with the same keys); pixels: index -> page i's (h, w, 3) RGB,
     as the inputs were made from it (found_pixels, known_pixels); maps: the network's raw outputs when the
-    caller has run it already (the trainer's validation), decoded here instead of running it again."""
+    caller has run it already (the trainer's validation), decoded here instead of running it again; told: what
+    to decode with beside what the pages show (ecg_decode.Geometry fields: a known rotation, a start weight
+    tried: the trainer's decoding tuning), also in the row bands."""
     inputs = to_device(inputs, reader.device)
-    geometry = ecg_model.read_geometry(inputs, reader.layouts)
+    geometry = replace(ecg_decode.read_geometry(inputs, reader.layouts), **(told or {}))
     if maps is None:
         outputs = reader.model(inputs['image'], geometry=geometry)
     else:
-        outputs = ecg_model.decode_outputs(maps, geometry)
-    return read_row_bands(reader, outputs, inputs, pixels)
+        outputs = ecg_decode.decode_outputs(maps, geometry)
+    return read_row_bands(reader, outputs, inputs, pixels, geometry.start_weight)
 
 
 def banded_pages(outputs, trained):
@@ -192,34 +194,36 @@ def band_row(upright, outputs, inputs, i, k, size_hw):
     px_per_mv = float(outputs['trace_rows']['px_per_mv'][i]) * upright.shape[0] / crop.shape[0]
     read_px_per_s = float(inputs['read_px_per_s'][i])
     px_per_s = read_px_per_s if np.isfinite(read_px_per_s) else float(
-        ecg_model.border_px_per_s(size_hw[1], inputs['page_aspect'][i:i + 1])[0])
+        ecg_decode.border_px_per_s(size_hw[1], inputs['page_aspect'][i:i + 1])[0])
     speed = float(inputs['read_speed_mm_s'][i]) if np.isfinite(read_px_per_s) else float('nan')
     image, _, aspect = page_image.preprocess(crop, size_hw)
     return image, aspect, px_per_mv, px_per_s, speed, float(inputs['read_start'][i])
 
 
-def read_row_bands(reader, outputs, inputs, pixels):
+def read_row_bands(reader, outputs, inputs, pixels, start_weight=None):
     """Second reading of the pages whose layout has row bands the model was trained on (12x1): each band is
     cut from the upright page and read at the full input size, and its leads replace the first reading's
     (outputs['signal'] in place; 'row_bands' names the bands read per page), and so does their row spread
     ('spread' (B, 12, 5000), what lead_confidence reports). pixels: index -> the page's (h, w, 3) RGB, read
-    when needed (once a page, turned upright once for all its bands). The rest of outputs (rows, layout) stays
-    the first reading's."""
+    when needed (once a page, turned upright once for all its bands); start_weight: the bands' time-start pull
+    (None: the model's own). The rest of outputs (rows, layout) stays the first reading's."""
     banded = banded_pages(outputs, reader.trained)
     outputs['row_bands'] = [[] for _ in range(len(outputs['signal']))]
     if banded:
-        outputs['spread'] = ecg_model.row_spread(outputs)
+        outputs['spread'] = ecg_decode.row_spread(outputs)
     upright = {i: upright_page(pixels(i), outputs, i) for i, _ in banded}
     for k in range(max((len(bands) for _, bands in banded), default=0)):
         todo = [(i, bands[k]) for i, bands in banded]
         rows = [band_row(upright[i], outputs, inputs, i, k, reader.size_hw) for i, _ in todo]
         images, aspects, px_per_mv, px_per_s, speeds, starts = zip(*rows)
-        geometry = {'theta': torch.zeros(len(rows), device=reader.device), 'layouts': sorted({b.name for _, b in todo}),
-                    **{key: torch.tensor(values, dtype=torch.float32, device=reader.device) for key, values in (
-                        ('page_aspect', aspects), ('px_per_mv', px_per_mv), ('px_per_s', px_per_s),
-                        ('paper_speed', speeds), ('start', starts))}}
+        geometry = ecg_decode.Geometry(theta=torch.zeros(len(rows), device=reader.device),
+                                       layouts=sorted({b.name for _, b in todo}), start_weight=start_weight,
+                                       **{key: torch.tensor(values, dtype=torch.float32, device=reader.device)
+                                          for key, values in (('page_aspect', aspects), ('px_per_mv', px_per_mv),
+                                                              ('px_per_s', px_per_s), ('paper_speed', speeds),
+                                                              ('start', starts))})
         band_out = reader.model(torch.stack(images).to(reader.device), geometry=geometry)
-        band_spread = ecg_model.row_spread(band_out)
+        band_spread = ecg_decode.row_spread(band_out)
         for j, (i, band) in enumerate(todo):
             leads = torch.from_numpy(band.shown_mask().any(1)).to(outputs['signal'].device)
             outputs['signal'][i, leads] = band_out['signal'][j, leads].to(outputs['signal'].dtype)
@@ -228,11 +232,46 @@ def read_row_bands(reader, outputs, inputs, pixels):
     return outputs
 
 
+@dataclass
+class PageReading:
+    """One page as read (page_readings): what inference.py writes and evaluate.py scores."""
+    signal: np.ndarray          # (12, 5000) float32 mV at 500 Hz as read, every lead (shown_signal: what the page shows)
+    layout: str                 # the layout found (ecg_page.LAYOUTS)
+    scale: dict                 # what its grid and pulse showed (page_scale.read_scale; --gain, --paper_speed)
+    rotation_deg: float
+    px_per_mv_input: float      # the scale decoded with, in input rows per mV
+    row_bands: list             # names of the row bands it was read again in
+    spread_mv: np.ndarray       # (12,) mean row spread over the samples shown (lead_confidence)
+    confidence: np.ndarray      # (12,) 0..1
+    lead_order: object          # ecg_decode.LeadOrder where its layout has a Cabrera twin, else None
+    page_found: dict            # what finding the page did (find_page), or None
+    paper_share: float          # share of the input that is paper (paper_share)
+    trace_share: float          # share of the input the seg head calls trace
+
+    def shown_signal(self):
+        """(12, 5000) float64 mV with NaN where the layout found does not show the lead."""
+        return shown_signal(self.signal, self.layout)
+
+
+def page_readings(outputs, inputs):
+    """read_signals' outputs for a batch and its inputs (stack_inputs) -> [PageReading] per page."""
+    signals = outputs['signal'].float().cpu().numpy()
+    spread, confidence = lead_confidence(outputs)
+    trace_share = (outputs['seg'].argmax(1) > 0).float().mean((1, 2)).cpu().tolist()
+    lead_orders = outputs['trace_rows'].get('lead_orders') or [None] * len(signals)
+    row_bands = outputs.get('row_bands') or [[] for _ in signals]
+    page_found = inputs.get('page_found') or [None] * len(signals)
+    return [PageReading(signals[i], layout, inputs['scale'][i], float(outputs['decode_theta'][i]),
+                        float(outputs['trace_rows']['px_per_mv'][i]), row_bands[i], spread[i], confidence[i],
+                        lead_orders[i], page_found[i], inputs['paper_share'][i], trace_share[i])
+            for i, layout in enumerate(found_layouts(outputs))]
+
+
 def lead_confidence(outputs):
     """Per image and lead, how sure the signal head was: the mean spread (mV) of its row softmax over the
     samples the page shows, and a 0..1 confidence (0.5 at a spread of CONFIDENCE_HALF_MV). Leads read again in
     row bands have their band's spread (read_row_bands)."""
-    spread = outputs['spread'] if 'spread' in outputs else ecg_model.row_spread(outputs)
+    spread = outputs['spread'] if 'spread' in outputs else ecg_decode.row_spread(outputs)
     shown = torch.from_numpy(np.stack([layout_mask(name) for name in found_layouts(outputs)])).to(spread.device)
     mean = (spread * shown).sum(-1) / shown.sum(-1).clamp(min=1)
     return mean.float().cpu().numpy(), (1 / (1 + mean / CONFIDENCE_HALF_MV)).float().cpu().numpy()
@@ -240,16 +279,16 @@ def lead_confidence(outputs):
 
 def found_layouts(outputs):
     """The layout name decoding found for each image of a batch."""
-    return outputs['trace_rows'].get('layouts') or [ecg_model.LAYOUT.name] * len(outputs['signal'])
+    return outputs['trace_rows'].get('layouts') or [ecg_decode.LAYOUT.name] * len(outputs['signal'])
 
 
-def layout_mask(name=ecg_model.LAYOUT.name):
+def layout_mask(name=ecg_decode.LAYOUT.name):
     """(12, 5000) bool: which 500 Hz samples a page layout shows (on the standard page II: all 10 s via
     the rhythm strip; every other lead: its 2.5 s column)."""
     return LAYOUTS[name].shown_mask()
 
 
-def shown_signal(signal, layout=ecg_model.LAYOUT.name):
+def shown_signal(signal, layout=ecg_decode.LAYOUT.name):
     """(12, 5000) model output in mV -> float64 copy with NaN where the page's layout does not show the lead."""
     return np.where(layout_mask(layout), signal.astype(np.float64), np.nan)
 
@@ -350,7 +389,7 @@ def with_known_scale(inputs, size_hw, gain=None, speed=None):
     a page without a readable grid gets the page border's px per mV at that gain."""
     if gain:
         found = torch.tensor([scale['gain_mm_mv'] for scale in inputs['scale']], dtype=torch.float32)
-        border = ecg_model.default_px_per_mv(size_hw[0]) * gain / MM_PER_MV
+        border = ecg_decode.default_px_per_mv(size_hw[0]) * gain / MM_PER_MV
         px_per_mv = inputs['read_px_per_mv'] * gain / found
         inputs['read_px_per_mv'] = torch.where(torch.isfinite(px_per_mv), px_per_mv, torch.full_like(px_per_mv, border))
     if speed:

@@ -28,6 +28,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
@@ -43,6 +44,7 @@ from tqdm import tqdm
 
 import ecg_checkpoint
 import ecg_cli
+import ecg_decode
 import ecg_model
 import ecg_trainer
 import page_image
@@ -54,7 +56,9 @@ LOSS_NAMES = list(ecg_trainer.DEFAULT_LOSS_WEIGHTS)
 ARCHITECTURE_KEYS = ('encoder', 'decoder_channels', 'image_size')   # a resumed run cannot change these
 RECORDED_KEYS = ('run_dir', 'device', 'world_size', 'amp_enabled', 'amp_dtype_used', 'grad_scaler',
                  'select_metric_used')   # written into config.json by a run; ignored when it is read back
-SELECT_METRICS = {'snr_db': max, 'pearson': max, 'val_loss': min, 'latest': None}   # what best.pth means
+# what best.pth means: every metric of ecg_trainer's registry, the validation loss, or the latest epoch
+SELECT_METRICS = {**{name: max if metric.higher_is_better else min for name, metric in ecg_trainer.METRICS.items()},
+                  'val_loss': min, 'latest': None}
 MAX_BAD_STEPS = 20      # non-finite losses or gradients in a row before the run is stopped
 DEBUG_SAMPLES = 100
 DEBUG_EPOCHS = 3
@@ -454,14 +458,15 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(model, batch, criterion, optimizer, scaler, amp, device):
+def train_step(training, batch, criterion):
     """Forward, backward, update -> (losses, updated). A non-finite loss or gradient skips the update
     (as GradScaler does for fp16 overflow), so one bad step never reaches the weights."""
-    with amp.autocast(device):
-        outputs = model(batch['image'], ecg_model.true_geometry(batch))
+    model, optimizer, scaler = training.model, training.optimizer, training.scaler
+    with training.amp.autocast(training.device):
+        outputs = model(batch['image'], ecg_decode.true_geometry(batch))
         losses = criterion(outputs, batch)
     optimizer.zero_grad(set_to_none=True)
-    if not all_ranks_agree(torch.isfinite(losses['total']).item(), device):
+    if not all_ranks_agree(torch.isfinite(losses['total']).item(), training.device):
         return losses, False
     scaler.scale(losses['total']).backward()
     scaler.unscale_(optimizer)
@@ -474,11 +479,11 @@ def train_step(model, batch, criterion, optimizer, scaler, amp, device):
     return losses, True
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp, device, writer, state, config,
-                    stop, rank, ema=None):
+def train_one_epoch(training, loader, criterion, writer, state, config, stop, rank):
     """One pass over the loader from state['step_in_epoch'] (a resumed epoch loads the batches it already
     trained on again, so the data order and augmentation stay the uninterrupted run's, but skips them);
-    the moving average `ema` (or None) follows every update."""
+    the moving average training.ema (or None) follows every update."""
+    model, scheduler, ema, device = training.model, training.scheduler, training.ema, training.device
     model.train()
     sums, count, skipped, start = {}, 0, 0, time.perf_counter()
     total = len(loader) if hasattr(loader, '__len__') else None   # bench_threads passes a timed generator
@@ -486,7 +491,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, amp,
                desc=f'epoch {state["epoch"] + 1}/{planned_epochs(scheduler)}', disable=rank != 0, leave=False,
                mininterval=ecg_cli.PROGRESS_SECONDS)
     for batch in bar:
-        losses, updated = train_step(model, to_device(batch, device), criterion, optimizer, scaler, amp, device)
+        losses, updated = train_step(training, to_device(batch, device), criterion)
         state['global_step'] += 1
         state['step_in_epoch'] += 1
         if updated:
@@ -545,7 +550,7 @@ def validate(model, reader, loader, criterion, amp):
     for batch in loader:
         batch = to_device(batch, reader.device)
         with amp.autocast(reader.device):
-            outputs = model(batch['image'], ecg_model.true_geometry(batch))
+            outputs = model(batch['image'], ecg_decode.true_geometry(batch))
             losses = criterion(outputs, batch)
         maps = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
         predicted = page_reader.read_signals(reader, batch, page_reader.known_pixels(batch['png']), maps)
@@ -572,7 +577,7 @@ def log_val_images(writer, shown, step):
     """A few validation images with the predicted traces drawn where the model reads them."""
     batch, predicted = shown
     for i in range(min(TB_IMAGES, len(batch['image']))):
-        picture = ecg_model.draw_prediction(page_image.denormalize(batch['image'][i]), predicted, i)
+        picture = ecg_decode.draw_prediction(page_image.denormalize(batch['image'][i]), predicted, i)
         writer.add_image(f'Val/prediction_{i}', picture, step, dataformats='HWC')
 
 
@@ -595,13 +600,14 @@ def is_better(config, value, best):
     return value < best if SELECT_METRICS[config['select_metric_used']] is min else value > best
 
 
-def save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, ema=None, improved=False,
-                     epoch_end=True):
+def save_checkpoints(run_dir, training, state, config, improved=False, epoch_end=True):
     """last.pth always; epoch_N.pth every --save_every epochs; best.pth when the chosen metric improved.
     With a moving average, 'model' holds it (what evaluation and inference load) and 'train_model' the weights
     the optimizer steps (what --resume goes on from). Weights that are not finite are never written: the
     previous files stay."""
-    checkpoint = ecg_checkpoint.training_state(weights_to_use(model, ema), optimizer, scheduler, scaler, state, config)
+    model, ema = training.model, training.ema
+    checkpoint = ecg_checkpoint.training_state(weights_to_use(model, ema), training.optimizer, training.scheduler,
+                                               training.scaler, state, config)
     if ema is not None:
         checkpoint['train_model'] = unwrap(model).state_dict()
         checkpoint['ema_steps'] = int(ema.n_averaged)
@@ -619,23 +625,25 @@ def save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config
 # ---------------------------------------------------------------- decoding tuned on validation
 
 @torch.no_grad()
-def start_weight_scores(model, loader, amp, device, layouts=None):
-    """{weight: validation summary} of the model's maps decoded with each of
-    ecg_model.PULSE_START_WEIGHTS_TRIED: one forward per batch, every weight decoding the same maps."""
-    stats = {weight: [] for weight in ecg_model.PULSE_START_WEIGHTS_TRIED}
+def start_weight_scores(reader, loader, amp):
+    """{weight: validation summary} of the pages read as inference reads them (page_reader.read_signals, row
+    bands included) with each of ecg_decode.PULSE_START_WEIGHTS_TRIED: one forward per batch, every weight
+    decoding the same maps."""
+    stats = {weight: [] for weight in ecg_decode.PULSE_START_WEIGHTS_TRIED}
     for batch in loader:
-        batch = to_device(batch, device)
-        with amp.autocast(device):
-            out = model(batch['image'], ecg_model.read_geometry(batch, layouts))
+        batch = to_device(batch, reader.device)
+        with amp.autocast(reader.device):
+            out = reader.model(batch['image'], ecg_decode.read_geometry(batch, reader.layouts))
         out = {k: v.float() for k, v in out.items() if torch.is_tensor(v)}
+        pixels = page_reader.known_pixels(batch['png'])
         for weight, kept in stats.items():
-            geometry = dict(ecg_model.read_geometry(batch, layouts), theta=out['decode_theta'], start_weight=weight)
-            signal = ecg_model.decode_outputs(out, geometry)['signal']
+            told = {'theta': out['decode_theta'], 'start_weight': weight}
+            signal = page_reader.read_signals(reader, batch, pixels, out, told)['signal']
             kept.append(ecg_trainer.record_stats(signal, batch['signal'], batch['signal_mask']))
     return {weight: ecg_trainer.summarize(ecg_trainer.concat_stats(kept)) for weight, kept in stats.items()}
 
 
-def tune_decoding(run_dir, val_loader, amp, device, layouts=None):
+def tune_decoding(run_dir, val_loader, amp, device, config):
     """best.pth's pulse start weight, chosen by validation Pearson and written into it: how far a page's time
     start may stray from where its pulses end depends on how sharp this model's strip edges are (0.015
     Pearson on the starter, 0.12 on 12x1 pages of a layout-mix model). Another weight than the default must
@@ -646,7 +654,7 @@ def tune_decoding(run_dir, val_loader, amp, device, layouts=None):
         return None
     checkpoint = ecg_checkpoint.load(path, map_location=device)
     model = ecg_checkpoint.build_model(checkpoint, path, device)
-    scores = start_weight_scores(model, val_loader, amp, device, layouts)
+    scores = start_weight_scores(validation_reader(model, config, device), val_loader, amp)
     finite = {weight: row['pearson'] for weight, row in scores.items() if math.isfinite(row['pearson'])}
     if not finite:
         return None
@@ -661,7 +669,7 @@ def tune_decoding(run_dir, val_loader, amp, device, layouts=None):
 def chosen_start_weight(pearson):
     """{weight: validation Pearson} -> the default weight unless another beats it by DECODING_MARGIN."""
     best = max(pearson, key=pearson.get)
-    default = ecg_model.PULSE_START_WEIGHT
+    default = ecg_decode.PULSE_START_WEIGHT
     if default in pearson and pearson[best] < pearson[default] + DECODING_MARGIN:
         return default
     return best
@@ -725,7 +733,20 @@ def setup(argv):
     return config, rank, world_size, device, amp, run_dir, train, val
 
 
+@dataclass
+class Training:
+    """What training steps change and what they run with, built once (build_training) and passed whole."""
+    model: torch.nn.Module          # DistributedDataParallel's wrapper where several processes train
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR   # WarmupCosine
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel = None       # the weights' moving average (--ema_decay), or None
+    amp: speed.AmpSettings = None
+    device: torch.device = None
+
+
 def build_training(config, device, amp, world_size, steps_per_epoch):
+    """The model, optimizer, schedule, grad scaler and moving average of a new run (Training)."""
     seed_everything(config['seed'])
     try:
         model = ecg_model.build_model(config['encoder'], config['pretrained'], config['pretrained_path'],
@@ -743,7 +764,7 @@ def build_training(config, device, amp, world_size, steps_per_epoch):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     optimizer, scheduler = build_optimizer(model, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.grad_scaler)
-    return model, optimizer, scheduler, scaler, build_ema(model, config['ema_decay'])
+    return Training(model, optimizer, scheduler, scaler, build_ema(model, config['ema_decay']), amp, device)
 
 
 def check_ema_decay(decay):
@@ -774,10 +795,11 @@ def init_weights(model, path):
     log.info('weights from %s (trained at %s)', path, 'x'.join(map(str, ecg_checkpoint.input_size(checkpoint))))
 
 
-def resume_from(path, model, optimizer, scheduler, scaler, device, config, ema=None):
-    """Weights (and their moving average), optimizer, schedule, RNG and progress of a checkpoint -> the
-    training state."""
-    checkpoint = ecg_checkpoint.load(path, map_location=device)
+def resume_from(path, training, config):
+    """Weights (and their moving average), optimizer, schedule, RNG and progress of a checkpoint, into training
+    (Training) -> the progress state."""
+    model, optimizer, scheduler, ema = training.model, training.optimizer, training.scheduler, training.ema
+    checkpoint = ecg_checkpoint.load(path, map_location=training.device)
     if ecg_model.has_one_rhythm_channel(checkpoint['model']):
         raise ecg_cli.InputError(f'--resume {path}: made before pages of three rhythm strips (one rhythm channel); its '
                              f'optimizer state does not fit this model: start a new run with --init_from {path}')
@@ -793,7 +815,7 @@ def resume_from(path, model, optimizer, scheduler, scaler, device, config, ema=N
     vars(schedule).update(built)
     if 'epochs' not in config['flags_given']:   # an --epochs on the resume command lays the schedule anew
         schedule.epochs = fitted
-    scaler.load_state_dict(checkpoint['scaler'])
+    training.scaler.load_state_dict(checkpoint['scaler'])
     ecg_checkpoint.set_rng_state(checkpoint['rng'])
     state = {key: checkpoint[key] for key in ('epoch', 'step_in_epoch', 'global_step', 'best_metric')}
     log.info('resumed from %s: epoch %d, step %d of it done (global step %d), best %s %s', path,
@@ -824,49 +846,49 @@ def open_run_folder(run_dir, config, state, rank):
     return writer
 
 
-def end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, writer, train_means, val_means, seconds,
-              ema=None):
+def end_epoch(run_dir, training, state, config, writer, train_means, val_means, seconds):
     """Rank 0 after each epoch: TensorBoard, checkpoints, metrics.jsonl and the log line."""
     if val_means is not None:
         log_losses(writer, 'Val', val_means, state['global_step'])
-        for name in ('pearson', 'snr_db', 'theta_error_deg'):
+        for name in (*ecg_trainer.METRICS, 'theta_error_deg'):
             writer.add_scalar(f'Val/{name}', val_means[name], state['global_step'])
     value = select_value(config, state, val_means)
     improved = is_better(config, value, state['best_metric'])
     if improved:
         state['best_metric'] = value
-    save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, ema, improved)
-    append_metrics(run_dir, state, train_means, val_means, scheduler.get_last_lr()[0], seconds)
-    log.info(epoch_summary(state['epoch'], planned_epochs(scheduler), train_means, val_means, seconds))
+    save_checkpoints(run_dir, training, state, config, improved)
+    append_metrics(run_dir, state, train_means, val_means, training.scheduler.get_last_lr()[0], seconds)
+    log.info(epoch_summary(state['epoch'], planned_epochs(training.scheduler), train_means, val_means, seconds))
     writer.flush()
 
 
-def train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders, writer, state, stop, rank, run_dir,
-               ema=None):
+def train_loop(config, training, loaders, writer, state, stop, rank, run_dir):
+    """Epochs until the schedule's end: train, validate, shorten the schedule to the time budget, save."""
     train_loader, val_loader = loaders
+    scheduler = training.scheduler
     criterion = ecg_trainer.CompositeLoss(config['loss_weights'])
     started, epochs_here = time.perf_counter(), 0
     while state['epoch'] < planned_epochs(scheduler):
         epoch_start = time.perf_counter()
         set_loader_epoch(train_loader, state['epoch'], config['seed'])
         state['epoch_rng'] = ecg_checkpoint.rng_state()   # saved with a mid-epoch stop: its replay starts here
-        train_means = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, amp, device,
-                                      writer, state, config, stop, rank, ema)
+        train_means = train_one_epoch(training, train_loader, criterion, writer, state, config, stop, rank)
         state['epoch'] += 1
         state['step_in_epoch'] = 0
         val_means = None
         if rank == 0 and val_loader is not None:
-            validated = weights_to_use(model, ema)
-            val_means, shown = validate(validated, validation_reader(validated, config, device), val_loader,
-                                        criterion, amp)
+            validated = weights_to_use(training.model, training.ema)
+            val_means, shown = validate(validated, validation_reader(validated, config, training.device), val_loader,
+                                        criterion, training.amp)
             log_val_images(writer, shown, state['global_step'])
         epochs_here += 1
         if config['time_budget_min'] is not None:
-            fit_schedule_to_budget(config, scheduler, state, epochs_here, time.perf_counter() - started, device)
+            fit_schedule_to_budget(config, scheduler, state, epochs_here, time.perf_counter() - started,
+                                   training.device)
         if rank == 0:
             state['epoch_rng'] = ecg_checkpoint.rng_state()
-            end_epoch(run_dir, model, optimizer, scheduler, scaler, state, config, writer, train_means, val_means,
-                      time.perf_counter() - epoch_start, ema)
+            end_epoch(run_dir, training, state, config, writer, train_means, val_means,
+                      time.perf_counter() - epoch_start)
 
 
 def main(argv=None):
@@ -879,20 +901,19 @@ def main(argv=None):
     if config['debug']:
         log.info('debug mode: %d samples, %d epochs', config['max_samples'], config['epochs'])
     loaders = build_loaders(train, val, config, world_size, rank, device)
-    model, optimizer, scheduler, scaler, ema = build_training(config, device, amp, world_size, len(loaders[0]))
+    training = build_training(config, device, amp, world_size, len(loaders[0]))
     state = {'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'best_metric': None, 'bad_steps': 0,
              'select_metric': config['select_metric_used']}
     if config['resume']:
-        state.update(resume_from(config['resume'], model, optimizer, scheduler, scaler, device, config, ema))
+        state.update(resume_from(config['resume'], training, config))
     writer = open_run_folder(run_dir, config, state, rank)
     stop = {'signal': None}
     install_stop_handlers(stop)
     try:
-        train_loop(config, model, optimizer, scheduler, scaler, amp, device, loaders, writer, state, stop, rank,
-                   run_dir, ema)
+        train_loop(config, training, loaders, writer, state, stop, rank, run_dir)
     except TrainingStopped as exc:
         if rank == 0:
-            save_checkpoints(run_dir, model, optimizer, scheduler, scaler, state, config, ema, epoch_end=False)
+            save_checkpoints(run_dir, training, state, config, epoch_end=False)
             log.warning('stopped by %s at epoch %d, step %d of it; saved %s. Resume with:\n  python '
                         'production_trainer.py --resume %s', exc, state['epoch'] + 1, state['step_in_epoch'],
                         run_dir / 'checkpoints' / 'last.pth', run_dir / 'checkpoints' / 'last.pth')
@@ -906,7 +927,7 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        tune_decoding(run_dir, loaders[1], amp, device, ecg_checkpoint.readable_layouts(config))
+        tune_decoding(run_dir, loaders[1], amp, device, config)
         log.info('done: best.pth by %s = %s; checkpoints in %s', config['select_metric_used'],
                  state['best_metric'], run_dir / 'checkpoints')
     return run_dir

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 import ecg_cli
-import ecg_model
+import ecg_decode
 import ecg_trainer
 import page_image
 import page_reader
@@ -135,7 +135,7 @@ def overlay_panel(picture, outputs, page_aspect):
     panel[sure] = (1 - SEG_ALPHA) * panel[sure] + SEG_ALPHA * pdx.LEAD_COLOURS[label[sure]]
     baseline = outputs['baseline'][0, 0].float().sigmoid().cpu().numpy() > 0.5
     panel[baseline] = (1 - BASELINE_ALPHA) * panel[baseline] + BASELINE_ALPHA * BASELINE_COLOUR
-    panel = ecg_model.draw_prediction(panel.round().astype(np.uint8), outputs, 0, page_aspect=page_aspect)
+    panel = ecg_decode.draw_prediction(panel.round().astype(np.uint8), outputs, 0, page_aspect=page_aspect)
     scale = max(1, -(-MIN_PANEL_WIDTH // panel.shape[1]))
     # nearest keeps each input pixel a crisp block: the picture shows exactly what the model saw
     return cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
@@ -155,7 +155,7 @@ def plot_lead(ax, lead, pred, truth, r, confidence, layout):
     in the title r and the signal head's confidence (page_reader.lead_confidence)."""
     t = np.arange(N_SAMPLES) / FS
     shown = page_reader.layout_mask(layout)[lead]
-    colour = np.array(ecg_model.TRACE_COLOURS[lead]) / 255
+    colour = np.array(ecg_decode.TRACE_COLOURS[lead]) / 255
     if truth is not None:
         ax.plot(t, np.where(shown, truth[lead], np.nan), color='black', lw=0.8, label='truth')
     ax.plot(t, np.where(shown, pred[lead], np.nan), color=colour, lw=0.8, label='predicted')
@@ -176,7 +176,7 @@ def scale_note(scale):
     return f"scale from the {scale['source']}: {scale['px_per_mm_x']:.2f} px/mm, {gain}, {speed}"
 
 
-def draw_figure(panel, pred, truth, r, confidence, title, path, layout=ecg_model.LAYOUT.name):
+def draw_figure(panel, pred, truth, r, confidence, title, path, layout=ecg_decode.LAYOUT.name):
     """Top: the overlay panel; below: the lead plots (mV vs s) placed as the page's layout places them
     (3 x 4 on the standard page). Written as PNG to path."""
     panel_in = min(FIGURE_WIDTH_IN * panel.shape[0] / panel.shape[1], MAX_PANEL_HEIGHT_IN)

@@ -109,9 +109,9 @@ def test_bench_decoding_scores_each_variant_on_the_same_maps(tmp_path, fixture_d
     assert variants['presence_start'] != variants['current']
     # 'current' reads with the starter's own weight (PULSE_START_WEIGHT where it names none); the others differ
     import ecg_checkpoint
-    import ecg_model
+    import ecg_decode
     own = ecg_checkpoint.load(ecg_checkpoint.STARTER).get('decoding', {}).get('pulse_start_weight',
-                                                                              ecg_model.PULSE_START_WEIGHT)
+                                                                              ecg_decode.PULSE_START_WEIGHT)
     assert variants[f'pulse_weight_{own:g}'] == variants['current']
     assert len({v['pearson'] for k, v in variants.items() if k.startswith('pulse_weight_')}) > 1
     # a column is ~8 samples; the old start (start_box: strip boxes over the presence maps, no pulse) is the weakest

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-import ecg_model
+import ecg_decode
 import ecg_trainer
 import evaluate
 import inference
@@ -22,6 +22,14 @@ from ecg_page import (FS, LAYOUTS, LEADS, N_SAMPLES, N_TRACES, RHYTHM, STANDARD,
 WIDTH = 672
 PX_PER_S = 60.0          # input columns per second of a test page
 
+
+
+def read_from_truth(batch):
+    """The geometry a page shows (its scale, speed, shape) to choose among every layout, for decoding the true
+    rows of its targets."""
+    return ecg_decode.Geometry(layouts=list(LAYOUTS), px_per_mv=batch['read_px_per_mv'],
+                               page_aspect=batch['page_aspect'], px_per_s=batch['read_px_per_s'],
+                               paper_speed=batch['read_speed_mm_s'])
 
 def test_ecg_image_kit_two_column_page_restarts_each_column_at_zero():
     """ecg-image-kit --num_columns 2 draws V1 I V2 II V3 III | V4 aVR V5 aVL V6 aVF, both columns from t = 0."""
@@ -73,7 +81,7 @@ def test_the_fixture_pages_are_the_standard_layout(fixture_dirs):
 
 def drawn_presence(name, x0, batch=1):
     """(B, 13, W) presence logits of a page of layout `name` whose traces start at column x0."""
-    _, places, _ = ecg_model.layout_strips([LAYOUTS[name]] * batch, 'cpu')
+    _, places, _ = ecg_decode.layout_strips([LAYOUTS[name]] * batch, 'cpu')
     cols = torch.arange(WIDTH).float()
     first, last = (x0 + places[..., :1] * PX_PER_S).round(), (x0 + places[..., 1:] * PX_PER_S).round()
     inside = (cols >= first) & (cols <= last)           # NaN places compare False: no strip
@@ -85,10 +93,10 @@ def test_layout_and_time_start_are_found_from_presence(name):
     x0 = 37.3
     presence = drawn_presence(name, x0)
     aspect, px_per_s = torch.tensor([11 / 8.5]), torch.tensor([PX_PER_S])
-    chosen = ecg_model.choose_layouts(presence, list(LAYOUTS), aspect, px_per_s)
+    chosen = ecg_decode.choose_layouts(presence, list(LAYOUTS), aspect, px_per_s)
     assert chosen[0].rows == LAYOUTS[name].rows and len(chosen[0].rhythm) == len(LAYOUTS[name].rhythm)
-    _, places, _ = ecg_model.layout_strips(chosen, 'cpu')
-    start, _ = ecg_model.fit_start(presence, places, aspect, px_per_s)
+    _, places, _ = ecg_decode.layout_strips(chosen, 'cpu')
+    start, _ = ecg_decode.fit_start(presence, places, aspect, px_per_s)
     assert float(start) == pytest.approx(x0, abs=0.6)
 
 
@@ -101,19 +109,19 @@ def test_layouts_at_a_speed_no_page_shows_are_left_out_of_the_fit():
     aspect, px_per_s = torch.full((4,), 11 / 8.5), torch.tensor([PX_PER_S] * 3 + [2 * PX_PER_S])
     speeds = torch.tensor([25.0, 25.0, float('nan'), 50.0])
     fitted = []
-    real_fit = ecg_model.fit_start
-    with patch.object(ecg_model, 'fit_start', lambda presence, places, *a: fitted.append(places) or real_fit(
+    real_fit = ecg_decode.fit_start
+    with patch.object(ecg_decode, 'fit_start', lambda presence, places, *a: fitted.append(places) or real_fit(
             presence, places, *a)):
         for batch in (slice(0, 3), slice(0, 4)):
             fitted.clear()
-            chosen = ecg_model.choose_layouts(presence[batch], whole_pages(LAYOUTS), aspect[batch], px_per_s[batch],
+            chosen = ecg_decode.choose_layouts(presence[batch], whole_pages(LAYOUTS), aspect[batch], px_per_s[batch],
                                               speeds[batch])
             assert len(fitted) == (6 if batch.stop == 3 else 12)     # 12 plans: 6 at each speed
-            with patch.object(ecg_model, 'at_page_speeds', lambda layouts, page_speed: layouts):
-                assert ecg_model.choose_layouts(presence[batch], whole_pages(LAYOUTS), aspect[batch],
+            with patch.object(ecg_decode, 'at_page_speeds', lambda layouts, page_speed: layouts):
+                assert ecg_decode.choose_layouts(presence[batch], whole_pages(LAYOUTS), aspect[batch],
                                                 px_per_s[batch], speeds[batch]) == chosen
             assert [layout.name for layout in chosen] == pages[batch]
-    only_slow = ecg_model.at_page_speeds([LAYOUTS['3x4+II']], torch.tensor([50.0]))
+    only_slow = ecg_decode.at_page_speeds([LAYOUTS['3x4+II']], torch.tensor([50.0]))
     assert [layout.name for layout in only_slow] == ['3x4+II']
 
 
@@ -123,11 +131,11 @@ def test_pages_of_a_layout_the_model_was_not_trained_on_are_named_and_warned_of(
     pages = ['6x2+II', '3x4+II', '3x4+V1', '12x1']
     presence = torch.cat([drawn_presence(name, 30.0) for name in pages])
     aspect, px_per_s = torch.full((4,), 11 / 8.5), torch.full((4,), PX_PER_S)
-    assert ecg_model.untrained_fits(presence, ['3x4+II'], aspect, px_per_s) == ['6x2+II', None, None, '12x1']
-    assert ecg_model.untrained_fits(presence, ['3x4+II', '6x2+II', '12x1'], aspect, px_per_s) == [None] * 4
+    assert ecg_decode.untrained_fits(presence, ['3x4+II'], aspect, px_per_s) == ['6x2+II', None, None, '12x1']
+    assert ecg_decode.untrained_fits(presence, ['3x4+II', '6x2+II', '12x1'], aspect, px_per_s) == [None] * 4
     # the same paper with a pulse twice as wide: 50 mm/s, a layout the model never saw (same columns per
     # second of the page: px_per_s is read at the page's own speed)
-    fast = ecg_model.untrained_fits(presence[1:2], ['3x4+II'], aspect[:1], 2 * px_per_s[:1], torch.tensor([50.0]))
+    fast = ecg_decode.untrained_fits(presence[1:2], ['3x4+II'], aspect[:1], 2 * px_per_s[:1], torch.tensor([50.0]))
     assert fast == ['3x4+II@50mm/s']
     reports = [{'image': f'{name}.png', 'layout': '3x4+II'} for name in pages]
     outputs = {'trace_rows': {'presence': presence}, 'signal': torch.zeros(4, 12, N_SAMPLES)}
@@ -147,10 +155,10 @@ def test_a_model_widened_from_one_rhythm_channel_warns_of_no_standard_page():
     widened = standard.clone()
     widened[:, RHYTHM + 1:] = standard[:, RHYTHM:RHYTHM + 1]
     aspect, px_per_s = torch.full((1,), 11 / 8.5), torch.full((1,), PX_PER_S)
-    assert ecg_model.choose_layouts(widened, list(LAYOUTS), aspect, px_per_s)[0].name == '3x4+II+V1+V5'
-    assert ecg_model.untrained_fits(widened, ['3x4+II'], aspect, px_per_s) == [None]
-    assert ecg_model.untrained_fits(widened, ['3x4+II', '3x4+II+V1+V5'], aspect, px_per_s) == [None]
-    assert ecg_model.untrained_fits(drawn_presence('3x4+II+V1+V5', 30.0), ['6x2+II', '3x4+II+V1+V5@50mm/s'], aspect,
+    assert ecg_decode.choose_layouts(widened, list(LAYOUTS), aspect, px_per_s)[0].name == '3x4+II+V1+V5'
+    assert ecg_decode.untrained_fits(widened, ['3x4+II'], aspect, px_per_s) == [None]
+    assert ecg_decode.untrained_fits(widened, ['3x4+II', '3x4+II+V1+V5'], aspect, px_per_s) == [None]
+    assert ecg_decode.untrained_fits(drawn_presence('3x4+II+V1+V5', 30.0), ['6x2+II', '3x4+II+V1+V5@50mm/s'], aspect,
                                     px_per_s) == ['3x4+II+V1+V5']
 
 
@@ -168,12 +176,12 @@ def test_the_rhythm_strips_lead_is_told_by_what_it_shows():
         sampled[0, c] = np.where(valid[0, c], truth[lead], 0)
     sampled, valid = torch.from_numpy(sampled), torch.from_numpy(valid)
     names = ['3x4+II', '3x4+V1', '3x4+V5']
-    found, _ = ecg_model.pick_layouts(sampled, valid, [STANDARD], names)
+    found, _ = ecg_decode.pick_layouts(sampled, valid, [STANDARD], names)
     assert found[0].name == '3x4+V1'
-    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]))
+    signal, shown = ecg_decode.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]))
     assert shown[0, LEADS.index('V1')].all() and not shown[0, LEADS.index('II'), int(2.5 * FS):].any()
     np.testing.assert_allclose(signal[0, LEADS.index('V1')].numpy(), truth[LEADS.index('V1')], atol=1e-6)
-    _, no_rhythm = ecg_model.channels_to_leads(sampled, valid, torch.tensor([[-1, -1, -1]]))
+    _, no_rhythm = ecg_decode.channels_to_leads(sampled, valid, torch.tensor([[-1, -1, -1]]))
     assert not no_rhythm[0, LEADS.index('V1'), :int(5 * FS)].any()
 
 
@@ -218,9 +226,7 @@ def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
     np.testing.assert_allclose(batch['read_start'], batch['trace_span'][:, LEADS.index('I'), 0], atol=0.4)
     presence = torch.where(torch.isfinite(batch['trace_top']), 10.0, -10.0)
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
-    signal, _, used = ecg_model.decode_layouts(centre, batch['baseline_row'], presence, list(LAYOUTS),
-                                                batch['read_px_per_mv'], batch['page_aspect'], batch['read_px_per_s'],
-                                                batch['read_speed_mm_s'])
+    signal, _, used = ecg_decode.decode_layouts(centre, batch['baseline_row'], presence, read_from_truth(batch))
     assert used['layouts'] == [meta[r]['layout'] for r in batch['record_id']]
     metrics = ecg_trainer.signal_metrics(signal, batch['signal'], batch['signal_mask'])
     assert metrics['pearson'] > 0.9 and metrics['snr_db'] > 10
@@ -237,7 +243,7 @@ def test_a_cabrera_page_relabels_the_standard_places():
         ['I', 'II', 'III', 'aVR', 'aVL', 'aVF']
     assert sign.tolist() == [-1.0 if lead == 'aVR' else 1.0 for lead in LEADS]
     np.testing.assert_array_equal(cabrera.strip_seconds()[0], STANDARD.strip_seconds()[0])   # same strips
-    assert ecg_model.strip_plan(cabrera) == ecg_model.strip_plan(STANDARD)
+    assert ecg_decode.strip_plan(cabrera) == ecg_decode.strip_plan(STANDARD)
     mask = cabrera.shown_mask()   # what the page shows of each lead: aVL now in the first 2.5 s
     assert mask[LEADS.index('aVL'), :int(2.5 * FS)].all() and not mask[LEADS.index('aVL'), int(2.5 * FS):].any()
     assert with_cabrera(['3x4+II', '6x2+II', '12x1@50mm/s']) == ['3x4+II', '6x2+II', '12x1@50mm/s',
@@ -281,15 +287,15 @@ def test_the_lead_order_is_told_by_einthovens_law(name):
     truth = heart_vector_leads(rng) + 0.03 * rng.standard_normal((12, N_SAMPLES))
     layout = LAYOUTS[name]
     sampled, valid = channel_readings(layout, truth)
-    plan_mates = [n for n in LAYOUTS if ecg_model.strip_plan(LAYOUTS[n]) == ecg_model.strip_plan(layout)]
+    plan_mates = [n for n in LAYOUTS if ecg_decode.strip_plan(LAYOUTS[n]) == ecg_decode.strip_plan(layout)]
     assert len({LAYOUTS[n].rows for n in plan_mates}) == 2                    # the standard and the Cabrera order
-    misfit = {n: ecg_model.limb_misfit(ecg_model.order_readings(sampled[0], valid[0], LAYOUTS[n])) for n in plan_mates
+    misfit = {n: ecg_decode.limb_misfit(ecg_decode.order_readings(sampled[0], valid[0], LAYOUTS[n])) for n in plan_mates
               if LAYOUTS[n].rhythm_leads == layout.rhythm_leads}
     assert misfit[name] < 0.01 and all(m > 0.1 for n, m in misfit.items() if LAYOUTS[n].rows != layout.rows)
-    found, orders = ecg_model.pick_layouts(sampled, valid, [layout], plan_mates)
+    found, orders = ecg_decode.pick_layouts(sampled, valid, [layout], plan_mates)
     assert found[0].name == name and orders[0].chosen == name
-    channel, sign = ecg_model.lead_maps(found, 'cpu')
-    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]), channel, sign)
+    channel, sign = ecg_decode.lead_maps(found, 'cpu')
+    signal, shown = ecg_decode.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]), channel, sign)
     assert shown.all(-1).sum() == (12 if name.startswith('12x1') else 1 if layout.rhythm else 0)
     np.testing.assert_allclose(signal[0][shown[0]].numpy(), truth[shown[0].numpy()], atol=1e-5)
 
@@ -306,11 +312,11 @@ def test_limb_leads_are_the_least_squares_fit_of_every_limb_strip(name, limb_err
     layout = LAYOUTS[name]
     clean, valid = channel_readings(layout, truth)
     noisy = clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(3)) * valid
-    channel, sign = ecg_model.lead_maps([layout], 'cpu')
+    channel, sign = ecg_decode.lead_maps([layout], 'cpu')
     rhythm = torch.tensor([layout.rhythm_leads])
     for sampled in (clean, noisy):
-        signal, shown = ecg_model.channels_to_leads(sampled, valid, rhythm, channel, sign)
-        fitted = ecg_model.fit_limb_leads(signal, sampled, valid, [layout])
+        signal, shown = ecg_decode.channels_to_leads(sampled, valid, rhythm, channel, sign)
+        fitted = ecg_decode.fit_limb_leads(signal, sampled, valid, [layout])
         assert torch.equal(fitted[~shown], signal[~shown]) and torch.equal(fitted[0, 6:], signal[0, 6:])
         error = {k: float(((v[0, :6] - torch.from_numpy(truth[:6]).float()) ** 2)[shown[0, :6]].mean())
                  for k, v in (('read', signal), ('fitted', fitted))}
@@ -342,9 +348,7 @@ def test_three_rhythm_strips_train_in_their_own_channels_and_read_back(rhythm_pa
     assert (batch['signal_mask'][:, three].float().mean(-1) > 0.99).all()              # 10 s of each
     presence = torch.where(torch.isfinite(batch['trace_top']), 10.0, -10.0)
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
-    signal, shown, used = ecg_model.decode_layouts(centre, batch['baseline_row'], presence, list(LAYOUTS),
-                                                   batch['read_px_per_mv'], batch['page_aspect'],
-                                                   batch['read_px_per_s'], batch['read_speed_mm_s'])
+    signal, shown, used = ecg_decode.decode_layouts(centre, batch['baseline_row'], presence, read_from_truth(batch))
     assert used['layouts'] == ['3x4+II+V1+V5'] * 2 and used['rhythm_leads'].tolist() == [three, three]
     assert shown[:, three].all()
     for lead in three:
@@ -366,9 +370,9 @@ def test_rhythm_strips_leads_are_told_apart_when_layouts_differ_only_in_them():
     sampled, valid = channel_readings(clinic, truth)
     names = {clinic.name: clinic, other.name: other}
     with patch.dict(LAYOUTS, names):
-        found, _ = ecg_model.pick_layouts(sampled, valid, [other], list(names))
+        found, _ = ecg_decode.pick_layouts(sampled, valid, [other], list(names))
     assert found[0].name == clinic.name
-    signal, shown = ecg_model.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]))
+    signal, shown = ecg_decode.channels_to_leads(sampled, valid, torch.tensor([found[0].rhythm_leads]))
     np.testing.assert_allclose(signal[0, LEADS.index('V5')].numpy(), truth[LEADS.index('V5')], atol=1e-6)
 
 
@@ -439,7 +443,7 @@ def test_the_standard_order_is_kept_when_the_limb_leads_fit_no_order():
     def order_of(name, noise, seed):
         noisy = truth + noise * np.random.default_rng(seed).standard_normal(truth.shape)
         sampled, valid = channel_readings(LAYOUTS[name], noisy)
-        return ecg_model.pick_order(sampled[0], valid[0], options)
+        return ecg_decode.pick_order(sampled[0], valid[0], options)
     clean = order_of('3x4+II', 0.02, 0)
     assert (clean.chosen, clean.verdict) == ('3x4+II', 'standard') and clean.standard_misfit < 0.1
     poor = [order_of('3x4+II', 2.0, seed) for seed in range(20)]

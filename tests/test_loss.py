@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import ecg_decode
 import ecg_model as em
 import ecg_trainer as et
 import production_dataset as pdx
@@ -21,7 +22,7 @@ def random_outputs(batch, seed=0):
     n, (h, w) = len(batch['image']), SIZE
     out = {'seg': torch.randn(n, 13, h, w), 'grid': torch.randn(n, 1, h, w), 'baseline': torch.randn(n, 1, h, w),
            'trace': torch.randn(n, em.HEAD_CHANNELS['trace'], h, w), 'theta': torch.randn(n)}
-    return em.decode_outputs(out, em.true_geometry(batch))
+    return ecg_decode.decode_outputs(out, ecg_decode.true_geometry(batch))
 
 
 def outputs_from_targets(batch):
@@ -38,11 +39,11 @@ def outputs_from_targets(batch):
     trace = band(batch['trace_top'], batch['trace_bot'])
     page = torch.cat([trace, band(batch['baseline_row'], batch['baseline_row']), trace], 1)   # presence fires on the trace
     # the maps live in the image frame: turn the page-frame targets back by the true angle
-    back = em.to_page_frame_batch(page, -batch['theta'], batch['page_aspect'])
+    back = ecg_decode.to_page_frame_batch(page, -batch['theta'], batch['page_aspect'])
     seg = torch.nn.functional.one_hot(batch['seg'], 13).permute(0, 3, 1, 2).float() * 20 - 10
     out = {'seg': seg, 'grid': batch['grid'].unsqueeze(1) * 20 - 10, 'baseline': batch['baseline'].unsqueeze(1) * 20 - 10,
            'trace': back, 'theta': batch['theta'].clone()}
-    return em.decode_outputs(out, em.true_geometry(batch))
+    return ecg_decode.decode_outputs(out, ecg_decode.true_geometry(batch))
 
 
 def test_every_term_is_returned_and_weighted(batch):

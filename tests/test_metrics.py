@@ -217,6 +217,27 @@ def test_accumulated_stats_equal_one_big_batch():
         assert merged[key] == pytest.approx(whole[key], rel=1e-12)
 
 
+def test_a_metric_is_one_entry_of_the_registry(monkeypatch):
+    """Every metric of ecg_trainer.METRICS is summarized over a set (validation, evaluate.py), scored per record,
+    and can choose best.pth (--select_metric) the way it is better; an entry added to the registry is in
+    evaluate.py's per-group reports too."""
+    import evaluate
+    import pandas as pd
+    import production_trainer
+    y = beats(3).float()
+    pred = y + 0.05 * torch.arange(3).view(3, 1, 1)
+    stats = E.record_stats(pred, y, full_mask(y))
+    for name, metric in E.METRICS.items():
+        assert E.summarize(stats)[name] == metric.overall(stats)
+        assert E.per_record(stats)[name].shape == (3,)
+        assert production_trainer.SELECT_METRICS[name] is (max if metric.higher_is_better else min)
+    rmse = E.Metric('rmse_mv', lambda s: s['pearson'].nanmean(1) * 0 + 1.5, lambda s: 1.5, higher_is_better=False)
+    monkeypatch.setitem(E.METRICS, 'rmse_mv', rmse)
+    assert E.summarize(stats)['rmse_mv'] == 1.5 and E.per_record(stats)['rmse_mv'].tolist() == [1.5] * 3
+    groups = evaluate.group_report(pd.DataFrame({'style': ['a', 'a', 'b']}), stats, stats, 'style')
+    assert groups['a']['rmse_mv'] == 1.5 and groups['b']['bound_rmse_mv'] == 1.5
+
+
 def test_batch_of_16_is_fast_enough():
     import time
     y = torch.randn(16, 12, T)

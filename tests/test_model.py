@@ -1,12 +1,14 @@
 """ecg_model: heads and shapes, the decoding path (round-trip bound, de-rotation, rotation estimate),
 and encoder weights (offline --pretrained fails fast, a local file loads)."""
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ecg_checkpoint
+import ecg_decode
 import ecg_model as em
 import ecg_trainer as et
 import production_dataset as pdx
@@ -35,8 +37,9 @@ def test_the_models_own_pulse_start_weight_decodes_its_maps(fixture_dirs):
     with torch.no_grad():
         for weight in (0.5, 50.0):
             model.pulse_start_weight = weight
-            out = model(batch['image'], em.read_geometry(batch))
-            again = em.decode_outputs(out, dict(em.read_geometry(batch), theta=out['decode_theta'], start_weight=weight))
+            out = model(batch['image'], ecg_decode.read_geometry(batch))
+            again = ecg_decode.decode_outputs(out, replace(ecg_decode.read_geometry(batch), theta=out['decode_theta'],
+                                                           start_weight=weight))
             assert torch.equal(out['signal'], again['signal'])
             spans[weight] = out['trace_rows']['span']
     assert not torch.equal(spans[0.5], spans[50.0])
@@ -76,7 +79,8 @@ def test_round_trip_bound_of_true_targets_is_high(fixture_batch):
     """Decoding the targets themselves through the model's decoding path recovers the signal."""
     b = fixture_batch
     centre = (b['trace_top'] + b['trace_bot']) / 2
-    signal, shown = em.decode_rows(centre, b['baseline_row'], None, b['trace_window'], b['trace_span'], b['px_per_mv'])
+    told = ecg_decode.Geometry(trace_window=b['trace_window'], trace_span=b['trace_span'], px_per_mv=b['px_per_mv'])
+    signal, shown = ecg_decode.decode_rows(centre, b['baseline_row'], None, told)
     metrics = et.signal_metrics(signal, b['signal'], b['signal_mask'])
     assert metrics['pearson'] > 0.97 and metrics['snr_db'] > 15
     assert bool((shown | ~b['signal_mask']).all())      # every scored sample is decoded
@@ -84,22 +88,22 @@ def test_round_trip_bound_of_true_targets_is_high(fixture_batch):
 
 def test_layout_windows_and_page_time_axis_match_truth(fixture_batch):
     b = fixture_batch
-    windows = em.default_windows(len(b['image']), 'cpu')
+    windows = ecg_decode.default_windows(len(b['image']), 'cpu')
     assert torch.allclose(windows, b['trace_window'], atol=0.005, equal_nan=True)
     assert torch.isnan(windows[:, 13:]).all()                   # one rhythm strip: the other two are not drawn
     presence = torch.where(torch.isfinite(b['trace_top']), 10.0, -10.0)
-    spans = em.layout_spans(presence, windows, b['page_aspect'])
+    spans = ecg_decode.layout_spans(presence, windows, b['page_aspect'])
     assert (spans - b["trace_span"])[:, :13].abs().max() < 0.5   # start to half a column, scale from the page
-    flat = em.layout_spans(torch.zeros_like(presence), windows, b['page_aspect'])   # nothing learned yet
+    flat = ecg_decode.layout_spans(torch.zeros_like(presence), windows, b['page_aspect'])   # nothing learned yet
     assert (flat - b['trace_span'])[:, :13].abs().max() < 2.0    # the usual start of an ecg-image-kit page
 
 
 def test_derotation_puts_image_frame_traces_on_page_frame_targets(fixture_batch):
     b = fixture_batch
     one_hot = F.one_hot(b['seg'], 13).permute(0, 3, 1, 2).float()[:, 1:] * 20 - 10
-    page = em.to_page_frame_batch(one_hot, b['theta'], b['page_aspect'])
-    rows, _ = em.column_soft_argmax(page)
-    presence = em.column_presence(page)
+    page = ecg_decode.to_page_frame_batch(one_hot, b['theta'], b['page_aspect'])
+    rows, _ = ecg_decode.column_soft_argmax(page)
+    presence = ecg_decode.column_presence(page)
     centre = (b['trace_top'] + b['trace_bot']) / 2
     for i in range(len(rows)):
         assert abs(float(b['theta'][i])) < 0.1 or abs(float(b['theta'][i])) > 1   # both kinds present
@@ -112,7 +116,7 @@ def test_derotation_puts_image_frame_traces_on_page_frame_targets(fixture_batch)
 def test_rotation_estimated_from_zero_mv_lines(fixture_batch):
     b = fixture_batch
     logits = (b['baseline'].unsqueeze(1) * 20 - 10)
-    theta = em.estimate_theta(logits, torch.zeros(len(logits)), b['page_aspect'])
+    theta = ecg_decode.estimate_theta(logits, torch.zeros(len(logits)), b['page_aspect'])
     assert (theta - b['theta']).abs().max() < 0.1
 
 

@@ -16,7 +16,7 @@ onnxruntime = pytest.importorskip('onnxruntime', reason=EXTRAS, exc_type=ImportE
 
 import export_onnx  # noqa: E402  (after the skips: it is only useful with the extras)
 from ecg_checkpoint import load_model  # noqa: E402
-import ecg_model  # noqa: E402
+import ecg_decode
 import page_reader
 
 
@@ -52,11 +52,11 @@ def test_onnxruntime_signals_match_torch_within_a_microvolt(exported, tiny_check
     inputs, _, problems = page_reader.read_batch(sorted(pages.iterdir()), network.image_size)
     batch = inputs['image']
     assert not problems and len(batch) == 3
-    geometry = ecg_model.read_geometry(inputs)
+    geometry = ecg_decode.read_geometry(inputs)
     with torch.inference_mode():
         reference = model(batch, geometry)
     together = network(batch, geometry)
-    one_by_one = [network(batch[i:i + 1], {k: v[i:i + 1] for k, v in geometry.items()}) for i in range(3)]
+    one_by_one = [network(batch[i:i + 1], geometry.pages(i, i + 1)) for i in range(3)]
     assert (together['signal'] - reference['signal']).abs().max() < 1e-3
     assert (together['decode_theta'] - reference['decode_theta']).abs().max() <= 0.02 + 1e-6
     assert (torch.cat([o['signal'] for o in one_by_one]) - together['signal']).abs().max() < 1e-3

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ecg_checkpoint
+import ecg_decode
 import ecg_model
 import ecg_trainer
 import evaluate
@@ -137,11 +138,13 @@ def test_validation_evaluate_and_inference_read_the_same_signal(twelve_row_pages
 
     (banded, (batch, read)), (once, _) = validate(trained), validate(['12x1'])
     frame, stats, _ = evaluate.score_batches(page_reader.Reader(model, (64, 320), cpu, ['12x1'], trained), loader)
-    pearson, snr_db = ecg_trainer.per_record(ecg_trainer.record_stats(read['signal'], batch['signal'],
-                                                                      batch['signal_mask']))
-    assert frame['pearson'].tolist() == pearson.tolist() and frame['snr_db'].tolist() == snr_db.tolist()
+    scores = ecg_trainer.per_record(ecg_trainer.record_stats(read['signal'], batch['signal'], batch['signal_mask']))
+    assert all(frame[name].tolist() == values.tolist() for name, values in scores.items())
     assert banded['pearson'] == pytest.approx(ecg_trainer.summarize(stats)['pearson'], abs=1e-6)
     assert abs(banded['pearson'] - once['pearson']) > 1e-3
+    tuned = production_trainer.start_weight_scores(page_reader.Reader(model, (64, 320), cpu, ['12x1'], trained),
+                                                   loader, no_amp)   # decoding is tuned on that same reading
+    assert tuned[ecg_decode.PULSE_START_WEIGHT]['pearson'] == pytest.approx(banded['pearson'], abs=1e-6)
 
     checkpoint = {'model': model.state_dict(), 'model_args': model.model_args, 'layouts': trained,
                   'config': {'image_size': [64, 320]}}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import ecg_model
+import ecg_decode
 import page_image
 import production_dataset as pdx
 from conftest import FIXTURE
@@ -65,18 +65,18 @@ def decoded(png, scale_from):
     centre = (batch['trace_top'] + batch['trace_bot']) / 2
     true_px_per_s = float((batch['trace_span'][0, RHYTHM, 1] - batch['trace_span'][0, RHYTHM, 0]) /
                           (batch['trace_window'][0, RHYTHM, 1] - batch['trace_window'][0, RHYTHM, 0]))
-    geometry = {'read': ecg_model.read_geometry(batch), 'border': {'page_aspect': batch['page_aspect']},
+    geometry = {'read': vars(ecg_decode.read_geometry(batch)), 'border': {'page_aspect': batch['page_aspect']},
                 'truth': {'page_aspect': batch['page_aspect'], 'px_per_mv': batch['px_per_mv'],
                           'px_per_s': torch.tensor([true_px_per_s])}}[scale_from]
-    px_per_mv = ecg_model.page_px_per_mv(SIZE[0], 1, 'cpu', geometry.get('px_per_mv'))
-    signal, _ = ecg_model.decode_rows(centre, batch['baseline_row'], presence, None, None, px_per_mv,
-                                      batch['page_aspect'], geometry.get('px_per_s'))
+    px_per_mv = ecg_decode.page_px_per_mv(SIZE[0], 1, 'cpu', geometry.get('px_per_mv'))
+    told = ecg_decode.Geometry(px_per_mv=px_per_mv, page_aspect=batch['page_aspect'], px_per_s=geometry.get('px_per_s'))
+    signal, _ = ecg_decode.decode_rows(centre, batch['baseline_row'], presence, told)
     mask = batch['signal_mask']
     truth = batch['signal']
     ratio = float((signal * truth * mask).sum() / (truth * truth * mask).sum())
-    px_per_s = ecg_model.page_px_per_s(SIZE[1], batch['page_aspect'], geometry.get('px_per_s'))
-    window = ecg_model.default_windows(1, 'cpu')
-    span = ecg_model.layout_spans(presence, window, batch['page_aspect'], geometry.get('px_per_s'))
+    px_per_s = ecg_decode.page_px_per_s(SIZE[1], batch['page_aspect'], geometry.get('px_per_s'))
+    window = ecg_decode.default_windows(1, 'cpu')
+    span = ecg_decode.layout_spans(presence, window, batch['page_aspect'], geometry.get('px_per_s'))
     start_ms = 1000 * float(span[0, RHYTHM, 0] - batch['trace_span'][0, RHYTHM, 0]) / true_px_per_s
     assert math.isfinite(float(px_per_s[0]))
     return ratio, start_ms, float(px_per_mv[0] / batch['px_per_mv'][0])

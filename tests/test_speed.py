@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import ecg_decode
 import ecg_model as em
 import page_reader
 import production_dataset as pdx
@@ -124,7 +125,7 @@ def rotated_lines(thetas, aspects, size_hw, noise, seed):
     page = torch.full((len(thetas), 1, height, width), -8.0)
     for row in (0.2, 0.4, 0.6, 0.8):
         page[:, :, int(row * height)] = 8.0
-    image = em.to_page_frame_batch(page, -thetas, aspects)     # the inverse turn: page -> image frame
+    image = ecg_decode.to_page_frame_batch(page, -thetas, aspects)     # the inverse turn: page -> image frame
     return image + noise * torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -133,11 +134,11 @@ def test_a_batch_turned_by_a_negligible_angle_is_not_resampled():
     in a batch with a turned page, every page is resampled (a turned one as on its own, 0 deg unchanged)."""
     maps = torch.randn(4, 3, 32, 96, generator=torch.Generator().manual_seed(0))
     aspects = torch.tensor([1.29, 1.29, 1.0, 1.5])
-    assert em.to_page_frame_batch(maps, torch.tensor([0.0, 0.049, -0.03, -0.049]), aspects) is maps
+    assert ecg_decode.to_page_frame_batch(maps, torch.tensor([0.0, 0.049, -0.03, -0.049]), aspects) is maps
     thetas = torch.tensor([0.0, 2.5, -0.03, -1.0])
-    upright = em.to_page_frame_batch(maps, thetas, aspects)
+    upright = ecg_decode.to_page_frame_batch(maps, thetas, aspects)
     for i in (1, 3):
-        alone = em.to_page_frame_batch(maps[i:i + 1], thetas[i:i + 1], aspects[i:i + 1])
+        alone = ecg_decode.to_page_frame_batch(maps[i:i + 1], thetas[i:i + 1], aspects[i:i + 1])
         assert torch.allclose(upright[i], alone[0], atol=1e-6)
     assert torch.allclose(upright[0], maps[0], atol=1e-4) and not torch.allclose(upright[1], maps[1], atol=1e-2)
 
@@ -149,8 +150,8 @@ def test_batched_rotation_search_matches_per_image_search_on_lines(size_hw, nois
     aspects = torch.tensor([1.29, 1.29, 1.0, 1.29, 1.5, 1.29, 1.2])
     logits = rotated_lines(thetas, aspects, size_hw, noise, seed=1)
     regressed = torch.zeros(len(thetas))
-    batched = em.estimate_theta_batch(logits, regressed, aspects)
-    assert (batched - em.estimate_theta(logits, regressed, aspects)).abs().max() <= 0.02 + 1e-6
+    batched = ecg_decode.estimate_theta_batch(logits, regressed, aspects)
+    assert (batched - ecg_decode.estimate_theta(logits, regressed, aspects)).abs().max() <= 0.02 + 1e-6
     assert (batched - thetas).abs().max() < 0.5                 # the turn is found (small ones may stay 0)
 
 
@@ -160,9 +161,9 @@ def test_batched_rotation_search_matches_per_image_search_on_random_maps(seed):
     logits = 3 * torch.randn(6, 1, 64, 320, generator=generator)
     regressed = 4 * torch.randn(6, generator=generator)
     aspects = 1 + 0.5 * torch.rand(6, generator=generator)
-    batched = em.estimate_theta_batch(logits, regressed, aspects)
-    assert (batched - em.estimate_theta(logits, regressed, aspects)).abs().max() <= 0.02 + 1e-6
-    default_aspect = em.estimate_theta_batch(logits, regressed) - em.estimate_theta(logits, regressed)
+    batched = ecg_decode.estimate_theta_batch(logits, regressed, aspects)
+    assert (batched - ecg_decode.estimate_theta(logits, regressed, aspects)).abs().max() <= 0.02 + 1e-6
+    default_aspect = ecg_decode.estimate_theta_batch(logits, regressed) - ecg_decode.estimate_theta(logits, regressed)
     assert default_aspect.abs().max() <= 0.02 + 1e-6
 
 
@@ -172,10 +173,10 @@ def test_batched_rotation_search_on_real_pages_and_in_several_passes(fixture_dir
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     logits = batch['baseline'].unsqueeze(1) * 20 - 10
     regressed = torch.zeros(len(logits))
-    reference = em.estimate_theta(logits, regressed, batch['page_aspect'])
-    assert (em.estimate_theta_batch(logits, regressed, batch['page_aspect']) - reference).abs().max() <= 0.02 + 1e-6
-    monkeypatch.setattr(em, 'SEARCH_ELEMENTS', 1)               # one image per pass: the same answer
-    assert (em.estimate_theta_batch(logits, regressed, batch['page_aspect']) - reference).abs().max() <= 0.02 + 1e-6
+    reference = ecg_decode.estimate_theta(logits, regressed, batch['page_aspect'])
+    assert (ecg_decode.estimate_theta_batch(logits, regressed, batch['page_aspect']) - reference).abs().max() <= 0.02 + 1e-6
+    monkeypatch.setattr(ecg_decode, 'SEARCH_ELEMENTS', 1)               # one image per pass: the same answer
+    assert (ecg_decode.estimate_theta_batch(logits, regressed, batch['page_aspect']) - reference).abs().max() <= 0.02 + 1e-6
 
 
 def test_csv_text_is_what_pandas_writes(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import ecg_model
+import ecg_decode
 import ecg_simulator
 import ecg_trainer
 import page_image
@@ -25,10 +25,39 @@ def test_the_standard_layout_is_written_once_and_derived():
     assert mask.shape == (12, N_SAMPLES) and mask[LEADS.index('II')].all()
     v4 = np.flatnonzero(mask[LEADS.index('V4')])
     assert (v4[0], v4[-1]) == (int(7.5 * FS), N_SAMPLES - 1)
-    windows = ecg_model.default_windows(1, 'cpu')[0]
+    windows = ecg_decode.default_windows(1, 'cpu')[0]
     assert windows[LEADS.index('aVF')].tolist() == pytest.approx([2.5, 5.0 - 1 / FS])
     assert np.array_equal(page_reader.layout_mask(), mask)
     assert ecg_simulator.LAYOUT == [list(row) for row in STANDARD.rows]
+
+
+def top_level_names(path):
+    """Names a module defines at its top level, and the project modules it imports."""
+    import ast
+    tree = ast.parse(path.read_text())
+    defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    imported = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    return defined, imported
+
+
+def test_each_step_of_reading_a_page_is_written_once():
+    """One page reader: every step from an image file to its signal is defined in one module, and no script
+    imports another script's CLI to read a page (the trainer, evaluate.py and visualize.py go through
+    page_reader, not inference.py)."""
+    from conftest import ROOT
+    steps = ('read_rgb', 'find_page', 'crop_to_grid', 'read_scale', 'preprocess', 'stack_inputs', 'read_signals',
+             'read_row_bands', 'decode_outputs', 'read_geometry', 'lead_confidence', 'page_readings', 'record_stats',
+             'summarize')
+    homes = {step: [] for step in steps}
+    for path in sorted(ROOT.glob('*.py')):
+        defined, imported = top_level_names(path)
+        for step in steps:
+            if step in defined:
+                homes[step].append(path.name)
+        if path.name in ('production_trainer.py', 'evaluate.py', 'visualize.py', 'page_reader.py'):
+            assert 'inference' not in imported, path.name
+    assert all(len(where) == 1 for where in homes.values()), homes
 
 
 def test_loss_names_and_signal_parts_come_from_the_loss():

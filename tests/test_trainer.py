@@ -54,14 +54,14 @@ def test_best_checkpoint_keeps_the_decoding_its_validation_pages_read_best(debug
     gives the model that weight."""
     import re
     import ecg_checkpoint
-    import ecg_model
+    import ecg_decode
     import production_trainer
     run_dir, _ = debug_run
     log = (run_dir / 'logs' / 'train.log').read_text()
     line = re.search(r'decoding: pulse start weight (\S+) kept in best.pth \(validation Pearson (.*)\)', log)
     assert line, log[-2000:]
     scores = {float(w): float(p) for w, p in (pair.split(': ') for pair in line.group(2).split(', '))}
-    assert set(scores) == set(ecg_model.PULSE_START_WEIGHTS_TRIED)
+    assert set(scores) == set(ecg_decode.PULSE_START_WEIGHTS_TRIED)
     kept = torch.load(run_dir / 'checkpoints' / 'best.pth')['decoding']['pulse_start_weight']
     assert kept == float(line.group(1)) == production_trainer.chosen_start_weight(scores)
     model, _ = ecg_checkpoint.load_model(run_dir / 'checkpoints' / 'best.pth')
@@ -222,7 +222,7 @@ def test_resuming_a_run_of_one_rhythm_channel_stops_with_advice_to_init_from():
     import production_trainer
     model = ecg_model.ECGDigitizer(**ecg_checkpoint.load(ecg_checkpoint.STARTER)['model_args'])
     with pytest.raises(ecg_cli.InputError, match='--init_from'):
-        production_trainer.resume_from(ecg_checkpoint.STARTER, model, None, None, None, 'cpu', {})
+        production_trainer.resume_from(ecg_checkpoint.STARTER, production_trainer.Training(model, None, None, None, device='cpu'), {})
     production_trainer.init_weights(model, ecg_checkpoint.STARTER)
     head = model.unet.segmentation_head[0].weight
     assert torch.equal(head[15 + 12], head[15 + 13]) and torch.equal(head[15 + 12], head[15 + 14])
