@@ -67,9 +67,9 @@ def main(argv=None):
     render_s, shape = time_render(3 if args.quick else 10, args.dpi)
     generate_s = time_generate(out, args.n, args.dpi)
     size = tuple(args.image_size)
-    plain = pdx.ECGImageDataset(out, out, target_size=size, augment=True)
+    plain = pdx.ECGImageDataset.from_folders(out, out, target_size=size, augment=True)
     start = time.perf_counter()
-    cached = pdx.ECGImageDataset(out, out, target_size=size, augment=True, cache=True)
+    cached = pdx.ECGImageDataset.from_folders(out, out, target_size=size, augment=True, cache=True)
     fill_s = (time.perf_counter() - start) / len(cached)
     repeats = 1 if args.quick else 3
     plain_s = time_dataset(plain, 1)

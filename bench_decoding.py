@@ -178,7 +178,7 @@ def main(argv=None):
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, checkpoint = ecg_checkpoint.load_model(args.checkpoint, torch.device('cpu'))
     refs, problems = pdx.find_samples(args.sim_root, args.csv_root, args.max_samples)
-    dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
+    dataset = pdx.ECGImageDataset(refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
     if len(dataset) == 0:
         raise ecg_cli.InputError(f'{args.sim_root}: no usable held-out page')
     own = {'layouts': ecg_checkpoint.readable_layouts(checkpoint), 'start_weight': model.pulse_start_weight}

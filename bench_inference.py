@@ -49,6 +49,7 @@ import inference
 import page_image
 import page_reader
 import speed
+from ecg_page import LEADS
 
 PASSIVE = {'OMP_WAIT_POLICY': 'PASSIVE'}    # what inference.py sets before torch loads
 SETTINGS = {'old': ({}, 1), 'old_b4': ({}, 4), 'new': (PASSIVE, None), 'onnx': (PASSIVE, None)}   # env, batch
@@ -90,6 +91,7 @@ def random_checkpoint(path, encoder, size_hw):
     model = ecg_model.build_model(encoder)
     path.parent.mkdir(parents=True, exist_ok=True)
     ecg_checkpoint.save(path, {'format': ecg_checkpoint.FORMAT, 'model': model.state_dict(),
+                               'head_channels': dict(ecg_model.HEAD_CHANNELS),
                                'model_args': model.model_args, 'image_size': list(size_hw),
                                'config': {'image_size': list(size_hw), 'encoder': encoder}})
     return path
@@ -100,7 +102,7 @@ def random_checkpoint(path, encoder, size_hw):
 def pandas_csv(signal, path):
     """inference.write_csv as it was: pandas' writer."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(signal.T, columns=inference.pdx.LEADS).to_csv(path, index=False, float_format='%.3f')
+    pd.DataFrame(signal.T, columns=LEADS).to_csv(path, index=False, float_format='%.3f')
 
 
 def use_old_path():

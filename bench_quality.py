@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,17 +133,39 @@ def run(*command, env=None):
     subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, check=True, env={**os.environ, **(env or {})})
 
 
-def simulate(folder, records, seed, workers, quick, layouts=None, gains=None, speeds=None, csv_root=None,
-             findings_prob=0.0):
-    """Simulator pages in folder, made once (of csv_root's signals if given): a folder made with other
+@dataclass(frozen=True)
+class PageMix:
+    """What the simulator draws for a data folder: quick pages (100 dpi), layouts, gains, speeds (None: the
+    simulator's defaults), and the share of records with real-ECG findings."""
+    quick: bool = False
+    layouts: tuple = None
+    gains: tuple = None
+    speeds: tuple = None
+    findings_prob: float = 0.0
+
+    def arguments(self, csv_root=None):
+        """ecg_simulator.py's arguments for this mix (of csv_root's signals if given), in the order the
+        folders' SIMULATED files hold them."""
+        extra = ['--dpi_choices', '100'] if self.quick else []
+        extra += ['--findings_prob', self.findings_prob] if self.findings_prob else []
+        extra += ['--csv_root', csv_root] if csv_root else []
+        extra += ['--layouts', *self.layouts] if self.layouts else []
+        extra += ['--gains', *self.gains] if self.gains else []
+        extra += ['--speeds', *self.speeds] if self.speeds else []
+        return extra
+
+    def suffix(self):
+        """The data folders' and report's name suffix: each page mix has its own (findings aside: the
+        held-out data is the same whatever share the training data has)."""
+        return (('_layouts' if self.layouts else '') +
+                (f'_gains{"-".join(f"{g:g}" for g in self.gains)}' if self.gains else '') +
+                (f'_speeds{"-".join(f"{v:g}" for v in self.speeds)}' if self.speeds else ''))
+
+
+def simulate(folder, records, seed, workers, mix, csv_root=None):
+    """Simulator pages of `mix` in folder, made once (of csv_root's signals if given): a folder made with other
     arguments (another layout mix under the same name) is made again."""
-    extra = ['--dpi_choices', '100'] if quick else []
-    extra += ['--findings_prob', findings_prob] if findings_prob else []
-    extra += ['--csv_root', csv_root] if csv_root else []
-    extra += ['--layouts', *layouts] if layouts else []
-    extra += ['--gains', *gains] if gains else []
-    extra += ['--speeds', *speeds] if speeds else []
-    arguments = [str(v) for v in ('--n', records, '--seed', seed, *extra)]
+    arguments = [str(v) for v in ('--n', records, '--seed', seed, *mix.arguments(csv_root))]
     made_with = folder / SIMULATED
     if folder.exists():
         if made_with.is_file() and json.loads(made_with.read_text()) == arguments:
@@ -151,12 +174,6 @@ def simulate(folder, records, seed, workers, quick, layouts=None, gains=None, sp
         shutil.rmtree(folder)
     run('ecg_simulator.py', '--out', folder, '--workers', workers, *arguments)
     made_with.write_text(json.dumps(arguments))
-
-
-def data_suffix(layouts, gains, speeds):
-    """The data folders' and report's name suffix: each page mix has its own."""
-    return (('_layouts' if layouts else '') + (f'_gains{"-".join(f"{g:g}" for g in gains)}' if gains else '') +
-            (f'_speeds{"-".join(f"{v:g}" for v in speeds)}' if speeds else ''))
 
 
 def train(data, out, cfg, init_from=None, wait_policy='ACTIVE'):
@@ -179,13 +196,14 @@ def standard_of(layouts):
     return ecg_decode.LAYOUT.name if ecg_decode.LAYOUT.name in layouts else layouts[0]
 
 
-def layout_folders(heldout_data, records, workers, quick, layouts, gains, speeds):
-    """{layout: folder}: the held-out records drawn again in each layout alone (their own signals, at the
-    same gains and speeds), so that every layout is read on the same signals."""
+def layout_folders(heldout_data, records, workers, mix):
+    """{layout: folder}: the held-out records drawn again in each layout of the mix alone (their own signals,
+    at the same gains and speeds), so that every layout is read on the same signals."""
     root = heldout_data.with_name(heldout_data.name + '_by_layout')
-    folders = {name: root / name.replace('/', '-') for name in layouts}
+    folders = {name: root / name.replace('/', '-') for name in mix.layouts}
     for name, folder in folders.items():
-        simulate(folder, records, HELDOUT_SEED, workers, quick, [name], gains, speeds, csv_root=heldout_data)
+        simulate(folder, records, HELDOUT_SEED, workers, replace(mix, layouts=(name,)),
+                 csv_root=heldout_data)
     return folders
 
 
@@ -342,7 +360,7 @@ def bound_at_sizes(data, sizes, max_samples):
     """Round-trip bound (SNR dB, Pearson) of the held-out images at each input size."""
     out = {}
     for size in sizes:
-        dataset = pdx.ECGImageDataset(data, data, target_size=size, max_samples=max_samples)
+        dataset = pdx.ECGImageDataset.from_folders(data, data, target_size=size, max_samples=max_samples)
         batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
         summary = ecg_trainer.summarize(ecg_trainer.record_stats(evaluate.round_trip(batch), batch['signal'],
                                                                  batch['signal_mask']))
@@ -402,13 +420,14 @@ def main(argv=None):
     out = Path(args.out)
     started = time.perf_counter()
     layouts = list(LAYOUT_MIX) if args.layouts == ['mix'] else args.layouts
-    suffix = data_suffix(layouts, args.gains, args.speeds)
+    train_mix = PageMix(args.quick, tuple(layouts) if layouts else None, tuple(args.gains) if args.gains else None,
+                        tuple(args.speeds) if args.speeds else None, args.findings_prob)
+    heldout_mix = replace(train_mix, findings_prob=0.0)
+    suffix = train_mix.suffix()
     findings = f'_findings{round(100 * args.findings_prob)}pct' if args.findings_prob else ''   # no '.': a suffix
     train_data, heldout_data = out / f'train_data{suffix}{findings}', out / f'heldout_data{suffix}'
-    simulate(train_data, cfg['train_records'], TRAIN_SEED, args.workers, args.quick, layouts, args.gains, args.speeds,
-             findings_prob=args.findings_prob)
-    simulate(heldout_data, cfg['heldout_records'], HELDOUT_SEED, args.workers, args.quick, layouts, args.gains,
-             args.speeds)
+    simulate(train_data, cfg['train_records'], TRAIN_SEED, args.workers, train_mix)
+    simulate(heldout_data, cfg['heldout_records'], HELDOUT_SEED, args.workers, heldout_mix)
     kit = None
     if args.kit_work:
         kit = out / f'kit_heldout{suffix}'
@@ -441,7 +460,7 @@ def main(argv=None):
         report['real'] = real_report(best, render_real(args.kit_work, args.real_csv, out))
     if layouts and len(layouts) > 1:
         report['paired_layouts'] = compare_layouts(best, layout_folders(
-            heldout_data, cfg['heldout_records'], args.workers, args.quick, layouts, args.gains, args.speeds))
+            heldout_data, cfg['heldout_records'], args.workers, heldout_mix))
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f'report_{cfg["image_size"][0]}x{cfg["image_size"][1]}{suffix}{findings}'
     if cfg['budget_min'] >= CURVE_MINUTES[1] and list((run_dir / 'checkpoints').glob('epoch_*.pth')):

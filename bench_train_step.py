@@ -38,7 +38,7 @@ def parse_args(argv=None):
 def make_batch(folder, size, batch_size, device):
     if not (Path(folder) / 'train.csv').is_file():
         ecg_simulator.generate(folder, batch_size, seed=5, dpi_choices=(200,))
-    dataset = pdx.ECGImageDataset(folder, folder, target_size=size, max_samples=batch_size)
+    dataset = pdx.ECGImageDataset.from_folders(folder, folder, target_size=size, max_samples=batch_size)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 

@@ -4,7 +4,9 @@ and visualize.py load through here without importing the trainer.
 A checkpoint is a dict that `torch.load(path)` reads with its default weights_only=True (no pickled
 Python objects, so loading a file from elsewhere cannot run code):
 
+    format                      FORMAT: 3 names the head channels, 2 loads with weights_only, 1 did not
     model, model_args           state dict and ECGDigitizer(**model_args)
+    head_channels               {head: channels} of the weights (ecg_model.HEAD_CHANNELS when saved)
     image_size, preprocessing   the input (H, W) and how a page becomes the input tensor
     layouts                     the page layouts the model was trained on (ecg_page.LAYOUTS names)
     decoding                    {'pulse_start_weight': w}: how its maps read best, tuned on its validation
@@ -30,7 +32,7 @@ import ecg_model
 import page_image
 from ecg_page import STANDARD, whole_pages, with_cabrera
 
-FORMAT = 2                                   # 1: numpy RNG pickled (needs weights_only=False)
+FORMAT = 3      # 3: head_channels named; 2: weights_only, heads told by width; 1: numpy RNG pickled (not loaded)
 PREPROCESSING = {'resize': 'cv2.INTER_AREA', 'mean': page_image.IMAGENET_MEAN.tolist(), 'std': page_image.IMAGENET_STD.tolist(),
                  'coord_channels': ecg_model.COORD_CHANNELS, 'rgba': 'composited over white'}
 TRAINED_LAYOUTS = [STANDARD.name]            # what a checkpoint that names none was trained on
@@ -74,6 +76,7 @@ def training_state(model, optimizer, scheduler, scaler, progress, config):
     """The whole checkpoint dict. `model` is the bare ECGDigitizer (not DDP); `progress` holds epoch,
     step_in_epoch, global_step, best_metric and select_metric."""
     return {'format': FORMAT, 'model': model.state_dict(), 'model_args': model.model_args,
+            'head_channels': dict(ecg_model.HEAD_CHANNELS),
             'image_size': list(config['image_size']), 'preprocessing': PREPROCESSING,
             'layouts': config.get('layouts') or TRAINED_LAYOUTS, 'decoding': decoding(model), 'config': config,
             'optimizer': optimizer.state_dict(),
@@ -148,6 +151,7 @@ def save_weights_only(checkpoint, path):
     """A small file to ship or share: fp16 weights and what is needed to use them (no optimizer, no RNG)."""
     small = {key: checkpoint[key] for key in ('format', 'model_args', 'image_size', 'preprocessing', 'layouts',
                                              'epoch', 'global_step', 'select_metric', 'best_metric')}
+    small['head_channels'] = head_channels(checkpoint)
     small['decoding'] = checkpoint.get('decoding', {})
     small['model'] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint['model'].items()}
     small['config'] = {k: checkpoint['config'][k] for k in ('encoder', 'decoder_channels', 'image_size', 'lr',
@@ -186,13 +190,24 @@ def build_model(checkpoint, path, device='cpu'):
     """ECGDigitizer of the checkpoint's architecture with its weights, in eval mode on device."""
     try:
         model = ecg_model.ECGDigitizer(**checkpoint['model_args'])
-        model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model']))
+        model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model'], head_channels(checkpoint)))
         model.pulse_start_weight = checkpoint.get('decoding', {}).get('pulse_start_weight')
     except (RuntimeError, TypeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise CheckpointError(f'{path}: weights do not fit the architecture it names '
                               f'{checkpoint.get("model_args")} ({first})') from exc
     return model.to(device).eval()
+
+
+def head_channels(checkpoint):
+    """{head: channels} of a checkpoint's weights. Format 3 names them; format 2 named none and saved either
+    the heads of before three rhythm strips (ecg_model.ONE_RHYTHM_HEADS, the shipped starter) or today's,
+    which the trace head's width tells apart: the only place a width stands for a version."""
+    if checkpoint.get('format', 0) >= 3:
+        return dict(checkpoint['head_channels'])
+    bias = checkpoint['model'].get(ecg_model.HEAD_KEYS[1])
+    one_rhythm = torch.is_tensor(bias) and bias.shape[0] == sum(ecg_model.ONE_RHYTHM_HEADS.values())
+    return dict(ecg_model.ONE_RHYTHM_HEADS if one_rhythm else ecg_model.HEAD_CHANNELS)
 
 
 def load_model(path, device='cpu'):

@@ -71,24 +71,22 @@ class ECGDigitizer(nn.Module):
 
 
 HEAD_KEYS = ('unet.segmentation_head.0.weight', 'unet.segmentation_head.0.bias')
-ONE_RHYTHM_TRACES = N_LEADS + 1     # trace channels of models made before pages of three rhythm strips
+# the heads of models made before pages of three rhythm strips: 13 trace, 0 mV and presence channels each
+ONE_RHYTHM_HEADS = {**HEAD_CHANNELS, 'trace': 3 * (N_LEADS + 1)}
 
 
-def has_one_rhythm_channel(state):
-    """Whether a state dict is of a model from before three rhythm strips: 13 trace, 0 mV and presence
-    channels each, 54 head channels."""
-    old_total = sum(HEAD_CHANNELS.values()) - 3 * (N_TRACES - ONE_RHYTHM_TRACES)
-    return HEAD_KEYS[1] in state and state[HEAD_KEYS[1]].shape[0] == old_total
-
-
-def widen_trace_head(state):
-    """A state dict of a model from before three rhythm strips (has_one_rhythm_channel) made to fit this one
-    (15 channels each): its rhythm channel is copied to the two new ones, so every page it read reads the
-    same, and training on pages of more rhythm strips tells them apart. Other state dicts come back as they are."""
-    if not has_one_rhythm_channel(state):
+def widen_trace_head(state, heads):
+    """A state dict whose head channels are `heads` (ecg_checkpoint.head_channels) made to fit this model.
+    Those of before three rhythm strips (ONE_RHYTHM_HEADS) have their rhythm channel copied to the two new ones,
+    so every page it read reads the same, and training on pages of more rhythm strips tells them apart; today's
+    come back as they are."""
+    if heads == HEAD_CHANNELS:
         return state
+    if heads != ONE_RHYTHM_HEADS:
+        raise ValueError(f'head channels {heads}: this toolkit reads {HEAD_CHANNELS} (or {ONE_RHYTHM_HEADS})')
     first = HEAD_CHANNELS['seg'] + HEAD_CHANNELS['grid'] + HEAD_CHANNELS['baseline']
-    source = list(range(first)) + [first + kind * ONE_RHYTHM_TRACES + min(channel, RHYTHM)
+    traces = heads['trace'] // 3
+    source = list(range(first)) + [first + kind * traces + min(channel, RHYTHM)
                                    for kind in range(3) for channel in range(N_TRACES)]
     widened = dict(state)
     for key in HEAD_KEYS:

@@ -34,6 +34,8 @@ import pandas as pd
 import scipy.signal
 from tqdm import tqdm
 
+import ecg_signals
+
 from ecg_page import (CAL_PULSE_MV, CAL_PULSE_S, LAYOUT_NAMES_HELP, LAYOUTS, LEADS, MM_PER_MV, MM_PER_S, PAGE_H_IN,
                       PAGE_W_IN, PAPER_SPEEDS_MM_S, SECONDS, STANDARD, layout_at_speed)
 
@@ -385,10 +387,6 @@ def round_mv(df):
     """Round to the 3 decimals the CSV holds (+0.0 turns -0.0 into 0.0), so images are drawn from
     exactly the values a loader reads back."""
     return df.round(3) + 0.0
-
-
-def write_signal_csv(df, path):
-    df[LEADS].to_csv(path, index=False, float_format='%.3f', na_rep='', lineterminator='\n')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -804,45 +802,18 @@ def make_sim_record(i, out, seed, images_per_id, signal_knobs, knobs):
     df = nan_mask(full) if masked else full
     rec_dir = Path(out) / rec_id
     rec_dir.mkdir(parents=True, exist_ok=True)
-    write_signal_csv(df, rec_dir / f'{rec_id}.csv')
+    ecg_signals.write_signal_csv(df, rec_dir / f'{rec_id}.csv')
     # pages draw the whole signal: the standard page shows just what the masked CSV keeps, and other
     # layouts show every lead as a printer would (the CSV's NaN samples are left out of the loss)
     write_images(full, fs, rec_id, rec_dir, seed, i, images_per_id, knobs)
     return rec_id, str(fs), str(len(df))
 
 
-def read_csv_index(csv_root, n=None):
-    """Rows (id, fs, sig_len) of csv_root/train.csv as strings, first n if given."""
-    path = Path(csv_root) / 'train.csv'
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: missing (expected columns id,fs,sig_len)')
-    index = pd.read_csv(path, dtype=str)
-    missing = {'id', 'fs', 'sig_len'} - set(index.columns)
-    if missing:
-        raise ValueError(f'{path}: missing column(s) {sorted(missing)}; has {list(index.columns)}')
-    rows = list(index[['id', 'fs', 'sig_len']].itertuples(index=False, name=None))
-    return rows if n is None else rows[:n]
-
-
-def read_signal_csv(path, sig_len=None):
-    """12-lead CSV with a clear error naming the file when it is missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: signal CSV missing')
-    df = pd.read_csv(path)
-    missing = [lead for lead in LEADS if lead not in df.columns]
-    if missing:
-        raise ValueError(f'{path}: missing lead column(s) {missing}; has {list(df.columns)}')
-    if sig_len is not None and len(df) != sig_len:
-        raise ValueError(f'{path}: {len(df)} rows but train.csv says sig_len={sig_len}')
-    return df[LEADS].astype(np.float64)
-
-
 def make_existing_record(i, rows, csv_root, out, seed, images_per_id, knobs):
     """Record i of csv_root: copy its CSV into OUT (unless OUT is csv_root) and render images."""
     rec_id, fs, sig_len = rows[i]
     src = Path(csv_root) / rec_id / f'{rec_id}.csv'
-    df = read_signal_csv(src, int(float(sig_len)))
+    df = ecg_signals.read_record_csv(src, int(float(sig_len)))
     rec_dir = Path(out) / rec_id
     rec_dir.mkdir(parents=True, exist_ok=True)
     dst = rec_dir / f'{rec_id}.csv'
@@ -865,25 +836,24 @@ def run_jobs(job, count, workers, progress):
         return [r for r in bar(pool.imap(job, range(count), chunksize=1))]
 
 
-def generate(out, n=None, seed=0, images_per_id=1, workers=1, csv_root=None, fs_choices=FS_CHOICES,
-             nan_mask_prob=0.5, progress=False, findings_prob=0.0, findings=FINDINGS, **knobs):
+def generate(out, n=None, seed=0, images_per_id=1, workers=1, csv_root=None, progress=False,
+             signal_knobs=SignalKnobs(), **knobs):
     """Write n simulated records (or render the records of csv_root) into out; returns the ids.
-    Deterministic in seed whatever the worker count. findings_prob: the share of simulated records that show
-    real-ECG findings (FINDING_PROBS), among `findings`."""
+    Deterministic in seed whatever the worker count. signal_knobs: what the simulated signals are (rates,
+    NaN masks, the share with real-ECG findings); knobs: how the pages are drawn (DEFAULT_KNOBS)."""
     knobs = check_knobs(knobs)
     if seed < 0:
         raise ValueError('seed must be >= 0')
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if csv_root is not None:
-        rows = read_csv_index(csv_root, n)
+        rows = ecg_signals.read_csv_index(csv_root, n)
         job = partial(make_existing_record, rows=rows, csv_root=str(csv_root), out=str(out), seed=seed,
                       images_per_id=images_per_id, knobs=knobs)
         count = len(rows)
     else:
         if n is None:
             raise ValueError('n is required without csv_root')
-        signal_knobs = SignalKnobs(tuple(fs_choices), nan_mask_prob, findings_prob, tuple(findings))
         job = partial(make_sim_record, out=str(out), seed=seed, images_per_id=images_per_id,
                       signal_knobs=signal_knobs, knobs=knobs)
         count = n
@@ -946,9 +916,9 @@ def main(argv=None):
     if unknown:
         raise ValueError(f'--layouts: unknown {unknown}; known: {", ".join(LAYOUTS)} or all')
     t0 = time.time()
+    signal_knobs = SignalKnobs(tuple(args.fs_choices), args.nan_mask_prob, args.findings_prob, tuple(args.findings))
     ids = generate(args.out, args.n, args.seed, args.images_per_id, args.workers, csv_root=args.csv_root,
-                   fs_choices=args.fs_choices, nan_mask_prob=args.nan_mask_prob, progress=True,
-                   findings_prob=args.findings_prob, findings=args.findings, **knobs)
+                   progress=True, signal_knobs=signal_knobs, **knobs)
     print(f'wrote {len(ids)} records x {args.images_per_id} image(s) to {args.out} in {time.time() - t0:.1f} s')
 
 

@@ -39,8 +39,10 @@ import ecg_checkpoint
 import ecg_cli
 import ecg_decode
 import ecg_model
+import ecg_signals
 import ecg_trainer
 import page_image
+import page_json
 import page_reader
 import production_dataset as pdx
 import speed
@@ -142,7 +144,7 @@ def score_batches(reader, loader):
                          'gain_mm_mv': float(batch['gain_mm_mv'][i]), 'read_gain_mm_mv': float(batch['read_gain_mm_mv'][i]),
                          'paper_speed_mm_s': float(batch['paper_speed_mm_s'][i]),
                          'read_speed_mm_s': float(batch['read_speed_mm_s'][i]),
-                         'layout': pdx.layout_name(batch['layout_id'][i]) or 'unknown',
+                         'layout': page_json.layout_name(batch['layout_id'][i]) or 'unknown',
                          'layout_found': outputs['trace_rows']['layouts'][i],
                          'row_bands': ' '.join(outputs['row_bands'][i])})
     return pd.DataFrame(rows), ecg_trainer.concat_stats(model_stats), ecg_trainer.concat_stats(bound_stats)
@@ -207,7 +209,7 @@ def evaluate_checkpoint(checkpoint_path, sim_root=None, csv_root=None, max_sampl
         model = ecg_model.ECGDigitizer(**checkpoint['model_args']).to(device).eval()
     config = checkpoint['config']
     refs, problems = evaluation_refs(config, sim_root, csv_root, max_samples)
-    dataset = pdx.ECGImageDataset(refs=refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
+    dataset = pdx.ECGImageDataset(refs, target_size=ecg_checkpoint.input_size(checkpoint), read_scale=True)
     for path, message in problems + dataset.problems:
         print(f'skipped {path}: {message}')
     if len(dataset) == 0:
@@ -270,7 +272,7 @@ def read_manifest(path):
 
 def real_pages(images, csv_root, manifest=None, max_samples=None):
     """The images to score with their true signals -> (pages, problems [(path, message)])."""
-    records = pdx.read_train_csv(csv_root)
+    records = ecg_signals.read_train_csv(csv_root)
     artefacts = read_manifest(manifest)
     pages, problems = [], []
     for image in page_reader.find_images(images)[:max_samples]:
@@ -279,7 +281,7 @@ def real_pages(images, csv_root, manifest=None, max_samples=None):
             problems.append((image, f'id {record_id!r} is not in {Path(csv_root) / "train.csv"}'))
             continue
         try:
-            truth = pdx.load_signal(Path(csv_root) / record_id / f'{record_id}.csv', *records[record_id])
+            truth = ecg_signals.load_signal(Path(csv_root) / record_id / f'{record_id}.csv', *records[record_id])
         except ecg_cli.SampleError as exc:
             problems.append((image, str(exc)))
             continue

@@ -39,8 +39,8 @@ from tqdm import tqdm
 import ecg_cli
 import ecg_formats
 import ecg_decode
+import ecg_signals
 import page_reader
-import production_dataset as pdx
 import speed
 from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, SECONDS   # 500 Hz x 10 s
 from ecg_page import GAINS_MM_MV, LAYOUT_NAMES_HELP, PAPER_SPEEDS_MM_S
@@ -117,7 +117,7 @@ def resample_signal(signal, fs):
     if fs == MODEL_FS:
         return signal
     n_out = round(SECONDS * fs)
-    return np.stack([pdx.resample_lead(values, MODEL_FS, fs, n_out) for values in signal]).astype(np.float64)
+    return np.stack([ecg_signals.resample_lead(values, MODEL_FS, fs, n_out) for values in signal]).astype(np.float64)
 
 
 def write_csv(signal, path):

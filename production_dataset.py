@@ -1,7 +1,7 @@
 """ECG image dataset: ecg-image-kit (or built-in simulator) PNG + JSON paired with Kaggle signal CSVs.
 
-Every signal is resampled to 500 Hz over 10 s (12 x 5000), each finite run of a lead on its own, with a
-validity mask. Every target of DESIGN.md is built at the network's input size (H, W):
+The signals come at 500 Hz over 10 s (12 x 5000, ecg_signals.py) with a validity mask, the page geometry from
+its JSON (page_json.py). Every target of DESIGN.md is built here, at the network's input size (H, W):
 
     image        (3, H, W)  float, ImageNet-normalized
     seg          (H, W)     int64, 0 background, 1..12 the lead whose trace covers the pixel (rhythm = its lead)
@@ -20,36 +20,29 @@ Validate a data set (counts, sampling rates, problems, timing, preview PNG of th
     python production_dataset.py --sim_root /path/to/simulations --csv_root /path/to/train --max_samples 100
 """
 import argparse
-import json
 import logging
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
-from scipy.interpolate import CubicSpline
-from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import ecg_cli
+import ecg_signals
+import page_json
 import page_image
 import page_scale
-from ecg_page import (FS, LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, MM_PER_S, N_LEADS, N_RHYTHM, N_SAMPLES, N_TRACES,
-                      RHYTHM, SECONDS, page_layout, row_bands)
+from ecg_page import FS, LAYOUTS, LEADS, N_LEADS, N_RHYTHM, N_SAMPLES, N_TRACES, RHYTHM, row_bands
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
-LAYOUT_NAMES = list(LAYOUTS)       # layout_id indexes this list; -1: a page no known layout draws
 MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
-MAX_ABS_MV = 20.0                  # physiological ECG stays within a few mV; 20 allows pacing spikes
-PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the PNG (antialiasing, rounding)
-MAX_OFF_PAGE_SHARE = 0.05          # share of a lead's plotted pixels that may fall off the page (clipped peaks)
 
 log = logging.getLogger('production_dataset')
 
@@ -66,123 +59,7 @@ class SampleRef:
     band: int = None   # which of the page's row bands (ecg_page.row_bands, top down); None: the whole page
 
 
-# ---------------------------------------------------------------- signals
-
-def find_finite_runs(values):
-    """(start, end) half-open index pairs of each run of finite values in a 1-D array."""
-    finite = np.isfinite(values).astype(np.int8)
-    edges = np.diff(np.concatenate([[0], finite, [0]]))
-    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
-
-
-def resample_odd_padded(run, up, down):
-    """resample_poly with the run extended by point reflection about its end samples, so the filter
-    sees a continuous value and slope at the edges (zero or line padding bends the first and last
-    0.1 s). The pad is a whole number of output samples long, so trimming keeps the time grid."""
-    reach = 10 * max(up, down) / up + 5            # resample_poly's filter half-length, in input samples
-    pad = down * math.ceil(max(20, reach) / down)
-    if len(run) <= pad:
-        return resample_poly(run, up, down, padtype='line')
-    left = 2 * run[0] - run[pad:0:-1]
-    right = 2 * run[-1] - run[-2:-pad - 2:-1]
-    out = resample_poly(np.concatenate([left, run, right]), up, down)
-    skip = pad * up // down
-    return out[skip:skip + math.ceil(len(run) * up / down)]
-
-
-def resample_run(run, fs, start, fs_out=FS, n_out=N_SAMPLES):
-    """Resample one finite run that starts at input sample `start` onto the grid t = m / fs_out.
-
-    Returns (m_first, values) with values at m_first, m_first + 1, ... (< n_out). resample_poly does the
-    anti-aliased rate change; a cubic spline places the result on the grid when the run's first
-    sample falls between two output instants (e.g. 1025 Hz to 500 Hz)."""
-    ratio = Fraction(fs_out).limit_denominator(1000) / Fraction(fs).limit_denominator(1000)
-    t0 = start / fs
-    t_end = (start + len(run)) / fs        # sample n stands for [n / fs, (n + 1) / fs)
-    m_first = math.ceil(t0 * fs_out - 1e-9)
-    m_last = min(math.ceil(t_end * fs_out - 1e-9) - 1, n_out - 1)
-    if m_last < m_first:
-        return m_first, np.zeros(0, np.float32)
-    m = np.arange(m_first, m_last + 1)
-    if len(run) < 4:
-        return m_first, np.interp(m / fs_out, t0 + np.arange(len(run)) / fs, run).astype(np.float32)
-    resampled = run if ratio == 1 else resample_odd_padded(run, ratio.numerator, ratio.denominator)
-    if abs(m_first / fs_out - t0) < 1e-9 and len(resampled) >= len(m):
-        return m_first, resampled[:len(m)].astype(np.float32)
-    t = t0 + np.arange(len(resampled)) / fs_out
-    return m_first, CubicSpline(t, resampled)(m / fs_out).astype(np.float32)
-
-
-def resample_lead(values, fs, fs_out=FS, n_out=N_SAMPLES):
-    """One lead at fs (NaN where not recorded) -> (n_out,) at fs_out (default 500 Hz x 10 s), NaN
-    outside the finite runs: each run is resampled on its own, so NaN never smears."""
-    out = np.full(n_out, np.nan, np.float32)
-    for start, end in find_finite_runs(values):
-        m_first, resampled = resample_run(values[start:end].astype(np.float64), fs, start, fs_out, n_out)
-        out[m_first:m_first + len(resampled)] = resampled
-    return out
-
-
-def read_signal_csv(path, fs, sig_len):
-    """Kaggle signal CSV -> raw (sig_len, 12) float64 array in mV, checked against train.csv."""
-    if not path.is_file():
-        raise ecg_cli.SampleError(f'{path}: signal CSV not found')
-    try:
-        frame = pd.read_csv(path)
-    except Exception as exc:  # pandas raises many types for a broken file
-        raise ecg_cli.SampleError(f'{path}: unreadable CSV ({exc})') from exc
-    missing = [lead for lead in LEADS if lead not in frame.columns]
-    if missing:
-        raise ecg_cli.SampleError(f'{path}: missing lead columns {missing}; expected {LEADS}')
-    if len(frame) != sig_len:
-        raise ecg_cli.SampleError(f'{path}: {len(frame)} rows but train.csv says sig_len={sig_len}')
-    if abs(len(frame) - SECONDS * fs) > max(2, 0.01 * SECONDS * fs):
-        raise ecg_cli.SampleError(f'{path}: {len(frame)} rows disagree with fs={fs:g} Hz for {SECONDS:g} s '
-                          f'(expected {SECONDS * fs:g})')
-    try:
-        values = frame[LEADS].to_numpy(np.float64)
-    except ValueError as exc:
-        raise ecg_cli.SampleError(f'{path}: lead columns must hold numbers in mV ({exc})') from exc
-    infinite = [lead for lead, column in zip(LEADS, values.T) if np.isinf(column).any()]
-    if infinite:
-        raise ecg_cli.SampleError(f'{path}: leads {infinite} hold infinite values')
-    with np.errstate(invalid='ignore'):
-        wild = [lead for lead, column in zip(LEADS, values.T) if (np.abs(column) > MAX_ABS_MV).any()]
-    if wild:
-        raise ecg_cli.SampleError(f'{path}: leads {wild} exceed {MAX_ABS_MV:g} mV (not an ECG in mV; wrong units?)')
-    empty = [lead for lead, column in zip(LEADS, values.T) if not np.isfinite(column).any()]
-    if empty:
-        raise ecg_cli.SampleError(f'{path}: leads {empty} are entirely NaN')
-    return values
-
-
-def load_signal(path, fs, sig_len):
-    """Kaggle signal CSV -> (12, 5000) float32 at 500 Hz, NaN where a lead was not recorded."""
-    values = read_signal_csv(path, fs, sig_len)
-    return np.stack([resample_lead(column, fs) for column in values.T])
-
-
 # ---------------------------------------------------------------- finding samples
-
-def read_train_csv(csv_root):
-    """csv_root/train.csv -> {id: (fs, sig_len)}; ids kept as strings (Kaggle ids are digits)."""
-    if not Path(csv_root).is_dir():
-        raise ecg_cli.InputError(f'{csv_root}: --csv_root is not a folder')
-    path = Path(csv_root) / 'train.csv'
-    if not path.is_file():
-        raise ecg_cli.InputError(f'{path}: train.csv (id,fs,sig_len) not found under --csv_root')
-    try:
-        table = pd.read_csv(path, dtype={'id': str})
-    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:   # binary or broken file
-        raise ecg_cli.InputError(f'{path}: not a readable CSV ({type(exc).__name__}); expected columns id,fs,sig_len') from exc
-    missing = {'id', 'fs', 'sig_len'} - set(table.columns)
-    if missing:
-        raise ecg_cli.InputError(f'{path}: missing columns {sorted(missing)}; expected id,fs,sig_len')
-    try:
-        return {row.id: (float(row.fs), int(row.sig_len)) for row in table.itertuples()}
-    except (TypeError, ValueError) as exc:
-        raise ecg_cli.InputError(f'{path}: fs and sig_len must be numbers ({exc})') from exc
-
 
 def find_samples(sim_root, csv_root, max_samples=None):
     """Pair every {id}-{k}.png under sim_root with its JSON and csv_root/{id}/{id}.csv.
@@ -191,7 +68,7 @@ def find_samples(sim_root, csv_root, max_samples=None):
     sim_root, csv_root = Path(sim_root), Path(csv_root)
     if not sim_root.is_dir():
         raise ecg_cli.InputError(f'{sim_root}: --sim_root is not a folder')
-    records = read_train_csv(csv_root)
+    records = ecg_signals.read_train_csv(csv_root)
     if not any(sim_root.rglob('*.png')):
         raise ecg_cli.InputError(f'{sim_root}: no .png image anywhere under --sim_root (expected {{id}}-{{k}}.png + .json)')
     refs, problems, ids_with_images = [], [], set()
@@ -211,135 +88,7 @@ def find_samples(sim_root, csv_root, max_samples=None):
     return refs, problems
 
 
-# ---------------------------------------------------------------- page geometry (JSON)
-
-def read_json(path):
-    if not path.is_file():
-        raise ecg_cli.SampleError(f'{path}: JSON beside the PNG not found')
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ecg_cli.SampleError(f'{path}: malformed JSON ({exc})') from exc
-
-
-
-def page_offset(meta, png_wh, path):
-    """ecg-image-kit pads the PNG by pad_inches * dpi on every side without shifting the JSON."""
-    width, height = int(meta['width']), int(meta['height'])
-    if png_wh == (width, height):
-        return 0.0
-    pad = float(meta.get('pad_inches', 0) or 0) * float(meta.get('resolution', 0) or 0)
-    if pad and png_wh == (round(width + 2 * pad), round(height + 2 * pad)):
-        return pad
-    raise ecg_cli.SampleError(f'{path}: PNG is {png_wh[0]}x{png_wh[1]} but its JSON says {width}x{height} '
-                      f'(pad_inches={meta.get("pad_inches")})')
-
-
-def trace_channels(leads, path):
-    """Trace channel of each JSON lead entry: the lead's index, or a rhythm channel for a rhythm strip (a
-    second entry of the same lead, told apart by its longer sample range): RHYTHM + k for the k-th rhythm
-    strip from the top of the page."""
-    channels, by_name = [], {}
-    for i, entry in enumerate(leads):
-        name = entry.get('lead_name')
-        if name not in LEADS:
-            raise ecg_cli.SampleError(f'{path}: unknown lead_name {name!r}')
-        by_name.setdefault(name, []).append(i)
-        channels.append(LEADS.index(name))
-    rhythm = []
-    for name, entries in by_name.items():
-        if len(entries) > 2:
-            raise ecg_cli.SampleError(f'{path}: lead {name} appears {len(entries)} times')
-        if len(entries) == 2:
-            lengths = [leads[i]['end_sample'] - leads[i]['start_sample'] for i in entries]
-            rhythm.append(entries[int(np.argmax(lengths))])
-    if len(rhythm) > N_RHYTHM:
-        raise ecg_cli.SampleError(f'{path}: {len(rhythm)} rhythm strips (leads drawn twice); a page holds at most {N_RHYTHM}')
-    for k, i in enumerate(sorted(rhythm, key=lambda i: mean_row(leads[i]))):
-        channels[i] = RHYTHM + k
-    return channels
-
-
-def mean_row(entry):
-    """Mean row of a JSON lead entry's plotted pixels ([row, col] pairs; inf where there are none)."""
-    pixels = np.asarray(entry.get('plotted_pixels', []), np.float64).reshape(-1, 2)
-    return float(pixels[:, 0].mean()) if len(pixels) else float('inf')
-
-
-def parse_page(ref):
-    """Read and check the JSON -> dict of page geometry in PNG pixel coordinates (x = col, y = row)."""
-    meta = read_json(ref.json)
-    missing = [k for k in ('width', 'height', 'x_grid', 'y_grid', 'leads') if k not in meta]
-    if missing:
-        raise ecg_cli.SampleError(f'{ref.json}: missing keys {missing}')
-    json_fs = float(meta.get('sampling_frequency', ref.fs))
-    if abs(json_fs - ref.fs) > 1e-6:
-        raise ecg_cli.SampleError(f'{ref.json}: sampling_frequency {json_fs:g} disagrees with train.csv fs {ref.fs:g}')
-    png_wh = page_image.png_size(ref.png)
-    offset = page_offset(meta, png_wh, ref.png)
-    leads = meta['leads']
-    channels = trace_channels(leads, ref.json)
-    entries = []
-    for channel, entry in zip(channels, leads):
-        start, end = int(entry['start_sample']), int(entry['end_sample'])
-        pixels = np.asarray(entry.get('plotted_pixels', []), np.float64).reshape(-1, 2)
-        if len(pixels) != end - start:
-            raise ecg_cli.SampleError(f'{ref.json}: lead {entry["lead_name"]} has {len(pixels)} plotted_pixels '
-                              f'for samples [{start}, {end})')
-        if end > ref.sig_len or start < 0:
-            raise ecg_cli.SampleError(f'{ref.json}: lead {entry["lead_name"]} samples [{start}, {end}) outside '
-                              f'the signal of {ref.sig_len} rows')
-        xy = pixels[:, ::-1] + offset   # JSON gives [row, col]
-        check_inside(xy, png_wh, ref.json, entry['lead_name'])
-        entries.append(dict(channel=channel, lead=LEADS.index(entry['lead_name']),
-                            start=start, end=end, xy=xy))
-    rotation = meta.get('rotation_deg')
-    grid = None
-    if 'grid_origin' in meta and meta.get('gridlines', True):
-        grid = dict(origin_xy=np.array(meta['grid_origin'][::-1], np.float64) + offset,
-                    center_xy=np.array(meta.get('rotation_center', [meta['height'] / 2, meta['width'] / 2])[::-1],
-                                       np.float64) + offset,
-                    spacing=float(meta['x_grid']))
-    rhythm_leads = np.full(N_RHYTHM, -1, np.int64)
-    for e in (e for e in entries if e['channel'] >= RHYTHM):
-        rhythm_leads[e['channel'] - RHYTHM] = e['lead']
-    strips = [(LEADS[e['lead']], e['start'] / ref.fs, (e['end'] - 1) / ref.fs, e['channel'] >= RHYTHM) for e in entries]
-    # y_grid is the 5 mm square in px; gain and speed are 10 mm/mV and 25 mm/s unless the JSON says otherwise
-    gain, speed = float(meta.get('gain_mm_mv', MM_PER_MV)), float(meta.get('paper_speed_mm_s', MM_PER_S))
-    layout = page_layout(strips, speed, meta.get('layout'))
-    lead_channel, lead_sign = LAYOUTS[layout].lead_channels() if layout else (np.arange(N_LEADS), np.ones(N_LEADS))
-    for entry in (e for e in entries if e['channel'] < RHYTHM):   # a channel is a place: on a Cabrera page
-        entry['channel'] = int(lead_channel[entry['lead']])          # aVL is read where the standard page draws I
-        entry['sign'] = float(lead_sign[entry['lead']])
-    return dict(entries=entries, lead_channel=lead_channel, lead_sign=lead_sign,
-                px_per_mv=gain / MAJOR_MM * float(meta['y_grid']), gain_mm_mv=gain, paper_speed_mm_s=speed,
-                rhythm_leads=rhythm_leads, layout_id=LAYOUT_NAMES.index(layout) if layout else -1,
-                rotation_deg=None if rotation is None else float(rotation),
-                grid=grid, has_grid_info='grid_origin' in meta, style=meta.get('style') or kit_style(meta))
-
-
-def kit_style(meta):
-    """An ecg-image-kit page's look, named from its JSON's switches (it writes no style name), so reports can
-    be broken down per style: 'eik' plus e.g. '+augment+wrinkles+header', or 'eik-plain'."""
-    switches = [('augment', meta.get('augment')), ('wrinkles', meta.get('wrinkles')),
-                ('header', meta.get('printed_text')), ('bw', meta.get('bw')),
-                ('nogrid', meta.get('gridlines') is False), ('padded', float(meta.get('pad_inches') or 0) > 0)]
-    names = [name for name, on in switches if on]
-    return 'eik+' + '+'.join(names) if names else 'eik-plain'
-
-
-def check_inside(xy, png_wh, path, lead):
-    """Plotted pixels must lie on the image: a lead mostly off it belongs to another image or size. A few
-    off the edge are real (ecg-image-kit clips a large deflection or a rotated strip at the page edge)."""
-    finite = xy[np.isfinite(xy).all(axis=1)]
-    low, high = -0.5 - PLOTTED_MARGIN_PX, np.asarray(png_wh) - 0.5 + PLOTTED_MARGIN_PX
-    outside = ((finite < low) | (finite > high)).any(axis=1)
-    if len(outside) and outside.mean() > MAX_OFF_PAGE_SHARE:
-        x, y = finite[np.argmax(outside)]
-        raise ecg_cli.SampleError(f'{path}: lead {lead} has {int(outside.sum())} of {len(outside)} plotted_pixels outside '
-                          f'the {png_wh[0]}x{png_wh[1]} image (e.g. row {y:.0f}, col {x:.0f})')
-
+# ---------------------------------------------------------------- page rotation from the signal
 
 def zero_mv_points(entry, values, px_per_mv, theta_deg):
     """0 mV point of each plotted sample: plotted + value * px_per_mv along the page's downward vertical."""
@@ -445,7 +194,7 @@ def derotate(xy, theta_deg, png_wh):
 def band_of_page(page, band, theta, png_wh):
     """A whole 12-row page's geometry (parse_page) -> (that of its row band `band`, the crop for page_image.band_pixels):
     the band's strips in the upright crop's pixels, its layout (ecg_page.row_bands) and grid."""
-    bands = row_bands(LAYOUTS[layout_name(page['layout_id'])])
+    bands = row_bands(LAYOUTS[page_json.layout_name(page['layout_id'])])
     entries = [dict(e, xy=derotate(e['xy'], theta, png_wh)) for e in page['entries']]
     rows = np.full(N_LEADS, np.nan)
     for entry in entries:
@@ -457,7 +206,7 @@ def band_of_page(page, band, theta, png_wh):
     kept = [dict(e, xy=e['xy'] - shift) for e in entries if e['channel'] in channels]
     grid = page['grid'] and dict(page['grid'], origin_xy=derotate(page['grid']['origin_xy'], theta, png_wh) - shift,
                                  center_xy=np.array([(png_wh[0] - 1) / 2, (end - first - 1) / 2]))
-    return dict(page, entries=kept, grid=grid, rotation_deg=0.0, layout_id=LAYOUT_NAMES.index(layout.name),
+    return dict(page, entries=kept, grid=grid, rotation_deg=0.0, layout_id=page_json.LAYOUT_NAMES.index(layout.name),
                 rhythm_leads=np.full(N_RHYTHM, -1, np.int64)), (theta, first, end)
 
 
@@ -531,9 +280,9 @@ def build_sample(ref, size_hw, scale=False):
     scale the page itself shows (page_scale.read_scale: what evaluation decodes with, as inference does).
 
     Returns a dict of numpy arrays; raises ecg_cli.SampleError naming the file on bad input."""
-    page = parse_page(ref)
-    raw = read_signal_csv(ref.csv, ref.fs, ref.sig_len)
-    signal = np.stack([resample_lead(column, ref.fs) for column in raw.T])
+    page = page_json.parse_page(ref)
+    raw = ecg_signals.read_signal_csv(ref.csv, ref.fs, ref.sig_len)
+    signal = np.stack([ecg_signals.resample_lead(column, ref.fs) for column in raw.T])
     theta = page['rotation_deg']
     theta_valid = theta is not None
     if theta is None:
@@ -579,14 +328,10 @@ def check_sample(ref):
     """Full check of one sample before training: JSON, CSV values and the decoded pixels (a PNG whose
     header reads but whose pixels do not would otherwise end a long run); raises ecg_cli.SampleError. -> the
     page's layout name (ecg_page.LAYOUTS), or None for strips no known layout draws."""
-    page = parse_page(ref)
-    read_signal_csv(ref.csv, ref.fs, ref.sig_len)
+    page = page_json.parse_page(ref)
+    ecg_signals.read_signal_csv(ref.csv, ref.fs, ref.sig_len)
     page_image.read_rgb(ref.png)
-    return layout_name(page['layout_id'])
-
-
-def layout_name(layout_id):
-    return LAYOUT_NAMES[int(layout_id)] if int(layout_id) >= 0 else None
+    return page_json.layout_name(page['layout_id'])
 
 
 # ---------------------------------------------------------------- augmentation
@@ -728,37 +473,43 @@ def check_samples(refs, progress=False):
 
 
 class ECGImageDataset(Dataset):
-    """Pairs every {id}-{k}.png + .json under sim_root with csv_root/{id}/{id}.csv.
+    """Samples (SampleRef: a {id}-{k}.png + .json with csv_root/{id}/{id}.csv) as training tensors.
 
-    Bad samples are reported (self.problems, the log) and skipped, never trained on. With cache=True
-    every sample is decoded once, in this process, into contiguous shared-memory tensors that
-    DataLoader workers read without copying. checked: samples already checked (check_samples), taken as they are.
+    refs: a list of SampleRef, each checked here, or a CheckedSamples (check_samples) taken as it is; from_folders
+    pairs the files of two folders. Bad samples are reported (self.problems, the log) and skipped, never trained
+    on. With cache=True every sample is decoded once, in this process, into contiguous shared-memory tensors that
+    DataLoader workers read without copying. read_scale: decode with the scale the page shows, as inference does
+    (evaluation); row_bands: each page's row bands follow it (band_refs).
     """
 
-    def __init__(self, sim_root=None, csv_root=None, target_size=DEFAULT_IMAGE_SIZE, augment=False,
-                 cache=False, max_samples=None, refs=None, check=True, progress=False, read_scale=False,
-                 row_bands=False, checked=None):
+    def __init__(self, refs, target_size=DEFAULT_IMAGE_SIZE, augment=False, cache=False, progress=False,
+                 read_scale=False, row_bands=False):
         self.size_hw = tuple(int(v) for v in target_size)
         self.augment = augment
-        self.read_scale = read_scale   # evaluation: decode with the scale the page shows, as inference does
+        self.read_scale = read_scale
         self.problems = []
         self.layouts = Counter()        # layout name (None: unknown strips) -> checked samples
-        if checked is not None:
-            refs, check = checked.refs, False
-        elif refs is None:
-            refs, problems = find_samples(sim_root, csv_root, max_samples)
-            self.problems.extend((str(p), m) for p, m in problems)
-        if row_bands and not (check or cache or checked):
-            raise ValueError('row_bands needs check or cache: a page\'s layout is learned there')
-        self.row_bands = row_bands      # each page's row bands follow it (band_refs), found while checking or caching
-        if checked is not None and not cache:
-            self.refs = self._with_bands(checked)
+        self.row_bands = row_bands      # a page's layout is learned while checking or caching, its bands with it
+        if isinstance(refs, CheckedSamples) and not cache:
+            self.refs = self._with_bands(refs)
         else:
-            self.refs = self._keep_good(refs, progress) if check and not cache else list(refs)
+            refs = refs.refs if isinstance(refs, CheckedSamples) else refs
+            self.refs = list(refs) if cache else self._keep_good(refs, progress)
         self.photometric = photometric_augment()
         self.cache = self._fill_cache(progress) if cache else None
         for path, message in self.problems:
             log.warning('skipped %s: %s', path, message)
+
+    @classmethod
+    def from_folders(cls, sim_root, csv_root, max_samples=None, **options):
+        """Every {id}-{k}.png + .json under sim_root paired with csv_root/{id}/{id}.csv (find_samples; at most
+        max_samples); the files that cannot be paired are reported in problems. options: __init__'s."""
+        refs, unpaired = find_samples(sim_root, csv_root, max_samples)
+        for path, message in unpaired:
+            log.warning('skipped %s: %s', path, message)
+        dataset = cls(refs, **options)
+        dataset.problems[:0] = [(str(path), message) for path, message in unpaired]
+        return dataset
 
     def _keep_good(self, refs, progress):
         checked = check_samples(refs, progress)
@@ -780,7 +531,7 @@ class ECGImageDataset(Dataset):
                         mininterval=ecg_cli.PROGRESS_SECONDS):
             try:
                 sample = build_sample(ref, self.size_hw, self.read_scale)
-                bands = band_refs(ref, layout_name(sample['layout_id'])) if self.row_bands else []
+                bands = band_refs(ref, page_json.layout_name(sample['layout_id'])) if self.row_bands else []
                 built = [sample] + [build_sample(band, self.size_hw, self.read_scale) for band in bands]
             except ecg_cli.SampleError as exc:
                 self.problems.append((str(ref.png), str(exc)))
@@ -788,7 +539,7 @@ class ECGImageDataset(Dataset):
             samples += built
             refs += [ref] + bands
         self.refs = refs
-        self.layouts.update(layout_name(sample['layout_id']) for sample in samples)
+        self.layouts.update(page_json.layout_name(sample['layout_id']) for sample in samples)
         self.styles = [sample['style'] for sample in samples]   # short strings; the arrays are below
         cache = {}
         for name, (shape, dtype) in CACHE_FIELDS.items():
@@ -906,7 +657,7 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(message)s')
     refs, problems = find_samples(args.sim_root, args.csv_root, args.max_samples)
-    dataset = ECGImageDataset(refs=refs, target_size=args.image_size, augment=True, progress=True)
+    dataset = ECGImageDataset(refs, target_size=args.image_size, augment=True, progress=True)
     dataset.problems[:0] = [(str(p), m) for p, m in problems]
     if len(dataset) == 0:
         report(dataset, float('nan'), len(refs))
@@ -917,7 +668,7 @@ def main(argv=None):
     report(dataset, (time.perf_counter() - start) / len(dataset), len(refs))
     if args.cache:
         start = time.perf_counter()
-        cached = ECGImageDataset(refs=dataset.refs, target_size=args.image_size, cache=True)
+        cached = ECGImageDataset(dataset.refs, target_size=args.image_size, cache=True)
         print(f'cache: {len(cached)} samples in {time.perf_counter() - start:.1f} s, '
               f'{cached.cache_bytes() / 2 ** 20:.1f} MiB')
     write_preview(dataset, args.preview)

@@ -322,8 +322,8 @@ def build_datasets(config):
         log.warning('skipped %s: %s', path, message)
     train_part, val_part = checked.split(config['val_fraction'], config['seed'])
     common = dict(target_size=config['image_size'], cache=config['cache'], progress=True)
-    train = pdx.ECGImageDataset(checked=train_part, augment=not config['no_augment'], row_bands=True, **common)
-    val = pdx.ECGImageDataset(checked=val_part, augment=False, read_scale=True, **common)
+    train = pdx.ECGImageDataset(train_part, augment=not config['no_augment'], row_bands=True, **common)
+    val = pdx.ECGImageDataset(val_part, augment=False, read_scale=True, **common)
     skipped = len(checked.problems) + len(train.problems) + len(val.problems)
     log.info('data: %d train / %d val images (%d records), %d skipped as bad', len(train), len(val),
              len({r.record_id for r in refs}), skipped)
@@ -791,7 +791,7 @@ def init_weights(model, path):
     if checkpoint['model_args'] != model.model_args:
         raise ecg_cli.InputError(f'--init_from {path}: its model is {checkpoint["model_args"]}, this run\'s is '
                              f'{model.model_args}; pass the same --encoder and --decoder_channels')
-    model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model']))
+    model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model'], ecg_checkpoint.head_channels(checkpoint)))
     log.info('weights from %s (trained at %s)', path, 'x'.join(map(str, ecg_checkpoint.input_size(checkpoint))))
 
 
@@ -800,7 +800,7 @@ def resume_from(path, training, config):
     (Training) -> the progress state."""
     model, optimizer, scheduler, ema = training.model, training.optimizer, training.scheduler, training.ema
     checkpoint = ecg_checkpoint.load(path, map_location=training.device)
-    if ecg_model.has_one_rhythm_channel(checkpoint['model']):
+    if ecg_checkpoint.head_channels(checkpoint) != ecg_model.HEAD_CHANNELS:
         raise ecg_cli.InputError(f'--resume {path}: made before pages of three rhythm strips (one rhythm channel); its '
                              f'optimizer state does not fit this model: start a new run with --init_from {path}')
     unwrap(model).load_state_dict(checkpoint.get('train_model', checkpoint['model']))

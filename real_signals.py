@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ecg_page import LEADS, SECONDS
-from ecg_simulator import read_csv_index, read_signal_csv, write_signal_csv
+from ecg_signals import read_csv_index, read_record_csv, write_signal_csv
 
 HOP_SECONDS = SECONDS          # windows side by side; a smaller hop overlaps them (more, correlated pages)
 MIN_SHOWN_FRACTION = 0.9       # a window whose leads are mostly NaN (a lead switched off) is no page
@@ -66,7 +66,7 @@ def cut_windows(csv_root, out, hop_s=HOP_SECONDS):
     written, problems = [], []
     for record_id, fs, sig_len in read_csv_index(csv_root):
         path = Path(csv_root) / record_id / f'{record_id}.csv'
-        signal = read_signal_csv(path, int(float(sig_len)))
+        signal = read_record_csv(path, int(float(sig_len)))
         windows = record_windows(record_id, float(fs), len(signal), hop_s)
         if not windows:
             problems.append(f'{path}: {len(signal) / float(fs):.1f} s, shorter than one {SECONDS:g} s window')

@@ -25,8 +25,10 @@ import torch
 
 import ecg_cli
 import ecg_decode
+import ecg_signals
 import ecg_trainer
 import page_image
+import page_json
 import page_reader
 import production_dataset as pdx
 from ecg_page import FS, LAYOUTS, LEADS, N_SAMPLES, SECONDS
@@ -77,12 +79,12 @@ def truth_fs(csv_path, image_path, n_rows, given_fs):
         return given_fs, '--fs'
     json_path = image_path.with_suffix('.json')
     if json_path.is_file():
-        fs = pdx.read_json(json_path).get('sampling_frequency')
+        fs = page_json.read_json(json_path).get('sampling_frequency')
         if fs:
             return float(fs), json_path.name
     train_csv = image_path.parent.parent / 'train.csv'
     if train_csv.is_file():
-        records = pdx.read_train_csv(train_csv.parent)
+        records = ecg_signals.read_train_csv(train_csv.parent)
         if csv_path.stem in records:
             return records[csv_path.stem][0], str(train_csv)
     return n_rows / SECONDS, 'rows / 10 s'   # Kaggle signals are 10 s long
@@ -92,7 +94,7 @@ def load_truth(csv_path, image_path, given_fs):
     """Kaggle signal CSV -> ((12, 5000) mV at 500 Hz with NaN where not recorded, description)."""
     n_rows = len(pd.read_csv(csv_path, usecols=[0]))
     fs, source = truth_fs(csv_path, image_path, n_rows, given_fs)
-    return pdx.load_signal(csv_path, fs, n_rows), f'{csv_path} at {fs:g} Hz (fs from {source})'
+    return ecg_signals.load_signal(csv_path, fs, n_rows), f'{csv_path} at {fs:g} Hz (fs from {source})'
 
 
 def resolve_truth(args):

@@ -30,12 +30,12 @@ def test_bench_quality_makes_a_data_folder_again_for_another_layout_mix(tmp_path
         return sorted(json.loads(p.read_text())['layout'] for p in folder.glob('*/*.json'))
 
     folder = tmp_path / 'train_data_layouts'
-    bench_quality.simulate(folder, 2, 7, 1, True, ['3x4'])
+    bench_quality.simulate(folder, 2, 7, 1, bench_quality.PageMix(quick=True, layouts=('3x4',)))
     assert page_layouts(folder) == ['3x4', '3x4']
     made = (folder / 'train.csv').stat().st_mtime_ns
-    bench_quality.simulate(folder, 2, 7, 1, True, ['3x4'])
+    bench_quality.simulate(folder, 2, 7, 1, bench_quality.PageMix(quick=True, layouts=('3x4',)))
     assert (folder / 'train.csv').stat().st_mtime_ns == made           # same arguments: kept
-    bench_quality.simulate(folder, 2, 7, 1, True, ['3x4+II+V1+V5'])
+    bench_quality.simulate(folder, 2, 7, 1, bench_quality.PageMix(quick=True, layouts=('3x4+II+V1+V5',)))
     assert page_layouts(folder) == ['3x4+II+V1+V5'] * 2
 
 
@@ -47,8 +47,9 @@ def test_layouts_are_compared_on_the_same_records(tmp_path):
 
     import bench_quality
     held = tmp_path / 'heldout_data_layouts'
-    bench_quality.simulate(held, 3, 7, 1, True, ['3x4+II', '12x1'])
-    folders = bench_quality.layout_folders(held, 3, 1, True, ['3x4+II', '12x1'], None, None)
+    mix = bench_quality.PageMix(quick=True, layouts=('3x4+II', '12x1'))
+    bench_quality.simulate(held, 3, 7, 1, mix)
+    folders = bench_quality.layout_folders(held, 3, 1, mix)
     assert bench_quality.standard_of(list(folders)) == '3x4+II'
     for name, folder in folders.items():
         assert sorted(json.loads(p.read_text())['layout'] for p in folder.glob('*/*.json')) == [name] * 3

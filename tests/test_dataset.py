@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import ecg_signals
 import page_image
 import production_dataset as pdx
 from conftest import run_cli
@@ -22,7 +23,7 @@ def test_sine_resampled_to_500hz_from_every_rate(fs):
     n = round(10 * fs)
     t = np.arange(n) / fs
     lead = np.sin(2 * np.pi * 7.3 * t) + 0.3 * np.sin(2 * np.pi * 23 * t)
-    out = pdx.resample_lead(lead, fs)
+    out = ecg_signals.resample_lead(lead, fs)
     m = np.arange(pdx.N_SAMPLES) / pdx.FS
     truth = np.sin(2 * np.pi * 7.3 * m) + 0.3 * np.sin(2 * np.pi * 23 * m)
     valid = np.isfinite(out)
@@ -41,7 +42,7 @@ def test_nan_runs_are_resampled_alone_and_stay_nan(fs):
     lead = np.sin(2 * np.pi * 5 * t)
     lead[n // 4: n // 2] = np.nan   # a masked column, as in Kaggle's training CSVs
     lead[3 * n // 4:] = np.nan
-    out = pdx.resample_lead(lead, fs)
+    out = ecg_signals.resample_lead(lead, fs)
     m = np.arange(pdx.N_SAMPLES) / pdx.FS
     assert np.isnan(out[1260:2490]).all() and np.isnan(out[3760:]).all()
     valid = np.isfinite(out)
@@ -55,7 +56,7 @@ def test_simulated_ecg_resampled_from_1000hz_matches_decimation():
     # band-limit first (the simulator adds white noise up to 500 Hz) so decimation is the exact truth
     from scipy.signal import butter, filtfilt
     lead = filtfilt(*butter(6, 150, fs=1000), record['II'].to_numpy(np.float64))
-    out = pdx.resample_lead(lead, 1000)
+    out = ecg_signals.resample_lead(lead, 1000)
     truth = lead[::2]
     rms_error = np.sqrt(np.mean((out[20:-20] - truth[20:-20]) ** 2))
     assert rms_error < 0.01 * np.sqrt(np.mean(truth ** 2))
@@ -63,7 +64,7 @@ def test_simulated_ecg_resampled_from_1000hz_matches_decimation():
 
 def test_load_signal_masks_kaggle_layout(fixture_dirs):
     _, signals = fixture_dirs
-    signal = pdx.load_signal(signals / 'fx1024' / 'fx1024.csv', 256, 2560)
+    signal = ecg_signals.load_signal(signals / 'fx1024' / 'fx1024.csv', 256, 2560)
     assert signal.shape == (12, 5000)
     assert np.isfinite(signal[1]).all()                   # lead II: the full 10 s
     assert np.isfinite(signal[0, :1250]).all() and np.isnan(signal[0, 1251:]).all()
@@ -72,7 +73,7 @@ def test_load_signal_masks_kaggle_layout(fixture_dirs):
 
 def fixture_dataset(fixture_dirs, **kwargs):
     images, signals = fixture_dirs
-    return pdx.ECGImageDataset(images, signals, target_size=SIZE, **kwargs)
+    return pdx.ECGImageDataset.from_folders(images, signals, target_size=SIZE, **kwargs)
 
 
 def test_fixture_seg_target_lies_on_dark_trace_pixels(fixture_dirs):
@@ -174,7 +175,7 @@ def broken_copy(tmp_path, fixture_dirs):
 def problems_after(broken, break_it):
     images, signals = broken
     break_it(images, signals)
-    dataset = pdx.ECGImageDataset(images, signals, target_size=SIZE)
+    dataset = pdx.ECGImageDataset.from_folders(images, signals, target_size=SIZE)
     return dataset, ' | '.join(f'{p}: {m}' for p, m in dataset.problems)
 
 
@@ -258,7 +259,7 @@ def test_padded_png_is_detected_and_coordinates_shifted(tmp_path, fixture_dirs):
     meta = json.loads((images / 'fx2048-0001.json').read_text())
     meta['pad_inches'] = pad / meta['resolution']
     (tmp_path / 'images' / 'fx2048-0001.json').write_text(json.dumps(meta))
-    padded = pdx.ECGImageDataset(tmp_path / 'images', signals, target_size=SIZE)
+    padded = pdx.ECGImageDataset.from_folders(tmp_path / 'images', signals, target_size=SIZE)
     assert len(padded) == 1 and not [p for p in padded.problems if 'fx2048-0001' in p[0]]
     sample = padded[0]
     gray = page_image.denormalize(sample['image']).mean(axis=2)
@@ -266,7 +267,7 @@ def test_padded_png_is_detected_and_coordinates_shifted(tmp_path, fixture_dirs):
     assert np.median(gray[seg > 0]) < 0.8 * np.median(gray[seg == 0])
     meta['pad_inches'] = 0.05      # a border that does not match: a clear error, not a silent shift
     (tmp_path / 'images' / 'fx2048-0001.json').write_text(json.dumps(meta))
-    wrong = pdx.ECGImageDataset(tmp_path / 'images', signals, target_size=SIZE)
+    wrong = pdx.ECGImageDataset.from_folders(tmp_path / 'images', signals, target_size=SIZE)
     assert len(wrong) == 0 and 'PNG is 2280x1780 but its JSON says 2200x1700' in wrong.problems[-1][1]
 
 

@@ -15,6 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
+import ecg_checkpoint
+import ecg_model as em
+
 from conftest import PYTHON, ROOT, run_cli, run_failing, run_in_process
 
 TINY = ['--image_size', '64', '320', '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0']
@@ -101,7 +104,6 @@ def test_unwritable_output_folder_is_one_line(sim_data, tmp_path):
 
 
 def test_disk_full_and_failed_save_say_so_and_leave_no_tmp(tmp_path):
-    import ecg_checkpoint
     message = ecg_checkpoint.write_problem(OSError(errno.ENOSPC, 'No space left on device'), tmp_path)
     assert message.startswith('disk full')
     target = tmp_path / 'file_not_folder'
@@ -269,7 +271,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, sim_data, tmp_pat
                      check=False)
     one_line_error(result, 'not loaded for safety')
     assert not exploit.marker.exists()
-    assert torch.load(tiny_run / 'checkpoints' / 'last.pth')['format'] == 2   # plain torch.load: weights_only
+    saved = torch.load(tiny_run / 'checkpoints' / 'last.pth')     # plain torch.load: weights_only
+    assert saved['format'] == ecg_checkpoint.FORMAT == 3 and saved['head_channels'] == em.HEAD_CHANNELS
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_run, sim_data, tmp_path):

@@ -14,6 +14,7 @@ import ecg_decode
 import ecg_trainer
 import evaluate
 import inference
+import page_json
 from conftest import classic_pages, run_cli
 import production_dataset as pdx
 from ecg_page import (FS, LAYOUTS, LEADS, N_SAMPLES, N_TRACES, RHYTHM, STANDARD, page_layout, whole_pages,
@@ -214,9 +215,9 @@ def test_simulated_layouts_round_trip_through_the_layout_search(layout_pages):
     refs, problems = pdx.find_samples(layout_pages, layout_pages)
     assert not problems and len(refs) == 6
     meta = {ref.record_id: json.loads(ref.json.read_text()) for ref in refs}
-    dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), read_scale=True)
+    dataset = pdx.ECGImageDataset(refs, target_size=(128, 672), read_scale=True)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
-    assert [pdx.layout_name(i) for i in batch['layout_id']] == [meta[r]['layout'] for r in batch['record_id']]
+    assert [page_json.layout_name(i) for i in batch['layout_id']] == [meta[r]['layout'] for r in batch['record_id']]
     assert {meta[r]['gain_mm_mv'] for r in batch['record_id']} == {5.0, 20.0}
     np.testing.assert_allclose(batch['read_px_per_mv'], batch['px_per_mv'], rtol=0.03)   # gain from the pulse
     assert torch.equal(batch['read_gain_mm_mv'], batch['gain_mm_mv'])
@@ -338,11 +339,11 @@ def test_three_rhythm_strips_train_in_their_own_channels_and_read_back(rhythm_pa
     from presence fills II, V1 and V5 over the whole 10 s."""
     refs, problems = pdx.find_samples(rhythm_pages, rhythm_pages)
     assert not problems and len(refs) == 2
-    dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), read_scale=True)
+    dataset = pdx.ECGImageDataset(refs, target_size=(128, 672), read_scale=True)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     three = [LEADS.index(lead) for lead in ('II', 'V1', 'V5')]
     assert batch['rhythm_leads'].tolist() == [three, three]
-    assert [pdx.layout_name(i) for i in batch['layout_id']] == ['3x4+II+V1+V5'] * 2
+    assert [page_json.layout_name(i) for i in batch['layout_id']] == ['3x4+II+V1+V5'] * 2
     rows = batch['baseline_row'][:, RHYTHM:].nanmean(-1)
     assert (rows[:, 0] < rows[:, 1]).all() and (rows[:, 1] < rows[:, 2]).all()       # top down
     assert (batch['signal_mask'][:, three].float().mean(-1) > 0.99).all()              # 10 s of each
@@ -393,9 +394,9 @@ def test_cabrera_pages_train_in_the_standard_channels_and_read_back(cabrera_page
         longest = max(e['end_sample'] - e['start_sample'] for e in page['leads'])
         assert sorted(e['lead_name'] for e in page['leads'] if e['end_sample'] - e['start_sample'] < longest) == \
             sorted(LEADS)
-    dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672))
+    dataset = pdx.ECGImageDataset(refs, target_size=(128, 672))
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
-    assert [pdx.layout_name(i) for i in batch['layout_id']] == [meta[r]['layout'] for r in batch['record_id']]
+    assert [page_json.layout_name(i) for i in batch['layout_id']] == [meta[r]['layout'] for r in batch['record_id']]
     avl, lead_i = LEADS.index('aVL'), LEADS.index('I')
     assert (batch['lead_channel'][:, avl] == lead_i).all() and (batch['lead_sign'][:, LEADS.index('aVR')] == -1).all()
     labels = set(batch['seg'][0].unique().tolist())

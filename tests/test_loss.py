@@ -13,7 +13,7 @@ SIZE = (64, 336)
 @pytest.fixture(scope='module')
 def batch(fixture_dirs):
     images, signals = fixture_dirs
-    dataset = pdx.ECGImageDataset(images, signals, target_size=SIZE)
+    dataset = pdx.ECGImageDataset.from_folders(images, signals, target_size=SIZE)
     return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
 
 

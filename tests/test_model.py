@@ -20,7 +20,7 @@ ENCODER = 'tu-regnetx_002'
 @pytest.fixture(scope='module')
 def fixture_batch(fixture_dirs):
     images, signals = fixture_dirs
-    dataset = pdx.ECGImageDataset(images, signals, target_size=SIZE)
+    dataset = pdx.ECGImageDataset.from_folders(images, signals, target_size=SIZE)
     return torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
 
 
@@ -29,7 +29,7 @@ def test_the_models_own_pulse_start_weight_decodes_its_maps(fixture_dirs):
     decode_outputs given that weight; the starter's maps read with a weight of 50 and one of 0.5 put the
     fixture's strips at other columns."""
     images, signals = fixture_dirs
-    dataset = pdx.ECGImageDataset(images, signals, target_size=SIZE, read_scale=True)
+    dataset = pdx.ECGImageDataset.from_folders(images, signals, target_size=SIZE, read_scale=True)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     assert torch.isfinite(batch['read_start']).all()          # every fixture page prints its pulses
     model, _ = ecg_checkpoint.load_model(ecg_checkpoint.STARTER)   # trained: its presence maps have edges
@@ -69,10 +69,26 @@ def test_a_model_from_before_three_rhythm_strips_loads_with_its_rhythm_channel_w
     for kind in range(3):   # trace, 0 mV line, presence
         for channel in range(15):
             assert torch.equal(new[first + 15 * kind + channel], old[first + 13 * kind + min(channel, 12)])
-    assert em.has_one_rhythm_channel(checkpoint['model'])
+    assert checkpoint['format'] == 2 and ecg_checkpoint.head_channels(checkpoint) == em.ONE_RHYTHM_HEADS
     state = model.state_dict()
-    assert not em.has_one_rhythm_channel(state)
-    assert em.widen_trace_head(state) is state        # a model of today passes unchanged
+    assert em.widen_trace_head(state, em.HEAD_CHANNELS) is state        # a model of today passes unchanged
+
+
+def test_checkpoint_formats_name_their_heads(tmp_path):
+    """Format 3 names its head channels and loads by them; a format-2 checkpoint of today's heads (60 channels,
+    no names) loads as it is; heads this toolkit does not know are refused naming the file."""
+    model = em.ECGDigitizer('tu-regnetx_002')
+    state = model.state_dict()
+    today = {'format': ecg_checkpoint.FORMAT, 'model': state, 'model_args': model.model_args, 'config': {},
+             'head_channels': dict(em.HEAD_CHANNELS)}
+    format2 = {key: value for key, value in today.items() if key != 'head_channels'} | {'format': 2}
+    for checkpoint in (today, format2):
+        assert ecg_checkpoint.head_channels(checkpoint) == em.HEAD_CHANNELS
+        loaded = ecg_checkpoint.build_model(checkpoint, tmp_path / 'x.pth').state_dict()
+        assert all(torch.equal(loaded[key], state[key]) for key in state)
+    unknown = today | {'head_channels': {**em.HEAD_CHANNELS, 'trace': 30}}
+    with pytest.raises(ecg_checkpoint.CheckpointError, match='x.pth.*head channels'):
+        ecg_checkpoint.build_model(unknown, tmp_path / 'x.pth')
 
 
 def test_round_trip_bound_of_true_targets_is_high(fixture_batch):

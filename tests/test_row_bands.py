@@ -17,6 +17,7 @@ import ecg_trainer
 import evaluate
 from conftest import classic_pages, run_cli, run_in_process
 import page_image
+import page_json
 import page_reader
 import production_dataset as pdx
 import production_trainer
@@ -70,13 +71,13 @@ def test_row_band_samples_cut_their_four_strips_from_the_upright_page(twelve_row
     input rows than on the whole page, and their true rows decode back to the signal of those leads only."""
     refs, problems = pdx.find_samples(twelve_row_pages, twelve_row_pages)
     assert not problems and len(refs) == 3
-    dataset = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), row_bands=True)
+    dataset = pdx.ECGImageDataset(refs, target_size=(128, 672), row_bands=True)
     assert [ref.band for ref in dataset.refs] == [None, 0, 1, 2] * 3
     assert dataset.layouts == {'12x1': 3, **{f'12x1 {rows}': 3 for rows in BANDS}}
-    cached = pdx.ECGImageDataset(refs=refs, target_size=(128, 672), row_bands=True, cache=True)
+    cached = pdx.ECGImageDataset(refs, target_size=(128, 672), row_bands=True, cache=True)
     assert cached.refs == dataset.refs and cached.layouts == dataset.layouts
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
-    names = [pdx.layout_name(i) for i in batch['layout_id']]
+    names = [page_json.layout_name(i) for i in batch['layout_id']]
     assert names == ['12x1', *(f'12x1 {rows}' for rows in BANDS)] * 3
     assert (batch['theta'][0::4].abs() > 0.2).any() and (batch['theta'][1::4] == 0).all()
     pitch = batch['baseline_row'][:, :N_LEADS].nanmean(-1).diff(dim=1).nanmean(1)
@@ -125,7 +126,7 @@ def test_validation_evaluate_and_inference_read_the_same_signal(twelve_row_pages
     evaluate to the last bit; inference.py's CSV to its 3 decimals, its batch norms folded); and the bands
     matter (a reading without them differs)."""
     refs, _ = pdx.find_samples(twelve_row_pages, twelve_row_pages)
-    loader = torch.utils.data.DataLoader(pdx.ECGImageDataset(refs=refs, target_size=(64, 320), read_scale=True),
+    loader = torch.utils.data.DataLoader(pdx.ECGImageDataset(refs, target_size=(64, 320), read_scale=True),
                                          batch_size=len(refs))
     torch.manual_seed(0)
     model = ecg_model.build_model('tu-regnetx_002').eval()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ecg_decode
+import ecg_signals
 import page_image
 import production_dataset as pdx
 from conftest import FIXTURE
@@ -57,7 +58,7 @@ def decoded(png, scale_from):
     (amplitude ratio decoded / true signal, time start error in ms, px per mV used / true)."""
     signals = FIXTURE / 'signals'
     stem = png.stem.split('-')[0]
-    fs, sig_len = pdx.read_train_csv(signals)[stem]
+    fs, sig_len = ecg_signals.read_train_csv(signals)[stem]
     ref = pdx.SampleRef(stem, png, png.with_suffix('.json'), signals / stem / f'{stem}.csv', fs, sig_len)
     batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in pdx.build_sample(ref, SIZE, scale=True).items()
              if k != 'style'}

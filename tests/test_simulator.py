@@ -99,7 +99,8 @@ def test_layout_fs_and_csv_roundtrip(sim_dir):
 
 
 def test_nan_mask_layout(tmp_path):
-    sim.generate(tmp_path, n=2, seed=5, images_per_id=0, fs_choices=(250, 1025), nan_mask_prob=1.0)
+    sim.generate(tmp_path, n=2, seed=5, images_per_id=0,
+                 signal_knobs=sim.SignalKnobs(fs_choices=(250, 1025), nan_mask_prob=1.0))
     index = pd.read_csv(tmp_path / 'train.csv', dtype={'id': str})
     for rec_id, fs, sig_len in index.itertuples(index=False):
         df = pd.read_csv(tmp_path / rec_id / f'{rec_id}.csv')
@@ -112,7 +113,7 @@ def test_nan_mask_layout(tmp_path):
                 finite = df[lead].notna().to_numpy()
                 assert finite[start:end].all() and not finite[:start].any() and not finite[end:].any()
         assert assert_identities(df, CSV_ROUNDING) == sig_len // 4   # only III meets I and II
-    sim.generate(tmp_path / 'nomask', n=2, seed=5, images_per_id=0, nan_mask_prob=0.0)
+    sim.generate(tmp_path / 'nomask', n=2, seed=5, images_per_id=0, signal_knobs=sim.SignalKnobs(nan_mask_prob=0.0))
     for csv in (tmp_path / 'nomask').glob('*/*.csv'):
         assert pd.read_csv(csv).notna().all().all()
 

@@ -169,7 +169,7 @@ def test_batched_rotation_search_matches_per_image_search_on_random_maps(seed):
 
 def test_batched_rotation_search_on_real_pages_and_in_several_passes(fixture_dirs, monkeypatch):
     images, signals = fixture_dirs
-    dataset = pdx.ECGImageDataset(images, signals, target_size=(128, 672))
+    dataset = pdx.ECGImageDataset.from_folders(images, signals, target_size=(128, 672))
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     logits = batch['baseline'].unsqueeze(1) * 20 - 10
     regressed = torch.zeros(len(logits))

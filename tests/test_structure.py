@@ -60,6 +60,27 @@ def test_each_step_of_reading_a_page_is_written_once():
     assert all(len(where) == 1 for where in homes.values()), homes
 
 
+def parameter_count(function):
+    """A def's named parameters, self and cls aside (a **knobs bag checked against its defaults, as the
+    simulator's drawing knobs are, is one thing passed through)."""
+    arguments = function.args
+    names = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
+    return len([name for name in names if name not in ('self', 'cls')])
+
+
+def test_no_function_takes_more_than_eight_parameters():
+    """What travels together has a type (Geometry, Training, SignalKnobs, PageMix, CheckedSamples), so no
+    function of the project or its tests needs more than eight parameters."""
+    import ast
+    from conftest import ROOT
+    crowded = []
+    for path in sorted(ROOT.glob('*.py')) + sorted((ROOT / 'tests').glob('*.py')):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and parameter_count(node) > 8:
+                crowded.append(f'{path.name}:{node.lineno} {node.name} ({parameter_count(node)})')
+    assert not crowded, crowded
+
+
 def test_loss_names_and_signal_parts_come_from_the_loss():
     assert production_trainer.LOSS_NAMES == list(ecg_trainer.DEFAULT_LOSS_WEIGHTS)
     flags = {a.dest for a in production_trainer.build_parser()._actions}
@@ -68,7 +89,7 @@ def test_loss_names_and_signal_parts_come_from_the_loss():
 
 def test_training_and_inference_see_identical_tensors(sim_data):
     png = sorted(sim_data.glob('*/*-0001.png'))[0]
-    dataset = pdx.ECGImageDataset(sim_data, sim_data, target_size=(64, 320))
+    dataset = pdx.ECGImageDataset.from_folders(sim_data, sim_data, target_size=(64, 320))
     index = [ref.png for ref in dataset.refs].index(png)
     served, _, aspect = page_image.preprocess(page_image.read_rgb(png), (64, 320))
     assert torch.equal(dataset[index]['image'], served)
