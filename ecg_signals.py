@@ -60,6 +60,7 @@ def read_csv_index(csv_root, n=None):
 
 def read_signal_csv(path, fs, sig_len):
     """Kaggle signal CSV -> raw (sig_len, 12) float64 array in mV, checked against train.csv."""
+    path = Path(path)
     if not path.is_file():
         raise ecg_cli.SampleError(f'{path}: signal CSV not found')
     try:

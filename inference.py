@@ -2,8 +2,8 @@
 
 One image:
     python inference.py --image test.png --checkpoint best.pth --output result.csv
-A folder (all *.png / *.jpg / *.jpeg / *.tif / *.tiff in it, recursively), one {image_stem}.csv each ({stem}_p2.csv
-for page 2 of a multi-page TIFF), at 250 Hz, plus WFDB:
+A folder (all *.png / *.jpg / *.jpeg / *.tif / *.tiff / *.pdf in it, recursively), one {image_stem}.csv each
+({stem}_p2.csv for page 2 of a multi-page TIFF or PDF), at 250 Hz, plus WFDB:
     python inference.py --image scans/ --checkpoint best.pth --output signals/ --fs 250 --wfdb
 The network in onnxruntime instead of torch (export_onnx.py; the decoding stays in torch):
     python inference.py --image scans/ --onnx model.onnx --output signals/
@@ -11,7 +11,8 @@ Also a DICOM 12-lead ECG waveform, an EDF+ file and WFDB beside the CSV (ecg_for
     python inference.py --image page.png --output out/page.csv --dicom --edf --wfdb --patient_id 123
 
 Needs only the image (no simulator JSON): it is read at any size (RGB, RGBA, gray, 16-bit, CMYK; PNG, JPEG or TIFF,
-turned as its EXIF orientation says; a truncated or corrupt file is named and skipped),
+turned as its EXIF orientation says; a PDF's pages rasterized at --pdf_dpi; a truncated or corrupt file is named
+and skipped),
 resized to the checkpoint's input size, its scale read from its grid and calibration pulse, and decoded
 in the layout its strips fit best among those the checkpoint was trained on (--layout NAME to say it).
 A page whose strips fit a layout the checkpoint never saw better is still read, with a warning.
@@ -40,6 +41,7 @@ import ecg_cli
 import ecg_formats
 import ecg_decode
 import ecg_signals
+import page_image
 import page_reader
 import speed
 from ecg_page import FS as MODEL_FS, LAYOUTS, LEADS, SECONDS   # 500 Hz x 10 s
@@ -59,7 +61,7 @@ GRID_SEEN_CONFIDENCE = 0.6             # a lattice this sure is a grid even at a
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Digitize ECG images into 12-lead signal CSVs (Kaggle layout).')
-    parser.add_argument('--image', required=True, type=Path, help='an image, or a folder searched recursively')
+    parser.add_argument('--image', required=True, type=Path, help='an image or PDF, or a folder searched recursively')
     parser.add_argument('--checkpoint', type=Path, default=None,
                         help='a trained .pth (e.g. checkpoints/best.pth); default: the shipped starter weights '
                              '(starter/MODEL_CARD.md says what they read and how they were made)')
@@ -102,7 +104,17 @@ def parse_args(argv=None):
     parser.add_argument('--layout', default='auto', choices=['auto'] + list(LAYOUTS), metavar='NAME',
                         help='the page layout: auto (default) finds it among those the checkpoint was trained '
                              'on; or one of ' + LAYOUT_NAMES_HELP)
+    parser.add_argument('--pdf_dpi', type=positive_dpi, default=page_image.PDF_DPI,
+                        help=f'dots per inch a PDF page is rasterized at (default {page_image.PDF_DPI:g}); each page '
+                             'of a PDF is read as an image, its outputs named {stem}_p1, {stem}_p2, ...')
     return parser.parse_args(argv)
+
+
+def positive_dpi(text):
+    dpi = float(text)
+    if not 36 <= dpi <= 1200:
+        raise argparse.ArgumentTypeError(f'{text}: a dpi between 36 and 1200')
+    return dpi
 
 
 # ---------------------------------------------------------------- inputs
@@ -294,6 +306,8 @@ def reading_report(path, reading, args):
     per-lead confidence."""
     scale = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in reading.scale.items()}
     page = {'page': path.index + 1, 'pages': path.count} if getattr(path, 'count', 1) > 1 else {}
+    if str(getattr(path, 'path', path)).lower().endswith('.pdf'):
+        page['pdf_dpi'] = path.dpi       # the raster the scale was read on
     return {'image': str(getattr(path, 'path', path)), **page, 'checkpoint': str(args.onnx or args.checkpoint),
             'checkpoint_sha256': getattr(args, 'checkpoint_sha256', None), 'fs': args.fs,
             'layout': reading.layout, 'rotation_deg': reading.rotation_deg, 'scale': scale,
@@ -358,7 +372,7 @@ def main(argv=None):
     if args.checkpoint is not None and args.onnx is not None:
         raise ecg_cli.InputError('give --checkpoint (torch) or --onnx (onnxruntime), not both')
     ecg_formats.check_formats(args.fs, args.dicom, args.edf)   # a missing extra stops here, before the model
-    images = page_reader.find_images(args.image)
+    images = page_reader.find_images(args.image, args.pdf_dpi)
     device = page_reader.pick_device('cpu' if args.onnx else args.device)
     threads, _ = speed.set_threads(args.threads)
     speed.keep_freed_memory()

@@ -1,15 +1,17 @@
 """A page's pixels: the toolkit's one image reader (files in) and the one preprocessing to the network's input
 (tensor out). Training, evaluation, inference and the page tools all read images here.
 
-    read_rgb(path)           any image file -> (h, w, 3) uint8 RGB, upright, or SampleError naming the file
+    read_rgb(path)           any image file or PDF page -> (h, w, 3) uint8 RGB, upright, or SampleError naming the file
     preprocess(rgb, (H, W))  -> ((3, H, W) ImageNet-normalized tensor, (H, W, 3) picture, page aspect w / h)
 """
 import math
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pypdfium2
 import simplejpeg
 import torch
 from PIL import ExifTags, Image, ImageOps
@@ -19,7 +21,10 @@ from ecg_page import BAND_ROWS
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')   # what a folder of pages is searched for
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.pdf')   # what a folder of pages is searched for
+PDF_DPI = 200.0                    # a PDF page rasterized: 2200 x 1700 px for a letter page, as a 200 dpi scan
+PDF_POINTS_PER_INCH = 72.0
+MAX_PDF_PIXELS = Image.MAX_IMAGE_PIXELS   # a rasterized page may be as large as Pillow lets an image be
 MIN_PAGE_SIDE = 128                # px: a 50 dpi letter page is 425 px tall; less cannot hold 13 strips
 MIN_PAGE_CONTRAST = 2.0            # grey-level std: below it the image is one colour
 BAND_MARGIN_PITCHES = 1.5         # a row band reaches this many row pitches above the page's top row (below its last)
@@ -27,10 +32,12 @@ BAND_MARGIN_PITCHES = 1.5         # a row band reaches this many row pitches abo
 
 @dataclass(frozen=True)
 class ImagePage:
-    """One page of an image file: a PNG or JPEG holds one, a TIFF may hold several (index counts from 0)."""
+    """One page of an image file: a PNG or JPEG holds one, a TIFF or PDF may hold several (index counts from 0);
+    a PDF page is rasterized at dpi."""
     path: Path
     index: int = 0
     count: int = 1
+    dpi: float = PDF_DPI
 
     @property
     def name(self):
@@ -41,28 +48,38 @@ class ImagePage:
         return str(self.path) if self.count == 1 else f'{self.path} page {self.index + 1}'
 
 
-def image_pages(path):
-    """The pages of an image file (ImagePage each): every page of a multi-page TIFF, else the one. A file that
-    does not open is one page here; reading it names the problem (read_rgb)."""
+def image_pages(path, pdf_dpi=PDF_DPI):
+    """The pages of an image file (ImagePage each): every page of a multi-page TIFF or a PDF, else the one. A file
+    that does not open is one page here; reading it names the problem (read_rgb)."""
     path = Path(path)
-    if path.suffix.lower() not in ('.tif', '.tiff'):
+    suffix = path.suffix.lower()
+    if suffix not in ('.tif', '.tiff', '.pdf'):
         return [ImagePage(path)]
     try:
-        with Image.open(path) as image:
-            count = getattr(image, 'n_frames', 1)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        if suffix == '.pdf':
+            with closing(pypdfium2.PdfDocument(str(path))) as pdf:
+                count = len(pdf)
+        else:
+            with Image.open(path) as image:
+                count = getattr(image, 'n_frames', 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, pypdfium2.PdfiumError):
         count = 1
-    return [ImagePage(path, k, count) for k in range(count)]
+    return [ImagePage(path, k, max(count, 1), pdf_dpi) for k in range(max(count, 1))]
 
 
-def read_rgb(path, page=0):
+def read_rgb(path, page=0, pdf_dpi=PDF_DPI):
     """The toolkit's one image reader: any image Pillow reads (PNG, JPEG, TIFF and its pages, ...) -> (h, w, 3)
     uint8 RGB at its own size, turned as its EXIF orientation says (phone photos are stored on their side).
     Gray is repeated; RGBA is composited over white paper (a transparent page is paper, not black); 16-bit
-    is scaled to 8; CMYK converted. A truncated or corrupt file is refused (Pillow's strict loading: a JPEG cut
-    short or with broken data would otherwise decode with a grey or smeared part), and so are images too small
-    or too blank to be an ECG page, so nobody trains on them or reads a signal out of them."""
+    is scaled to 8; CMYK converted. A PDF page is rasterized at pdf_dpi (read_pdf_page). A truncated or corrupt
+    file is refused (Pillow's strict loading: a JPEG cut short or with broken data would otherwise decode with a
+    grey or smeared part), and so are images too small or too blank to be an ECG page, so nobody trains on them
+    or reads a signal out of them."""
     where = f'{path}' if page == 0 else f'{path} page {page + 1}'
+    if Path(path).suffix.lower() == '.pdf':
+        rgb = read_pdf_page(path, page, pdf_dpi, where)
+        check_page_pixels(rgb, where)
+        return rgb
     try:
         with Image.open(path) as image:
             if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
@@ -75,6 +92,28 @@ def read_rgb(path, page=0):
         raise SampleError(f'{where}: unreadable image, could not decode its pixels ({exc})') from exc
     check_page_pixels(rgb, where)
     return rgb
+
+
+def read_pdf_page(path, page, dpi, where):
+    """Page `page` of a PDF rasterized by PDFium at dpi on white paper -> (h, w, 3) uint8 RGB: an ECG machine's
+    vector export comes out as a clean render, a scanned archive as the scan it holds. A page whose raster
+    would exceed MAX_PDF_PIXELS is refused with the dpi that fits (a PDF may name any page size)."""
+    try:
+        with closing(pypdfium2.PdfDocument(str(path))) as pdf:
+            if not 0 <= page < len(pdf):
+                raise SampleError(f'{where}: the PDF has {len(pdf)} page(s)')
+            pdf_page = pdf[page]
+            width_in, height_in = (side / PDF_POINTS_PER_INCH for side in pdf_page.get_size())
+            pixels = width_in * height_in * dpi ** 2
+            if pixels > MAX_PDF_PIXELS:
+                fits = math.floor(dpi * math.sqrt(MAX_PDF_PIXELS / pixels))
+                raise SampleError(f'{where}: a {width_in:.1f} x {height_in:.1f} in page at {dpi:g} dpi is '
+                                  f'{pixels / 1e6:.0f} Mpx, over the {MAX_PDF_PIXELS / 1e6:.0f} Mpx limit '
+                                  f'(--pdf_dpi {fits} or less reads it)')
+            image = pdf_page.render(scale=dpi / PDF_POINTS_PER_INCH, fill_color=(255, 255, 255, 255)).to_pil()
+    except (pypdfium2.PdfiumError, OSError) as exc:
+        raise SampleError(f'{where}: unreadable PDF ({exc})') from exc
+    return np.asarray(image.convert('RGB'))
 
 
 # Pillow's transposition for each EXIF orientation tag, as ImageOps.exif_transpose applies them

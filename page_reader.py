@@ -119,9 +119,9 @@ def open_reader(checkpoint, device, threads=None, onnx=None, layout='auto'):
     return Reader(model, size_hw, device, candidate_layouts(model, layout), getattr(model, 'trained_layouts', ()))
 
 
-def find_images(path):
-    """--image as given -> the pages to read (page_image.ImagePage: every page of a multi-page TIFF), in file order;
-    a folder is searched recursively."""
+def find_images(path, pdf_dpi=page_image.PDF_DPI):
+    """--image as given -> the pages to read (page_image.ImagePage: every page of a multi-page TIFF or a PDF, a
+    PDF's rasterized at pdf_dpi), in file order; a folder is searched recursively."""
     if path.is_dir():
         files = sorted(p for p in path.rglob('*') if p.suffix.lower() in page_image.IMAGE_SUFFIXES and p.is_file())
         if not files:
@@ -130,7 +130,7 @@ def find_images(path):
         files = [path]
     else:
         raise ecg_cli.InputError(f'{path}: image not found')
-    return [page for file in files for page in page_image.image_pages(file)]
+    return [page for file in files for page in page_image.image_pages(file, pdf_dpi)]
 
 
 # ---------------------------------------------------------------- reading a batch of pages
@@ -295,7 +295,7 @@ def shown_signal(signal, layout=ecg_decode.LAYOUT.name):
 
 def page_rgb(page):
     """One page's (h, w, 3) uint8 RGB pixels (page_image.read_rgb, the toolkit's one reader)."""
-    return page_image.read_rgb(page.path, page.index)
+    return page_image.read_rgb(page.path, page.index, page.dpi)
 
 
 def find_page(rgb):
