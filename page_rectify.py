@@ -34,6 +34,8 @@ FRAME_TOUCH_PX = 3              # outline points this near the copy's edge lie o
 SIDE_NEAR_SHARE = 0.02          # outline points this near a quad side (share of the diagonal) belong to it
 MIN_SIDE_POINTS = 30            # fewer points off the frame than this: the side is not seen, keep the quad's
 MAX_FIT_SHARE = 0.02            # mean outline-to-quad distance over the diagonal above this: not a quad
+OUTLINE_RECTIFIED = (0, 200, 0)   # RGB of the outline drawn on a photo whose page was rectified
+OUTLINE_UNTOUCHED = (255, 0, 0)   # ... and of one left as it was
 
 
 @dataclass
@@ -219,14 +221,16 @@ def rectify(rgb, px_per_mm=PX_PER_MM):
     return found
 
 
-def draw_corners(rgb, found):
-    """The photo with the quadrilateral found drawn on it (green: rectified, red: left untouched), BGR."""
-    picture = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    if found.corners is not None:
-        colour = (0, 200, 0) if found.homography is not None else (0, 0, 255)
-        thickness = max(3, max(rgb.shape[:2]) // 400)
-        cv2.polylines(picture, [found.corners.round().astype(np.int32).reshape(-1, 1, 2)], True, colour, thickness)
-        for (x, y), name in zip(found.corners, ('TL', 'TR', 'BR', 'BL')):
+def draw_corners(rgb, corners, rectified, thickness=None):
+    """The photo with the quadrilateral `corners` (4 x (x, y), or None) drawn on it (green: rectified, red: left
+    untouched), RGB; thickness in px (default: 1/400 of the photo's long side, at least 3)."""
+    picture = rgb.copy()
+    if corners is not None:
+        colour = OUTLINE_RECTIFIED if rectified else OUTLINE_UNTOUCHED
+        thickness = thickness or max(3, max(rgb.shape[:2]) // 400)
+        corners = np.asarray(corners, np.float64)
+        cv2.polylines(picture, [corners.round().astype(np.int32).reshape(-1, 1, 2)], True, colour, thickness)
+        for x, y in corners:
             cv2.circle(picture, (int(x), int(y)), 4 * thickness, colour, -1)
     return picture
 
@@ -237,7 +241,8 @@ def write_outputs(image, found, rgb, out, show):
     cv2.imwrite(str(out / f'{image.stem}.png'), cv2.cvtColor(found.rgb, cv2.COLOR_RGB2BGR))
     (out / f'{image.stem}.json').write_text(json.dumps({'image': str(image), **found.summary()}, indent=2))
     if show:
-        cv2.imwrite(str(out / f'{image.stem}_corners.png'), draw_corners(rgb, found))
+        cv2.imwrite(str(out / f'{image.stem}_corners.png'),
+                    cv2.cvtColor(draw_corners(rgb, found.corners, found.homography is not None), cv2.COLOR_RGB2BGR))
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@ Top: the input image at the model's input size (upscaled when small) with the pr
 colours, semi-transparent), the predicted 0 mV lines (green) and the traces the signal head reads.
 Below: one small plot per lead, in the page's 3 x 4 arrangement, of the predicted signal in mV over the
 seconds the image shows it (II: all 10 s), the truth over it in black and Pearson r in the title.
-Truth comes from --csv, or by itself when the image sits in the Kaggle layout (OUT/{id}/{id}-0001.png
+A phone photo whose page was found and rectified is shown as taken, the page's outline drawn on it, left of
+the rectified page the model read. Truth comes from --csv, or by itself when the image sits in the Kaggle layout (OUT/{id}/{id}-0001.png
 beside OUT/{id}/{id}.csv, with OUT/train.csv). Writes {image_stem}_visualization.png beside the image
 unless --output says otherwise.
 """
@@ -30,6 +31,7 @@ import ecg_trainer
 import page_image
 import page_json
 import page_reader
+import page_rectify
 import production_dataset as pdx
 from ecg_page import FS, LAYOUTS, LEADS, N_SAMPLES, SECONDS
 
@@ -38,6 +40,8 @@ FIGURE_WIDTH_IN = 16
 MAX_PANEL_HEIGHT_IN = 7
 LEAD_ROW_HEIGHT_IN = 2.2
 DPI = 100
+PANEL_GAP_PX = 16              # white between the photo as found and the page the model read
+OUTLINE_HEIGHTS = 60           # the outline on the photo is 1/60 of its panel's height: it stays seen when shrunk
 SEG_ALPHA = 0.45               # lead mask over the image: enough to see, not enough to hide the trace
 BASELINE_COLOUR = np.array([0, 200, 0])
 BASELINE_ALPHA = 0.7           # an untrained model's 0 mV map can cover the page: keep the image visible
@@ -143,6 +147,27 @@ def overlay_panel(picture, outputs, page_aspect):
     return cv2.resize(panel, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
 
 
+def found_panel(photo, page_found, height):
+    """A photo whose page was found and rectified (page_reader.find_page) as read, with the page's outline drawn
+    on it, `height` px tall; None for an image read as it is. Shown left of the rectified page, so a person sees
+    at a glance whether the paper was found where it lies."""
+    corners = page_found.get('corners_xy')
+    if page_found['action'] != 'rectified' or corners is None:
+        return None
+    shrink = height / photo.shape[0]
+    small = cv2.resize(photo, (round(photo.shape[1] * shrink), height), interpolation=cv2.INTER_AREA)
+    return page_rectify.draw_corners(small, np.asarray(corners) * shrink, rectified=True,
+                                     thickness=max(3, height // OUTLINE_HEIGHTS))
+
+
+def beside(found, overlay):
+    """The found panel (or None) left of the overlay panel, a white gap between them."""
+    if found is None:
+        return overlay
+    gap = np.full((overlay.shape[0], PANEL_GAP_PX, 3), 255, np.uint8)
+    return np.hstack([found, gap, overlay])
+
+
 def lead_axes(figure, grid_spec, layout):
     """12 (axis, row, column) in LEADS order, placed as the page shows them (I aVR V1 V4 / II aVL V2 V5 / ...)."""
     axes = []
@@ -206,10 +231,12 @@ def draw_figure(panel, pred, truth, r, confidence, title, path, layout=ecg_decod
 # ---------------------------------------------------------------- driving
 
 def predict(args):
-    """-> (model outputs for the one image, the (H, W, 3) picture the model saw, the page aspect)."""
+    """-> (model outputs for the one image, the (H, W, 3) picture the model saw, the page aspect, the image as
+    read)."""
     if not args.image.is_file():
         raise ecg_cli.InputError(f'{args.image}: image not found')
-    rgb, page_found = page_reader.find_page(page_image.read_rgb(args.image))   # the page as inference reads it
+    photo = page_image.read_rgb(args.image)
+    rgb, page_found = page_reader.find_page(photo)   # the page as inference reads it
     device = page_reader.pick_device(args.device)
     args.checkpoint = page_reader.checkpoint_path(args.checkpoint)
     reader = page_reader.open_reader(args.checkpoint, device)
@@ -219,7 +246,7 @@ def predict(args):
     outputs = page_reader.read_signals(reader, inputs, lambda i: rgb)
     outputs['spread_mv'], outputs['confidence'] = page_reader.lead_confidence(outputs)
     outputs['scale'], outputs['page_found'] = inputs['scale'][0], page_found
-    return outputs, page_image.resize_page(rgb, size_hw), float(inputs['page_aspect'][0])
+    return outputs, page_image.resize_page(rgb, size_hw), float(inputs['page_aspect'][0]), photo
 
 
 def page_note(page_found):
@@ -235,7 +262,7 @@ def page_note(page_found):
 def main(argv=None):
     args = parse_args(argv)
     truth, truth_note = resolve_truth(args)
-    outputs, picture, aspect = predict(args)
+    outputs, picture, aspect, photo = predict(args)
     pred = outputs['signal'][0].float().cpu().numpy()
     layout = page_reader.found_layouts(outputs)[0]
     r = None if truth is None else pearson(pred, truth, layout)
@@ -245,8 +272,10 @@ def main(argv=None):
     if r is not None and np.isfinite(r).any():
         title += f'   mean Pearson r {np.nanmean(r):.3f}'
     output = args.output or args.image.with_name(f'{args.image.stem}_visualization.png')
-    draw_figure(overlay_panel(picture, outputs, aspect), pred, truth, r, outputs['confidence'][0], title, output,
-                layout)
+    overlay = overlay_panel(picture, outputs, aspect)
+    panel = beside(found_panel(photo, outputs['page_found'], overlay.shape[0]), overlay)
+    draw_figure(panel, pred, truth, r, outputs['confidence'][0], title, output, layout)
+    print(f'page: {page_note(outputs["page_found"]).strip() or "read as it is"}')
     print(f'truth: {truth_note}')
     if r is not None:
         print('Pearson r per lead: ' + ' '.join(f'{lead} {v:.3f}' for lead, v in zip(LEADS, r)))

@@ -5,7 +5,12 @@ import cv2
 import pandas as pd
 import pytest
 
-from conftest import run_cli
+import numpy as np
+
+import page_image
+import page_reader
+import visualize
+from conftest import ROOT, run_cli
 
 PANEL_HW = (64 * 4, 320 * 4)   # the 64 x 320 model input, upscaled x4 for legibility
 
@@ -45,3 +50,36 @@ def test_truth_from_csv_and_fs_with_default_output(record, sim_data, tiny_checkp
     assert str(output) in result.stdout
     assert f'at {fs:g} Hz (fs from --fs)' in result.stdout
     assert 'Pearson r per lead: I ' in result.stdout
+
+
+PHOTOS = ROOT.parent / 'shared' / 'real' / 'photos'
+
+
+def outline_pixels(picture):
+    """Pixels of the page outline's green (page_rectify.OUTLINE_RECTIFIED), within a little resampling blur."""
+    return int((np.abs(picture.astype(int) - (0, 200, 0)).max(-1) < 40).sum())
+
+
+def test_a_photo_shows_the_page_found_beside_the_page_read(tmp_path):
+    """On a phone photo the picture's top shows the photo as taken with the page's outline, left of the
+    rectified page the model read; the page found is named on stdout."""
+    output = tmp_path / 'photo.png'
+    result = run_cli('visualize.py', '--image', PHOTOS / 'images' / '00012_hr-0001.jpg',
+                     '--csv', PHOTOS / 'csv' / '00012_hr' / '00012_hr.csv', '--fs', 500, '--output', output)
+    assert 'page: page found and rectified (outline fit' in result.stdout
+    picture = cv2.imread(str(output))[..., ::-1]
+    top_left = picture[:picture.shape[0] // 4, :picture.shape[1] // 4]
+    assert outline_pixels(top_left) > 300
+
+
+def test_the_found_panel_is_the_photo_with_its_outline_and_none_for_a_render(record):
+    photo = page_image.read_rgb(PHOTOS / 'images' / '00012_hr-0001.jpg')
+    _, found = page_reader.find_page(photo)
+    panel = visualize.found_panel(photo, found, 300)
+    assert panel.shape == (300, round(photo.shape[1] * 300 / photo.shape[0]), 3)
+    assert outline_pixels(panel) > 300 and outline_pixels(cv2.resize(photo, panel.shape[1::-1])) < 30
+    overlay = np.zeros((300, 500, 3), np.uint8)
+    assert visualize.beside(panel, overlay).shape[1] == panel.shape[1] + visualize.PANEL_GAP_PX + 500
+    render = page_image.read_rgb(record[0])
+    assert visualize.found_panel(render, page_reader.find_page(render)[1], 300) is None
+    assert visualize.beside(None, overlay) is overlay
