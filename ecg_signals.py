@@ -73,8 +73,9 @@ def read_signal_csv(path, fs, sig_len):
     if len(frame) != sig_len:
         raise ecg_cli.SampleError(f'{path}: {len(frame)} rows but train.csv says sig_len={sig_len}')
     if abs(len(frame) - SECONDS * fs) > max(2, 0.01 * SECONDS * fs):
+        longer = '; a longer record is cut into 10 s windows by real_signals.py' if len(frame) > SECONDS * fs else ''
         raise ecg_cli.SampleError(f'{path}: {len(frame)} rows disagree with fs={fs:g} Hz for {SECONDS:g} s '
-                          f'(expected {SECONDS * fs:g})')
+                                  f'(expected {SECONDS * fs:g}{longer})')
     try:
         values = frame[LEADS].to_numpy(np.float64)
     except ValueError as exc:

@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+import ecg_cli
 import ecg_signals
 import page_image
+from ecg_page import LEADS
 import production_dataset as pdx
 from conftest import run_cli
 
@@ -289,3 +291,15 @@ def test_rgba_pages_composite_over_white_and_contrast_matches_numpy(tmp_path):
     noisy = np.random.default_rng(0).integers(0, 256, (120, 170, 3), dtype=np.uint8)
     assert page_image.pixel_std(noisy) == pytest.approx(float(noisy.std()), rel=1e-9)
     assert page_image.pixel_std(rgb) == pytest.approx(float(rgb.std()), rel=1e-9)
+
+
+def test_a_record_longer_than_ten_seconds_is_refused_with_the_way_to_cut_it(tmp_path):
+    """A real record of 20 s (ecg-image-kit renders its first 10 s) is named with what to do about it; a short
+    one is not told to cut it."""
+    for name, rows in (('long.csv', 10000), ('short.csv', 4000)):
+        pd.DataFrame(np.zeros((rows, 12)), columns=LEADS).to_csv(tmp_path / name, index=False)
+    with pytest.raises(ecg_cli.SampleError, match=r'long.csv: 10000 rows disagree with fs=500 Hz .*'
+                                                      r'cut into 10 s windows by real_signals.py'):
+        ecg_signals.read_signal_csv(tmp_path / 'long.csv', 500, 10000)
+    with pytest.raises(ecg_cli.SampleError, match=r'short.csv: 4000 rows .*\(expected 5000\)$'):
+        ecg_signals.read_signal_csv(tmp_path / 'short.csv', 500, 4000)
