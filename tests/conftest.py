@@ -1,9 +1,14 @@
 """Shared test helpers: paths to the real ecg-image-kit fixture and a tiny simulator data set."""
+import atexit
 import contextlib
 import importlib
 import io
+import os
 import subprocess
 import sys
+import tempfile
+import time
+from multiprocessing.connection import Client
 from pathlib import Path
 
 import pytest
@@ -14,11 +19,64 @@ PYTHON = sys.executable
 
 
 def run_cli(*args, cwd=ROOT, timeout=600, check=True):
-    """Run one of the project's CLIs as a person would; returns the CompletedProcess."""
-    result = subprocess.run([PYTHON, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """Run one of the project's CLIs as a person would, `python SCRIPT ARGS` in a process of its own; returns the
+    CompletedProcess. A script runs in a child of this worker's zygote (cli_zygote.py: the same process, started
+    without importing torch again); `-m MODULE` and ECG_TEST_FRESH_INTERPRETER=1 start a fresh interpreter."""
+    args = [str(a) for a in args]
+    if args[0].startswith('-') or os.environ.get('ECG_TEST_FRESH_INTERPRETER') == '1':
+        result = subprocess.run([PYTHON, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    else:
+        result = run_in_zygote(args, cwd, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f'{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}')
     return result
+
+
+ZYGOTE = {}   # this worker's zygote: 'process' (Popen), 'address' (its Unix socket)
+ZYGOTE_START_S = 180
+
+
+def zygote_address():
+    """The socket of this worker's zygote, started on first use and stopped when the worker ends."""
+    if 'process' in ZYGOTE and ZYGOTE['process'].poll() is None:
+        return ZYGOTE['address']
+    address = os.path.join(tempfile.mkdtemp(prefix='ecg-cli-'), 'zygote.sock')
+    process = subprocess.Popen([PYTHON, str(ROOT / 'tests' / 'cli_zygote.py'), address],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + ZYGOTE_START_S
+    while not os.path.exists(address):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f'the CLI zygote did not start (exit {process.poll()})')
+        time.sleep(0.05)
+    ZYGOTE.update(process=process, address=address)
+    atexit.register(stop_zygote)
+    return address
+
+
+def stop_zygote():
+    process = ZYGOTE.pop('process', None)
+    if process is not None and process.poll() is None:
+        with contextlib.suppress(OSError, EOFError):
+            with Client(ZYGOTE['address'], family='AF_UNIX') as connection:
+                connection.send(None)
+        process.wait(timeout=30)
+
+
+def run_in_zygote(args, cwd, timeout):
+    """`python ARGS` in cwd as a child of the zygote -> CompletedProcess (TimeoutExpired after timeout s)."""
+    with tempfile.TemporaryDirectory(prefix='ecg-cli-run-') as folder:
+        stdout, stderr = os.path.join(folder, 'stdout'), os.path.join(folder, 'stderr')
+        for path in (stdout, stderr):
+            open(path, 'w').close()
+        request = dict(args=args, cwd=str(cwd), env=dict(os.environ), stdout=stdout, stderr=stderr, timeout=timeout)
+        with Client(zygote_address(), family='AF_UNIX') as connection:
+            connection.send(request)
+            code = connection.recv()
+        output = [Path(path).read_text(errors='replace') for path in (stdout, stderr)]
+    if code is None:
+        raise subprocess.TimeoutExpired([PYTHON, *args], timeout, *output)
+    return subprocess.CompletedProcess([PYTHON, *args], code, *output)
 
 
 def classic_pages(out, n, seed, *knobs, dpi=100, max_rotation=0):
