@@ -40,3 +40,27 @@ def test_short_records_are_named_and_skipped(tmp_path):
     assert 'short.csv: 6.0 s, shorter than one 10 s window' in result.stderr
     windows = pd.read_csv(tmp_path / 'out' / 'train.csv', dtype={'id': str})
     assert list(windows.id) == ['long_w0', 'long_w1', 'long_w2', 'long_w3'] and (windows.sig_len == 2500).all()
+
+
+def test_real_standard_pages_are_not_taken_for_cabrera_and_real_cabrera_pages_are_found(tmp_path):
+    """The lead order on real signals (the shipped starter): 8 real windows drawn as standard 3x4+II pages all
+    keep the standard order, with their limb leads well within Einthoven's and Goldberger's laws; the same
+    windows drawn in the Cabrera order are relabelled (on 198 ecg-image-kit pages of the real windows no
+    standard page was taken for Cabrera, and 103 of 110 Cabrera pages were found: BENCHMARKS.md)."""
+    import json
+    run_cli('real_signals.py', '--csv_root', REAL, '--out', tmp_path / 'win')
+    verdicts = {}
+    for layout in ('3x4+II', '3x4+II-Cabrera'):
+        pages = tmp_path / 'pages' / layout
+        run_cli('ecg_simulator.py', '--csv_root', tmp_path / 'win', '--out', pages, '--n', 8, '--layouts', layout,
+                '--seed', 3, '--workers', 1, '--dpi_choices', 100)
+        run_cli('inference.py', '--image', pages, '--output', f'{tmp_path / "out" / layout}/')
+        sidecars = [json.loads(p.read_text()) for p in sorted((tmp_path / 'out' / layout).glob('*.json'))]
+        assert len(sidecars) == 8
+        verdicts[layout] = [(s['layout'], s['lead_order']['verdict'], s['lead_order']['standard_misfit'])
+                            for s in sidecars]
+    assert all(found == '3x4+II' and verdict == 'standard' and misfit < 0.3
+               for found, verdict, misfit in verdicts['3x4+II']), verdicts['3x4+II']
+    relabelled = [found == '3x4+II-Cabrera' and verdict == 'relabelled'
+                  for found, verdict, _ in verdicts['3x4+II-Cabrera']]
+    assert sum(relabelled) >= 7, verdicts['3x4+II-Cabrera']
