@@ -9,6 +9,8 @@ fork), and serves one run at a time for one pytest worker (conftest.run_cli).
     python tests/cli_zygote.py SOCKET     # listens on the Unix socket SOCKET; conftest starts and stops it
 """
 import atexit
+import contextlib
+import ctypes
 import os
 import runpy
 import signal
@@ -20,6 +22,7 @@ from multiprocessing.connection import Listener
 PRELOAD = ('torch', 'torchvision', 'timm', 'segmentation_models_pytorch', 'scipy.signal', 'scipy.interpolate',
            'pandas', 'cv2', 'albumentations', 'matplotlib', 'PIL.Image', 'tqdm')
 POLL_S = 0.05
+PR_SET_PDEATHSIG = 1       # prctl(2): the signal this process gets when its parent dies
 
 
 def preload():
@@ -76,7 +79,18 @@ def wait(pid, timeout):
         time.sleep(POLL_S)
 
 
+def die_with_parent():
+    """Ask Linux to end the zygote when the pytest worker that started it dies, even by kill -9 (no atexit runs
+    there): an orphaned zygote would wait on its socket for ever. Forked children do not inherit this."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:                             # it died before the request took hold
+        sys.exit(0)
+
+
 def serve(address):
+    die_with_parent()
     preload()
     with Listener(address, family='AF_UNIX') as listener:
         while True:
