@@ -306,7 +306,7 @@ def reading_report(path, reading, args):
     per-lead confidence."""
     scale = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in reading.scale.items()}
     page = {'page': path.index + 1, 'pages': path.count} if getattr(path, 'count', 1) > 1 else {}
-    if str(getattr(path, 'path', path)).lower().endswith('.pdf'):
+    if page_image.is_pdf(getattr(path, 'path', path)):
         page['pdf_dpi'] = path.dpi       # the raster the scale was read on
     return {'image': str(getattr(path, 'path', path)), **page, 'checkpoint': str(args.onnx or args.checkpoint),
             'checkpoint_sha256': getattr(args, 'checkpoint_sha256', None), 'fs': args.fs,

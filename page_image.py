@@ -48,15 +48,19 @@ class ImagePage:
         return str(self.path) if self.count == 1 else f'{self.path} page {self.index + 1}'
 
 
+def is_pdf(path):
+    """Whether a file is read as a PDF (its pages rasterized) rather than an image."""
+    return Path(path).suffix.lower() == '.pdf'
+
+
 def image_pages(path, pdf_dpi=PDF_DPI):
     """The pages of an image file (ImagePage each): every page of a multi-page TIFF or a PDF, else the one. A file
     that does not open is one page here; reading it names the problem (read_rgb)."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in ('.tif', '.tiff', '.pdf'):
+    if not (is_pdf(path) or path.suffix.lower() in ('.tif', '.tiff')):
         return [ImagePage(path)]
     try:
-        if suffix == '.pdf':
+        if is_pdf(path):
             with closing(pypdfium2.PdfDocument(str(path))) as pdf:
                 count = len(pdf)
         else:
@@ -64,7 +68,8 @@ def image_pages(path, pdf_dpi=PDF_DPI):
                 count = getattr(image, 'n_frames', 1)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, pypdfium2.PdfiumError):
         count = 1
-    return [ImagePage(path, k, max(count, 1), pdf_dpi) for k in range(max(count, 1))]
+    count = max(count, 1)   # a PDF of no page is one page here; reading it says so
+    return [ImagePage(path, k, count, pdf_dpi) for k in range(count)]
 
 
 def read_rgb(path, page=0, pdf_dpi=PDF_DPI):
@@ -76,7 +81,7 @@ def read_rgb(path, page=0, pdf_dpi=PDF_DPI):
     grey or smeared part), and so are images too small or too blank to be an ECG page, so nobody trains on them
     or reads a signal out of them."""
     where = f'{path}' if page == 0 else f'{path} page {page + 1}'
-    if Path(path).suffix.lower() == '.pdf':
+    if is_pdf(path):
         rgb = read_pdf_page(path, page, pdf_dpi, where)
         check_page_pixels(rgb, where)
         return rgb

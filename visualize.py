@@ -9,8 +9,8 @@ Below: one small plot per lead, in the page's 3 x 4 arrangement, of the predicte
 seconds the image shows it (II: all 10 s), the truth over it in black and Pearson r in the title.
 A phone photo whose page was found and rectified is shown as taken, the page's outline drawn on it, left of
 the rectified page the model read. Truth comes from --csv, or by itself when the image sits in the Kaggle
-layout (OUT/{id}/{id}-0001.png beside OUT/{id}/{id}.csv, with OUT/train.csv). Writes {image_stem}_visualization.png beside the image
-unless --output says otherwise.
+layout (OUT/{id}/{id}-0001.png beside OUT/{id}/{id}.csv, with OUT/train.csv). Writes
+{image_stem}_visualization.png beside the image unless --output says otherwise.
 """
 import argparse
 from pathlib import Path
@@ -151,9 +151,9 @@ def found_panel(photo, page_found, height):
     """A photo whose page was found and rectified (page_reader.find_page) as read, with the page's outline drawn
     on it, `height` px tall; None for an image read as it is. Shown left of the rectified page, so a person sees
     at a glance whether the paper was found where it lies."""
-    corners = page_found.get('corners_xy')
-    if page_found['action'] != 'rectified' or corners is None:
+    if page_found['action'] != 'rectified':   # find_page keeps the corners of rectified pages only
         return None
+    corners = page_found['corners_xy']
     shrink = height / photo.shape[0]
     small = cv2.resize(photo, (round(photo.shape[1] * shrink), height), interpolation=cv2.INTER_AREA)
     return page_rectify.draw_corners(small, np.asarray(corners) * shrink, rectified=True,
