@@ -42,6 +42,7 @@ import torch
 
 import ecg_checkpoint
 import ecg_decode
+import ecg_heads
 import ecg_model
 import ecg_simulator
 import export_onnx
@@ -91,7 +92,7 @@ def random_checkpoint(path, encoder, size_hw):
     model = ecg_model.build_model(encoder)
     path.parent.mkdir(parents=True, exist_ok=True)
     ecg_checkpoint.save(path, {'format': ecg_checkpoint.FORMAT, 'model': model.state_dict(),
-                               'head_channels': dict(ecg_model.HEAD_CHANNELS),
+                               'head_channels': dict(ecg_heads.HEAD_CHANNELS),
                                'model_args': model.model_args, 'image_size': list(size_hw),
                                'config': {'image_size': list(size_hw), 'encoder': encoder}})
     return path

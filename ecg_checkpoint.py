@@ -6,7 +6,7 @@ Python objects, so loading a file from elsewhere cannot run code):
 
     format                      FORMAT: 3 names the head channels, 2 loads with weights_only, 1 did not
     model, model_args           state dict and ECGDigitizer(**model_args)
-    head_channels               {head: channels} of the weights (ecg_model.HEAD_CHANNELS when saved)
+    head_channels               {head: channels} of the weights (ecg_heads.HEAD_CHANNELS when saved)
     image_size, preprocessing   the input (H, W) and how a page becomes the input tensor
     layouts                     the page layouts the model was trained on (ecg_page.LAYOUTS names)
     decoding                    {'pulse_start_weight': w}: how its maps read best, tuned on its validation
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import ecg_cli
+import ecg_heads
 import ecg_model
 import page_image
 from ecg_page import STANDARD, whole_pages, with_cabrera
@@ -76,7 +77,7 @@ def training_state(model, optimizer, scheduler, scaler, progress, config):
     """The whole checkpoint dict. `model` is the bare ECGDigitizer (not DDP); `progress` holds epoch,
     step_in_epoch, global_step, best_metric and select_metric."""
     return {'format': FORMAT, 'model': model.state_dict(), 'model_args': model.model_args,
-            'head_channels': dict(ecg_model.HEAD_CHANNELS),
+            'head_channels': dict(ecg_heads.HEAD_CHANNELS),
             'image_size': list(config['image_size']), 'preprocessing': PREPROCESSING,
             'layouts': config.get('layouts') or TRAINED_LAYOUTS, 'decoding': decoding(model), 'config': config,
             'optimizer': optimizer.state_dict(),
@@ -190,7 +191,7 @@ def build_model(checkpoint, path, device='cpu'):
     """ECGDigitizer of the checkpoint's architecture with its weights, in eval mode on device."""
     try:
         model = ecg_model.ECGDigitizer(**checkpoint['model_args'])
-        model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model'], head_channels(checkpoint)))
+        ecg_model.load_weights(model, checkpoint['model'], head_channels(checkpoint))
         model.pulse_start_weight = checkpoint.get('decoding', {}).get('pulse_start_weight')
     except (RuntimeError, TypeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
@@ -200,14 +201,15 @@ def build_model(checkpoint, path, device='cpu'):
 
 
 def head_channels(checkpoint):
-    """{head: channels} of a checkpoint's weights. Format 3 names them; format 2 named none and saved either
-    the heads of before three rhythm strips (ecg_model.ONE_RHYTHM_HEADS, the shipped starter) or today's,
-    which the trace head's width tells apart: the only place a width stands for a version."""
+    """{maps: channels} of a checkpoint's head weights. Format 3 names them; format 2 named none and saved either
+    the heads of before three rhythm strips (ecg_model.ONE_RHYTHM_HEADS, the shipped starter) or those of 15 trace
+    channels (ecg_model.FORMAT2_HEADS), which the trace head's width tells apart: the only place a width stands for
+    a version."""
     if checkpoint.get('format', 0) >= 3:
         return dict(checkpoint['head_channels'])
     bias = checkpoint['model'].get(ecg_model.HEAD_KEYS[1])
     one_rhythm = torch.is_tensor(bias) and bias.shape[0] == sum(ecg_model.ONE_RHYTHM_HEADS.values())
-    return dict(ecg_model.ONE_RHYTHM_HEADS if one_rhythm else ecg_model.HEAD_CHANNELS)
+    return dict(ecg_model.ONE_RHYTHM_HEADS if one_rhythm else ecg_model.FORMAT2_HEADS)
 
 
 def load_model(path, device='cpu'):

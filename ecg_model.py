@@ -1,12 +1,13 @@
-"""Multi-head U-Net for ECG image digitization: the network, its heads and its forward.
+"""Multi-head U-Net for ECG image digitization: the network and its forward.
 
-One segmentation-models-pytorch U-Net (encoder selectable, default resnet34) whose last layer gives
-every per-pixel map at the input size (H, W), plus smp's pooled auxiliary head for the page rotation:
+One segmentation-models-pytorch U-Net (encoder selectable, default resnet34) whose last layer gives every head's
+per-pixel maps at the input size (H, W), plus smp's pooled auxiliary head for the values per image. The heads, their
+channels, targets and losses are the entries of ecg_heads.HEADS; today's forward gives:
 
     seg       (B, 13, H, W)  lead label logits (0 background, 1..12 leads; a rhythm strip = its lead)
     grid      (B, 1, H, W)   major grid-line logits
     baseline  (B, 1, H, W)   0 mV line logits
-    theta     (B,)           page rotation in degrees (positive = clockwise on screen)
+    theta     (B,)           page rotation in degrees (positive = clockwise on screen), pooled
     trace     (B, 45, H, W)  signal head maps: 15 trace channels (12 leads + up to 3 rhythm strips),
                              their 15 zero-mV-line channels and 15 presence channels
     signal    (B, 12, 5000)  mV at 500 Hz, decoded from `trace` (ecg_decode.decode_outputs)
@@ -24,11 +25,10 @@ import torch.nn.functional as F
 import segmentation_models_pytorch as smp
 
 import ecg_decode
-
+from ecg_heads import HEAD_CHANNELS, POOLED_HEADS
 from ecg_page import N_LEADS, N_TRACES, RHYTHM
 
 HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
-HEAD_CHANNELS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 3 * N_TRACES}
 DECODER_CHANNELS = (128, 64, 32, 32, 16)   # half smp's default width: 2x faster on CPU, traces are simple shapes
 COORD_CHANNELS = 2   # x and y of each pixel beside RGB: which lead a trace is follows from where it is
 
@@ -45,7 +45,8 @@ class NCHWHead(nn.Conv2d):
 
 
 class ECGDigitizer(nn.Module):
-    """U-Net with heads seg / grid / baseline / theta / signal; forward returns a dict (shapes above)."""
+    """U-Net with the heads of ecg_heads.HEADS (seg / grid / baseline / theta / signal); forward returns a dict
+    (shapes above)."""
 
     def __init__(self, encoder='resnet34', decoder_channels=DECODER_CHANNELS):
         super().__init__()
@@ -54,7 +55,8 @@ class ECGDigitizer(nn.Module):
         self.pulse_start_weight = None   # its own decoding weight, tuned on validation (None: ecg_decode.PULSE_START_WEIGHT)
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3 + COORD_CHANNELS,
                              classes=sum(HEAD_CHANNELS.values()), decoder_channels=decoder_channels,
-                             aux_params={'classes': 1, 'pooling': 'avg', 'dropout': 0.0})
+                             aux_params={'classes': sum(head.pooled for head in POOLED_HEADS),
+                                         'pooling': 'avg', 'dropout': 0.0})
         # a 1x1 head: the decoder's 3x3 convs already see the neighbourhood; smp's 3x3 head over 41
         # channels at full resolution costs as much as the whole last decoder stage
         self.unet.segmentation_head[0] = NCHWHead(decoder_channels[-1], sum(HEAD_CHANNELS.values()), 1)
@@ -64,34 +66,59 @@ class ECGDigitizer(nn.Module):
         trace_span, px_per_mv, page_aspect, ... as the dataset gives them) fixes the decoding frame: the
         trainer passes the truth so the signal loss teaches the maps, not a geometry guess; without
         it everything is read from the image (evaluation, inference)."""
-        maps, theta_pred = self.unet(with_coordinates(image))
+        maps, pooled = self.unet(with_coordinates(image))
         out = dict(zip(HEAD_CHANNELS, torch.split(maps, list(HEAD_CHANNELS.values()), dim=1)))
-        out['theta'] = theta_pred.squeeze(1)
+        for head, values in zip(POOLED_HEADS, torch.split(pooled, [head.pooled for head in POOLED_HEADS], dim=1)):
+            out[head.name] = values.squeeze(1)
         return ecg_decode.decode_outputs(out, ecg_decode.with_start_weight(geometry, self.pulse_start_weight))
 
 
 HEAD_KEYS = ('unet.segmentation_head.0.weight', 'unet.segmentation_head.0.bias')
-# the heads of models made before pages of three rhythm strips: 13 trace, 0 mV and presence channels each
-ONE_RHYTHM_HEADS = {**HEAD_CHANNELS, 'trace': 3 * (N_LEADS + 1)}
+# what a format-2 checkpoint (no head names) holds: the four map heads of before the head registry, with 15 trace
+# channels, or (the shipped starter) with the 13 of before three rhythm strips
+FORMAT2_HEADS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 3 * N_TRACES}
+ONE_RHYTHM_HEADS = {**FORMAT2_HEADS, 'trace': 3 * (N_LEADS + 1)}
 
 
-def widen_trace_head(state, heads):
-    """A state dict whose head channels are `heads` (ecg_checkpoint.head_channels) made to fit this model.
-    Those of before three rhythm strips (ONE_RHYTHM_HEADS) have their rhythm channel copied to the two new ones,
-    so every page it read reads the same, and training on pages of more rhythm strips tells them apart; today's
-    come back as they are."""
+def head_rows(heads):
+    """For each channel of this model's maps (HEAD_CHANNELS), where its weights come from -> list of (own, row):
+    row `row` of a checkpoint saved with `heads` ({maps: channels}), or (own) of the model's own initial state. A head the checkpoint lacks starts fresh; a one-rhythm trace head (ONE_RHYTHM_HEADS) has its rhythm
+    channel's rows copied to the two new rhythm channels, so every page it read reads the same."""
+    starts = dict(zip(heads, [sum(list(heads.values())[:k]) for k in range(len(heads))]))
+    rows, own_start = [], 0
+    for name, channels in HEAD_CHANNELS.items():
+        if name not in heads:
+            rows += [(True, own_start + k) for k in range(channels)]
+        elif heads[name] == channels:
+            rows += [(False, starts[name] + k) for k in range(channels)]
+        elif name == 'trace' and heads[name] == ONE_RHYTHM_HEADS['trace']:
+            rows += [(False, starts[name] + kind * (N_LEADS + 1) + min(channel, RHYTHM))
+                     for kind in range(3) for channel in range(N_TRACES)]
+        else:
+            raise ValueError(f'head channels {heads}: its {name} head has {heads[name]} channels, this model {channels}')
+        own_start += channels
+    return rows
+
+
+def fit_heads(state, heads, fresh):
+    """A state dict saved with head channels `heads` (ecg_checkpoint.head_channels) made to fit this model, whose
+    own initial state is `fresh` (head_rows tells where each row comes from); a state of today's heads comes back as
+    it is. A head this model does not have is refused."""
     if heads == HEAD_CHANNELS:
         return state
-    if heads != ONE_RHYTHM_HEADS:
-        raise ValueError(f'head channels {heads}: this toolkit reads {HEAD_CHANNELS} (or {ONE_RHYTHM_HEADS})')
-    first = HEAD_CHANNELS['seg'] + HEAD_CHANNELS['grid'] + HEAD_CHANNELS['baseline']
-    traces = heads['trace'] // 3
-    source = list(range(first)) + [first + kind * traces + min(channel, RHYTHM)
-                                   for kind in range(3) for channel in range(N_TRACES)]
-    widened = dict(state)
+    unknown = sorted(set(heads) - set(HEAD_CHANNELS))
+    if unknown:
+        raise ValueError(f'head channels {heads}: this toolkit has no {unknown} head (its heads: {HEAD_CHANNELS})')
+    rows = head_rows(heads)
+    fitted = dict(state)
     for key in HEAD_KEYS:
-        widened[key] = state[key][source].clone()
-    return widened
+        fitted[key] = torch.stack([(fresh if own else state)[key][row] for own, row in rows]).clone()
+    return fitted
+
+
+def load_weights(model, state, heads):
+    """Load a checkpoint's state dict, saved with head channels `heads`, into model (fit_heads)."""
+    model.load_state_dict(fit_heads(state, heads, model.state_dict()))
 
 
 def with_coordinates(image):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+import ecg_heads
 from ecg_page import FS
 
 # ---- metrics ----
@@ -248,120 +248,20 @@ def concat_stats(stats_list):
 
 # ---- composite loss ----
 
-SIGNAL_PARTS = ['trace_ce', 'zero_ce', 'presence_bce', 'signal_l1', 'signal_snr_db']   # logged beside the losses
-DEFAULT_LOSS_WEIGHTS = {'seg': 1.0, 'grid': 0.5, 'baseline': 0.8, 'theta': 0.3, 'signal': 2.0}
-GRID_POS_WEIGHT = 3.0       # grid lines cover a few % of the pixels
-BASELINE_POS_WEIGHT = 10.0  # 0 mV lines cover about 1 % of the pixels
-SNR_LOSS_WEIGHT = 0.05      # per dB: an SNR-style term beside L1 tracks the metric (worth 1-2 dB to top teams)
-SNR_LOSS_CLAMP_DB = 40.0
-PRESENCE_EDGE_WEIGHT = 4.0  # extra weight of the columns near a strip's ends in the presence loss
-EDGE_REACH = 2              # columns each side of a presence change that count as its edge
-
-
-def masked_mean(values, mask):
-    """Mean of values where mask is set; 0 (with a gradient path) when nothing is valid."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def seg_loss(logits, target):
-    """Cross-entropy + soft Dice over the lead classes (traces are a sliver of the page)."""
-    logits = logits.float()
-    ce = F.cross_entropy(logits, target)
-    prob = logits.softmax(1)[:, 1:]
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(prob.dtype)
-    inter = (prob * one_hot).sum((0, 2, 3))
-    union = prob.sum((0, 2, 3)) + one_hot.sum((0, 2, 3))
-    present = one_hot.sum((0, 2, 3)) > 0
-    dice = 1 - (2 * inter + 1) / (union + 1)
-    return ce + (dice[present].mean() if present.any() else dice.sum() * 0)
-
-
-def map_bce(logits, target, valid, pos_weight):
-    """Per-pixel BCE of a (B, 1, H, W) map, averaged over the samples whose target is valid."""
-    per_pixel = F.binary_cross_entropy_with_logits(
-        logits[:, 0].float(), target.float(), reduction='none',
-        pos_weight=torch.tensor(pos_weight, device=logits.device))
-    return masked_mean(per_pixel.mean((1, 2)), valid)
-
-
-def row_band_ce(log_prob, top, bot):
-    """Column-wise cross-entropy of page-frame row log-probabilities (B, C, H, W) against the rows each
-    column's trace spans (top..bot, (B, C, W), NaN where absent): the target mass of row r is the
-    overlap of [r - 0.5, r + 0.5] with [top - 0.5, bot + 0.5], so its soft-argmax is the trace's centre.
-    Only the K rows a band can touch are gathered (K = widest band + 2), not all H."""
-    height = log_prob.shape[2]
-    present = torch.isfinite(top) & torch.isfinite(bot)
-    if not present.any():
-        return log_prob.sum() * 0
-    lo = torch.nan_to_num(top, nan=0.0) - 0.5
-    hi = torch.nan_to_num(bot, nan=0.0) + 0.5
-    k = int(torch.ceil((hi - lo)[present].max()).item()) + 2
-    first = torch.floor(lo + 0.5).clamp(0, height - 1)
-    rows = first.unsqueeze(2) + torch.arange(k, device=log_prob.device).view(1, 1, -1, 1)
-    overlap = (torch.minimum(hi.unsqueeze(2), rows + 0.5) - torch.maximum(lo.unsqueeze(2), rows - 0.5)).clamp(min=0)
-    overlap = overlap * (rows <= height - 1)          # rows past the bottom edge hold no mass
-    target = overlap / overlap.sum(2, keepdim=True).clamp(min=1e-6)
-    picked = log_prob.gather(2, rows.clamp(max=height - 1).long())
-    ce = -(target * picked).sum(2)
-    return masked_mean(ce, present)
-
-
-def snr_style_loss(pred, true, mask):
-    """-SNR in dB per record (noise / signal power over the valid samples), clamped, averaged."""
-    mask = mask.to(pred.dtype)
-    signal_power = (true ** 2 * mask).sum((1, 2))
-    noise_power = ((pred - true) ** 2 * mask).sum((1, 2))
-    db = 10 * torch.log10((signal_power + 1e-6) / (noise_power + 1e-6))
-    has = mask.sum((1, 2)) > 0
-    return -masked_mean(db.clamp(-SNR_LOSS_CLAMP_DB, SNR_LOSS_CLAMP_DB), has)
-
-
-def presence_bce(logits, present):
-    """BCE of the (B, 15, W) column presence logits, the columns within EDGE_REACH of a strip's end weighted
-    1 + PRESENCE_EDGE_WEIGHT: decoding times every strip by where its presence starts and stops, and the
-    interior columns, easy and many, would otherwise drown them."""
-    change = (present[..., 1:] != present[..., :-1]).float()
-    edge = F.pad(change, (0, 1)) + F.pad(change, (1, 0))   # the columns on both sides of each change
-    near = F.max_pool1d(edge.clamp(max=1), 2 * EDGE_REACH + 1, stride=1, padding=EDGE_REACH)
-    weight = 1 + PRESENCE_EDGE_WEIGHT * near
-    per_column = F.binary_cross_entropy_with_logits(logits.float(), present, reduction='none')
-    return (per_column * weight).sum() / weight.sum()
-
-
-def signal_terms(outputs, batch):
-    """The signal head's loss parts: where each lead's trace and 0 mV line lie per column, where the
-    trace is present, and the decoded signal itself (L1 in mV + SNR-style)."""
-    rows = outputs['trace_rows']
-    trace_ce = row_band_ce(rows['trace_log_prob'], batch['trace_top'], batch['trace_bot'])
-    zero_ce = row_band_ce(rows['zero_log_prob'], batch['baseline_row'], batch['baseline_row'])
-    presence = presence_bce(rows['presence'], torch.isfinite(batch['trace_top']).float())
-    mask = batch['signal_mask']
-    l1 = masked_mean((outputs['signal'].float() - batch['signal']).abs(), mask)
-    snr = snr_style_loss(outputs['signal'].float(), batch['signal'], mask)
-    total = trace_ce + zero_ce + presence + l1 + SNR_LOSS_WEIGHT * snr
-    return total, dict(zip(SIGNAL_PARTS, (trace_ce, zero_ce, presence, l1, -snr)))
-
-
 class CompositeLoss(torch.nn.Module):
-    """Weighted sum of the five head losses, each honouring its per-sample validity.
+    """Weighted sum of the head losses (ecg_heads.HEADS), each honouring its per-sample validity.
 
-    forward(outputs, batch) -> dict with 'total', 'seg', 'grid', 'baseline', 'theta', 'signal'
-    and the signal head's parts ('trace_ce', 'zero_ce', 'presence_bce', 'signal_l1', 'signal_snr_db')."""
+    forward(outputs, batch) -> dict with 'total', each head's term ('seg', 'grid', 'baseline', 'theta', 'signal')
+    and the parts the heads name ('trace_ce', 'zero_ce', 'presence_bce', 'signal_l1', 'signal_snr_db')."""
 
     def __init__(self, weights=None):
         super().__init__()
-        self.weights = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
+        self.weights = {**ecg_heads.DEFAULT_LOSS_WEIGHTS, **(weights or {})}
 
     def forward(self, outputs, batch):
-        terms = {
-            'seg': seg_loss(outputs['seg'], batch['seg']),
-            'grid': map_bce(outputs['grid'], batch['grid'], batch['grid_valid'], GRID_POS_WEIGHT),
-            'baseline': map_bce(outputs['baseline'], batch['baseline'],
-                                torch.ones_like(batch['theta']), BASELINE_POS_WEIGHT),
-            'theta': masked_mean(F.smooth_l1_loss(outputs['theta'].float(), batch['theta'], reduction='none'),
-                                 batch['theta_valid']),
-        }
-        terms['signal'], parts = signal_terms(outputs, batch)
-        terms['total'] = sum(self.weights[name] * terms[name] for name in DEFAULT_LOSS_WEIGHTS)
-        return {**terms, **parts}
+        terms = {}
+        for head in ecg_heads.HEADS:
+            terms[head.name], parts = head.loss(outputs, batch)
+            terms.update(parts)
+        terms['total'] = sum(self.weights[head.name] * terms[head.name] for head in ecg_heads.HEADS)
+        return terms

@@ -25,6 +25,7 @@ import torch
 
 import ecg_checkpoint
 import ecg_decode
+import ecg_heads
 import ecg_model
 import speed
 
@@ -75,7 +76,7 @@ def export(checkpoint, output, opset=OPSET):
                           output_names=list(OUTPUTS), dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     graph = onnx.load(str(output))
     onnx.checker.check_model(graph)
-    meta = {'image_size': list(size_hw), 'head_channels': ecg_model.HEAD_CHANNELS, 'checkpoint': str(checkpoint),
+    meta = {'image_size': list(size_hw), 'head_channels': ecg_heads.HEAD_CHANNELS, 'checkpoint': str(checkpoint),
             'pulse_start_weight': model.pulse_start_weight, 'layouts': ecg_checkpoint.trained_layouts(state)}
     graph.metadata_props.add(key='ecg_digitizer', value=json.dumps(meta))
     onnx.save(graph, str(output))

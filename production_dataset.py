@@ -1,7 +1,8 @@
 """ECG image dataset: ecg-image-kit (or built-in simulator) PNG + JSON paired with Kaggle signal CSVs.
 
 The signals come at 500 Hz over 10 s (12 x 5000, ecg_signals.py) with a validity mask, the page geometry from
-its JSON (page_json.py). Every target of DESIGN.md is built here, at the network's input size (H, W):
+its JSON (page_json.py). Here each sample is read, each head's target drawn from it (ecg_heads.HEADS: one entry a
+head) at the network's input size (H, W), augmented and cached:
 
     image        (3, H, W)  float, ImageNet-normalized
     seg          (H, W)     int64, 0 background, 1..12 the lead whose trace covers the pixel (rhythm = its lead)
@@ -35,11 +36,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import ecg_cli
+import ecg_heads
 import ecg_signals
 import page_json
 import page_image
 import page_scale
-from ecg_page import FS, LAYOUTS, LEADS, N_LEADS, N_RHYTHM, N_SAMPLES, N_TRACES, RHYTHM, row_bands
+from ecg_heads import derotate, fit_line, zero_mv_points
+from ecg_page import LAYOUTS, LEADS, N_LEADS, N_RHYTHM, row_bands
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
 MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
@@ -90,23 +93,6 @@ def find_samples(sim_root, csv_root, max_samples=None):
 
 # ---------------------------------------------------------------- page rotation from the signal
 
-def zero_mv_points(entry, values, px_per_mv, theta_deg):
-    """0 mV point of each plotted sample: plotted + value * px_per_mv along the page's downward vertical."""
-    theta = math.radians(theta_deg)
-    down = np.array([-math.sin(theta), math.cos(theta)])   # (x, y) of the page's "down" after a clockwise turn
-    v = values[entry['start']:entry['end'], entry['lead']] * entry.get('sign', 1.0)   # -aVR is drawn as drawn
-    return entry['xy'] + v[:, None] * px_per_mv * down[None, :]
-
-
-def fit_line(xy):
-    """Least-squares y = a + b x over finite points -> (a, b), or None."""
-    ok = np.isfinite(xy).all(axis=1)
-    if ok.sum() < 2 or np.ptp(xy[ok, 0]) < 1:
-        return None
-    b, a = np.polyfit(xy[ok, 0], xy[ok, 1], 1)
-    return a, b
-
-
 def estimate_rotation(page, values):
     """Page rotation from the slope of the plotted leads' 0 mV lines (ecg-image-kit stores only a bound)."""
     theta = 0.0
@@ -121,74 +107,6 @@ def estimate_rotation(page, values):
             return None
         theta = math.degrees(math.atan(np.average(slopes, weights=weights)))
     return theta
-
-
-# ---------------------------------------------------------------- targets at the input size
-
-def to_input(xy, scale_xy):
-    """PNG pixel coordinates -> input pixel coordinates (pixel centres kept aligned, as cv2.resize does)."""
-    return (xy + 0.5) * scale_xy - 0.5
-
-
-def densify(xy, factor=4):
-    """Linearly interpolate `factor` points per segment so per-column extents see every column crossed."""
-    if len(xy) < 2:
-        return xy
-    t = np.arange((len(xy) - 1) * factor + 1) / factor
-    return np.stack([np.interp(t, np.arange(len(xy)), xy[:, k]) for k in (0, 1)], axis=1)
-
-
-def column_extent(xy, width):
-    """Per column of the input, the min and max row the polyline passes through there (NaN elsewhere)."""
-    top = np.full(width, np.inf)
-    bot = np.full(width, -np.inf)
-    dense = densify(xy[np.isfinite(xy).all(axis=1)])
-    cols = np.round(dense[:, 0]).astype(np.int64)
-    inside = (cols >= 0) & (cols < width)
-    np.minimum.at(top, cols[inside], dense[inside, 1])
-    np.maximum.at(bot, cols[inside], dense[inside, 1])
-    top[~np.isfinite(top)] = np.nan
-    bot[~np.isfinite(bot)] = np.nan
-    return top, bot
-
-
-def draw_polyline(canvas, xy, value, thickness=1):
-    """Rasterize a polyline (input px, sub-pixel precise) onto a uint8 canvas."""
-    xy = xy[np.isfinite(xy).all(axis=1)]
-    if len(xy) >= 2:
-        points = np.round(xy * 16).astype(np.int32).reshape(-1, 1, 2)
-        cv2.polylines(canvas, [points], False, int(value), thickness, cv2.LINE_8, shift=4)
-
-
-def grid_lines_target(grid, theta_deg, page_wh, scale_xy, size_hw):
-    """Major (5 mm) grid lines of the page, rotated as the page was, at the input size."""
-    canvas = np.zeros(size_hw, np.uint8)
-    rotation = cv2.getRotationMatrix2D(tuple(grid['center_xy']), -theta_deg, 1.0)
-    reach = math.hypot(*page_wh)   # lines long enough to cross the page at any angle
-    step = grid['spacing']
-    for axis in (0, 1):   # 0: vertical lines at x = pos, 1: horizontal lines at y = pos
-        origin = grid['origin_xy'][axis]
-        k = np.arange(math.floor((-reach - origin) / step), math.ceil((reach - origin) / step) + 1)
-        pos = origin + k * step
-        a = np.zeros((len(pos), 2))
-        a[:, axis] = pos
-        b = a.copy()
-        a[:, 1 - axis] = -reach
-        b[:, 1 - axis] = 2 * reach
-        ends = [to_input(np.c_[e, np.ones(len(e))] @ rotation.T, scale_xy) for e in (a, b)]
-        for p, q in zip(*ends):
-            draw_polyline(canvas, np.stack([p, q]), 1)
-    return canvas
-
-
-def derotate(xy, theta_deg, png_wh):
-    """Image pixels -> the page's own frame: undo a clockwise turn by theta about the image centre
-    (the centre that the model's decoder turns about, so targets and decoding share one frame)."""
-    centre = (np.asarray(png_wh, np.float64) - 1) / 2
-    t = math.radians(theta_deg)
-    inverse = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
-    return (xy - centre) @ inverse.T + centre
-
 
 
 def band_of_page(page, band, theta, png_wh):
@@ -210,52 +128,6 @@ def band_of_page(page, band, theta, png_wh):
                 rhythm_leads=np.full(N_RHYTHM, -1, np.int64)), (theta, first, end)
 
 
-def trace_targets(page, values, theta_deg, scale_xy, size_hw, fs, png_wh):
-    """Seg and 0 mV maps in the image frame; per-channel column extents, 0 mV rows, windows and spans in
-    the de-rotated page frame at the input size, where one column is one instant of the trace."""
-    height, width = size_hw
-    top = np.full((N_TRACES, width), np.nan, np.float32)
-    bot = np.full((N_TRACES, width), np.nan, np.float32)
-    base = np.full((N_TRACES, width), np.nan, np.float32)
-    window = np.full((N_TRACES, 2), np.nan, np.float32)
-    span = np.full((N_TRACES, 2), np.nan, np.float32)
-    seg = np.zeros((height, width), np.uint8)
-    baseline = np.zeros((height, width), np.uint8)
-    for entry in sorted(page['entries'], key=lambda e: e['channel'] < RHYTHM):   # short leads drawn last
-        c = entry['channel']
-        xy = to_input(entry['xy'], scale_xy)
-        draw_polyline(seg, xy, (entry['lead'] if c >= RHYTHM else c) + 1)   # the lead the place stands for
-        zero_line = fit_line(to_input(zero_mv_points(entry, values, page['px_per_mv'], theta_deg), scale_xy))
-        page_xy = to_input(derotate(entry['xy'], theta_deg, png_wh), scale_xy)
-        page_zero = fit_line(to_input(zero_mv_points(dict(entry, xy=derotate(entry['xy'], theta_deg, png_wh)),
-                                                     values, page['px_per_mv'], 0.0), scale_xy))
-        finite = np.isfinite(page_xy).all(axis=1)
-        if zero_line is None or page_zero is None or finite.sum() < 2:
-            continue
-        top[c], bot[c] = column_extent(page_xy, width)
-        cols = np.flatnonzero(np.isfinite(top[c]))
-        base[c, cols] = page_zero[0] + page_zero[1] * cols
-        window[c] = (entry['start'] / fs, (entry['end'] - 1) / fs)
-        span[c] = (page_xy[finite, 0][0], page_xy[finite, 0][-1])
-        ends_x = xy[np.isfinite(xy).all(axis=1), 0][[0, -1]]
-        draw_polyline(baseline, np.stack([ends_x, zero_line[0] + zero_line[1] * ends_x], axis=1), 1)
-    return dict(trace_top=top, trace_bot=bot, baseline_row=base, trace_window=window, trace_span=span,
-                seg=seg, baseline=baseline)
-
-
-def signal_shown_mask(page, signal, fs):
-    """(12, 5000) bool: finite in the CSV and inside a window that the image plots for that lead."""
-    shown = np.zeros((N_LEADS, N_SAMPLES), bool)
-    for entry in page['entries']:
-        first = math.ceil(entry['start'] / fs * FS - 1e-9)
-        last = math.floor((entry['end'] - 1) / fs * FS + 1e-9)
-        shown[entry['lead'], first:last + 1] = True
-    return shown & np.isfinite(signal)
-
-
-
-
-
 def page_in_box(page, box):
     """A page's geometry (parse_page) in the pixels of its crop to `box` (page_scale.crop_to_grid)."""
     shift = np.array([box.x0, box.y0], np.float64)
@@ -275,53 +147,58 @@ def read_image(path, size_hw, crop=None):
 
 
 
+def page_rotation(page, values):
+    """The page's rotation in degrees and whether it is known: from the JSON, else from the 0 mV lines."""
+    theta = page['rotation_deg']
+    if theta is None:
+        theta = estimate_rotation(page, values)
+    return (theta or 0.0), theta is not None
+
+
 def build_sample(ref, size_hw, scale=False):
-    """Read one sample and build every target at the input size (no augmentation); with scale, also the
-    scale the page itself shows (page_scale.read_scale: what evaluation decodes with, as inference does).
+    """Read one sample and build every head's target (ecg_heads.HEADS) at the input size (no augmentation); with
+    scale, also the scale the page itself shows (page_scale.read_scale: what evaluation decodes with, as inference
+    does).
 
     Returns a dict of numpy arrays; raises ecg_cli.SampleError naming the file on bad input."""
     page = page_json.parse_page(ref)
     raw = ecg_signals.read_signal_csv(ref.csv, ref.fs, ref.sig_len)
     signal = np.stack([ecg_signals.resample_lead(column, ref.fs) for column in raw.T])
-    theta = page['rotation_deg']
-    theta_valid = theta is not None
-    if theta is None:
-        theta = estimate_rotation(page, raw)
-        theta_valid = theta is not None
-        theta = theta or 0.0
+    theta, theta_known = page_rotation(page, raw)
     crop = None
     if ref.band is not None:
         page, crop = band_of_page(page, ref.band, theta, page_image.png_size(ref.png))
-        theta, theta_valid = 0.0, True
+        theta, theta_known = 0.0, True
     image, png_wh, rgb = read_image(ref.png, size_hw, crop)
     if scale and crop is None:   # read as inference reads it: padding around the grid cut off
         rgb, box = page_scale.crop_to_grid(rgb)
         if box is not None:
             page, image, png_wh = page_in_box(page, box), page_image.resize_page(rgb, size_hw), rgb.shape[1::-1]
-    read_px_per_mv, read_px_per_s, found = page_scale.read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), {})
-    scale_xy = np.array([size_hw[1] / png_wh[0], size_hw[0] / png_wh[1]])
-    targets = trace_targets(page, raw, theta, scale_xy, size_hw, ref.fs, png_wh)
-    if page['grid'] is not None:
-        grid = grid_lines_target(page['grid'], theta, png_wh, scale_xy, size_hw)
-    else:
-        grid = np.zeros(size_hw, np.uint8)
-    mask = signal_shown_mask(page, signal, ref.fs)
-    if not mask.any():
+    drawn = ecg_heads.DrawnPage(page, raw, signal, ref.fs, theta, theta_known, png_wh, size_hw)
+    sample = {}
+    for head in ecg_heads.HEADS:
+        sample.update(head.targets(drawn))
+    if not sample['signal_mask'].any():
         raise ecg_cli.SampleError(f'{ref.json}: no plotted sample of the image has a finite value in {ref.csv}')
-    targets.update(image=image, grid=grid, signal=np.nan_to_num(signal).astype(np.float32), signal_mask=mask,
-                   theta=np.float32(theta), theta_valid=np.float32(theta_valid),
-                   grid_valid=np.float32(page['has_grid_info']), style=page['style'],
-                   px_per_mv=np.float32(page['px_per_mv'] * scale_xy[1]),
-                   read_px_per_mv=np.float32(read_px_per_mv), read_px_per_s=np.float32(read_px_per_s),
-                   gain_mm_mv=np.float32(page['gain_mm_mv']), paper_speed_mm_s=np.float32(page['paper_speed_mm_s']),
-                   read_gain_mm_mv=np.float32(page_scale.pulse_reading(found, 'gain_mm_mv', 'gain_assumed')),
-                   read_speed_mm_s=np.float32(page_scale.pulse_reading(found, 'paper_speed_mm_s', 'speed_assumed')),
-                   read_start=np.float32(found.get('trace_start_column', float('nan'))),
-                   page_aspect=np.float32(png_wh[0] / png_wh[1]),
-                   rhythm_leads=page['rhythm_leads'].astype(np.int64), layout_id=np.int64(page['layout_id']),
-                   lead_channel=page['lead_channel'].astype(np.int64), lead_sign=page['lead_sign'].astype(np.float32))
-    return targets
+    read = page_scale.read_scale(rgb, size_hw) if scale else (float('nan'), float('nan'), {})
+    sample.update(page_fields(drawn, read), image=image)
+    return sample
 
+
+def page_fields(drawn, read):
+    """The page's own fields (PAGE_FIELDS) beside the heads' targets: its scale as drawn and as read
+    (page_scale.read_scale -> read), its aspect and its layout."""
+    page, png_wh = drawn.page, drawn.png_wh
+    read_px_per_mv, read_px_per_s, found = read
+    return dict(style=page['style'], px_per_mv=np.float32(page['px_per_mv'] * drawn.scale_xy[1]),
+                read_px_per_mv=np.float32(read_px_per_mv), read_px_per_s=np.float32(read_px_per_s),
+                gain_mm_mv=np.float32(page['gain_mm_mv']), paper_speed_mm_s=np.float32(page['paper_speed_mm_s']),
+                read_gain_mm_mv=np.float32(page_scale.pulse_reading(found, 'gain_mm_mv', 'gain_assumed')),
+                read_speed_mm_s=np.float32(page_scale.pulse_reading(found, 'paper_speed_mm_s', 'speed_assumed')),
+                read_start=np.float32(found.get('trace_start_column', float('nan'))),
+                page_aspect=np.float32(png_wh[0] / png_wh[1]),
+                rhythm_leads=page['rhythm_leads'].astype(np.int64), layout_id=np.int64(page['layout_id']),
+                lead_channel=page['lead_channel'].astype(np.int64), lead_sign=page['lead_sign'].astype(np.float32))
 
 
 def check_sample(ref):
@@ -382,50 +259,38 @@ def page_frame_shift(dy, dx, theta_deg, size_hw, page_aspect):
 
 
 def translate_sample(sample, dy, dx):
-    """Move the image and every geometric target together: maps by whole pixels in the image frame,
+    """Move the image and every target field with it (ecg_heads.Field.moves): maps by whole pixels in the image frame,
     per-column targets by the same motion seen in the de-rotated page frame."""
     out = dict(sample)
     out['image'] = shift_map(sample['image'], dy, dx, cv2.BORDER_REPLICATE)
-    for key in ('seg', 'grid', 'baseline'):
-        out[key] = shift_map(sample[key], dy, dx)
-    page_dy, page_dx = page_frame_shift(dy, dx, sample['theta'], sample['seg'].shape, sample['page_aspect'])
-    for key in ('trace_top', 'trace_bot', 'baseline_row'):
-        out[key] = shift_columns(sample[key], page_dy, page_dx)
-    out['trace_span'] = sample['trace_span'] + np.float32(page_dx)
+    page_dy, page_dx = page_frame_shift(dy, dx, sample['theta'], sample['image'].shape[:2], sample['page_aspect'])
+    for name, field in ecg_heads.TARGET_FIELDS.items():
+        if field.moves == 'pixels':
+            out[name] = shift_map(sample[name], dy, dx)
+        elif field.moves == 'page_rows':
+            out[name] = shift_columns(sample[name], page_dy, page_dx)
+        elif field.moves == 'page_columns':
+            out[name] = sample[name] + np.float32(page_dx)
     return out
 
 
 # ---------------------------------------------------------------- dataset
 
-CACHE_FIELDS = {   # name: (per-sample shape given (H, W), dtype)
-    'image': (lambda h, w: (h, w, 3), torch.uint8),
-    'seg': (lambda h, w: (h, w), torch.uint8),
-    'grid': (lambda h, w: (h, w), torch.uint8),
-    'baseline': (lambda h, w: (h, w), torch.uint8),
-    'trace_top': (lambda h, w: (N_TRACES, w), torch.float32),
-    'trace_bot': (lambda h, w: (N_TRACES, w), torch.float32),
-    'baseline_row': (lambda h, w: (N_TRACES, w), torch.float32),
-    'trace_window': (lambda h, w: (N_TRACES, 2), torch.float32),
-    'trace_span': (lambda h, w: (N_TRACES, 2), torch.float32),
-    'signal': (lambda h, w: (N_LEADS, N_SAMPLES), torch.float32),
-    'signal_mask': (lambda h, w: (N_LEADS, N_SAMPLES), torch.bool),
-    'theta': (lambda h, w: (), torch.float32),
-    'theta_valid': (lambda h, w: (), torch.float32),
-    'grid_valid': (lambda h, w: (), torch.float32),
-    'px_per_mv': (lambda h, w: (), torch.float32),
-    'read_px_per_mv': (lambda h, w: (), torch.float32),
-    'read_px_per_s': (lambda h, w: (), torch.float32),
-    'gain_mm_mv': (lambda h, w: (), torch.float32),
-    'paper_speed_mm_s': (lambda h, w: (), torch.float32),
-    'read_gain_mm_mv': (lambda h, w: (), torch.float32),
-    'read_speed_mm_s': (lambda h, w: (), torch.float32),
-    'read_start': (lambda h, w: (), torch.float32),
-    'page_aspect': (lambda h, w: (), torch.float32),
-    'rhythm_leads': (lambda h, w: (N_RHYTHM,), torch.int64),
-    'lead_channel': (lambda h, w: (N_LEADS,), torch.int64),
-    'lead_sign': (lambda h, w: (N_LEADS,), torch.float32),
-    'layout_id': (lambda h, w: (), torch.int64),
+def per_image(dtype=torch.float32):
+    return ecg_heads.Field(lambda h, w: (), dtype)
+
+
+PAGE_FIELDS = {   # a sample's fields beside the heads' targets (ecg_heads.HEADS: TARGET_FIELDS)
+    'image': ecg_heads.Field(lambda h, w: (h, w, 3), torch.uint8),
+    'px_per_mv': per_image(), 'read_px_per_mv': per_image(), 'read_px_per_s': per_image(),
+    'gain_mm_mv': per_image(), 'paper_speed_mm_s': per_image(), 'read_gain_mm_mv': per_image(),
+    'read_speed_mm_s': per_image(), 'read_start': per_image(), 'page_aspect': per_image(),
+    'rhythm_leads': ecg_heads.Field(lambda h, w: (N_RHYTHM,), torch.int64),
+    'lead_channel': ecg_heads.Field(lambda h, w: (N_LEADS,), torch.int64),
+    'lead_sign': ecg_heads.Field(lambda h, w: (N_LEADS,), torch.float32),
+    'layout_id': per_image(torch.int64),
 }
+CACHE_FIELDS = {**PAGE_FIELDS, **ecg_heads.TARGET_FIELDS}
 
 
 def band_refs(ref, name):
@@ -542,8 +407,8 @@ class ECGImageDataset(Dataset):
         self.layouts.update(page_json.layout_name(sample['layout_id']) for sample in samples)
         self.styles = [sample['style'] for sample in samples]   # short strings; the arrays are below
         cache = {}
-        for name, (shape, dtype) in CACHE_FIELDS.items():
-            cache[name] = torch.empty((len(samples),) + shape(*self.size_hw), dtype=dtype).share_memory_()
+        for name, field in CACHE_FIELDS.items():
+            cache[name] = torch.empty((len(samples),) + field.shape(*self.size_hw), dtype=field.cached).share_memory_()
             for i, sample in enumerate(samples):
                 cache[name][i] = torch.as_tensor(np.asarray(sample[name]))
         return cache
@@ -592,11 +457,10 @@ class ECGImageDataset(Dataset):
 
     def to_tensors(self, sample, ref):
         out = {name: torch.as_tensor(np.array(sample[name])) for name in CACHE_FIELDS if name != 'image'}
+        for name, field in ecg_heads.TARGET_FIELDS.items():
+            if field.batched is not None:
+                out[name] = out[name].to(field.batched)
         out['image'] = page_image.normalize(sample['image'])
-        out['seg'] = out['seg'].long()
-        out['grid'] = out['grid'].float()
-        out['baseline'] = out['baseline'].float()
-        out['signal_mask'] = out['signal_mask'].bool()
         out['record_id'] = ref.record_id
         out['png'] = str(ref.png)
         out['fs'] = torch.tensor(ref.fs, dtype=torch.float32)

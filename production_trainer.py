@@ -45,6 +45,7 @@ from tqdm import tqdm
 import ecg_checkpoint
 import ecg_cli
 import ecg_decode
+import ecg_heads
 import ecg_model
 import ecg_trainer
 import page_image
@@ -52,7 +53,7 @@ import page_reader
 import production_dataset as pdx
 import speed
 
-LOSS_NAMES = list(ecg_trainer.DEFAULT_LOSS_WEIGHTS)
+LOSS_NAMES = list(ecg_heads.DEFAULT_LOSS_WEIGHTS)
 ARCHITECTURE_KEYS = ('encoder', 'decoder_channels', 'image_size')   # a resumed run cannot change these
 RECORDED_KEYS = ('run_dir', 'device', 'world_size', 'amp_enabled', 'amp_dtype_used', 'grad_scaler',
                  'select_metric_used')   # written into config.json by a run; ignored when it is read back
@@ -90,7 +91,7 @@ def build_parser():
                                     '(flags given here override the settings that may change)')
     p.add_argument('--force_cpu', action='store_true', help='train on the CPU even if a GPU is there')
     p.add_argument('--cache', action='store_true', help='decode every sample once into shared memory')
-    for name, weight in ecg_trainer.DEFAULT_LOSS_WEIGHTS.items():
+    for name, weight in ecg_heads.DEFAULT_LOSS_WEIGHTS.items():
         p.add_argument(f'--loss_weight_{name}', type=float, default=weight, help=f'weight of the {name} loss')
     p.add_argument('--config', help='JSON file of settings: any flag of this CLI by its name (image_size, lr, ...), '
                                     'and a "loss_weights" block; CLI > --config file > defaults')
@@ -535,8 +536,9 @@ def dist_world():
 def log_losses(writer, split, losses, step):
     for name in ['total'] + LOSS_NAMES:
         writer.add_scalar(f'{split}/{name}_loss', losses[name], step)
-    for name in ecg_trainer.SIGNAL_PARTS:   # what the signal loss is made of, to see which part stalls
-        writer.add_scalar(f'{split}/signal_parts/{name}', losses[name], step)
+    for head in ecg_heads.HEADS:   # what a head's loss is made of, to see which part stalls
+        for part in head.parts:
+            writer.add_scalar(f'{split}/{head.name}_parts/{part}', losses[part], step)
 
 
 @torch.no_grad()
@@ -791,7 +793,7 @@ def init_weights(model, path):
     if checkpoint['model_args'] != model.model_args:
         raise ecg_cli.InputError(f'--init_from {path}: its model is {checkpoint["model_args"]}, this run\'s is '
                              f'{model.model_args}; pass the same --encoder and --decoder_channels')
-    model.load_state_dict(ecg_model.widen_trace_head(checkpoint['model'], ecg_checkpoint.head_channels(checkpoint)))
+    ecg_model.load_weights(model, checkpoint['model'], ecg_checkpoint.head_channels(checkpoint))
     log.info('weights from %s (trained at %s)', path, 'x'.join(map(str, ecg_checkpoint.input_size(checkpoint))))
 
 
@@ -800,9 +802,10 @@ def resume_from(path, training, config):
     (Training) -> the progress state."""
     model, optimizer, scheduler, ema = training.model, training.optimizer, training.scheduler, training.ema
     checkpoint = ecg_checkpoint.load(path, map_location=training.device)
-    if ecg_checkpoint.head_channels(checkpoint) != ecg_model.HEAD_CHANNELS:
-        raise ecg_cli.InputError(f'--resume {path}: made before pages of three rhythm strips (one rhythm channel); its '
-                             f'optimizer state does not fit this model: start a new run with --init_from {path}')
+    if ecg_checkpoint.head_channels(checkpoint) != ecg_heads.HEAD_CHANNELS:
+        raise ecg_cli.InputError(f'--resume {path}: its heads {ecg_checkpoint.head_channels(checkpoint)} are not this '
+                                 f'model\'s {ecg_heads.HEAD_CHANNELS}, so its optimizer state does not fit: start a new '
+                                 f'run with --init_from {path}')
     unwrap(model).load_state_dict(checkpoint.get('train_model', checkpoint['model']))
     if ema is not None and 'train_model' in checkpoint:   # else the average starts from the weights resumed
         ema.module.load_state_dict(checkpoint['model'])

@@ -12,7 +12,7 @@ import torch
 import ecg_cli
 import ecg_signals
 import page_image
-from ecg_page import LEADS
+from ecg_page import FS, LEADS, N_SAMPLES, RHYTHM
 import production_dataset as pdx
 from conftest import run_cli
 
@@ -26,7 +26,7 @@ def test_sine_resampled_to_500hz_from_every_rate(fs):
     t = np.arange(n) / fs
     lead = np.sin(2 * np.pi * 7.3 * t) + 0.3 * np.sin(2 * np.pi * 23 * t)
     out = ecg_signals.resample_lead(lead, fs)
-    m = np.arange(pdx.N_SAMPLES) / pdx.FS
+    m = np.arange(N_SAMPLES) / FS
     truth = np.sin(2 * np.pi * 7.3 * m) + 0.3 * np.sin(2 * np.pi * 23 * m)
     valid = np.isfinite(out)
     assert valid.all()
@@ -45,7 +45,7 @@ def test_nan_runs_are_resampled_alone_and_stay_nan(fs):
     lead[n // 4: n // 2] = np.nan   # a masked column, as in Kaggle's training CSVs
     lead[3 * n // 4:] = np.nan
     out = ecg_signals.resample_lead(lead, fs)
-    m = np.arange(pdx.N_SAMPLES) / pdx.FS
+    m = np.arange(N_SAMPLES) / FS
     assert np.isnan(out[1260:2490]).all() and np.isnan(out[3760:]).all()
     valid = np.isfinite(out)
     assert np.abs(out[valid] - np.sin(2 * np.pi * 5 * m[valid])).max() < 5e-3   # no smear into the gap
@@ -115,8 +115,8 @@ def test_fixture_baseline_and_theta_consistent_with_trace(fixture_dirs, k, augme
         assert abs(theta) < 0.05
     else:   # ecg-image-kit rotated by an unknown integer angle in [-6, 6]
         assert 1 <= abs(theta) <= 6.05 and abs(theta - round(theta)) < 0.1
-    for channel in range(pdx.RHYTHM + 1):   # ecg-image-kit draws one rhythm strip: lead II
-        lead = 1 if channel == pdx.RHYTHM else channel
+    for channel in range(RHYTHM + 1):   # ecg-image-kit draws one rhythm strip: lead II
+        lead = 1 if channel == RHYTHM else channel
         start, end = sample['trace_window'][channel].numpy()
         x0, x1 = sample['trace_span'][channel].numpy()
         cols = np.arange(math.ceil(x0), math.floor(x1))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ecg_checkpoint
-import ecg_model as em
+import ecg_heads
 
 from conftest import PYTHON, ROOT, run_cli, run_failing, run_in_process
 
@@ -272,7 +272,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tiny_run, sim_data, tmp_pat
     one_line_error(result, 'not loaded for safety')
     assert not exploit.marker.exists()
     saved = torch.load(tiny_run / 'checkpoints' / 'last.pth')     # plain torch.load: weights_only
-    assert saved['format'] == ecg_checkpoint.FORMAT == 3 and saved['head_channels'] == em.HEAD_CHANNELS
+    assert saved['format'] == ecg_checkpoint.FORMAT == 3 and saved['head_channels'] == ecg_heads.HEAD_CHANNELS
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_run, sim_data, tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ecg_decode
-import ecg_model as em
+import ecg_heads
 import ecg_trainer as et
 import production_dataset as pdx
 
@@ -21,7 +21,7 @@ def random_outputs(batch, seed=0):
     torch.manual_seed(seed)
     n, (h, w) = len(batch['image']), SIZE
     out = {'seg': torch.randn(n, 13, h, w), 'grid': torch.randn(n, 1, h, w), 'baseline': torch.randn(n, 1, h, w),
-           'trace': torch.randn(n, em.HEAD_CHANNELS['trace'], h, w), 'theta': torch.randn(n)}
+           'trace': torch.randn(n, ecg_heads.HEAD_CHANNELS['trace'], h, w), 'theta': torch.randn(n)}
     return ecg_decode.decode_outputs(out, ecg_decode.true_geometry(batch))
 
 
@@ -51,7 +51,7 @@ def test_every_term_is_returned_and_weighted(batch):
     for name in ['total', 'seg', 'grid', 'baseline', 'theta', 'signal', 'trace_ce', 'zero_ce', 'presence_bce',
                  'signal_l1', 'signal_snr_db']:
         assert torch.isfinite(losses[name]), name
-    expected = sum(w * losses[k] for k, w in et.DEFAULT_LOSS_WEIGHTS.items())
+    expected = sum(w * losses[k] for k, w in ecg_heads.DEFAULT_LOSS_WEIGHTS.items())
     assert torch.allclose(losses['total'], expected)
     heavier = et.CompositeLoss({'signal': 3.0})(random_outputs(batch), batch)
     assert torch.allclose(heavier['total'] - losses['total'], losses['signal'])
@@ -86,8 +86,8 @@ def test_row_band_ce_gather_matches_the_dense_definition():
         lo, hi = torch.nan_to_num(top).unsqueeze(2) - 0.5, torch.nan_to_num(b).unsqueeze(2) + 0.5
         overlap = (torch.minimum(hi, rows + 0.5) - torch.maximum(lo, rows - 0.5)).clamp(min=0)
         target = overlap / overlap.sum(2, keepdim=True).clamp(min=1e-6)
-        dense = et.masked_mean(-(target * log_prob).sum(2), torch.isfinite(top))
-        assert torch.allclose(et.row_band_ce(log_prob, top, b), dense, atol=1e-6)
+        dense = ecg_heads.masked_mean(-(target * log_prob).sum(2), torch.isfinite(top))
+        assert torch.allclose(ecg_heads.row_band_ce(log_prob, top, b), dense, atol=1e-6)
 
 
 def test_presence_loss_weighs_the_columns_at_a_strips_ends():
@@ -99,12 +99,12 @@ def test_presence_loss_weighs_the_columns_at_a_strips_ends():
     at_edge, inside = right.clone(), right.clone()
     at_edge[0, 0, 20] = -8.0          # the strip's first column read absent
     inside[0, 0, 40] = -8.0           # a column in its middle read absent
-    base = float(et.presence_bce(right, present))
-    extra_edge, extra_inside = (float(et.presence_bce(maps, present)) - base for maps in (at_edge, inside))
-    assert extra_edge == pytest.approx((1 + et.PRESENCE_EDGE_WEIGHT) * extra_inside, rel=1e-3)
+    base = float(ecg_heads.presence_bce(right, present))
+    extra_edge, extra_inside = (float(ecg_heads.presence_bce(maps, present)) - base for maps in (at_edge, inside))
+    assert extra_edge == pytest.approx((1 + ecg_heads.PRESENCE_EDGE_WEIGHT) * extra_inside, rel=1e-3)
     plain = torch.nn.functional.binary_cross_entropy_with_logits(at_edge, present)
-    old, et.PRESENCE_EDGE_WEIGHT = et.PRESENCE_EDGE_WEIGHT, 0.0
+    old, ecg_heads.PRESENCE_EDGE_WEIGHT = ecg_heads.PRESENCE_EDGE_WEIGHT, 0.0
     try:
-        assert float(et.presence_bce(at_edge, present)) == pytest.approx(float(plain), rel=1e-6)
+        assert float(ecg_heads.presence_bce(at_edge, present)) == pytest.approx(float(plain), rel=1e-6)
     finally:
-        et.PRESENCE_EDGE_WEIGHT = old
+        ecg_heads.PRESENCE_EDGE_WEIGHT = old

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import ecg_checkpoint
 import ecg_decode
+import ecg_heads
 import ecg_model as em
 import ecg_trainer as et
 import production_dataset as pdx
@@ -63,7 +64,7 @@ def test_a_model_from_before_three_rhythm_strips_loads_with_its_rhythm_channel_w
     assert old.shape[0] == 54
     model = ecg_checkpoint.build_model(checkpoint, ecg_checkpoint.STARTER)
     new = model.unet.segmentation_head[0].weight
-    assert new.shape[0] == sum(em.HEAD_CHANNELS.values()) == 60
+    assert new.shape[0] == sum(ecg_heads.HEAD_CHANNELS.values()) == 60
     first = 15   # seg, grid, baseline
     assert torch.equal(new[:first], old[:first])
     for kind in range(3):   # trace, 0 mV line, presence
@@ -71,7 +72,7 @@ def test_a_model_from_before_three_rhythm_strips_loads_with_its_rhythm_channel_w
             assert torch.equal(new[first + 15 * kind + channel], old[first + 13 * kind + min(channel, 12)])
     assert checkpoint['format'] == 2 and ecg_checkpoint.head_channels(checkpoint) == em.ONE_RHYTHM_HEADS
     state = model.state_dict()
-    assert em.widen_trace_head(state, em.HEAD_CHANNELS) is state        # a model of today passes unchanged
+    assert em.fit_heads(state, ecg_heads.HEAD_CHANNELS, state) is state        # a model of today passes unchanged
 
 
 def test_checkpoint_formats_name_their_heads(tmp_path):
@@ -80,13 +81,13 @@ def test_checkpoint_formats_name_their_heads(tmp_path):
     model = em.ECGDigitizer('tu-regnetx_002')
     state = model.state_dict()
     today = {'format': ecg_checkpoint.FORMAT, 'model': state, 'model_args': model.model_args, 'config': {},
-             'head_channels': dict(em.HEAD_CHANNELS)}
+             'head_channels': dict(ecg_heads.HEAD_CHANNELS)}
     format2 = {key: value for key, value in today.items() if key != 'head_channels'} | {'format': 2}
     for checkpoint in (today, format2):
-        assert ecg_checkpoint.head_channels(checkpoint) == em.HEAD_CHANNELS
+        assert ecg_checkpoint.head_channels(checkpoint) == ecg_heads.HEAD_CHANNELS
         loaded = ecg_checkpoint.build_model(checkpoint, tmp_path / 'x.pth').state_dict()
         assert all(torch.equal(loaded[key], state[key]) for key in state)
-    unknown = today | {'head_channels': {**em.HEAD_CHANNELS, 'trace': 30}}
+    unknown = today | {'head_channels': {**ecg_heads.HEAD_CHANNELS, 'trace': 30}}
     with pytest.raises(ecg_checkpoint.CheckpointError, match='x.pth.*head channels'):
         ecg_checkpoint.build_model(unknown, tmp_path / 'x.pth')
 

@@ -12,6 +12,7 @@ import torch
 
 import ecg_checkpoint
 import ecg_decode
+import ecg_heads
 import ecg_model
 import ecg_trainer
 import evaluate
@@ -55,7 +56,7 @@ def test_band_pixels_turn_the_page_as_derotate_turns_points():
     for theta in (-4.0, 3.0):
         crop = page_image.band_pixels(rgb, (theta, 50, 280))
         rows, cols = np.nonzero(crop[..., 0] < 128)
-        x, y = pdx.derotate(np.array([[301.0, 201.0]]), theta, (400, 300))[0]
+        x, y = ecg_heads.derotate(np.array([[301.0, 201.0]]), theta, (400, 300))[0]
         assert abs(cols.mean() - x) < 0.6 and abs(rows.mean() + 50 - y) < 0.6
         assert crop.shape == (230, 400, 3) and crop[0, 0].tolist() == [255, 255, 255]   # white beyond the corners
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ecg_decode
+import ecg_heads
 import ecg_simulator
-import ecg_trainer
 import page_image
 import page_reader
 import production_dataset as pdx
@@ -82,9 +82,9 @@ def test_no_function_takes_more_than_eight_parameters():
 
 
 def test_loss_names_and_signal_parts_come_from_the_loss():
-    assert production_trainer.LOSS_NAMES == list(ecg_trainer.DEFAULT_LOSS_WEIGHTS)
+    assert production_trainer.LOSS_NAMES == list(ecg_heads.DEFAULT_LOSS_WEIGHTS)
     flags = {a.dest for a in production_trainer.build_parser()._actions}
-    assert {f'loss_weight_{name}' for name in ecg_trainer.DEFAULT_LOSS_WEIGHTS} <= flags
+    assert {f'loss_weight_{name}' for name in ecg_heads.DEFAULT_LOSS_WEIGHTS} <= flags
 
 
 def test_training_and_inference_see_identical_tensors(sim_data):
@@ -127,7 +127,7 @@ def test_metrics_file_has_one_line_per_epoch(no_val_run):
     epochs = production_trainer.read_metrics(run_dir)
     assert [e['epoch'] for e in epochs] == [1, 2] and epochs[-1]['val'] is None
     assert epochs[0]['global_step'] == 3 and epochs[0]['train']['images_per_s'] > 0
-    assert set(ecg_trainer.SIGNAL_PARTS) <= set(epochs[0]['train'])
+    assert set(ecg_heads.SIGNAL_PARTS) <= set(epochs[0]['train'])
 
 
 def test_select_metric_val_loss_and_bad_settings(sim_data, tmp_path):
