@@ -16,6 +16,7 @@ parts as {split}/{name}_parts/{part}, and checkpoints name its channels (ecg_che
 """
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import cv2
@@ -57,6 +58,11 @@ class DrawnPage:
     def scale_xy(self):
         """Input pixels per picture pixel, (x, y)."""
         return np.array([self.size_hw[1] / self.png_wh[0], self.size_hw[0] / self.png_wh[1]])
+
+    @cached_property
+    def strips(self):
+        """Its plotted strips at the input size (page_strips), fitted once for every head."""
+        return page_strips(self)
 
 
 @dataclass(frozen=True)
@@ -139,25 +145,32 @@ def fit_line(xy):
     return a, b
 
 
-def drawn_entries(drawn):
-    """The page's strips, rhythm strips first (a short lead's pixels are drawn over a rhythm strip's)."""
-    return sorted(drawn.page['entries'], key=lambda e: e['channel'] < RHYTHM)
+@dataclass
+class Strip:
+    """One plotted strip at the input size: its JSON entry, its points in the input's image frame (xy) and in the
+    de-rotated page frame (page_xy), and its 0 mV line y = a + b x in each frame (None where none fits)."""
+    entry: dict
+    xy: np.ndarray
+    page_xy: np.ndarray
+    image_zero: tuple
+    page_zero: tuple
+
+    @property
+    def has_zero_line(self):
+        return (self.image_zero is not None and self.page_zero is not None
+                and np.isfinite(self.page_xy).all(axis=1).sum() >= 2)
 
 
-def zero_lines(entry, drawn):
-    """A strip's 0 mV line as y = a + b x in the input's image frame and in its de-rotated page frame -> (image,
-    page), each (a, b) or None; with the strip's points in both frames (input pixels)."""
-    page = drawn.page
-    xy = to_input(entry['xy'], drawn.scale_xy)
-    image_line = fit_line(to_input(zero_mv_points(entry, drawn.values, page['px_per_mv'], drawn.theta_deg),
-                                   drawn.scale_xy))
-    page_entry = dict(entry, xy=derotate(entry['xy'], drawn.theta_deg, drawn.png_wh))
-    page_line = fit_line(to_input(zero_mv_points(page_entry, drawn.values, page['px_per_mv'], 0.0), drawn.scale_xy))
-    return image_line, page_line, xy, to_input(page_entry['xy'], drawn.scale_xy)
-
-
-def has_zero_line(image_line, page_line, page_xy):
-    return image_line is not None and page_line is not None and np.isfinite(page_xy).all(axis=1).sum() >= 2
+def page_strips(drawn):
+    """The page's strips (Strip), rhythm strips first: a short lead's pixels are drawn over a rhythm strip's."""
+    strips = []
+    for entry in sorted(drawn.page['entries'], key=lambda e: e['channel'] < RHYTHM):
+        px_per_mv, scale_xy = drawn.page['px_per_mv'], drawn.scale_xy
+        page_entry = dict(entry, xy=derotate(entry['xy'], drawn.theta_deg, drawn.png_wh))
+        strips.append(Strip(entry, to_input(entry['xy'], scale_xy), to_input(page_entry['xy'], scale_xy),
+                            fit_line(to_input(zero_mv_points(entry, drawn.values, px_per_mv, drawn.theta_deg), scale_xy)),
+                            fit_line(to_input(zero_mv_points(page_entry, drawn.values, px_per_mv, 0.0), scale_xy))))
+    return strips
 
 
 # ---------------------------------------------------------------- losses
@@ -233,9 +246,9 @@ def presence_bce(logits, present):
 def seg_targets(drawn):
     """seg (H, W) uint8: 0 background, 1..12 the lead whose trace covers the pixel (a rhythm strip: its lead)."""
     seg = np.zeros(drawn.size_hw, np.uint8)
-    for entry in drawn_entries(drawn):
-        lead_place = entry['lead'] if entry['channel'] >= RHYTHM else entry['channel']
-        draw_polyline(seg, to_input(entry['xy'], drawn.scale_xy), lead_place + 1)
+    for strip in drawn.strips:
+        lead_place = strip.entry['lead'] if strip.entry['channel'] >= RHYTHM else strip.entry['channel']
+        draw_polyline(seg, strip.xy, lead_place + 1)
     return {'seg': seg}
 
 
@@ -292,11 +305,11 @@ def grid_loss(outputs, batch):
 def baseline_targets(drawn):
     """baseline (H, W) uint8: the 0 mV line of each plotted strip, over the columns the strip spans."""
     baseline = np.zeros(drawn.size_hw, np.uint8)
-    for entry in drawn_entries(drawn):
-        image_line, page_line, xy, page_xy = zero_lines(entry, drawn)
-        if has_zero_line(image_line, page_line, page_xy):
-            ends_x = xy[np.isfinite(xy).all(axis=1), 0][[0, -1]]
-            draw_polyline(baseline, np.stack([ends_x, image_line[0] + image_line[1] * ends_x], axis=1), 1)
+    for strip in drawn.strips:
+        if strip.has_zero_line:
+            ends_x = strip.xy[np.isfinite(strip.xy).all(axis=1), 0][[0, -1]]
+            a, b = strip.image_zero
+            draw_polyline(baseline, np.stack([ends_x, a + b * ends_x], axis=1), 1)
     return {'baseline': baseline}
 
 
@@ -338,14 +351,14 @@ def signal_targets(drawn):
     width = drawn.size_hw[1]
     top, bot, base = (np.full((N_TRACES, width), np.nan, np.float32) for _ in range(3))
     window, span = (np.full((N_TRACES, 2), np.nan, np.float32) for _ in range(2))
-    for entry in drawn_entries(drawn):
-        image_line, page_line, _, page_xy = zero_lines(entry, drawn)
-        if not has_zero_line(image_line, page_line, page_xy):
+    for strip in drawn.strips:
+        if not strip.has_zero_line:
             continue
+        entry, page_xy = strip.entry, strip.page_xy
         channel, finite = entry['channel'], np.isfinite(page_xy).all(axis=1)
         top[channel], bot[channel] = column_extent(page_xy, width)
         cols = np.flatnonzero(np.isfinite(top[channel]))
-        base[channel, cols] = page_line[0] + page_line[1] * cols
+        base[channel, cols] = strip.page_zero[0] + strip.page_zero[1] * cols
         window[channel] = (entry['start'] / drawn.fs, (entry['end'] - 1) / drawn.fs)
         span[channel] = (page_xy[finite, 0][0], page_xy[finite, 0][-1])
     signal = drawn.signal

@@ -21,7 +21,8 @@ OUTPUT_DIR="${OUTPUT_DIR:-experiments}"
 DEMO_DIR="${DEMO_DIR:-demo_data}"
 DEMO_RECORDS="${DEMO_RECORDS:-110}"
 DEMO_EPOCHS="${DEMO_EPOCHS:-10}"
-# IMAGE_SIZE="H W" and ENCODER_OVERRIDE=name replace the per-device suggestion (tests use tiny ones).
+# IMAGE_SIZE="H W" and ENCODER_OVERRIDE=name replace the per-device suggestion (tests use tiny ones);
+# VENV_PYTHON=path the interpreter of the steps (default .venv/bin/python, which setup.sh makes).
 ASSUME_YES=0
 TRAINER_ARGS=()
 
@@ -51,7 +52,7 @@ confirm() {
 step 1 "environment check"
 confirm "Check Python and packages (installs what is missing into .venv)?"
 ./setup.sh
-PY=.venv/bin/python
+PY="${VENV_PYTHON:-.venv/bin/python}"
 # The device decides the suggested batch size, worker count and (on CPU) a CPU-sized encoder and input.
 read -r DEVICE BATCH WORKERS ENCODER IMAGE_H IMAGE_W < <($PY - <<'EOF'
 import os, torch

@@ -1,12 +1,19 @@
 """A started interpreter that runs the project's CLIs in forked children (a zygote, as Android starts its apps).
 
-Each run is a process of its own, as `python script.py ARGS` is: its argv, working folder, stdout and stderr,
-exit status and signals, the script run as __main__. It starts without the 6-8 s a fresh interpreter spends
-importing torch, timm, torchvision, scipy and albumentations, which the suite's ~80 CLI runs would otherwise pay
-one by one. The zygote only imports (it runs no torch operation, so no OpenMP pool exists to be broken by the
-fork), and serves one run at a time for one pytest worker (conftest.run_cli).
+Each run is a process of its own, as `python ARGS` is: its argv, working folder, stdin/stdout/stderr, exit status
+and signals; a script, `-m MODULE`, `-c CODE` or `-` (the code on stdin) run as __main__. It starts without the
+6-8 s a fresh interpreter spends importing torch, timm, torchvision, scipy and albumentations, which the suite's
+~100 runs would otherwise pay one by one. The zygote only imports (it runs no torch operation, so no OpenMP pool
+exists to be broken by the fork). Runs go side by side: each request is served by a forked handler that forks
+the run and waits for it, so a run may start runs of its own.
 
-    python tests/cli_zygote.py SOCKET     # listens on the Unix socket SOCKET; conftest starts and stops it
+Two clients, one per pytest worker's zygote (conftest starts and stops it):
+    conftest.run_cli            output to files, a timeout
+    zygote_python.py ARGS       `python ARGS` for what starts an interpreter itself (train.sh, the benchmarks'
+                                commands, torchrun's workers): its own stdin/stdout/stderr passed over, signals
+                                forwarded; the runs see it as sys.executable
+
+    python tests/cli_zygote.py SOCKET     # listens on the Unix socket SOCKET
 """
 import atexit
 import contextlib
@@ -18,6 +25,7 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Listener
+from multiprocessing.reduction import recv_handle
 
 PRELOAD = ('torch', 'torchvision', 'timm', 'segmentation_models_pytorch', 'scipy.signal', 'scipy.interpolate',
            'pandas', 'cv2', 'albumentations', 'matplotlib', 'PIL.Image', 'tqdm')
@@ -32,22 +40,45 @@ def preload():
         importlib.import_module(name)
 
 
-def run_child(request):
-    """In the forked child: become `python script ARGS` in cwd with the request's output files, run the script
-    as __main__, exit with its status (never returns)."""
+def redirect(request, fds):
+    """stdin, stdout and stderr of the run: the client's own (fds passed over the socket), or files by name."""
+    if fds is None:
+        fds = [os.open(path, mode) for path, mode in ((os.devnull, os.O_RDONLY), (request['stdout'], os.O_WRONLY),
+                                                      (request['stderr'], os.O_WRONLY))]
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+
+
+def run_args(args):
+    """Run `python ARGS` (interpreter options -u, -B, -E dropped: the child writes unbuffered to its files anyway)
+    as __main__, with sys.argv and sys.path[0] as the interpreter sets them."""
+    while args[0] in ('-u', '-B', '-E'):
+        args = args[1:]
+    if args[0] in ('-c', '-'):
+        code = args[1] if args[0] == '-c' else sys.stdin.read()
+        sys.argv, sys.path[0] = ['-c', *args[2:]] if args[0] == '-c' else ['-', *args[1:]], ''
+        exec(compile(code, '<string>' if args[0] == '-c' else '<stdin>', 'exec'), {'__name__': '__main__'})
+    elif args[0] == '-m':
+        sys.argv, sys.path[0] = [args[1], *args[2:]], os.getcwd()
+        runpy.run_module(args[1], run_name='__main__', alter_sys=True)
+    else:
+        script = os.path.abspath(args[0])
+        sys.argv, sys.path[0] = [script, *args[1:]], os.path.dirname(script)
+        runpy.run_path(script, run_name='__main__')
+
+
+def run_child(request, fds):
+    """In the forked child: become `python ARGS` in cwd with the request's environment and files, exit with its
+    status (never returns). Its own interpreter starts go through the zygote too (sys.executable: the client)."""
     code = 1
     try:
         os.chdir(request['cwd'])
         os.environ.clear()
         os.environ.update(request['env'])
-        for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request['stdout'], os.O_WRONLY),
-                               (2, request['stderr'], os.O_WRONLY)):
-            os.dup2(os.open(path, mode), fd)
-        script = os.path.abspath(request['args'][0])
-        sys.argv = [script, *request['args'][1:]]
-        sys.path[0] = os.path.dirname(script)           # as the interpreter puts a script's folder first
+        redirect(request, fds)
+        sys.executable = request['env'].get('ECG_CLI_PYTHON', sys.executable)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        runpy.run_path(script, run_name='__main__')
+        run_args(request['args'])
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -64,19 +95,39 @@ def run_child(request):
             os._exit(code)
 
 
-def wait(pid, timeout):
-    """The child's exit status as subprocess reports it (negative: killed by that signal), or None after
-    timeout seconds (the child is killed then)."""
-    deadline = time.monotonic() + timeout
+def wait(pid, timeout, connection):
+    """The run's exit status as subprocess reports it (negative: killed by that signal), or None after timeout
+    seconds or when the client went away (the run is killed then)."""
+    deadline = time.monotonic() + (timeout or float('inf'))
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or connection.poll(POLL_S):      # the client sends nothing: only its end
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return None
-        time.sleep(POLL_S)
+
+
+def handle(connection, request):
+    """In a forked handler: fork the run, tell the client its pid, wait, send its status; never returns."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        fds = [recv_handle(connection) for _ in range(3)] if request.get('pass_fds') else None
+        pid = os.fork()
+        if pid == 0:
+            connection.close()
+            run_child(request, fds)
+        for fd in fds or ():
+            os.close(fd)
+        connection.send(pid)
+        connection.send(wait(pid, request.get('timeout'), connection))
+        code = 0
+    except (OSError, EOFError):
+        pass
+    finally:
+        os._exit(code)
 
 
 def die_with_parent():
@@ -92,6 +143,7 @@ def die_with_parent():
 def serve(address):
     die_with_parent()
     preload()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)          # the handlers are reaped by the kernel
     with Listener(address, family='AF_UNIX') as listener:
         while True:
             with listener.accept() as connection:
@@ -100,10 +152,8 @@ def serve(address):
                     return
                 sys.stdout.flush()
                 sys.stderr.flush()
-                pid = os.fork()
-                if pid == 0:
-                    run_child(request)
-                connection.send(wait(pid, request['timeout']))
+                if os.fork() == 0:
+                    handle(connection, request)
 
 
 if __name__ == '__main__':

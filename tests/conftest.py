@@ -18,12 +18,16 @@ FIXTURE = ROOT.parent / 'shared' / 'fixtures' / 'ecg-image-kit'
 PYTHON = sys.executable
 
 
+
+FRESH = os.environ.get('ECG_TEST_FRESH_INTERPRETER') == '1'   # every run a fresh interpreter, as before the zygote
+
+
 def run_cli(*args, cwd=ROOT, timeout=600, check=True):
-    """Run one of the project's CLIs as a person would, `python SCRIPT ARGS` in a process of its own; returns the
-    CompletedProcess. A script runs in a child of this worker's zygote (cli_zygote.py: the same process, started
-    without importing torch again); `-m MODULE` and ECG_TEST_FRESH_INTERPRETER=1 start a fresh interpreter."""
+    """Run one of the project's CLIs as a person would, `python SCRIPT ARGS` (or `-m MODULE ARGS`) in a process of
+    its own; returns the CompletedProcess. It runs in a child of this worker's zygote (cli_zygote.py: the same
+    process, started without importing torch again); ECG_TEST_FRESH_INTERPRETER=1 starts a fresh interpreter."""
     args = [str(a) for a in args]
-    if args[0].startswith('-') or os.environ.get('ECG_TEST_FRESH_INTERPRETER') == '1':
+    if FRESH:
         result = subprocess.run([PYTHON, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     else:
         result = run_in_zygote(args, cwd, timeout)
@@ -34,6 +38,16 @@ def run_cli(*args, cwd=ROOT, timeout=600, check=True):
 
 ZYGOTE = {}   # this worker's zygote: 'process' (Popen), 'address' (its Unix socket)
 ZYGOTE_START_S = 180
+LAUNCHER = '#!/bin/sh\nexec "{python}" -S "{client}" "$@"\n'
+
+
+def python_command():
+    """The interpreter a test starts for a command that runs Python itself (train.sh, a Popen to signal): this
+    worker's zygote client (zygote_python.py), or with ECG_TEST_FRESH_INTERPRETER=1 the real one."""
+    if FRESH:
+        return PYTHON
+    zygote_address()
+    return os.environ['ECG_CLI_PYTHON']
 
 
 def zygote_address():
@@ -51,6 +65,11 @@ def zygote_address():
         time.sleep(0.05)
     ZYGOTE.update(process=process, address=address)
     atexit.register(stop_zygote)
+    launcher = Path(address).with_name('python')
+    launcher.write_text(LAUNCHER.format(python=PYTHON, client=ROOT / 'tests' / 'zygote_python.py'))
+    launcher.chmod(0o755)
+    # what this worker starts inherits both: runs of the zygote start their interpreters through it too
+    os.environ.update(ECG_CLI_ZYGOTE=address, ECG_CLI_PYTHON=str(launcher))
     return address
 
 
@@ -69,9 +88,11 @@ def run_in_zygote(args, cwd, timeout):
         stdout, stderr = os.path.join(folder, 'stdout'), os.path.join(folder, 'stderr')
         for path in (stdout, stderr):
             open(path, 'w').close()
+        address = zygote_address()                         # first: it puts the client in the environment
         request = dict(args=args, cwd=str(cwd), env=dict(os.environ), stdout=stdout, stderr=stderr, timeout=timeout)
-        with Client(zygote_address(), family='AF_UNIX') as connection:
+        with Client(address, family='AF_UNIX') as connection:
             connection.send(request)
+            connection.recv()                              # the run's pid
             code = connection.recv()
         output = [Path(path).read_text(errors='replace') for path in (stdout, stderr)]
     if code is None:

@@ -18,7 +18,7 @@ import torch
 import ecg_checkpoint
 import ecg_heads
 
-from conftest import PYTHON, ROOT, run_cli, run_failing, run_in_process
+from conftest import ROOT, python_command, run_cli, run_failing, run_in_process
 
 TINY = ['--image_size', '64', '320', '--encoder', 'tu-regnetx_002', '--batch_size', '4', '--num_workers', '0']
 
@@ -195,7 +195,7 @@ def wait_for(predicate, seconds):
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_finishes_the_run(sim_data, tmp_path):
-    command = [PYTHON, 'production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY,
+    command = [python_command(), 'production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY,
                '--batch_size', '1', '--epochs', '3', '--max_samples', '12', '--output_dir', tmp_path, '--log_every', '1']
     process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)

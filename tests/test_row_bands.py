@@ -127,7 +127,7 @@ def test_validation_evaluate_and_inference_read_the_same_signal(twelve_row_pages
     evaluate to the last bit; inference.py's CSV to its 3 decimals, its batch norms folded); and the bands
     matter (a reading without them differs)."""
     refs, _ = pdx.find_samples(twelve_row_pages, twelve_row_pages)
-    loader = torch.utils.data.DataLoader(pdx.ECGImageDataset(refs, target_size=(64, 320), read_scale=True),
+    loader = torch.utils.data.DataLoader(pdx.ECGImageDataset(refs, target_size=(64, 320), read_scale=True, cache=True),
                                          batch_size=len(refs))
     torch.manual_seed(0)
     model = ecg_model.build_model('tu-regnetx_002').eval()

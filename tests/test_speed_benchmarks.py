@@ -7,7 +7,7 @@ from conftest import run_cli
 
 
 def test_bench_threads_reports_alone_and_beside_a_competitor(tmp_path):
-    # one setting keeps it short; each measurement is a fresh process that imports torch
+    # one setting keeps it short; each measurement is a run of its own
     result = run_cli('bench_threads.py', '--settings', 'auto', '--seconds', '1', '--images', '4', '--batch_size', '2',
                      '--num_workers', '0', '--image_size', '64', '320', '--competitor', 'spin',
                      '--data', tmp_path / 'data', '--report', tmp_path / 'report.json')

@@ -2,24 +2,26 @@
 import os
 import subprocess
 
-from conftest import ROOT
+from conftest import ROOT, python_command
 
 
 def run_train_sh(tmp_path, *args, **env):
+    # its steps' interpreters: the CLI zygote's (conftest.python_command), which has torch imported already
     environment = dict(os.environ, OUTPUT_DIR=str(tmp_path / 'exp'), DEMO_DIR=str(tmp_path / 'demo'),
-                       DEMO_RECORDS='12', DEMO_EPOCHS='1', IMAGE_SIZE='64 320', ENCODER_OVERRIDE='tu-regnetx_002', **env)
+                       DEMO_RECORDS='8', DEMO_EPOCHS='1', IMAGE_SIZE='64 320', ENCODER_OVERRIDE='tu-regnetx_002',
+                       VENV_PYTHON=python_command(), **env)
     return subprocess.run(['bash', 'train.sh', *map(str, args)], cwd=ROOT, env=environment, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
 
 
 def test_unattended_demo_run_goes_through_every_step(tmp_path):
-    result = run_train_sh(tmp_path, '-y', '--', '--max_samples', '12')
+    result = run_train_sh(tmp_path, '-y', '--', '--max_samples', '8')
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for step in ('Step 1: environment check', 'Step 2: data check', 'Step 3: quick debug', 'Step 4: full training'):
         assert step in out
     assert 'device: cpu -> suggested --batch_size' in out
-    assert 'No data configured' in out and 'usable: 12' in out
+    assert 'No data configured' in out and 'usable: 8' in out
     assert 'debug mode' in out and 'Demo done' in out and 'tensorboard --logdir' in out
     runs = sorted((tmp_path / 'exp').glob('run_*'))
     assert len(runs) == 2                                   # the debug run and the full run

@@ -117,7 +117,7 @@ def test_tensorboard_has_the_guides_tags_and_images(debug_run):
 
 def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path):
     # with a moving average of the weights, whose state must survive the stop as well
-    common = ['--epochs', '2', '--seed', '3', '--max_samples', '12', '--ema_decay', '0.5']
+    common = ['--epochs', '2', '--seed', '3', '--max_samples', '8', '--ema_decay', '0.5']
     whole, _ = train(sim_data, tmp_path / 'whole', *common)
     part, _ = train(sim_data, tmp_path / 'part', *common, '--time_budget_min', '0')   # stops after epoch 1
     first = torch.load(part / 'checkpoints' / 'last.pth')
