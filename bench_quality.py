@@ -70,7 +70,7 @@ SIZES = [(384, 504), (512, 672), (256, 1344), (512, 1344), (512, 2688)]
 # (README's table)
 FULL = dict(train_records=480, heldout_records=60, budget_min=30.0, image_size=(128, 672),
             encoder='tu-regnetx_002', batch_size=4, lr=3e-3, epochs=20, decay_fraction=0.2)
-QUICK = dict(train_records=12, heldout_records=4, budget_min=0.0, image_size=(64, 320),
+QUICK = dict(train_records=8, heldout_records=4, budget_min=0.0, image_size=(64, 320),
              encoder='tu-regnetx_002', batch_size=4, lr=1e-3, epochs=1)
 
 

@@ -2,7 +2,10 @@
 gain and speed) read and checked: each lead's plotted pixels, sample range and trace channel, the grid, the
 page's layout, gain and speed. Every problem is a SampleError naming the file.
 """
+import functools
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -13,6 +16,7 @@ from ecg_page import LAYOUTS, LEADS, MAJOR_MM, MM_PER_MV, MM_PER_S, N_LEADS, N_R
 LAYOUT_NAMES = list(LAYOUTS)       # layout_id indexes this list; -1: a page no known layout draws
 PLOTTED_MARGIN_PX = 2.0            # plotted pixels may sit this far outside the PNG (antialiasing, rounding)
 MAX_OFF_PAGE_SHARE = 0.05          # share of a lead's plotted pixels that may fall off the page (clipped peaks)
+PARSED_PAGES = 32                  # pages parse_page keeps (about 0.7 MB each at 1 kHz)
 
 
 def read_json(path):
@@ -69,7 +73,26 @@ def mean_row(entry):
 
 
 def parse_page(ref):
-    """Read and check the JSON -> dict of page geometry in PNG pixel coordinates (x = col, y = row)."""
+    """Read and check the JSON -> dict of page geometry in PNG pixel coordinates (x = col, y = row), its arrays
+    read-only. The last PARSED_PAGES pages are kept (read_page), as long as their files are unchanged: a data set is
+    checked before training, and a small one read again every epoch, and the JSON is most of a sample's reading."""
+    files = [(path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None for path in (ref.json, ref.png)]
+    return dict(read_page(str(ref.json), str(ref.png), float(ref.fs), int(ref.sig_len), tuple(files)))
+
+
+@functools.lru_cache(maxsize=PARSED_PAGES)
+def read_page(json_path, png_path, fs, sig_len, files):
+    """parse_page's work, for one version (files: the JSON's and PNG's mtime and size) of a page's files."""
+    page = checked_page(SimpleNamespace(json=Path(json_path), png=Path(png_path), fs=fs, sig_len=sig_len))
+    for array in [page['lead_channel'], page['lead_sign'], page['rhythm_leads'], *(e['xy'] for e in page['entries']),
+                  *(page['grid'].values() if page['grid'] else ())]:
+        if isinstance(array, np.ndarray):
+            array.flags.writeable = False                  # a caller that changed one would change the kept page
+    return page
+
+
+def checked_page(ref):
+    """Read and check the JSON of ref (json, png, fs, sig_len) -> parse_page's dict."""
     meta = read_json(ref.json)
     missing = [k for k in ('width', 'height', 'x_grid', 'y_grid', 'leads') if k not in meta]
     if missing:
