@@ -115,8 +115,11 @@ def use_old_path():
 
 
 def bench_images(args):
-    """The pages timed: the first --n of --pages, else the simulator's."""
-    return sorted(args.pages.rglob('*.png'))[:args.n] if args.pages else ensure_pages(args.data, args.n)
+    """The pages timed: the first --n of --pages (every kind inference.py reads: photos, scans, PDFs), else the
+    simulator's."""
+    if not args.pages:
+        return ensure_pages(args.data, args.n)
+    return sorted(path for path in args.pages.rglob('*') if path.suffix.lower() in page_image.IMAGE_SUFFIXES)[:args.n]
 
 
 def without_wait_variables():

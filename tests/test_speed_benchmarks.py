@@ -46,3 +46,15 @@ def test_bench_inference_against_an_unknown_commit_ends_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match='--against nosuchcommit: git archive could not read it'):
         bench_inference.commit_tree('nosuchcommit', tmp_path)
     assert not (tmp_path / 'src_nosuchcommit').exists()
+
+
+def test_bench_inference_times_every_kind_of_page_inference_reads(tmp_path):
+    """--pages takes photos, scans and PDFs as inference.py does (the 12 MP photo cost check), not PNGs alone."""
+    import argparse
+
+    import bench_inference
+    for name in ('b.png', 'a.JPG', 'sub/c.tiff', 'd.pdf', 'notes.txt', 'e.json'):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b'')
+    pages = bench_inference.bench_images(argparse.Namespace(pages=tmp_path, n=3))
+    assert [path.relative_to(tmp_path).as_posix() for path in pages] == ['a.JPG', 'b.png', 'd.pdf']
