@@ -69,8 +69,9 @@ class DrawnPage:
 class Head:
     """One head: `name` is its loss term, --loss_weight_NAME and TensorBoard tag. `maps` names its per-pixel output
     (`channels` maps of the U-Net's last layer), `pooled` its channels of the pooled head (values per image, output
-    `name`). `targets(DrawnPage)` -> {field: numpy array} of `fields`; `loss(outputs, batch)` -> (scalar, {part: scalar}) with
-    the `parts` it is made of (logged, to see which part stalls)."""
+    `name`; checkpoints name and match map heads only, so a new pooled head does not load older checkpoints).
+    `targets(DrawnPage)` -> {field: numpy array} of `fields`; `loss(outputs, batch)` -> (scalar, {part: scalar})
+    with the `parts` it is made of (logged, to see which part stalls)."""
     name: str
     weight: float
     fields: dict

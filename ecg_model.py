@@ -100,11 +100,17 @@ def head_rows(heads):
     return rows
 
 
+def has_todays_heads(heads):
+    """Whether head channels {maps: channels} are this model's, in its order (the rows of the last layer follow it;
+    dicts that differ only in order compare equal)."""
+    return list(heads.items()) == list(HEAD_CHANNELS.items())
+
+
 def fit_heads(state, heads, fresh):
     """A state dict saved with head channels `heads` (ecg_checkpoint.head_channels) made to fit this model, whose
     own initial state is `fresh` (head_rows tells where each row comes from); a state of today's heads comes back as
     it is. A head this model does not have is refused."""
-    if heads == HEAD_CHANNELS:
+    if has_todays_heads(heads):
         return state
     unknown = sorted(set(heads) - set(HEAD_CHANNELS))
     if unknown:

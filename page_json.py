@@ -76,13 +76,22 @@ def parse_page(ref):
     """Read and check the JSON -> dict of page geometry in PNG pixel coordinates (x = col, y = row), its arrays
     read-only. The last PARSED_PAGES pages are kept (read_page), as long as their files are unchanged: a data set is
     checked before training, and a small one read again every epoch, and the JSON is most of a sample's reading."""
-    files = [(path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None for path in (ref.json, ref.png)]
-    return dict(read_page(str(ref.json), str(ref.png), float(ref.fs), int(ref.sig_len), tuple(files)))
+    return dict(read_page(str(ref.json), str(ref.png), float(ref.fs), int(ref.sig_len),
+                          tuple(file_version(path) for path in (ref.json, ref.png))))
+
+
+def file_version(path):
+    """What tells one version of a file from another (an edit of the same size within one mtime tick changes its
+    ctime; a copy over it, its inode), or None when there is no file."""
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=PARSED_PAGES)
 def read_page(json_path, png_path, fs, sig_len, files):
-    """parse_page's work, for one version (files: the JSON's and PNG's mtime and size) of a page's files."""
+    """parse_page's work, for one version (files: file_version of the JSON and the PNG) of a page's files."""
     page = checked_page(SimpleNamespace(json=Path(json_path), png=Path(png_path), fs=fs, sig_len=sig_len))
     for array in [page['lead_channel'], page['lead_sign'], page['rhythm_leads'], *(e['xy'] for e in page['entries']),
                   *(page['grid'].values() if page['grid'] else ())]:

@@ -802,7 +802,7 @@ def resume_from(path, training, config):
     (Training) -> the progress state."""
     model, optimizer, scheduler, ema = training.model, training.optimizer, training.scheduler, training.ema
     checkpoint = ecg_checkpoint.load(path, map_location=training.device)
-    if ecg_checkpoint.head_channels(checkpoint) != ecg_heads.HEAD_CHANNELS:
+    if not ecg_model.has_todays_heads(ecg_checkpoint.head_channels(checkpoint)):
         raise ecg_cli.InputError(f'--resume {path}: its heads {ecg_checkpoint.head_channels(checkpoint)} are not this '
                                  f'model\'s {ecg_heads.HEAD_CHANNELS}, so its optimizer state does not fit: start a new '
                                  f'run with --init_from {path}')

@@ -47,12 +47,17 @@ def redirect(request, fds):
                                                       (request['stderr'], os.O_WRONLY))]
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
+    for fd in set(fds) - {0, 1, 2}:                        # the copies on 0, 1, 2 are the run's
+        os.close(fd)
 
 
 def run_args(args):
-    """Run `python ARGS` (interpreter options -u, -B, -E dropped: the child writes unbuffered to its files anyway)
-    as __main__, with sys.argv and sys.path[0] as the interpreter sets them."""
+    """Run `python ARGS` as __main__, with sys.argv and sys.path[0] as the interpreter sets them. Of the interpreter's
+    own options, -u makes stdout and stderr write through; -B and -E are dropped (the zygote started already)."""
     while args[0] in ('-u', '-B', '-E'):
+        if args[0] == '-u':
+            sys.stdout.reconfigure(write_through=True)
+            sys.stderr.reconfigure(write_through=True)
         args = args[1:]
     if args[0] in ('-c', '-'):
         code = args[1] if args[0] == '-c' else sys.stdin.read()
@@ -110,8 +115,9 @@ def wait(pid, timeout, connection):
 
 
 def handle(connection, request):
-    """In a forked handler: fork the run, tell the client its pid, wait, send its status; never returns."""
-    code = 1
+    """In a forked handler: fork the run, tell the client its pid, wait, send its status; never returns. A run
+    whose handler fails (its client gone before it heard the pid, say) is killed, not left unwatched."""
+    code, pid = 1, None
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         fds = [recv_handle(connection) for _ in range(3)] if request.get('pass_fds') else None
@@ -122,11 +128,17 @@ def handle(connection, request):
         for fd in fds or ():
             os.close(fd)
         connection.send(pid)
-        connection.send(wait(pid, request.get('timeout'), connection))
+        status = wait(pid, request.get('timeout'), connection)
+        pid = None                                         # reaped
+        connection.send(status)
         code = 0
     except (OSError, EOFError):
         pass
     finally:
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         os._exit(code)
 
 

@@ -97,3 +97,16 @@ def test_a_checkpoint_without_a_head_loads_with_that_head_fresh(monkeypatch):
         assert torch.equal(fitted[key][-1], fresh[key][-1])
     with pytest.raises(ValueError, match=r"no \['pulse'\] head"):
         ecg_model.fit_heads(saved, {**ecg_model.ONE_RHYTHM_HEADS, 'pulse': 2}, fresh)
+
+
+def test_heads_saved_in_another_order_load_by_name():
+    """Today's heads in another order are not today's (dicts that differ in order compare equal): each head's rows
+    are taken from where that checkpoint put them."""
+    heads = ecg_heads.HEAD_CHANNELS
+    reordered = dict(reversed(heads.items()))
+    assert reordered == heads and not ecg_model.has_todays_heads(reordered) and ecg_model.has_todays_heads(dict(heads))
+    rows = sum(heads.values())
+    saved = {key: torch.arange(rows, dtype=torch.float32) for key in ecg_model.HEAD_KEYS}
+    fitted = ecg_model.fit_heads(saved, reordered, saved)
+    seg_rows = fitted[ecg_model.HEAD_KEYS[1]][:heads['seg']]
+    assert seg_rows.tolist() == list(range(rows - heads['seg'], rows))     # seg was saved last

@@ -16,6 +16,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
 
 def main():
     request = dict(args=sys.argv[1:], cwd=os.getcwd(), env=dict(os.environ), timeout=None, pass_fds=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)    # held until the run's pid is known, then forwarded
     with Client(os.environ['ECG_CLI_ZYGOTE'], family='AF_UNIX') as connection:
         connection.send(request)
         for fd in (0, 1, 2):
@@ -23,10 +24,12 @@ def main():
         run = connection.recv()
         for number in FORWARDED:
             signal.signal(number, lambda received, frame: os.kill(run, received))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
         code = connection.recv()
     if code is None or code < 0:                           # killed: end the same way
         number = signal.SIGKILL if code is None else -code
-        signal.signal(number, signal.SIG_DFL)
+        if number != signal.SIGKILL:                       # SIGKILL's action cannot be set, and is the default
+            signal.signal(number, signal.SIG_DFL)
         os.kill(os.getpid(), number)
     sys.exit(code)
 
