@@ -168,9 +168,10 @@ def page_strips(drawn):
     for entry in sorted(drawn.page['entries'], key=lambda e: e['channel'] < RHYTHM):
         px_per_mv, scale_xy = drawn.page['px_per_mv'], drawn.scale_xy
         page_entry = dict(entry, xy=derotate(entry['xy'], drawn.theta_deg, drawn.png_wh))
+        image_zero = zero_mv_points(entry, drawn.values, px_per_mv, drawn.theta_deg)
+        page_zero = zero_mv_points(page_entry, drawn.values, px_per_mv, 0.0)
         strips.append(Strip(entry, to_input(entry['xy'], scale_xy), to_input(page_entry['xy'], scale_xy),
-                            fit_line(to_input(zero_mv_points(entry, drawn.values, px_per_mv, drawn.theta_deg), scale_xy)),
-                            fit_line(to_input(zero_mv_points(page_entry, drawn.values, px_per_mv, 0.0), scale_xy))))
+                            fit_line(to_input(image_zero, scale_xy)), fit_line(to_input(page_zero, scale_xy))))
     return strips
 
 
@@ -363,7 +364,8 @@ def signal_targets(drawn):
         window[channel] = (entry['start'] / drawn.fs, (entry['end'] - 1) / drawn.fs)
         span[channel] = (page_xy[finite, 0][0], page_xy[finite, 0][-1])
     signal = drawn.signal
-    return dict(signal=np.nan_to_num(signal).astype(np.float32), signal_mask=signal_shown_mask(drawn.page, signal, drawn.fs),
+    return dict(signal=np.nan_to_num(signal).astype(np.float32),
+                signal_mask=signal_shown_mask(drawn.page, signal, drawn.fs),
                 trace_top=top, trace_bot=bot, baseline_row=base, trace_window=window, trace_span=span)
 
 

@@ -82,8 +82,9 @@ ONE_RHYTHM_HEADS = {**FORMAT2_HEADS, 'trace': 3 * (N_LEADS + 1)}
 
 def head_rows(heads):
     """For each channel of this model's maps (HEAD_CHANNELS), where its weights come from -> list of (own, row):
-    row `row` of a checkpoint saved with `heads` ({maps: channels}), or (own) of the model's own initial state. A head the checkpoint lacks starts fresh; a one-rhythm trace head (ONE_RHYTHM_HEADS) has its rhythm
-    channel's rows copied to the two new rhythm channels, so every page it read reads the same."""
+    row `row` of a checkpoint saved with `heads` ({maps: channels}), or (own) of the model's own initial state.
+    A head the checkpoint lacks starts fresh; a one-rhythm trace head (ONE_RHYTHM_HEADS) has its rhythm channel's
+    rows copied to the two new rhythm channels, so every page it read reads the same."""
     starts = dict(zip(heads, [sum(list(heads.values())[:k]) for k in range(len(heads))]))
     rows, own_start = [], 0
     for name, channels in HEAD_CHANNELS.items():
@@ -95,7 +96,8 @@ def head_rows(heads):
             rows += [(False, starts[name] + kind * (N_LEADS + 1) + min(channel, RHYTHM))
                      for kind in range(3) for channel in range(N_TRACES)]
         else:
-            raise ValueError(f'head channels {heads}: its {name} head has {heads[name]} channels, this model {channels}')
+            raise ValueError(f'head channels {heads}: its {name} head has {heads[name]} channels, '
+                             f'this model {channels}')
         own_start += channels
     return rows
 

@@ -39,7 +39,8 @@ def ink_tree(tmp_path_factory):
         shutil.copy(path, tree)
     heads = (tree / 'ecg_heads.py').read_text()
     assert heads.count(REGISTRY) == 1 and heads.count('\n)\nHEAD_CHANNELS') == 1
-    heads = heads.replace(REGISTRY, INK_HEAD + REGISTRY).replace('\n)\nHEAD_CHANNELS', '\n' + INK_ENTRY + ')\nHEAD_CHANNELS')
+    heads = heads.replace(REGISTRY, INK_HEAD + REGISTRY)
+    heads = heads.replace('\n)\nHEAD_CHANNELS', '\n' + INK_ENTRY + ')\nHEAD_CHANNELS')
     (tree / 'ecg_heads.py').write_text(heads)
     return tree
 
@@ -76,7 +77,8 @@ def test_scripts_of_the_grown_tree_read_with_the_new_head_and_todays_refuse_it(i
     page = sorted(sim_data.glob('*/*.png'))[0]
     run_cli('inference.py', '--checkpoint', best, '--image', page, '--output', tmp_path / 'read.csv', cwd=ink_tree)
     assert len((tmp_path / 'read.csv').read_text().splitlines()) == 5001       # the header and 10 s at 500 Hz
-    refused = run_cli('inference.py', '--checkpoint', best, '--image', page, '--output', tmp_path / 'no.csv', check=False)
+    refused = run_cli('inference.py', '--checkpoint', best, '--image', page, '--output', tmp_path / 'no.csv',
+                      check=False)
     assert refused.returncode != 0 and "no ['ink'] head" in refused.stderr and str(best) in refused.stderr
     resumed = run_cli('production_trainer.py', '--resume', best, check=False)
     assert resumed.returncode != 0 and '--init_from' in resumed.stderr and "'ink': 1" in resumed.stderr
@@ -88,8 +90,9 @@ def test_a_checkpoint_without_a_head_loads_with_that_head_fresh(monkeypatch):
     grown = {**ecg_heads.HEAD_CHANNELS, 'ink': 1}
     monkeypatch.setattr(ecg_model, 'HEAD_CHANNELS', grown)
     saved_rows, own_rows = sum(ecg_model.ONE_RHYTHM_HEADS.values()), sum(grown.values())
-    saved = {key: torch.randn(saved_rows, *([16, 1, 1] if key.endswith('weight') else [])) for key in ecg_model.HEAD_KEYS}
-    fresh = {key: torch.randn(own_rows, *([16, 1, 1] if key.endswith('weight') else [])) for key in ecg_model.HEAD_KEYS}
+    shape = {key: [16, 1, 1] if key.endswith('weight') else [] for key in ecg_model.HEAD_KEYS}
+    saved = {key: torch.randn(saved_rows, *shape[key]) for key in ecg_model.HEAD_KEYS}
+    fresh = {key: torch.randn(own_rows, *shape[key]) for key in ecg_model.HEAD_KEYS}
     fitted = ecg_model.fit_heads(saved, ecg_model.ONE_RHYTHM_HEADS, fresh)
     for key in ecg_model.HEAD_KEYS:
         assert torch.equal(fitted[key][:15], saved[key][:15])

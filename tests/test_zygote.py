@@ -20,7 +20,8 @@ def test_code_from_stdin_and_from_c_runs_as_main_with_its_argv():
 
 def test_a_run_may_start_runs_of_its_own():
     code = ("import subprocess, sys\n"
-            "print(subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True).stdout.strip())")
+            "run = subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True)\n"
+            "print(run.stdout.strip())")
     done = python('-c', code)
     assert done.returncode == 0 and done.stdout == '42\n', done.stderr
 
@@ -32,7 +33,8 @@ def test_a_killed_run_ends_its_client_the_same_way():
 
 
 def test_a_signal_to_the_client_reaches_the_run():
-    code = 'import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print("interrupted")\n    raise SystemExit(130)'
+    code = ('import time\ntry:\n    time.sleep(60)\n'
+            'except KeyboardInterrupt:\n    print("interrupted")\n    raise SystemExit(130)')
     process = subprocess.Popen([python_command(), '-c', code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     time.sleep(1.5)
     process.send_signal(signal.SIGINT)
