@@ -417,6 +417,6 @@ HEADS = (
          parts=SIGNAL_PARTS),
 )
 HEAD_CHANNELS = {head.maps: head.channels for head in HEADS if head.maps}      # the U-Net's last layer, in order
-POOLED_HEADS = [head for head in HEADS if head.pooled]
+POOLED_CHANNELS = {head.name: head.pooled for head in HEADS if head.pooled}   # smp's pooled head, in order
 DEFAULT_LOSS_WEIGHTS = {head.name: head.weight for head in HEADS}
 TARGET_FIELDS = {name: field for head in HEADS for name, field in head.fields.items()}

@@ -16,6 +16,7 @@ Also here: loading ImageNet encoder weights (the hub, or a local file) into the 
 """
 import os
 import socket
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 import segmentation_models_pytorch as smp
 
 import ecg_decode
-from ecg_heads import HEAD_CHANNELS, POOLED_HEADS
+from ecg_heads import HEAD_CHANNELS, POOLED_CHANNELS
 from ecg_page import N_LEADS, N_TRACES, RHYTHM
 
 HUB_HOST = ('huggingface.co', 443)  # where smp keeps its ImageNet encoder weights
@@ -55,7 +56,7 @@ class ECGDigitizer(nn.Module):
         self.pulse_start_weight = None   # its own decoding weight, tuned on validation (None: ecg_decode.PULSE_START_WEIGHT)
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3 + COORD_CHANNELS,
                              classes=sum(HEAD_CHANNELS.values()), decoder_channels=decoder_channels,
-                             aux_params={'classes': sum(head.pooled for head in POOLED_HEADS),
+                             aux_params={'classes': sum(POOLED_CHANNELS.values()),
                                          'pooling': 'avg', 'dropout': 0.0})
         # a 1x1 head: the decoder's 3x3 convs already see the neighbourhood; smp's 3x3 head over 41
         # channels at full resolution costs as much as the whole last decoder stage
@@ -68,8 +69,8 @@ class ECGDigitizer(nn.Module):
         it everything is read from the image (evaluation, inference)."""
         maps, pooled = self.unet(with_coordinates(image))
         out = dict(zip(HEAD_CHANNELS, torch.split(maps, list(HEAD_CHANNELS.values()), dim=1)))
-        for head, values in zip(POOLED_HEADS, torch.split(pooled, [head.pooled for head in POOLED_HEADS], dim=1)):
-            out[head.name] = values.squeeze(1)
+        for name, values in zip(POOLED_CHANNELS, torch.split(pooled, list(POOLED_CHANNELS.values()), dim=1)):
+            out[name] = values.squeeze(1)
         return ecg_decode.decode_outputs(out, ecg_decode.with_start_weight(geometry, self.pulse_start_weight))
 
 
@@ -85,7 +86,7 @@ def head_rows(heads):
     row `row` of a checkpoint saved with `heads` ({maps: channels}), or (own) of the model's own initial state.
     A head the checkpoint lacks starts fresh; a one-rhythm trace head (ONE_RHYTHM_HEADS) has its rhythm channel's
     rows copied to the two new rhythm channels, so every page it read reads the same."""
-    starts = dict(zip(heads, [sum(list(heads.values())[:k]) for k in range(len(heads))]))
+    starts = dict(zip(heads, accumulate(heads.values(), initial=0)))   # each saved head's first row
     rows, own_start = [], 0
     for name, channels in HEAD_CHANNELS.items():
         if name not in heads:

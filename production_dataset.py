@@ -41,7 +41,7 @@ import ecg_signals
 import page_json
 import page_image
 import page_scale
-from ecg_heads import derotate, fit_line, zero_mv_points
+from ecg_heads import derotate, fit_line, per_image, zero_mv_points
 from ecg_page import LAYOUTS, LEADS, N_LEADS, N_RHYTHM, row_bands
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
@@ -275,10 +275,6 @@ def translate_sample(sample, dy, dx):
 
 
 # ---------------------------------------------------------------- dataset
-
-def per_image(dtype=torch.float32):
-    return ecg_heads.Field(lambda h, w: (), dtype)
-
 
 PAGE_FIELDS = {   # a sample's fields beside the heads' targets (ecg_heads.HEADS: TARGET_FIELDS)
     'image': ecg_heads.Field(lambda h, w: (h, w, 3), torch.uint8),
