@@ -7,7 +7,8 @@ and signals; a script, `-m MODULE`, `-c CODE` or `-` (the code on stdin) run as 
 exists to be broken by the fork). Runs go side by side: each request is served by a forked handler that forks
 the run and waits for it, so a run may start runs of its own.
 
-Two clients, one per pytest worker's zygote (conftest starts and stops it):
+Two clients, one per pytest worker's zygote (conftest starts and stops it), each passing the run's stdin, stdout
+and stderr over the socket:
     conftest.run_cli            output to files, a timeout
     zygote_python.py ARGS       `python ARGS` for what starts an interpreter itself (train.sh, the benchmarks'
                                 commands, torchrun's workers): its own stdin/stdout/stderr passed over, signals
@@ -40,11 +41,8 @@ def preload():
         importlib.import_module(name)
 
 
-def redirect(request, fds):
-    """stdin, stdout and stderr of the run: the client's own (fds passed over the socket), or files by name."""
-    if fds is None:
-        fds = [os.open(path, mode) for path, mode in ((os.devnull, os.O_RDONLY), (request['stdout'], os.O_WRONLY),
-                                                      (request['stderr'], os.O_WRONLY))]
+def redirect(fds):
+    """stdin, stdout and stderr of the run: the three fds its client passed over the socket."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     for fd in set(fds) - {0, 1, 2}:                        # the copies on 0, 1, 2 are the run's
@@ -80,7 +78,7 @@ def run_child(request, fds):
         os.chdir(request['cwd'])
         os.environ.clear()
         os.environ.update(request['env'])
-        redirect(request, fds)
+        redirect(fds)
         sys.executable = request['env'].get('ECG_CLI_PYTHON', sys.executable)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         run_args(request['args'])
@@ -120,12 +118,12 @@ def handle(connection, request):
     code, pid = 1, None
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        fds = [recv_handle(connection) for _ in range(3)] if request.get('pass_fds') else None
+        fds = [recv_handle(connection) for _ in range(3)]
         pid = os.fork()
         if pid == 0:
             connection.close()
             run_child(request, fds)
-        for fd in fds or ():
+        for fd in fds:
             os.close(fd)
         connection.send(pid)
         status = wait(pid, request.get('timeout'), connection)

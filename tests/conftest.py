@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from multiprocessing.connection import Client
+from multiprocessing.reduction import send_handle
 from pathlib import Path
 
 import pytest
@@ -86,12 +87,13 @@ def run_in_zygote(args, cwd, timeout):
     """`python ARGS` in cwd as a child of the zygote -> CompletedProcess (TimeoutExpired after timeout s)."""
     with tempfile.TemporaryDirectory(prefix='ecg-cli-run-') as folder:
         stdout, stderr = os.path.join(folder, 'stdout'), os.path.join(folder, 'stderr')
-        for path in (stdout, stderr):
-            open(path, 'w').close()
         address = zygote_address()                         # first: it puts the client in the environment
-        request = dict(args=args, cwd=str(cwd), env=dict(os.environ), stdout=stdout, stderr=stderr, timeout=timeout)
-        with Client(address, family='AF_UNIX') as connection:
+        request = dict(args=args, cwd=str(cwd), env=dict(os.environ), timeout=timeout)
+        with open(os.devnull) as nothing, open(stdout, 'w') as out, open(stderr, 'w') as err, \
+                Client(address, family='AF_UNIX') as connection:
             connection.send(request)
+            for handle in (nothing, out, err):
+                send_handle(connection, handle.fileno(), None)
             connection.recv()                              # the run's pid
             code = connection.recv()
         output = [Path(path).read_text(errors='replace') for path in (stdout, stderr)]

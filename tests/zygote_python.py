@@ -15,7 +15,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
 
 
 def main():
-    request = dict(args=sys.argv[1:], cwd=os.getcwd(), env=dict(os.environ), timeout=None, pass_fds=True)
+    request = dict(args=sys.argv[1:], cwd=os.getcwd(), env=dict(os.environ), timeout=None)
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)    # held until the run's pid is known, then forwarded
     with Client(os.environ['ECG_CLI_ZYGOTE'], family='AF_UNIX') as connection:
         connection.send(request)
