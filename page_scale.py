@@ -724,6 +724,14 @@ def without_long_lines(ink, length):
     return ink
 
 
+def rejoined(cut, whole, mm):
+    """cut (strokes without the grid's long lines) with the pixels of whole given back where a vertical stroke
+    runs on above and below them: a horizontal grid line, taken out with a pixel either side, cut a pulse's rise
+    and fall in two, and their lower halves with the line passed for a 5 x 5 mm pulse (a photo's dark grid)."""
+    gap = np.ones((int(mm) + 1, 1), np.uint8)                  # up to a millimetre of line taken out
+    return cv2.morphologyEx(cut, cv2.MORPH_CLOSE, gap) & whole
+
+
 def without_specks(ink, size_px):
     """ink without its 8-connected pieces whose bounding box is under size_px both ways."""
     _, labels, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
@@ -768,7 +776,7 @@ def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step, pairs=False):
     if mm:
         h_lo, h_hi = PULSE_MM_RANGE[0] * mm, max_mm * mm
         ink = without_long_lines(ink, int(LONG_LINE_MM * mm))
-        edges = without_long_lines(edges, int(LONG_LINE_MM * mm)) if pairs else ink
+        edges = rejoined(without_long_lines(edges, int(LONG_LINE_MM * mm)) if pairs else ink, edges, mm)
         blank = without_specks(ink, SPECKLE_MM * mm)
     else:
         h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step

@@ -598,3 +598,18 @@ def test_a_time_axis_read_far_off_the_page_is_not_decoded_with(fixture_pages, mo
     monkeypatch.setattr(ps, 'estimate_scale', lambda _: replace(good, px_per_mm_x=7 * good.px_per_mm_x))
     px_per_mv, px_per_s, found = ps.read_scale(rgb, (128, 672))
     assert math.isnan(px_per_s) and math.isfinite(px_per_mv) and 'time axis' in found['rejected']
+
+
+@pytest.mark.parametrize('photo', ['02100_hr-0001.jpg', '03259_hr-0001.jpg'])
+def test_a_photos_pulse_crossed_by_a_dark_grid_line_is_read_whole(photo):
+    """Real dev photos printed at 10 mm/mV and 25 mm/s, whose red grid is as dark as the trace where the light is
+    poor: a major line crosses each 10 mm pulse in the middle. Taking the grid's lines out used to cut the pulse's
+    rise and fall in two, and their lower halves with the line read as 5 mm/mV."""
+    import page_image
+    import page_reader
+    page, _ = page_reader.find_page(page_image.read_rgb(ROOT.parent / 'shared' / 'real' / 'photos' / 'images' / photo))
+    scale = ps.estimate_scale(page)
+    assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (10.0, 25.0)
+    assert not scale.gain_assumed and not scale.speed_assumed
+    assert scale.pulse['height_px'] / scale.px_per_mm_y == pytest.approx(10.0, rel=0.08)
+    assert scale.pulse['width_px'] / scale.px_per_mm_x == pytest.approx(5.0, rel=0.08)
