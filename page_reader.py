@@ -372,7 +372,8 @@ def paper_share(picture, rgb):
 def stack_inputs(rows):
     """page_input_row's per page -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
     read_px_per_s, read_speed_mm_s (B,; NaN: not read from the pulse), read_start (B,: input column where the
-    pulses end and the traces start, NaN: no pulse) and 'scale', what each page's grid and pulse showed."""
+    pulses end and the traces start, NaN: no pulse), time_slack (B,: time_slack) and 'scale', what each page's
+    grid and pulse showed."""
     tensors, aspects, px_per_mv, px_per_s, found, paper, page_found = zip(*rows)
     speeds = [page_scale.pulse_reading(scale, 'paper_speed_mm_s', 'speed_assumed') for scale in found]
     return {'image': torch.stack(tensors), 'page_aspect': torch.tensor(aspects, dtype=torch.float32),
@@ -380,7 +381,14 @@ def stack_inputs(rows):
             'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32),
             'read_speed_mm_s': torch.tensor(speeds, dtype=torch.float32),
             'read_start': torch.tensor([scale['trace_start_column'] for scale in found], dtype=torch.float32),
-            'scale': list(found), 'paper_share': list(paper), 'page_found': list(page_found)}
+            'scale': list(found), 'paper_share': list(paper), 'page_found': list(page_found),
+            'time_slack': torch.tensor([time_slack(done) for done in page_found], dtype=torch.float32)}
+
+
+def time_slack(page_found):
+    """A rectified photo's time axis is fitted within ecg_decode.PHOTO_TIME_SLACK (its curl and folds bend the
+    seconds); a render or scan keeps the scale its grid gives."""
+    return ecg_decode.PHOTO_TIME_SLACK if page_found and page_found.get('action') == 'rectified' else 0.0
 
 
 def with_known_scale(inputs, size_hw, gain=None, speed=None):
