@@ -112,6 +112,7 @@ def parse_args(argv=None):
                    help='OpenMP wait of the training run: the benchmark runs alone (its numbers are a budget of CPU '
                         'time), and alone the spinning wait trains faster than the sleeping one the trainer keeps '
                         'for shared machines')
+    p.add_argument('--photo_aug', type=float, default=0.0, help="the trainer's --photo_aug (photo-like images)")
     p.add_argument('--init_from', help='start from these weights (e.g. starter/ecg_starter.pth) instead of scratch')
     p.add_argument('--export_starter', action='store_true',
                    help=f'write best.pth as the shipped starter weights ({ecg_checkpoint.STARTER.relative_to(ROOT)})')
@@ -120,7 +121,8 @@ def parse_args(argv=None):
 
 def settings(args):
     chosen = dict(QUICK if args.quick else FULL)
-    for key in ('budget_min', 'train_records', 'image_size', 'encoder', 'epochs', 'lr', 'decay_fraction', 'ema_decay'):
+    for key in ('budget_min', 'train_records', 'image_size', 'encoder', 'epochs', 'lr', 'decay_fraction', 'ema_decay',
+                'photo_aug'):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     chosen['image_size'] = list(chosen['image_size'])
@@ -185,6 +187,7 @@ def train(data, out, cfg, init_from=None, wait_policy='ACTIVE'):
         '--time_budget_min', cfg['budget_min'], '--save_every', keep_epochs,
         *(['--decay_fraction', cfg['decay_fraction']] if cfg.get('decay_fraction') is not None else []),
         *(['--ema_decay', cfg['ema_decay']] if cfg.get('ema_decay') else []),
+        *(['--photo_aug', cfg['photo_aug']] if cfg.get('photo_aug') else []),
         env={'OMP_WAIT_POLICY': wait_policy})
     return sorted(Path(out).glob('run_*'))[-1]
 

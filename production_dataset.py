@@ -46,6 +46,8 @@ from ecg_page import LAYOUTS, LEADS, N_LEADS, N_RHYTHM, row_bands
 
 DEFAULT_IMAGE_SIZE = (256, 1344)   # same pixels as 512 x 672, twice the time resolution (DESIGN.md)
 MAX_SHIFT_FRACTION = 0.02          # translation augmentation, fraction of the input size
+CREASES = (1, 6)                   # photo augmentation: creases drawn across the page, fewest and most
+CREASE_SHADE = (0.06, 0.25)        # a crease's shading, share of the brightness (its two flanks: lit and shaded)
 
 log = logging.getLogger('production_dataset')
 
@@ -229,6 +231,47 @@ def photometric_augment():
     ])
 
 
+def photo_augment():
+    """What a phone photo of a printed page still shows once the page is found and flattened (page_rectify):
+    uneven light and shadows, a colour cast of the room's light, soft focus, sensor noise and JPEG (creases:
+    draw_creases). Photometric only, so it never moves a target."""
+    import albumentations as A
+    return A.Compose([
+        A.OneOf([A.Illumination(mode='linear', intensity_range=(0.05, 0.2)),
+                 A.Illumination(mode='corner', intensity_range=(0.05, 0.2)),
+                 A.Illumination(mode='gaussian', intensity_range=(0.05, 0.2)),
+                 A.PlasmaShadow(shadow_intensity_range=(0.1, 0.4), plasma_size=256, roughness=3.0)], p=0.9),
+        A.PlanckianJitter(temperature_limit=(4000, 9000), p=0.4),
+        A.RandomGamma(gamma_limit=(70, 95), p=0.4),   # a print's faint 1 mm lines fade into the paper
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=(-0.25, 0.1), p=0.5),
+        # the trace is about a pixel wide at 128 rows: more blur, or a nearest-pixel downscale, erases it
+        A.OneOf([A.Downscale(scale_range=(0.7, 0.9),
+                             interpolation_pair={'downscale': cv2.INTER_AREA, 'upscale': cv2.INTER_LINEAR}),
+                 A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.3, 0.6))], p=0.2),
+        A.ISONoise(color_shift=(0.01, 0.04), intensity=(0.1, 0.3), p=0.3),
+        A.ImageCompression(quality_range=(50, 95), p=0.4),
+    ])
+
+
+def draw_creases(image, rng):
+    """(H, W, 3) uint8 page with CREASES lines across it, each lit on one flank and shaded on the other, as a
+    crumpled or folded sheet throws the light; a new array."""
+    height, width = image.shape[:2]
+    light = np.zeros((height, width), np.float32)
+    for _ in range(int(rng.integers(CREASES[0], CREASES[1] + 1))):
+        (x0, y0), (x1, y1) = rng.uniform((0, 0), (width, height), (2, 2))
+        direction = np.array([x1 - x0, y1 - y0]) / max(math.hypot(x1 - x0, y1 - y0), 1e-6)
+        normal = np.array([-direction[1], direction[0]])
+        reach = 2.0 * max(width, height)
+        a, b = np.array([x0, y0]) - reach * direction, np.array([x0, y0]) + reach * direction
+        shade, side = rng.uniform(*CREASE_SHADE), float(rng.choice([-1.0, 1.0]))
+        for offset, sign in ((1.0, side), (-1.0, -side)):
+            lit = np.round(np.stack([a, b]) + offset * normal).astype(np.int32)
+            cv2.line(light, tuple(lit[0]), tuple(lit[1]), sign * shade, thickness=1, lineType=cv2.LINE_AA)
+    light = cv2.GaussianBlur(light, (0, 0), float(rng.uniform(0.5, 1.0)))
+    return np.clip(image.astype(np.float32) * (1.0 + light[..., None]), 0, 255).astype(np.uint8)
+
+
 def shift_map(array, dy, dx, border=cv2.BORDER_CONSTANT):
     """Translate an (H, W[, 3]) map by whole pixels."""
     matrix = np.float32([[1, 0, dx], [0, 1, dy]])
@@ -344,9 +387,10 @@ class ECGImageDataset(Dataset):
     """
 
     def __init__(self, refs, target_size=DEFAULT_IMAGE_SIZE, augment=False, cache=False, progress=False,
-                 read_scale=False, row_bands=False):
+                 read_scale=False, row_bands=False, photo_prob=0.0):
         self.size_hw = tuple(int(v) for v in target_size)
         self.augment = augment
+        self.photo_prob = photo_prob    # share of augmented samples made to look like a photo (photo_augment)
         self.read_scale = read_scale
         self.problems = []
         self.layouts = Counter()        # layout name (None: unknown strips) -> checked samples
@@ -357,6 +401,7 @@ class ECGImageDataset(Dataset):
             refs = refs.refs if isinstance(refs, CheckedSamples) else refs
             self.refs = list(refs) if cache else self._keep_good(refs, progress)
         self.photometric = photometric_augment()
+        self.photo = photo_augment() if photo_prob > 0 else None
         self.cache = self._fill_cache(progress) if cache else None
         for path, message in self.problems:
             log.warning('skipped %s: %s', path, message)
@@ -449,6 +494,9 @@ class ECGImageDataset(Dataset):
         sample = translate_sample(sample, dy, dx)
         self.photometric.set_random_seed(seed)
         sample['image'] = self.photometric(image=np.ascontiguousarray(sample['image']))['image']
+        if self.photo is not None and rng.random() < self.photo_prob:
+            self.photo.set_random_seed(seed + 1)
+            sample['image'] = self.photo(image=draw_creases(sample['image'], rng))['image']
         return sample
 
     def to_tensors(self, sample, ref):

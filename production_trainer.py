@@ -116,6 +116,9 @@ def build_parser():
     p.add_argument('--amp_dtype', choices=['auto', 'fp16', 'bf16'], default='auto', help='autocast dtype when --amp')
     p.add_argument('--max_samples', type=int, default=None, help='use at most this many images')
     p.add_argument('--no_augment', action='store_true', help='train without augmentation')
+    p.add_argument('--photo_aug', type=float, default=0.0, metavar='P',
+                   help='share of training images made to look like a phone photo of the page: uneven light, '
+                        'shadows, creases, colour cast, soft focus, noise, JPEG (0: none)')
     p.add_argument('--log_every', type=int, default=10, help='steps between TensorBoard training points')
     p.add_argument('--decay_fraction', type=float, default=DECAY_FRACTION,
                    help='the last share of the steps the cosine decay takes; before it, after the warm-up, the '
@@ -323,7 +326,8 @@ def build_datasets(config):
         log.warning('skipped %s: %s', path, message)
     train_part, val_part = checked.split(config['val_fraction'], config['seed'])
     common = dict(target_size=config['image_size'], cache=config['cache'], progress=True)
-    train = pdx.ECGImageDataset(train_part, augment=not config['no_augment'], row_bands=True, **common)
+    train = pdx.ECGImageDataset(train_part, augment=not config['no_augment'], row_bands=True,
+                                photo_prob=config['photo_aug'], **common)
     val = pdx.ECGImageDataset(val_part, augment=False, read_scale=True, **common)
     skipped = len(checked.problems) + len(train.problems) + len(val.problems)
     log.info('data: %d train / %d val images (%d records), %d skipped as bad', len(train), len(val),
@@ -727,6 +731,8 @@ def setup(argv):
     if config['pretrained_path'] and not Path(config['pretrained_path']).is_file():
         raise ecg_cli.InputError(f'--pretrained_path {config["pretrained_path"]}: file not found')
     check_ema_decay(config['ema_decay'])
+    if not 0.0 <= config['photo_aug'] <= 1.0:
+        raise ecg_cli.InputError(f'--photo_aug {config["photo_aug"]}: give a share in [0, 1], e.g. 0.5')
     train, val = build_datasets(config)
     config['layouts'] = sorted(name for name in train.layouts if name) or list(ecg_checkpoint.TRAINED_LAYOUTS)
     config.update(run_dir=str(run_dir), device=str(device), world_size=world_size,

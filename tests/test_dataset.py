@@ -144,6 +144,32 @@ def test_augmentation_moves_targets_with_image_and_differs_per_seed(fixture_dirs
         assert np.median(gray[seg > 0]) < np.median(gray[seg == 0]) - 30
 
 
+def test_photo_augmentation_changes_the_picture_and_no_target(fixture_dirs):
+    """--photo_aug: the same seed draws the same moves with or without it; the photo look (light, shadows,
+    creases, cast, focus, noise, JPEG) changes the picture only, and the trace stays darker than the paper."""
+    plain = fixture_dataset(fixture_dirs, augment=True)
+    photo = fixture_dataset(fixture_dirs, augment=True, photo_prob=1.0)
+    for index in range(len(photo)):
+        torch.manual_seed(index)
+        a = plain[index]
+        torch.manual_seed(index)
+        b = photo[index]
+        for name in pdx.ecg_heads.TARGET_FIELDS:
+            assert torch.equal(torch.nan_to_num(a[name]), torch.nan_to_num(b[name])), name
+        assert (a['image'] - b['image']).abs().mean() > 0.05
+        gray = page_image.denormalize(b['image']).mean(axis=2)
+        seg = b['seg'].numpy()
+        assert np.median(gray[seg > 0]) < np.median(gray[seg == 0]) - 8
+
+
+def test_creases_shade_one_flank_and_light_the_other():
+    page = np.full((128, 672, 3), 200, np.uint8)
+    creased = pdx.draw_creases(page, np.random.default_rng(0))
+    assert creased.shape == page.shape and creased.dtype == np.uint8
+    assert creased.min() < 190 and creased.max() > 210           # both flanks of some crease
+    assert np.mean(creased != 200) < 0.2                         # thin lines, not a wash
+
+
 def test_dataloader_workers_get_different_augmentations(fixture_dirs):
     dataset = fixture_dataset(fixture_dirs, augment=True)
     repeated = torch.utils.data.Subset(dataset, [0, 0, 0, 0])

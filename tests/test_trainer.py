@@ -116,8 +116,9 @@ def test_tensorboard_has_the_guides_tags_and_images(debug_run):
 
 
 def test_interrupted_and_resumed_run_reproduces_uninterrupted(sim_data, tmp_path):
-    # with a moving average of the weights, whose state must survive the stop as well
-    common = ['--epochs', '2', '--seed', '3', '--max_samples', '8', '--ema_decay', '0.5']
+    # with a moving average of the weights, whose state must survive the stop as well, and photo-like images,
+    # drawn the same after the stop
+    common = ['--epochs', '2', '--seed', '3', '--max_samples', '8', '--ema_decay', '0.5', '--photo_aug', '0.5']
     whole, _ = train(sim_data, tmp_path / 'whole', *common)
     part, _ = train(sim_data, tmp_path / 'part', *common, '--time_budget_min', '0')   # stops after epoch 1
     first = torch.load(part / 'checkpoints' / 'last.pth')
@@ -204,6 +205,12 @@ def test_pretrained_offline_fails_fast_on_the_cli(sim_data, tmp_path):
     assert result.returncode != 0 and time.perf_counter() - start < 60
     assert 'could not be had' in result.stderr and '--pretrained_path' in result.stderr
     assert 'Retrying' not in result.stderr
+
+
+def test_photo_aug_outside_0_to_1_fails_clearly(sim_data, tmp_path):
+    result = run_in_process('production_trainer.py', '--sim_root', sim_data, '--csv_root', sim_data, *TINY,
+                            '--output_dir', tmp_path, '--photo_aug', '1.5')
+    assert result.returncode != 0 and '--photo_aug 1.5: give a share in [0, 1]' in result.stderr
 
 
 def test_bad_data_path_fails_clearly(tmp_path):
