@@ -358,7 +358,8 @@ def page_input_row(rgb, size_hw, page_found=None):
     """(h, w, 3) uint8 RGB page -> (input tensor (3, H, W), page aspect, px_per_mv, px_per_s, scale found,
     paper share (paper_share), what finding the page did (find_page; None: not asked))."""
     tensor, picture, aspect = page_image.preprocess(rgb, size_hw)
-    return (tensor, aspect) + page_scale.read_scale(rgb, size_hw) + (paper_share(picture, rgb), page_found)
+    scale = page_scale.read_scale(rgb, size_hw, photo=rectified(page_found))
+    return (tensor, aspect) + scale + (paper_share(picture, rgb), page_found)
 
 
 def paper_share(picture, rgb):
@@ -388,7 +389,12 @@ def stack_inputs(rows):
 def time_slack(page_found):
     """A rectified photo's time axis is fitted within ecg_decode.PHOTO_TIME_SLACK (its curl and folds bend the
     seconds); a render or scan keeps the scale its grid gives."""
-    return ecg_decode.PHOTO_TIME_SLACK if page_found and page_found.get('action') == 'rectified' else 0.0
+    return ecg_decode.PHOTO_TIME_SLACK if rectified(page_found) else 0.0
+
+
+def rectified(page_found):
+    """Whether find_page found a photo's paper and undid its perspective (page_found: what it did, or None)."""
+    return bool(page_found) and page_found.get('action') == 'rectified'
 
 
 def with_known_scale(inputs, size_hw, gain=None, speed=None):

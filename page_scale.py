@@ -727,7 +727,8 @@ def without_long_lines(ink, length):
 def rejoined(cut, whole, mm):
     """cut (strokes without the grid's long lines) with the pixels of whole given back where a vertical stroke
     runs on above and below them: a horizontal grid line, taken out with a pixel either side, cut a pulse's rise
-    and fall in two, and their lower halves with the line passed for a 5 x 5 mm pulse (a photo's dark grid)."""
+    and fall in two, and their lower halves with the line passed for a 5 x 5 mm pulse (a photo's dark grid). For
+    photos only: on a render it also joins pieces of grid cells into 5 x 5 mm boxes (1 of 60 simulator pages)."""
     gap = np.ones((int(mm) + 1, 1), np.uint8)                  # up to a millimetre of line taken out
     return cv2.morphologyEx(cut, cv2.MORPH_CLOSE, gap) & whole
 
@@ -767,16 +768,18 @@ def pulse_step(shape):
     return max(1, int(min(shape[:2]) / PULSE_SIDE_PX + 0.25))
 
 
-def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step, pairs=False):
+def pulse_at_levels(cov, ink_min, floor, mm, max_mm, step, pairs=False, photo=False):
     """consensus() of the pulses outlined by the coverage above ink_min, measured above floor; mm: px per
     mm of the searched image (None: unknown, heights in PULSE_PX_RANGE / step). pairs: edges are also
-    found by column_pairs (a thin edge leaning across two columns after de-rotation breaks up otherwise)."""
+    found by column_pairs (a thin edge leaning across two columns after de-rotation breaks up otherwise). photo: a
+    rectified photo's page, whose edges get back the grid lines that cross them (rejoined)."""
     ink = (cov >= ink_min).astype(np.uint8)
     edges = ink | column_pairs(cov, ink_min) if pairs else ink
     if mm:
         h_lo, h_hi = PULSE_MM_RANGE[0] * mm, max_mm * mm
         ink = without_long_lines(ink, int(LONG_LINE_MM * mm))
-        edges = rejoined(without_long_lines(edges, int(LONG_LINE_MM * mm)) if pairs else ink, edges, mm)
+        cut = without_long_lines(edges, int(LONG_LINE_MM * mm)) if pairs else ink
+        edges = rejoined(cut, edges, mm) if photo else cut
         blank = without_specks(ink, SPECKLE_MM * mm)
     else:
         h_lo, h_hi = PULSE_PX_RANGE[0] / step, PULSE_PX_RANGE[1] / step
@@ -805,7 +808,7 @@ def fits_standard(pulse, mm, tol=None):
                 snap(pulse['width_px'] / mm / PULSE_S, SPEEDS_MM_S, tol))
 
 
-def search_pulse(cov, mm, max_mm, step):
+def search_pulse(cov, mm, max_mm, step, photo=False):
     """pulse_at_levels() at the levels that tell ink from this page's grid, then, while the pulse found does
     not fit a standard gain and speed on the grid (mm px per mm), at the plain levels (traces crowding the
     page, a high gain on many rows or a low dpi, pass for a dark grid; the grid's long lines are taken out
@@ -819,7 +822,7 @@ def search_pulse(cov, mm, max_mm, step):
     plain = [((INK_MIN, INK_FLOOR), False)] if raised != (INK_MIN, INK_FLOOR) else []
     first = None
     for levels, pairs in [(raised, False)] + plain + [(raised, True)]:
-        pulse = pulse_at_levels(cov, *levels, mm, max_mm, step, pairs)
+        pulse = pulse_at_levels(cov, *levels, mm, max_mm, step, pairs, photo)
         if pulse and (rescales_grid(pulse) if mm is None else fits_standard(pulse, mm) or
                       (not fits_standard(pulse, mm, SNAP_TOL) and rescales_grid(pulse))):
             return pulse
@@ -832,7 +835,7 @@ def rescales_grid(pulse):
     return pulse['count'] >= PULSE_ONLY_MIN_COUNT and bool(shape_pairs(pulse['height_px'] / pulse['width_px']))
 
 
-def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1]):
+def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_RANGE[1], photo=False):
     """The calibration pulse(s): dict(height_px, width_px, count, positions [(x, y) of each rise's
     foot in the de-rotated page], thickness, angle_deg) or None. px_per_mm (from the grid)
     narrows the height search to PULSE_MM_RANGE[0]..max_mm and lets grey grid lines be told from
@@ -847,7 +850,7 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
     v = deskew(v, angle_deg, width=int(v.shape[1] * PULSE_REGION), fill=255)
     cov = ink_coverage(v, paper)
     mm = px_per_mm / step if px_per_mm else None
-    found = search_pulse(cov, mm, max_mm, step)
+    found = search_pulse(cov, mm, max_mm, step, photo)
     if found:
         for key in ('height_px', 'width_px', 'thickness'):
             found[key] *= step
@@ -986,19 +989,20 @@ def scale_from_pulse(pulse, page_hw):
     return scale
 
 
-def estimate_scale(rgb, use_pulse=True):
+def estimate_scale(rgb, use_pulse=True, photo=False):
     """PageScale of an (H, W, 3) uint8 RGB page: px per mm from the grid (source 'grid'), else
     from the calibration pulse (source 'pulse': no grid, or pulses on two rows that overrule a grid read
-    at a wrong period), else source None and NaN px per mm. With
+    at a wrong period), else source None and NaN px per mm. photo: a rectified photo's page, whose pulse edges
+    get back the grid lines crossing them (pulse_at_levels). With
     use_pulse the pulse also gives gain and paper speed (else the standard 10 mm/mV and 25 mm/s,
     flagged as assumed). A page longer than SCALE_SIDE_PX is read on a shrunk copy, its px per mm in the
     page's own pixels."""
     shrink = SCALE_SIDE_PX / max(rgb.shape[:2])
     if shrink >= 1:
-        return estimate_scale_here(rgb, use_pulse)
+        return estimate_scale_here(rgb, use_pulse, photo)
     small = cv2.resize(rgb, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
     fx, fy = small.shape[1] / rgb.shape[1], small.shape[0] / rgb.shape[0]
-    return in_page_pixels(estimate_scale_here(small, use_pulse), fx, fy)
+    return in_page_pixels(estimate_scale_here(small, use_pulse, photo), fx, fy)
 
 
 def in_page_pixels(scale, fx, fy):
@@ -1012,7 +1016,7 @@ def in_page_pixels(scale, fx, fy):
     return scale
 
 
-def estimate_scale_here(rgb, use_pulse=True):
+def estimate_scale_here(rgb, use_pulse=True, photo=False):
     """estimate_scale at the pixels given."""
     ax, ay = measure_grid(rgb)
     grid = combine_axes(ax, ay)
@@ -1022,12 +1026,12 @@ def estimate_scale_here(rgb, use_pulse=True):
         if use_pulse:
             minor_seen = any(a is not None and a['minor_seen'] for a in (ax, ay))
             reach = 1.0 if minor_seen else MAJOR_MM       # room for a 5x misread lattice
-            pulse = find_calibration_pulse(rgb, px_y, angle, max_mm=PULSE_MM_RANGE[1] * reach)
+            pulse = find_calibration_pulse(rgb, px_y, angle, max_mm=PULSE_MM_RANGE[1] * reach, photo=photo)
             if pulse is not None:
                 apply_pulse(scale, pulse, minor_seen)
         return scale
     if use_pulse:
-        pulse = find_calibration_pulse(rgb)
+        pulse = find_calibration_pulse(rgb, photo=photo)
         if pulse is not None and pulse['count'] >= PULSE_ONLY_MIN_COUNT:
             return scale_from_pulse(pulse, rgb.shape[:2])
     return PageScale()
@@ -1050,12 +1054,12 @@ def px_per_s(scale):
 # CLI: the scale of each image and the seconds it took
 # ----------------------------------------------------------------------------------------------
 
-def read_scale(rgb, size_hw):
+def read_scale(rgb, size_hw, photo=False):
     """The page's own scale at the network's input size (H, W), read from its grid and calibration pulse:
     (px_per_mv, px_per_s, what was found). NaN where the page shows neither (px_per_s also where only the
     pulse gave the scale): the decoder then falls back to the page border. Padding, cropping or rescaling a
     page leaves this right, the border not."""
-    scale = estimate_scale(rgb)
+    scale = estimate_scale(rgb, photo=photo)
     found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
              'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
              'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y, 'pulse_found': scale.pulse is not None,

@@ -595,7 +595,7 @@ def test_a_time_axis_read_far_off_the_page_is_not_decoded_with(fixture_pages, mo
     good = ps.estimate_scale(rgb)
     _, px_per_s, found = ps.read_scale(rgb, (128, 672))
     assert math.isfinite(px_per_s) and 'rejected' not in found
-    monkeypatch.setattr(ps, 'estimate_scale', lambda _: replace(good, px_per_mm_x=7 * good.px_per_mm_x))
+    monkeypatch.setattr(ps, 'estimate_scale', lambda *_, **__: replace(good, px_per_mm_x=7 * good.px_per_mm_x))
     px_per_mv, px_per_s, found = ps.read_scale(rgb, (128, 672))
     assert math.isnan(px_per_s) and math.isfinite(px_per_mv) and 'time axis' in found['rejected']
 
@@ -608,7 +608,7 @@ def test_a_photos_pulse_crossed_by_a_dark_grid_line_is_read_whole(photo):
     import page_image
     import page_reader
     page, _ = page_reader.find_page(page_image.read_rgb(ROOT.parent / 'shared' / 'real' / 'photos' / 'images' / photo))
-    scale = ps.estimate_scale(page)
+    scale = ps.estimate_scale(page, photo=True)
     assert (scale.gain_mm_mv, scale.paper_speed_mm_s) == (10.0, 25.0)
     assert not scale.gain_assumed and not scale.speed_assumed
     assert scale.pulse['height_px'] / scale.px_per_mm_y == pytest.approx(10.0, rel=0.08)
