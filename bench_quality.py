@@ -476,7 +476,9 @@ def main(argv=None):
                                (f' and paper speeds {args.speeds} mm/s' if args.speeds else '') +
                                (f', starting from {args.init_from}' if args.init_from else '') +
                                (f' + {args.kit_train_records} of them rendered by ecg-image-kit in its 7 styles'
-                                if args.kit_train_records else ''))
+                                if args.kit_train_records else '') +
+                               (f'; {cfg["photo_aug"]:g} of the images made photo-like (--photo_aug)'
+                                if cfg.get('photo_aug') else ''))
     if args.export_starter:
         report['starter_sha256'] = export_starter(best, report, 'python bench_quality.py ' + ' '.join(argv or sys.argv[1:]))
     report['wall_minutes'] = (time.perf_counter() - started) / 60

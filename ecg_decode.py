@@ -40,7 +40,7 @@ PRESENCE_THRESHOLD = 0.5
 # A photo's page, rectified by a homography, keeps some of its curl and folds: its grid reads the seconds a few
 # per cent off, and each strip may sit a little off the page's one time axis. On the 20 dev photos (starter):
 # the read scale 0.276 / 1.82 dB; its px per s fitted within 6 % 0.310 / 2.39; each strip then moved on its own
-# 0.352 / 2.37 (a constant shift per lead chosen with the truth would give 0.55).
+# 0.351 / 2.32 (a constant shift per lead chosen with the truth would give 0.55; BENCHMARKS.md, 2026-12-07 night).
 PHOTO_TIME_SLACK = 0.06             # share the px per s of a rectified photo is fitted within
 STRETCH_STEPS = 41                  # scales tried across that slack
 STRIP_REACH_S = 0.25                # seconds a photo's strip may move off the page's time axis

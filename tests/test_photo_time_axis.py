@@ -61,9 +61,10 @@ def test_no_slack_is_the_read_scale_to_the_bit():
 
 def test_inference_gives_the_slack_to_rectified_photos_only():
     size = (128, 672)
-    rows = [page_reader.page_input_row(*page_reader.find_page(page_image.read_rgb(path))[:1], size,
-                                       page_reader.find_page(page_image.read_rgb(path))[1])
-            for path in (PHOTO, FIXTURE / 'images' / 'fx1024-0001.png')]
+    rows = []
+    for path in (PHOTO, FIXTURE / 'images' / 'fx1024-0001.png'):
+        page, page_found = page_reader.find_page(page_image.read_rgb(path))
+        rows.append(page_reader.page_input_row(page, size, page_found))
     inputs = page_reader.stack_inputs(rows)
     assert inputs['page_found'][0]['action'] == 'rectified'
     assert inputs['page_found'][1]['action'].startswith('untouched')
