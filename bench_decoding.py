@@ -53,10 +53,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def box_start_spans(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None, time_slack=None):
+def box_start_spans(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None):
     """The earlier time start (commit 79676fc): where one 10 s box of whole columns best covers the columns
-    in which any strip is present, refined by a parabola through the best three starts (no pulse start, no
-    photo's time slack)."""
+    in which any strip is present, refined by a parabola through the best three starts (no pulse start)."""
     batch, _, width = presence.shape
     px_per_s = ecg_decode.page_px_per_s(width, page_aspect, px_per_s)
     box = torch.round(SECONDS * px_per_s).long().clamp(1, width)

@@ -37,15 +37,6 @@ SHARPER_BY = 1.05                   # the searched angle must sharpen the 0 mV p
 NEGLIGIBLE_TURN_DEG = 0.05
 SUBROW_OFFSETS = torch.tensor([-0.375, -0.125, 0.125, 0.375])
 PRESENCE_THRESHOLD = 0.5
-# A photo's page, rectified by a homography, keeps some of its curl and folds: its grid reads the seconds a few
-# per cent off, and each strip may sit a little off the page's one time axis. On the 20 dev photos (starter):
-# the read scale 0.276 / 1.82 dB; its px per s fitted within 6 % 0.310 / 2.39; each strip then moved on its own
-# 0.351 / 2.32 (a constant shift per lead chosen with the truth would give 0.55; BENCHMARKS.md, 2026-12-07 night).
-PHOTO_TIME_SLACK = 0.06             # share the px per s of a rectified photo is fitted within
-STRETCH_STEPS = 41                  # scales tried across that slack
-STRIP_REACH_S = 0.25                # seconds a photo's strip may move off the page's time axis
-STRIP_SHIFT_STEPS = 41
-STRIP_SHIFT_COST = 0.1              # fit-score cost per input column a strip moves
 
 
 @dataclass
@@ -66,7 +57,6 @@ class Geometry:
     start_weight: float = None          # fit_start's pull towards start (None: PULSE_START_WEIGHT)
     lead_channel: torch.Tensor = None   # (B, 12) which trace channel holds each lead (channels_to_leads)
     lead_sign: torch.Tensor = None      # (B, 12)
-    time_slack: torch.Tensor = None     # (B,) share px_per_s is fitted within, strips moved on their own (0: neither)
 
     def pages(self, first, end):
         """The same geometry for pages [first, end) of the batch."""
@@ -109,8 +99,7 @@ def read_geometry(batch, layouts=None):
     layout are read from the model's maps."""
     return Geometry(page_aspect=batch['page_aspect'], px_per_mv=batch.get('read_px_per_mv'),
                     px_per_s=batch.get('read_px_per_s'), paper_speed=batch.get('read_speed_mm_s'),
-                    start=batch.get('read_start'), layouts=list(layouts or [LAYOUT.name]),
-                    time_slack=batch.get('time_slack'))
+                    start=batch.get('read_start'), layouts=list(layouts or [LAYOUT.name]))
 
 
 def default_px_per_mv(height):
@@ -264,46 +253,12 @@ def start_scores(covered, shown, place, px_per_s, starts, prior):
     return score - weight * (starts - centre).abs()
 
 
-def layout_spans(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None, time_slack=None):
+def layout_spans(presence, place, page_aspect, px_per_s=None, start=None, start_weight=None):
     """(B, 15, W) presence logits -> (B, 15, 2) column spans of each strip on the page's one time axis
-    (fit_start): the start plus each strip's place (B, 15, 2) in seconds at the page's px_per_s. Pages with a
-    time_slack (B,) above 0 (photos) have their px_per_s fitted within it, then each strip moved on its own."""
-    px_per_s = page_px_per_s(presence.shape[-1], page_aspect, px_per_s)
-    x0, score = fit_start(presence, place, page_aspect, px_per_s, start, start_weight)
-    slack = None if time_slack is None else time_slack.to(presence.device).float().view(-1)
-    if slack is None or not bool((slack > 0).any()):
-        return x0.view(-1, 1, 1) + place * px_per_s.view(-1, 1, 1)
-    x0, px_per_s = fit_stretch(presence, place, page_aspect, px_per_s, (start, start_weight), slack, (x0, score))
-    span = x0.view(-1, 1, 1) + place * px_per_s.view(-1, 1, 1)
-    return shift_strips(presence, span, px_per_s, slack > 0)
-
-
-def fit_stretch(presence, place, page_aspect, px_per_s, pulse, slack, fitted):
-    """(start (B,), px_per_s (B,)) of the best fit_start over px_per_s scaled within 1 +- slack (B,); pulse: the
-    (start, start_weight) fit_start is held to, fitted: its (start, score) at the read px_per_s, kept on a tie
-    (so a page with no slack is left as it was)."""
-    best_x0, best_score, best_px = fitted[0], fitted[1], px_per_s
-    for step in torch.linspace(-1.0, 1.0, STRETCH_STEPS, device=presence.device):
-        scaled = px_per_s * (1 + step * slack)
-        x0, score = fit_start(presence, place, page_aspect, scaled, *pulse)
-        better = score > best_score
-        best_x0, best_px = torch.where(better, x0, best_x0), torch.where(better, scaled, best_px)
-        best_score = torch.maximum(score, best_score)
-    return best_x0, best_px
-
-
-def shift_strips(presence, span, px_per_s, movable):
-    """span (B, 15, 2) with each shown strip of a movable (B,) page moved by up to STRIP_REACH_S, to where its
-    own presence channel best fills its box (STRIP_SHIFT_COST per column moved)."""
-    covered = presence.sigmoid() - 0.5
-    shown = torch.isfinite(span).all(-1) & movable.view(-1, 1)
-    span_now = torch.nan_to_num(span)
-    moves = torch.linspace(-1.0, 1.0, STRIP_SHIFT_STEPS, device=presence.device).view(1, 1, -1)
-    moves = moves * STRIP_REACH_S * px_per_s.view(-1, 1, 1)                           # (B, 1, K)
-    left, right = span_now[..., :1] + moves - 0.5, span_now[..., 1:] + moves + 0.5  # (B, 15, K)
-    score = continuous_cumsum(covered, right) - continuous_cumsum(covered, left) - STRIP_SHIFT_COST * moves.abs()
-    best = moves.expand_as(score).gather(-1, score.argmax(-1, keepdim=True))          # (B, 15, 1)
-    return torch.where(shown[..., None], span_now + best, span)
+    (fit_start): the start plus each strip's place (B, 15, 2) in seconds at the page's px_per_s."""
+    x0, _ = fit_start(presence, place, page_aspect, px_per_s, start, start_weight)
+    px_per_s = page_px_per_s(presence.shape[-1], page_aspect, px_per_s).view(-1, 1, 1)
+    return x0.view(-1, 1, 1) + place * px_per_s
 
 
 def choose_layouts(presence, names, page_aspect, px_per_s=None, paper_speed=None, start=None, start_weight=None):
@@ -583,7 +538,7 @@ def decode_rows(trace_rows, zero_rows, presence, geometry):
         page_aspect = torch.full((batch,), PAGE_ASPECT, device=trace_rows.device)
     if window is None:
         window, place, rhythm_leads = layout_strips([LAYOUT] * batch, trace_rows.device)
-        span = layout_spans(presence, place, page_aspect, px_per_s, time_slack=geometry.time_slack)
+        span = layout_spans(presence, place, page_aspect, px_per_s)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
     return channels_to_leads(sampled, valid, rhythm_leads, lead_channel, lead_sign)
 
@@ -603,7 +558,7 @@ def decode_layouts(trace_rows, zero_rows, presence, geometry):
     page_speed = page_speeds(paper_speed, len(chosen), presence.device)
     span = layout_spans(presence, place, page_aspect,
                         layout_px_per_s(presence.shape[-1], page_aspect, px_per_s, page_speed, chosen), start,
-                        start_weight, geometry.time_slack)
+                        start_weight)
     sampled, valid = read_channels(trace_rows, zero_rows, window, span, px_per_mv)
     found, lead_orders = pick_layouts(sampled, valid, chosen, names)
     rhythm_leads = rhythm_lead_tensor(found, sampled.device)

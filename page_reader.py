@@ -22,6 +22,7 @@ import ecg_checkpoint
 import ecg_cli
 import ecg_decode
 import export_onnx
+import page_flatten
 import page_image
 import page_rectify
 import page_scale
@@ -300,11 +301,15 @@ def page_rgb(page):
 
 def find_page(rgb):
     """An image's page as the network reads it -> ((h, w, 3) RGB, what was done, for the sidecar): a photo's
-    paper found and its perspective undone (page_rectify), then paper padding around the grid cut off
-    (page_scale.crop_to_grid). A render or scan that needs neither comes back as it is."""
+    paper found and its perspective undone (page_rectify), its folds and curl taken out on its grid
+    (page_flatten), then paper padding around the grid cut off (page_scale.crop_to_grid). A render or scan that
+    needs none of this comes back as it is."""
     rectified = page_rectify.rectify(rgb)
-    page, box = page_scale.crop_to_grid(rectified.rgb)
-    done = rectified.summary() if rectified.homography is not None else {'action': rectified.action}
+    page, done = rectified.rgb, {'action': rectified.action}
+    if rectified.homography is not None:
+        flat = page_flatten.flatten(page, rectified.px_per_mm)
+        page, done = flat.rgb, {**rectified.summary(), **flat.summary()}
+    page, box = page_scale.crop_to_grid(page)
     if box is not None:
         done['grid_crop_xywh'] = [box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0]
     return page, done
@@ -373,8 +378,7 @@ def paper_share(picture, rgb):
 def stack_inputs(rows):
     """page_input_row's per page -> the model's inputs: image (B, 3, H, W), page_aspect, read_px_per_mv,
     read_px_per_s, read_speed_mm_s (B,; NaN: not read from the pulse), read_start (B,: input column where the
-    pulses end and the traces start, NaN: no pulse), time_slack (B,: time_slack) and 'scale', what each page's
-    grid and pulse showed."""
+    pulses end and the traces start, NaN: no pulse) and 'scale', what each page's grid and pulse showed."""
     tensors, aspects, px_per_mv, px_per_s, found, paper, page_found = zip(*rows)
     speeds = [page_scale.pulse_reading(scale, 'paper_speed_mm_s', 'speed_assumed') for scale in found]
     return {'image': torch.stack(tensors), 'page_aspect': torch.tensor(aspects, dtype=torch.float32),
@@ -382,14 +386,7 @@ def stack_inputs(rows):
             'read_px_per_s': torch.tensor(px_per_s, dtype=torch.float32),
             'read_speed_mm_s': torch.tensor(speeds, dtype=torch.float32),
             'read_start': torch.tensor([scale['trace_start_column'] for scale in found], dtype=torch.float32),
-            'scale': list(found), 'paper_share': list(paper), 'page_found': list(page_found),
-            'time_slack': torch.tensor([time_slack(done) for done in page_found], dtype=torch.float32)}
-
-
-def time_slack(page_found):
-    """A rectified photo's time axis is fitted within ecg_decode.PHOTO_TIME_SLACK (its curl and folds bend the
-    seconds); a render or scan keeps the scale its grid gives."""
-    return ecg_decode.PHOTO_TIME_SLACK if rectified(page_found) else 0.0
+            'scale': list(found), 'paper_share': list(paper), 'page_found': list(page_found)}
 
 
 def rectified(page_found):

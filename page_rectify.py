@@ -10,7 +10,7 @@ landscape (11 x 8.5 in) at PX_PER_MM. Where the paper runs out of view, the side
 and carry the page there (`on_frame`: the share of the outline that is the frame's); a side not seen at all
 stays the frame's edge, a stretch that reading the grid's own scale forgives. A scan or render that is all
 paper already (the paper fills the frame, or its corners are the frame's) comes back untouched: the same
-array, with why in `action`. Folds and curl are not flattened (no grid-based local warp yet): one plane.
+array, with why in `action`. This undoes one plane; page_flatten then takes out folds and curl on the page's grid.
 """
 import argparse
 import json

@@ -8,7 +8,7 @@ colours, semi-transparent), the predicted 0 mV lines (green) and the traces the 
 Below: one small plot per lead, in the page's 3 x 4 arrangement, of the predicted signal in mV over the
 seconds the image shows it (II: all 10 s), the truth over it in black and Pearson r in the title.
 A phone photo whose page was found and rectified is shown as taken, the page's outline drawn on it, left of
-the rectified page the model read. Truth comes from --csv, or by itself when the image sits in the Kaggle
+the rectified page the model read (flattened on its grid: page_flatten). Truth comes from --csv, or by itself when the image sits in the Kaggle
 layout (OUT/{id}/{id}-0001.png beside OUT/{id}/{id}.csv, with OUT/train.csv). Writes
 {image_stem}_visualization.png beside the image unless --output says otherwise.
 """
@@ -254,6 +254,9 @@ def page_note(page_found):
     notes = []
     if page_found['action'] == 'rectified':
         notes.append(f"page found and rectified (outline fit {page_found['fit_px']:.1f} px)")
+    if page_found.get('flatten') == 'flattened':
+        notes.append(f"flattened on its grid (shifts up to {page_found['flatten_shift_mm']:.1f} mm, "
+                     f"residual {page_found['flatten_residual_mm']:.2f} mm)")
     if 'grid_crop_xywh' in page_found:
         notes.append('padding around the grid cut off')
     return ''.join(f'   {note}' for note in notes)

@@ -1,0 +1,285 @@
+"""Flatten a rectified photo's page on its own grid: folds and curl taken out by a local warp.
+
+    python page_flatten.py page.png ... --out DIR       # DIR/{stem}.png (flattened) + DIR/{stem}.json
+
+page_rectify undoes the perspective of one plane; a folded or curled sheet is not one, and its grid lines still
+bend and drift by millimetres across the page, so strips drift in time against one another. Here each line
+family's local position is read by complex demodulation: the grid-ness map times a carrier at the grid's own
+5 mm period (page_scale.measure_grid), averaged over about a period, gives at each place a complex number whose
+angle is how far the lines there sit from an even lattice. The angles are unwrapped from the surest place
+outward (quality-guided, as interferometry does), smoothed, and a remap moves every pixel so the lines fall on
+the even lattice; the flattened page is read and warped again once (FLATTEN_PASSES), in one resampling. Places
+without a grid (margins, text) take the shift of their surest neighbours. A page whose shifts stray from their
+smooth field (no grid: noise reads ~1.2 mm RMS, the dev photos 0.1-0.3) or that would move more than
+MAX_SHIFT_MM is left as it was. Only pages page_rectify rectified are flattened (page_reader.find_page): a
+render or scan reads exactly as before.
+"""
+import argparse
+import heapq
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import ecg_cli
+import page_image
+import page_rectify
+import page_scale
+from ecg_page import MAJOR_MM
+
+NODE_PERIODS = 0.5            # the shifts are read on a lattice one half period apart each way
+SMOOTH_PERIODS = 1.0          # the demodulated field is averaged with a Gaussian this many periods wide
+SURE_SHARE = 0.35             # a node with an amplitude under this share of the page's typical one is unsure
+FIELD_SMOOTH_NODES = 5.0      # Gaussian over the unwrapped shift field, in nodes (2.5 periods, 12 mm)
+FIXED_POINT_STEPS = 2         # the shift applied at an output pixel is the one read where its line is on the page
+MAP_STEP = 4                  # px: warp maps are computed on a lattice this coarse (the shifts are smooth)
+FLATTEN_PASSES = 2            # the grid read again on the flattened page: the smoothing leaves ~40 % at folds
+PERIOD_TOL = 0.25             # a family's measured period this far from the page's nominal one is misread
+MAX_RESIDUAL_MM = 0.6         # shifts read this far off their smooth field (RMS) are no grid's: noise reads ~1.2
+MAX_SHIFT_MM = 40.0           # a larger shift is a misread lattice, not a fold (the dev photos' largest: 16 mm)
+
+
+@dataclass
+class Flattened:
+    """What flatten did. rgb: the flattened page (the input array itself when untouched); action: 'flattened'
+    or 'untouched: why'; shift_mm: the largest shift the first reading found (mm); residual_mm: the grid fit's
+    residual, RMS distance (mm) between the line shifts read and the smooth field applied, over the sure nodes,
+    in the last reading (on a flattened page: what is left); sure_share: the share of nodes where the grid was
+    clear enough to read."""
+    rgb: np.ndarray
+    action: str
+    shift_mm: float = float('nan')
+    residual_mm: float = float('nan')
+    sure_share: float = float('nan')
+
+    def summary(self):
+        """The JSON-ready facts (all but the pixels; None where not read)."""
+        number = (lambda value, digits: round(float(value), digits) if np.isfinite(value) else None)
+        return {'flatten': self.action, 'flatten_shift_mm': number(self.shift_mm, 2),
+                'flatten_residual_mm': number(self.residual_mm, 3), 'flatten_sure_share': number(self.sure_share, 3)}
+
+
+def line_map(rgb):
+    """(h, w) float32 grid-ness with the page's shading taken out (high-passed)."""
+    g = page_scale.gridness(rgb, page_scale.paper_colour(rgb))
+    return g - cv2.blur(g, (31, 31))
+
+
+def demodulated(g, period, axis, step):
+    """The line family across `axis` (1: vertical lines, read along x) demodulated at `period` px: complex
+    (ny, nx) field on a lattice every `step` px whose angle is the lines' phase there. The product with the
+    carrier is area-averaged onto the lattice, then Gaussian-averaged over SMOOTH_PERIODS (the carrier's
+    double-frequency twin is gone after both; 20x faster than a full-size blur)."""
+    h, w = g.shape
+    coord = np.arange(w if axis == 1 else h, dtype=np.float32)
+    angle = (2 * np.pi / period) * coord
+    shape = (1, -1) if axis == 1 else (-1, 1)
+    ny, nx = max(1, round(h / step)), max(1, round(w / step))
+    sigma = SMOOTH_PERIODS * period / step
+    parts = [cv2.GaussianBlur(cv2.resize(g * wave(angle).reshape(shape), (nx, ny), interpolation=cv2.INTER_AREA),
+                              (0, 0), sigma) for wave in (np.cos, np.sin)]
+    return parts[0] - 1j * parts[1]
+
+
+def unwrap_from_surest(field, sure):
+    """Phases of a complex (ny, nx) field unwrapped over 4-neighbours, surest (largest amplitude) first;
+    NaN where not sure or not reached."""
+    ny, nx = field.shape
+    amp = np.where(sure, np.abs(field), -1.0).ravel()
+    wrapped = np.angle(field).ravel()
+    phase = np.full(ny * nx, np.nan)
+    seed = int(np.argmax(amp))
+    phase[seed] = wrapped[seed]
+    amp_list, wrapped_list, done = amp.tolist(), wrapped.tolist(), [False] * (ny * nx)
+    done[seed] = True
+    heap = [(-amp_list[seed], seed)]
+    while heap:
+        _, i = heapq.heappop(heap)
+        y, x = divmod(i, nx)
+        for j in (i - nx if y else -1, i + nx if y < ny - 1 else -1, i - 1 if x else -1, i + 1 if x < nx - 1 else -1):
+            if j < 0 or done[j] or amp_list[j] < 0:
+                continue
+            step = (wrapped_list[j] - wrapped_list[i] + math.pi) % (2 * math.pi) - math.pi
+            phase[j] = phase[i] + step
+            done[j] = True
+            heapq.heappush(heap, (-amp_list[j], j))
+    return phase.reshape(ny, nx)
+
+
+def filled(values):
+    """NaNs of a (ny, nx) field replaced by normalised-Gaussian averages of the known values, widening until
+    all are filled (margins and text take their neighbours' shift)."""
+    known = np.isfinite(values)
+    out = np.where(known, values, 0.0).astype(np.float32)
+    weight = known.astype(np.float32)
+    result = values.copy()
+    sigma = 1.0
+    while np.isnan(result).any() and sigma < 4 * max(values.shape):
+        num = cv2.GaussianBlur(out, (0, 0), sigma)
+        den = cv2.GaussianBlur(weight, (0, 0), sigma)
+        todo = np.isnan(result) & (den > 1e-3)
+        result[todo] = num[todo] / den[todo]
+        sigma *= 2
+    return np.nan_to_num(result)
+
+
+def shift_field(g, period, axis, step):
+    """(ny, nx) shift in px of the family's lines from an even lattice at `period`, smoothed, plus the
+    sure-node mask and the raw unwrapped shifts (NaN where unsure)."""
+    field = demodulated(g, period, axis, step)
+    amp = np.abs(field)
+    sure = amp > SURE_SHARE * np.percentile(amp, 75)
+    raw = -unwrap_from_surest(field, sure) * period / (2 * np.pi)
+    smooth = cv2.GaussianBlur(filled(raw).astype(np.float32), (0, 0), FIELD_SMOOTH_NODES)
+    return smooth, sure & np.isfinite(raw), raw
+
+
+def at_points(small, x, y, shape_hw):
+    """Values of a coarse (n, m) float32 array spread evenly over a page of shape_hw (cell centres, as
+    cv2.resize places them), interpolated at page points x, y (arrays of px)."""
+    h, w = shape_hw
+    n, m = small.shape
+    u = ((x + 0.5) * (m / w) - 0.5).astype(np.float32)
+    v = ((y + 0.5) * (n / h) - 0.5).astype(np.float32)
+    return cv2.remap(small, u, v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def map_points(shape_hw):
+    """Page points (x, y) at the centres of a MAP_STEP-coarse lattice over shape_hw: where maps are computed."""
+    h, w = shape_hw
+    m, n = -(-w // MAP_STEP), -(-h // MAP_STEP)
+    xs = (np.arange(m, dtype=np.float32) + 0.5) * (w / m) - 0.5
+    ys = (np.arange(n, dtype=np.float32) + 0.5) * (h / n) - 0.5
+    return np.meshgrid(xs, ys)
+
+
+def remap_maps(shifts, shape_hw):
+    """Coarse remap maps (map_points' lattice) from LineShifts: output (X, Y) samples the page at
+    (x, y) = (X, Y) + shift(x, y), the shifts read where the lines are on the page (fixed-point steps)."""
+    grid_x, grid_y = map_points(shape_hw)
+    map_x, map_y = grid_x, grid_y
+    for _ in range(FIXED_POINT_STEPS + 1):
+        map_x, map_y = (grid_x + at_points(shifts.x, map_x, map_y, shape_hw),
+                        grid_y + at_points(shifts.y, map_x, map_y, shape_hw))
+    return map_x, map_y
+
+
+def composed(first, then, shape_hw):
+    """Coarse maps that sample through `first` (maps of the page) at the points `then` maps to (maps of the
+    page first made): one resampling for two warps."""
+    return tuple(at_points(part, *then, shape_hw) for part in first)
+
+
+def warped(rgb, maps):
+    """The page sampled at coarse maps (upsampled to its size); what lies beyond it is blank paper (white)."""
+    h, w = rgb.shape[:2]
+    map_x, map_y = (cv2.resize(part, (w, h), interpolation=cv2.INTER_LINEAR) for part in maps)
+    return cv2.remap(rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                     borderValue=(255, 255, 255))
+
+
+def family_periods(rgb, px_per_mm):
+    """(x, y) major-line periods in px: each family's as page_scale.measure_grid reads it where that is within
+    PERIOD_TOL of the nominal px_per_mm's, else the other family's, else the nominal one."""
+    nominal = MAJOR_MM * px_per_mm
+    read = [None if a is None or abs(a['period_px'] / nominal - 1) > PERIOD_TOL else a['period_px']
+            for a in page_scale.measure_grid(rgb)]
+    return tuple(own or other or nominal for own, other in (read, read[::-1]))
+
+
+@dataclass
+class LineShifts:
+    """One reading of a page's grid: x, y (ny, nx) float32 px by which the lines near each lattice node sit off
+    an even lattice (smoothed; shift_field), how closely that smooth field follows the shifts read (residual_mm,
+    RMS over the sure nodes) and the share of nodes sure enough to read."""
+    x: np.ndarray
+    y: np.ndarray
+    residual_mm: float
+    sure_share: float
+    largest_mm: float
+
+
+def along_trend(raw, sure, axis):
+    """(ny, nx) least-squares line through a family's sure raw shifts along its own axis: a period read a little
+    off (measure_grid reads the page's centre) drifts linearly, and taking the drift out keeps the page's mean
+    scale and size (a page stretched to a fold's period would lose its edges)."""
+    coord = np.indices(raw.shape, dtype=np.float64)[axis]
+    if sure.sum() < 2:
+        return np.zeros(raw.shape, np.float32)
+    slope, offset = np.polyfit(coord[sure], raw[sure], 1)
+    return (offset + slope * coord).astype(np.float32)
+
+
+def read_shifts(rgb, px_per_mm):
+    """(h, w, 3) uint8 RGB page at about px_per_mm -> LineShifts of its two line families."""
+    g = line_map(rgb)
+    periods = family_periods(rgb, px_per_mm)
+    step = NODE_PERIODS * min(periods)
+    fields, misfits, sure_shares = [], [], []
+    for period, axis in zip(periods, (1, 0)):
+        smooth, sure, raw = shift_field(g, period, axis, step)
+        trend = along_trend(raw, sure, axis)
+        smooth, raw = smooth - trend, raw - trend
+        misfit = (raw - smooth)[sure]
+        misfits.append((misfit - np.median(misfit)) * MAJOR_MM / period if misfit.size else misfit)
+        fields.append(smooth)
+        sure_shares.append(sure.mean())
+    largest = max(np.abs(f).max() * MAJOR_MM / p for f, p in zip(fields, periods))
+    misfits = np.concatenate(misfits)
+    residual = float(np.sqrt(np.mean(misfits ** 2))) if misfits.size else float('nan')
+    return LineShifts(fields[0], fields[1], residual, float(np.mean(sure_shares)), float(largest))
+
+
+def unflattened_why(shifts):
+    """Why a page's LineShifts are not to be applied (no grid, or one read too unevenly to trust), or None."""
+    if not shifts.residual_mm <= MAX_RESIDUAL_MM:   # NaN too: no node was sure
+        return f'no even grid read (residual {shifts.residual_mm:.2f} mm)'
+    if shifts.largest_mm > MAX_SHIFT_MM:
+        return f'shifts of {shifts.largest_mm:.0f} mm read'
+    return None
+
+
+def flatten(rgb, px_per_mm):
+    """(h, w, 3) uint8 RGB rectified page at about px_per_mm -> Flattened: its grid lines moved onto an even
+    lattice, in FLATTEN_PASSES readings (a second reading of the flattened page takes out what the smoothing of
+    the first left at sharp folds), composed into one resampling."""
+    shifts = read_shifts(rgb, px_per_mm)
+    why = unflattened_why(shifts)
+    if why:
+        return Flattened(rgb, f'untouched: {why}', shifts.largest_mm, shifts.residual_mm, shifts.sure_share)
+    largest = shifts.largest_mm
+    maps = remap_maps(shifts, rgb.shape[:2])
+    page = warped(rgb, maps)
+    for _ in range(FLATTEN_PASSES - 1):
+        shifts = read_shifts(page, px_per_mm)
+        maps = composed(maps, remap_maps(shifts, rgb.shape[:2]), rgb.shape[:2])
+        page = warped(rgb, maps)
+    return Flattened(page, 'flattened', largest, shifts.residual_mm, shifts.sure_share)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Flatten rectified ECG pages on their grid.')
+    parser.add_argument('images', nargs='+', type=Path, help='rectified pages (page_rectify.py --out)')
+    parser.add_argument('--out', required=True, type=Path, help='folder for {stem}.png and {stem}.json')
+    parser.add_argument('--px_per_mm', type=float, default=page_rectify.PX_PER_MM,
+                        help=f'the pages\' scale, about (default {page_rectify.PX_PER_MM:g}, page_rectify\'s)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.px_per_mm <= 0:
+        raise ecg_cli.InputError('--px_per_mm must be positive')
+    args.out.mkdir(parents=True, exist_ok=True)
+    for image in args.images:
+        found = flatten(page_image.read_rgb(image), args.px_per_mm)
+        cv2.imwrite(str(args.out / f'{image.stem}.png'), cv2.cvtColor(found.rgb, cv2.COLOR_RGB2BGR))
+        (args.out / f'{image.stem}.json').write_text(json.dumps({'image': str(image), **found.summary()}, indent=2))
+        print(f'{image}: {found.action}, largest shift {found.shift_mm:.1f} mm, residual {found.residual_mm:.2f} mm')
+
+
+if __name__ == '__main__':
+    ecg_cli.run_cli(main)
