@@ -33,6 +33,8 @@ CORNER_NEAR_SHARE = 0.03        # corners within this share of the diagonal of t
 FRAME_TOUCH_PX = 3              # outline points this near the copy's edge lie on the frame, not the paper
 SIDE_NEAR_SHARE = 0.02          # outline points this near a quad side (share of the diagonal) belong to it
 MIN_SIDE_POINTS = 30            # fewer points off the frame than this: the side is not seen, keep the quad's
+EDGE_PROBE_SHARE = 0.015       # the paper's edge is probed this share of the diagonal inside and outside it
+MIN_EDGE_CONTRAST = 40.0        # paperness levels the page must stand above what lies outside its seen sides
 MAX_FIT_SHARE = 0.02            # mean outline-to-quad distance over the diagonal above this: not a quad
 OUTLINE_RECTIFIED = (0, 200, 0)   # RGB of the outline drawn on a photo whose page was rectified
 OUTLINE_UNTOUCHED = (255, 0, 0)   # ... and of one left as it was
@@ -45,7 +47,8 @@ class Rectified:
     where no page outline was found; homography: source -> rgb (3 x 3), None when untouched; action:
     'rectified' or 'untouched: why'; fit_px: mean distance from the paper's outline to the quadrilateral, in
     source px (small: a flat, straight-edged sheet); paper_share: the paper's share of the source frame;
-    on_frame: the share of the paper's outline on the image's edge (the paper runs out of view there)."""
+    on_frame: the share of the paper's outline on the image's edge (the paper runs out of view there);
+    edge_contrast: how much the paper stands out from what lies outside its sides (edge_contrast)."""
     rgb: np.ndarray
     action: str
     corners: np.ndarray = None
@@ -53,6 +56,7 @@ class Rectified:
     fit_px: float = float('nan')
     paper_share: float = float('nan')
     on_frame: float = float('nan')
+    edge_contrast: float = float('nan')
     px_per_mm: float = float('nan')
     size_wh: tuple = field(default=None)
 
@@ -61,7 +65,7 @@ class Rectified:
         listed = (lambda a: None if a is None else np.round(a, 4).tolist())
         return {'action': self.action, 'corners_xy': listed(self.corners), 'homography': listed(self.homography),
                 'fit_px': round(float(self.fit_px), 2), 'paper_share': round(float(self.paper_share), 4),
-                'on_frame': round(float(self.on_frame), 4),
+                'on_frame': round(float(self.on_frame), 4), 'edge_contrast': round(float(self.edge_contrast), 1),
                 'px_per_mm': self.px_per_mm, 'size_wh': self.size_wh}
 
 
@@ -74,14 +78,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def paper_mask(small):
-    """(h, w, 3) uint8 RGB -> (h, w) uint8 mask of paper: bright and unsaturated (V - S), split from the
-    desk by Otsu; grid lines, traces and text closed over, specks opened away."""
+def paperness(small):
+    """(h, w, 3) uint8 RGB -> (h, w) uint8: how paper-like each pixel is, bright and unsaturated (V - S)."""
     hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV).astype(np.int16)
-    paperness = np.clip(hsv[..., 2] - hsv[..., 1], 0, 255).astype(np.uint8)
-    paperness = cv2.GaussianBlur(paperness, (5, 5), 0)
-    _, mask = cv2.threshold(paperness, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    side = max(3, int(CLOSE_MM_SHARE * max(small.shape[:2])) | 1)
+    return cv2.GaussianBlur(np.clip(hsv[..., 2] - hsv[..., 1], 0, 255).astype(np.uint8), (5, 5), 0)
+
+
+def paper_mask(paper):
+    """(h, w) uint8 paperness -> (h, w) uint8 mask of paper, split from the desk by Otsu; grid lines, traces
+    and text closed over, specks opened away."""
+    _, mask = cv2.threshold(paper, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    side = max(3, int(CLOSE_MM_SHARE * max(paper.shape[:2])) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (side, side))
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
     return cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
@@ -166,6 +173,26 @@ def on_frame_share(outline, shape_hw):
     return float(near.mean())
 
 
+def edge_contrast(paper, corners):
+    """Median, over the quad's sides seen in the image, of how much more paper-like (paperness levels) the
+    page is just inside the side than what lies just outside it; NaN where no side is seen. A sheet on a desk
+    stands out by 100-200; a page whose light merely changes (a stain, a shadow on coloured paper) by a few."""
+    h, w = paper.shape
+    reach = EDGE_PROBE_SHARE * np.hypot(h, w)
+    centre, steps = corners.mean(0), np.linspace(0.1, 0.9, 41)[:, None]
+    contrasts = []
+    for a, b in zip(corners, np.roll(corners, -1, axis=0)):
+        points = a + steps * (b - a)
+        normal = np.array([a[1] - b[1], b[0] - a[0]]) / np.linalg.norm(b - a)
+        normal = normal if np.dot(centre - points.mean(0), normal) > 0 else -normal
+        inside, outside = np.rint(points + reach * normal).astype(int), np.rint(points - reach * normal).astype(int)
+        seen = ((outside >= 0) & (outside < [w, h])).all(1) & ((inside >= 0) & (inside < [w, h])).all(1)
+        if seen.sum() >= len(steps) // 4:
+            inner, outer = paper[inside[seen, 1], inside[seen, 0]], paper[outside[seen, 1], outside[seen, 0]]
+            contrasts.append(float(np.median(inner.astype(np.int16) - outer)))
+    return float(np.median(contrasts)) if contrasts else float('nan')
+
+
 def already_flat(corners, shape_hw, paper_share):
     """Why the page needs no rectifying (it is all paper, or its corners are the frame's), or None."""
     h, w = shape_hw
@@ -190,7 +217,8 @@ def find_paper(rgb):
     scale = DETECT_SIDE / max(rgb.shape[:2])
     small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
     scale = min(scale, 1.0)
-    outline = largest_outline(paper_mask(small))
+    paper = paperness(small)
+    outline = largest_outline(paper_mask(paper))
     if outline is None:
         return Rectified(None, 'no paper found')
     paper_share = cv2.contourArea(outline.reshape(-1, 1, 2)) / (small.shape[0] * small.shape[1])
@@ -203,7 +231,10 @@ def find_paper(rgb):
     why = already_flat(corners, small.shape[:2], paper_share)
     if why is None and fit > MAX_FIT_SHARE * np.hypot(*small.shape[:2]):
         why = f'the paper\'s outline is no quadrilateral (off by {fit / scale:.0f} px on average)'
-    return Rectified(None, why, corners / scale, None, fit / scale, paper_share, on_frame)
+    contrast = edge_contrast(paper, corners)
+    if why is None and not contrast >= MIN_EDGE_CONTRAST:
+        why = f'what looks like the paper does not stand out from around it (edge contrast {contrast:.0f})'
+    return Rectified(None, why, corners / scale, None, fit / scale, paper_share, on_frame, contrast)
 
 
 def rectify(rgb, px_per_mm=PX_PER_MM):

@@ -38,6 +38,24 @@ def test_renders_and_simulator_pages_come_back_untouched(simulator_pages):
         assert found.action.startswith('untouched') and found.homography is None
 
 
+def stained_render():
+    """The fixture render on orange paper lit brighter over its top half (ecg-image-kit's coloured, stained
+    styles): the bright part once passed for a sheet on a darker desk."""
+    rgb = page_image.read_rgb(FIXTURE / 'images' / 'fx1024-0001.png').astype(np.float32)
+    rows = np.arange(rgb.shape[0], dtype=np.float32)
+    light = 0.75 + 0.35 * np.clip(1 - rows / (0.45 * rgb.shape[0]), 0, 1)
+    return np.clip(rgb * np.array([1.0, 0.62, 0.35]) * light[:, None, None], 0, 255).astype(np.uint8)
+
+
+def test_a_render_whose_light_changes_is_no_sheet_on_a_desk():
+    rgb = stained_render()
+    found = page_rectify.rectify(rgb)
+    assert found.rgb is rgb
+    assert 'does not stand out' in found.action and found.edge_contrast < 20
+    photo = page_rectify.rectify(page_image.read_rgb(PHOTOS / SHOWN[1]))
+    assert photo.action == 'rectified' and photo.edge_contrast > 100   # a sheet on a wooden desk
+
+
 def test_photos_are_rectified_onto_the_letter_page(photos_cli):
     out, result = photos_cli
     for name in SHOWN:
