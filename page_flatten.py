@@ -7,8 +7,11 @@ bend and drift by millimetres across the page, so strips drift in time against o
 family's local position is read by complex demodulation: the grid-ness map times a carrier at the grid's own
 5 mm period (page_scale.measure_grid), averaged over about a period, gives at each place a complex number whose
 angle is how far the lines there sit from an even lattice. The angles are unwrapped from the surest place
-outward (quality-guided, as interferometry does), smoothed, and a remap moves every pixel so the lines fall on
-the even lattice; the flattened page is read and warped again once (FLATTEN_PASSES), in one resampling. Places
+outward over the grid's largest clear region (quality-guided, as interferometry does); their linear drift along
+the family's axis is the mean period's offset from the carrier's, which gives the page's px per mm over its whole
+area (page_scale.read_scale takes it for a flattened page instead of its central FFT) and is kept out of the warp,
+so the page keeps its size. The rest, smoothed, is what a remap takes out: it moves every pixel so the lines fall
+on the even lattice; the flattened page is read and warped again once (FLATTEN_PASSES), in one resampling. Places
 without a grid (margins, text) take the shift of their surest neighbours. A page whose shifts stray from their
 smooth field (no grid: noise reads ~1.2 mm RMS, the dev photos 0.1-0.3) or that would move more than
 MAX_SHIFT_MM is left as it was. Only pages page_rectify rectified are flattened (page_reader.find_page): a
@@ -48,18 +51,21 @@ class Flattened:
     or 'untouched: why'; shift_mm: the largest shift the first reading found (mm); residual_mm: the grid fit's
     residual, RMS distance (mm) between the line shifts read and the smooth field applied, over the sure nodes,
     in the last reading (on a flattened page: what is left); sure_share: the share of nodes where the grid was
-    clear enough to read."""
+    clear enough to read; px_per_mm: (x, y) the flattened page's grid scale, read on the whole page (None when
+    untouched): page_scale.read_scale takes it instead of its central FFT."""
     rgb: np.ndarray
     action: str
     shift_mm: float = float('nan')
     residual_mm: float = float('nan')
     sure_share: float = float('nan')
+    px_per_mm: tuple = None
 
     def summary(self):
         """The JSON-ready facts (all but the pixels; None where not read)."""
         number = (lambda value, digits: round(float(value), digits) if np.isfinite(value) else None)
         return {'flatten': self.action, 'flatten_shift_mm': number(self.shift_mm, 2),
-                'flatten_residual_mm': number(self.residual_mm, 3), 'flatten_sure_share': number(self.sure_share, 3)}
+                'flatten_residual_mm': number(self.residual_mm, 3), 'flatten_sure_share': number(self.sure_share, 3),
+                'flatten_px_per_mm': None if self.px_per_mm is None else [round(v, 4) for v in self.px_per_mm]}
 
 
 def line_map(rgb):
@@ -84,10 +90,21 @@ def demodulated(g, period, axis, step):
     return parts[0] - 1j * parts[1]
 
 
+def largest_region(sure):
+    """The largest 4-connected region of a (ny, nx) bool mask: the page's grid, not a strip cut off beside it
+    (the edge of the white fill beyond a warped page rings at every frequency)."""
+    count, labels = cv2.connectedComponents(sure.astype(np.uint8), connectivity=4)
+    if count <= 2:
+        return sure
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
 def unwrap_from_surest(field, sure):
-    """Phases of a complex (ny, nx) field unwrapped over 4-neighbours, surest (largest amplitude) first;
-    NaN where not sure or not reached."""
+    """Phases of a complex (ny, nx) field unwrapped over 4-neighbours, surest (largest amplitude) first, over
+    the largest region of sure nodes; NaN elsewhere."""
     ny, nx = field.shape
+    sure = largest_region(sure)
     amp = np.where(sure, np.abs(field), -1.0).ravel()
     wrapped = np.angle(field).ravel()
     phase = np.full(ny * nx, np.nan)
@@ -194,23 +211,38 @@ def family_periods(rgb, px_per_mm):
 class LineShifts:
     """One reading of a page's grid: x, y (ny, nx) float32 px by which the lines near each lattice node sit off
     an even lattice (smoothed; shift_field), how closely that smooth field follows the shifts read (residual_mm,
-    RMS over the sure nodes) and the share of nodes sure enough to read."""
+    RMS over the sure nodes), the share of nodes sure enough to read, the largest shift (mm) and the grid's
+    mean px per mm (x, y) over the page (family_shifts)."""
     x: np.ndarray
     y: np.ndarray
     residual_mm: float
     sure_share: float
     largest_mm: float
+    px_per_mm: tuple
 
 
 def along_trend(raw, sure, axis):
-    """(ny, nx) least-squares line through a family's sure raw shifts along its own axis: a period read a little
-    off (measure_grid reads the page's centre) drifts linearly, and taking the drift out keeps the page's mean
-    scale and size (a page stretched to a fold's period would lose its edges)."""
+    """((ny, nx) least-squares line through a family's sure raw shifts along its own axis, its slope in px per
+    node): a period read a little off (measure_grid reads the page's centre) drifts linearly, and taking the
+    drift out keeps the page's mean scale and size (a page stretched to a fold's period would lose its edges)."""
     coord = np.indices(raw.shape, dtype=np.float64)[axis]
     if sure.sum() < 2:
-        return np.zeros(raw.shape, np.float32)
+        return np.zeros(raw.shape, np.float32), 0.0
     slope, offset = np.polyfit(coord[sure], raw[sure], 1)
-    return (offset + slope * coord).astype(np.float32)
+    return (offset + slope * coord).astype(np.float32), float(slope)
+
+
+def family_shifts(g, period, axis, step):
+    """One line family of a grid-ness map: (smooth shift field (ny, nx) px without its drift, the misfits of the
+    sure nodes to it in mm, the share of sure nodes, the family's mean period on the page in px). Lines at
+    x = k period + a + b x lie a period / (1 - b) apart: the mean period, which the flattened page keeps."""
+    smooth, sure, raw = shift_field(g, period, axis, step)
+    trend, slope = along_trend(raw, sure, axis)
+    smooth, raw = smooth - trend, raw - trend
+    misfit = (raw - smooth)[sure]
+    misfit_mm = (misfit - np.median(misfit)) * MAJOR_MM / period if misfit.size else misfit
+    node_px = g.shape[axis] / raw.shape[axis]
+    return smooth, misfit_mm, float(sure.mean()), period / (1 - slope / node_px)
 
 
 def read_shifts(rgb, px_per_mm):
@@ -218,19 +250,13 @@ def read_shifts(rgb, px_per_mm):
     g = line_map(rgb)
     periods = family_periods(rgb, px_per_mm)
     step = NODE_PERIODS * min(periods)
-    fields, misfits, sure_shares = [], [], []
-    for period, axis in zip(periods, (1, 0)):
-        smooth, sure, raw = shift_field(g, period, axis, step)
-        trend = along_trend(raw, sure, axis)
-        smooth, raw = smooth - trend, raw - trend
-        misfit = (raw - smooth)[sure]
-        misfits.append((misfit - np.median(misfit)) * MAJOR_MM / period if misfit.size else misfit)
-        fields.append(smooth)
-        sure_shares.append(sure.mean())
-    largest = max(np.abs(f).max() * MAJOR_MM / p for f, p in zip(fields, periods))
-    misfits = np.concatenate(misfits)
+    (sx, misfit_x, sure_x, mean_x), (sy, misfit_y, sure_y, mean_y) = (
+        family_shifts(g, period, axis, step) for period, axis in zip(periods, (1, 0)))
+    largest = max(np.abs(sx).max() * MAJOR_MM / periods[0], np.abs(sy).max() * MAJOR_MM / periods[1])
+    misfits = np.concatenate([misfit_x, misfit_y])
     residual = float(np.sqrt(np.mean(misfits ** 2))) if misfits.size else float('nan')
-    return LineShifts(fields[0], fields[1], residual, float(np.mean(sure_shares)), float(largest))
+    return LineShifts(sx, sy, residual, (sure_x + sure_y) / 2, float(largest),
+                      (mean_x / MAJOR_MM, mean_y / MAJOR_MM))
 
 
 def unflattened_why(shifts):
@@ -257,7 +283,7 @@ def flatten(rgb, px_per_mm):
         shifts = read_shifts(page, px_per_mm)
         maps = composed(maps, remap_maps(shifts, rgb.shape[:2]), rgb.shape[:2])
         page = warped(rgb, maps)
-    return Flattened(page, 'flattened', largest, shifts.residual_mm, shifts.sure_share)
+    return Flattened(page, 'flattened', largest, shifts.residual_mm, shifts.sure_share, shifts.px_per_mm)
 
 
 def parse_args(argv=None):

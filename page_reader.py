@@ -363,7 +363,7 @@ def page_input_row(rgb, size_hw, page_found=None):
     """(h, w, 3) uint8 RGB page -> (input tensor (3, H, W), page aspect, px_per_mv, px_per_s, scale found,
     paper share (paper_share), what finding the page did (find_page; None: not asked))."""
     tensor, picture, aspect = page_image.preprocess(rgb, size_hw)
-    scale = page_scale.read_scale(rgb, size_hw, photo=rectified(page_found))
+    scale = page_scale.read_scale(rgb, size_hw, photo=rectified(page_found), grid=flattened_grid(page_found))
     return (tensor, aspect) + scale + (paper_share(picture, rgb), page_found)
 
 
@@ -387,6 +387,14 @@ def stack_inputs(rows):
             'read_speed_mm_s': torch.tensor(speeds, dtype=torch.float32),
             'read_start': torch.tensor([scale['trace_start_column'] for scale in found], dtype=torch.float32),
             'scale': list(found), 'paper_share': list(paper), 'page_found': list(page_found)}
+
+
+def flattened_grid(page_found):
+    """The grid scale page_flatten read over a flattened photo's whole page (page_scale.KnownGrid), or None."""
+    if not page_found or page_found.get('flatten') != 'flattened':
+        return None
+    px_per_mm_x, px_per_mm_y = page_found['flatten_px_per_mm']
+    return page_scale.KnownGrid(px_per_mm_x, px_per_mm_y, page_found['flatten_sure_share'])
 
 
 def rectified(page_found):

@@ -52,6 +52,15 @@ HARMONIC_TOL_BINS = (1.5, 0.5)    # matching a candidate comb, then its least-sq
 
 
 @dataclass
+class KnownGrid:
+    """A page's grid scale known before reading it: page_flatten put the page's lines on an even lattice and
+    read its px per mm over the whole page (confidence: the share of the page where the grid was clear)."""
+    px_per_mm_x: float
+    px_per_mm_y: float
+    confidence: float
+
+
+@dataclass
 class PageScale:
     """What estimate_scale found. px per mV = px_per_mm_y * gain_mm_mv (px_per_mv), px per s =
     px_per_mm_x * paper_speed_mm_s (px_per_s)."""
@@ -989,20 +998,22 @@ def scale_from_pulse(pulse, page_hw):
     return scale
 
 
-def estimate_scale(rgb, use_pulse=True, photo=False):
+def estimate_scale(rgb, use_pulse=True, photo=False, grid=None):
     """PageScale of an (H, W, 3) uint8 RGB page: px per mm from the grid (source 'grid'), else
     from the calibration pulse (source 'pulse': no grid, or pulses on two rows that overrule a grid read
     at a wrong period), else source None and NaN px per mm. photo: a rectified photo's page, whose pulse edges
-    get back the grid lines crossing them (pulse_at_levels). With
+    get back the grid lines crossing them (pulse_at_levels); grid: a KnownGrid, taken instead of the central
+    FFT. With
     use_pulse the pulse also gives gain and paper speed (else the standard 10 mm/mV and 25 mm/s,
     flagged as assumed). A page longer than SCALE_SIDE_PX is read on a shrunk copy, its px per mm in the
     page's own pixels."""
     shrink = SCALE_SIDE_PX / max(rgb.shape[:2])
     if shrink >= 1:
-        return estimate_scale_here(rgb, use_pulse, photo)
+        return estimate_scale_here(rgb, use_pulse, photo, grid)
     small = cv2.resize(rgb, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
     fx, fy = small.shape[1] / rgb.shape[1], small.shape[0] / rgb.shape[0]
-    return in_page_pixels(estimate_scale_here(small, use_pulse, photo), fx, fy)
+    grid = None if grid is None else KnownGrid(grid.px_per_mm_x * fx, grid.px_per_mm_y * fy, grid.confidence)
+    return in_page_pixels(estimate_scale_here(small, use_pulse, photo, grid), fx, fy)
 
 
 def in_page_pixels(scale, fx, fy):
@@ -1016,20 +1027,31 @@ def in_page_pixels(scale, fx, fy):
     return scale
 
 
-def estimate_scale_here(rgb, use_pulse=True, photo=False):
+def estimate_scale_here(rgb, use_pulse=True, photo=False, grid=None):
     """estimate_scale at the pixels given."""
-    ax, ay = measure_grid(rgb)
-    grid = combine_axes(ax, ay)
-    if grid is not None:
-        px_x, px_y, angle, conf = grid
+    if grid is not None:   # an even lattice at a known 5 mm period: upright, no 5x misread to allow for
+        px_x, px_y = grid.px_per_mm_x, grid.px_per_mm_y
+        scale = PageScale(px_per_mm_x=px_x, px_per_mm_y=px_y, source='grid', confidence=grid.confidence,
+                          angle_deg=0.0)
+        minor_seen = True
+    else:
+        ax, ay = measure_grid(rgb)
+        found = combine_axes(ax, ay)
+        if found is None:
+            return scale_from_pulse_only(rgb, use_pulse, photo)
+        px_x, px_y, angle, conf = found
         scale = PageScale(px_per_mm_x=px_x, px_per_mm_y=px_y, source='grid', confidence=conf, angle_deg=angle)
-        if use_pulse:
-            minor_seen = any(a is not None and a['minor_seen'] for a in (ax, ay))
-            reach = 1.0 if minor_seen else MAJOR_MM       # room for a 5x misread lattice
-            pulse = find_calibration_pulse(rgb, px_y, angle, max_mm=PULSE_MM_RANGE[1] * reach, photo=photo)
-            if pulse is not None:
-                apply_pulse(scale, pulse, minor_seen)
-        return scale
+        minor_seen = any(a is not None and a['minor_seen'] for a in (ax, ay))
+    if use_pulse:
+        reach = 1.0 if minor_seen else MAJOR_MM       # room for a 5x misread lattice
+        pulse = find_calibration_pulse(rgb, px_y, scale.angle_deg, max_mm=PULSE_MM_RANGE[1] * reach, photo=photo)
+        if pulse is not None:
+            apply_pulse(scale, pulse, minor_seen)
+    return scale
+
+
+def scale_from_pulse_only(rgb, use_pulse, photo):
+    """A page without a grid: its scale from pulses on at least PULSE_ONLY_MIN_COUNT rows, else nothing."""
     if use_pulse:
         pulse = find_calibration_pulse(rgb, photo=photo)
         if pulse is not None and pulse['count'] >= PULSE_ONLY_MIN_COUNT:
@@ -1054,12 +1076,12 @@ def px_per_s(scale):
 # CLI: the scale of each image and the seconds it took
 # ----------------------------------------------------------------------------------------------
 
-def read_scale(rgb, size_hw, photo=False):
+def read_scale(rgb, size_hw, photo=False, grid=None):
     """The page's own scale at the network's input size (H, W), read from its grid and calibration pulse:
     (px_per_mv, px_per_s, what was found). NaN where the page shows neither (px_per_s also where only the
     pulse gave the scale): the decoder then falls back to the page border. Padding, cropping or rescaling a
-    page leaves this right, the border not."""
-    scale = estimate_scale(rgb, photo=photo)
+    page leaves this right, the border not. photo, grid: as estimate_scale takes them."""
+    scale = estimate_scale(rgb, photo=photo, grid=grid)
     found = {'source': scale.source, 'gain_mm_mv': scale.gain_mm_mv, 'paper_speed_mm_s': scale.paper_speed_mm_s,
              'gain_assumed': scale.gain_assumed, 'speed_assumed': scale.speed_assumed,
              'px_per_mm_x': scale.px_per_mm_x, 'px_per_mm_y': scale.px_per_mm_y, 'pulse_found': scale.pulse is not None,

@@ -48,7 +48,7 @@ def line_spread_mm(rgb, px_per_mm=8.0):
     spreads = []
     for period, axis in zip(periods, (1, 0)):
         _, sure, raw = page_flatten.shift_field(g, period, axis, page_flatten.NODE_PERIODS * min(periods))
-        seen = (raw - page_flatten.along_trend(raw, sure, axis))[sure] * 5 / period
+        seen = (raw - page_flatten.along_trend(raw, sure, axis)[0])[sure] * 5 / period
         spreads.append(float(np.diff(np.percentile(seen, [10, 90]))[0] / 2))
     return spreads
 
@@ -78,6 +78,19 @@ def test_a_known_bend_is_read_and_undone():
     assert spread_mm(again.y) < spread_mm(original.y) + 0.15
 
 
+def test_phases_are_unwrapped_over_the_grids_own_region():
+    """A strip of strong, unrelated phase beside the grid, cut off from it by unsure nodes (the edge of the white
+    fill beyond a warped page), neither seeds the unwrapping nor is reached from it."""
+    cols = np.arange(40)
+    field = np.tile(np.exp(-2j * np.pi * cols / 40.0 * 3), (10, 1)).astype(np.complex64)   # 3 turns across
+    field[:, 36:] = 5 * np.exp(1j * np.arange(4))                                       # the loud strip
+    sure = np.ones(field.shape, bool)
+    sure[:, 34:36] = False
+    phase = page_flatten.unwrap_from_surest(field, sure)
+    assert np.isnan(phase[:, 34:]).all()
+    assert np.diff(phase[:, :34], axis=1) == pytest.approx(-2 * np.pi * 3 / 40, abs=1e-5)   # no jump
+
+
 def test_a_page_without_a_grid_is_left_as_it_is():
     rng = np.random.default_rng(0)
     noise = rng.normal(245, 4, (800, 1100, 3)).clip(0, 255).astype(np.uint8)
@@ -96,6 +109,9 @@ def test_find_page_flattens_the_photos_it_rectified_only():
     after = line_spread_mm(page)
     assert before[0] > 1.5 and before[1] > 2                  # a fold bends its lines by millimetres
     assert max(after) < 0.35                                   # 0.14 mm: the strips line up again
+    scale = page_reader.page_input_row(page, (128, 672), found)[4]   # the flattened grid's scale is read
+    assert [scale['px_per_mm_x'], scale['px_per_mm_y']] == pytest.approx(found['flatten_px_per_mm'])
+    assert 7.4 < scale['px_per_mm_x'] < 8.0 and scale['source'] == 'grid'
     render = page_image.read_rgb(RENDER)
     page, found = page_reader.find_page(render)
     assert found['action'].startswith('untouched') and 'flatten' not in found
