@@ -33,6 +33,7 @@ import page_rectify
 import page_scale
 from ecg_page import MAJOR_MM
 
+CARRIER_PX = 16               # px a period the demodulation needs at least: a 40 px period is read at half size
 NODE_PERIODS = 0.5            # the shifts are read on a lattice one half period apart each way
 SMOOTH_PERIODS = 1.0          # the demodulated field is averaged with a Gaussian this many periods wide
 SURE_SHARE = 0.35             # a node with an amplitude under this share of the page's typical one is unsure
@@ -78,14 +79,17 @@ def demodulated(g, period, axis, step):
     """The line family across `axis` (1: vertical lines, read along x) demodulated at `period` px: complex
     (ny, nx) field on a lattice every `step` px whose angle is the lines' phase there. The product with the
     carrier is area-averaged onto the lattice, then Gaussian-averaged over SMOOTH_PERIODS (the carrier's
-    double-frequency twin is gone after both; 20x faster than a full-size blur)."""
+    double-frequency twin is gone after both; 20x faster than a full-size blur), on a copy of g shrunk to about
+    CARRIER_PX a period (pixel centres keep the page's coordinates)."""
     h, w = g.shape
-    coord = np.arange(w if axis == 1 else h, dtype=np.float32)
-    angle = (2 * np.pi / period) * coord
+    k = max(1, int(period // CARRIER_PX))
+    small = cv2.resize(g, (w // k, h // k), interpolation=cv2.INTER_AREA) if k > 1 else g
+    centres = np.arange(small.shape[1 if axis == 1 else 0], dtype=np.float32) * k + (k - 1) / 2
+    angle = (2 * np.pi / period) * centres
     shape = (1, -1) if axis == 1 else (-1, 1)
     ny, nx = max(1, round(h / step)), max(1, round(w / step))
     sigma = SMOOTH_PERIODS * period / step
-    parts = [cv2.GaussianBlur(cv2.resize(g * wave(angle).reshape(shape), (nx, ny), interpolation=cv2.INTER_AREA),
+    parts = [cv2.GaussianBlur(cv2.resize(small * wave(angle).reshape(shape), (nx, ny), interpolation=cv2.INTER_AREA),
                               (0, 0), sigma) for wave in (np.cos, np.sin)]
     return parts[0] - 1j * parts[1]
 
@@ -190,12 +194,12 @@ def composed(first, then, shape_hw):
     return tuple(at_points(part, *then, shape_hw) for part in first)
 
 
-def warped(rgb, maps):
-    """The page sampled at coarse maps (upsampled to its size); what lies beyond it is blank paper (white)."""
-    h, w = rgb.shape[:2]
+def warped(image, maps, fill=(255, 255, 255)):
+    """An image of the page (RGB, or a float map) sampled at coarse maps (upsampled to its size); what lies beyond
+    the page is `fill` (blank paper)."""
+    h, w = image.shape[:2]
     map_x, map_y = (cv2.resize(part, (w, h), interpolation=cv2.INTER_LINEAR) for part in maps)
-    return cv2.remap(rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                     borderValue=(255, 255, 255))
+    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
 
 def family_periods(rgb, px_per_mm):
@@ -246,17 +250,20 @@ def family_shifts(g, period, axis, step):
 
 
 def read_shifts(rgb, px_per_mm):
-    """(h, w, 3) uint8 RGB page at about px_per_mm -> LineShifts of its two line families."""
-    g = line_map(rgb)
-    periods = family_periods(rgb, px_per_mm)
+    """(h, w, 3) uint8 RGB page at about px_per_mm -> LineShifts of its two line families (shifts_of)."""
+    return shifts_of(line_map(rgb), family_periods(rgb, px_per_mm))
+
+
+def shifts_of(g, periods):
+    """LineShifts of a page's grid-ness map g (line_map) whose line families lie about (x, y) `periods` px
+    apart."""
     step = NODE_PERIODS * min(periods)
     (sx, misfit_x, sure_x, mean_x), (sy, misfit_y, sure_y, mean_y) = (
         family_shifts(g, period, axis, step) for period, axis in zip(periods, (1, 0)))
     largest = max(np.abs(sx).max() * MAJOR_MM / periods[0], np.abs(sy).max() * MAJOR_MM / periods[1])
     misfits = np.concatenate([misfit_x, misfit_y])
     residual = float(np.sqrt(np.mean(misfits ** 2))) if misfits.size else float('nan')
-    return LineShifts(sx, sy, residual, (sure_x + sure_y) / 2, float(largest),
-                      (mean_x / MAJOR_MM, mean_y / MAJOR_MM))
+    return LineShifts(sx, sy, residual, (sure_x + sure_y) / 2, float(largest), (mean_x / MAJOR_MM, mean_y / MAJOR_MM))
 
 
 def unflattened_why(shifts):
@@ -270,20 +277,22 @@ def unflattened_why(shifts):
 
 def flatten(rgb, px_per_mm):
     """(h, w, 3) uint8 RGB rectified page at about px_per_mm -> Flattened: its grid lines moved onto an even
-    lattice, in FLATTEN_PASSES readings (a second reading of the flattened page takes out what the smoothing of
-    the first left at sharp folds), composed into one resampling."""
-    shifts = read_shifts(rgb, px_per_mm)
+    lattice, in FLATTEN_PASSES readings composed into one resampling. A second reading takes out what the
+    smoothing of the first left at sharp folds; it reads the first warp's grid-ness map at the first reading's
+    mean periods (where the flattened lines lie), and is dropped if it reads worse than MAX_RESIDUAL_MM."""
+    g = line_map(rgb)
+    shifts = shifts_of(g, family_periods(rgb, px_per_mm))
     why = unflattened_why(shifts)
     if why:
         return Flattened(rgb, f'untouched: {why}', shifts.largest_mm, shifts.residual_mm, shifts.sure_share)
     largest = shifts.largest_mm
     maps = remap_maps(shifts, rgb.shape[:2])
-    page = warped(rgb, maps)
     for _ in range(FLATTEN_PASSES - 1):
-        shifts = read_shifts(page, px_per_mm)
-        maps = composed(maps, remap_maps(shifts, rgb.shape[:2]), rgb.shape[:2])
-        page = warped(rgb, maps)
-    return Flattened(page, 'flattened', largest, shifts.residual_mm, shifts.sure_share, shifts.px_per_mm)
+        again = shifts_of(warped(g, maps, 0.0), tuple(MAJOR_MM * v for v in shifts.px_per_mm))
+        if not again.residual_mm <= MAX_RESIDUAL_MM:
+            break
+        shifts, maps = again, composed(maps, remap_maps(again, rgb.shape[:2]), rgb.shape[:2])
+    return Flattened(warped(rgb, maps), 'flattened', largest, shifts.residual_mm, shifts.sure_share, shifts.px_per_mm)
 
 
 def parse_args(argv=None):
