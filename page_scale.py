@@ -417,6 +417,7 @@ def grid_extent(rgb):
 # ----------------------------------------------------------------------------------------------
 
 PULSE_SIDE_PX = 1700              # pages with a longer short side are searched downsampled
+PHOTO_PULSE_REGION = 0.2         # ... and on a photo's sheet, found and flattened, only its left fifth
 PULSE_REGION = 0.45               # pulses open the rows: only the left part of the page is searched
                                   # (a layout with pulses only at the right end is not read)
 SOLID_PX = 15                     # dark areas this thick are fill or scanner bed, not strokes
@@ -856,7 +857,7 @@ def find_calibration_pulse(rgb, px_per_mm=None, angle_deg=None, max_mm=PULSE_MM_
         v = cv2.resize(v, None, fx=1 / step, fy=1 / step, interpolation=cv2.INTER_AREA)
     if angle_deg is None:
         angle_deg = ink_angle(v, paper)
-    v = deskew(v, angle_deg, width=int(v.shape[1] * PULSE_REGION), fill=255)
+    v = deskew(v, angle_deg, width=int(v.shape[1] * (PHOTO_PULSE_REGION if photo else PULSE_REGION)), fill=255)
     cov = ink_coverage(v, paper)
     mm = px_per_mm / step if px_per_mm else None
     found = search_pulse(cov, mm, max_mm, step, photo)
