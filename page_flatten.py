@@ -40,10 +40,11 @@ SURE_SHARE = 0.35             # a node with an amplitude under this share of the
 FIELD_SMOOTH_NODES = 5.0      # Gaussian over the unwrapped shift field, in nodes (2.5 periods, 12 mm)
 FIXED_POINT_STEPS = 2         # the shift applied at an output pixel is the one read where its line is on the page
 MAP_STEP = 4                  # px: warp maps are computed on a lattice this coarse (the shifts are smooth)
-FLATTEN_PASSES = 2            # the grid read again on the flattened page: the smoothing leaves ~40 % at folds
+FLATTEN_PASSES = 2            # the grid read again once warped: the first smoothing leaves ~40 % at sharp folds
 PERIOD_TOL = 0.25             # a family's measured period this far from the page's nominal one is misread
 MAX_RESIDUAL_MM = 0.6         # shifts read this far off their smooth field (RMS) are no grid's: noise reads ~1.2
 MAX_SHIFT_MM = 40.0           # a larger shift is a misread lattice, not a fold (the dev photos' largest: 16 mm)
+SHADING_PX = 31               # a box this wide (4 mm at 8 px/mm) holds the page's shading, not its lines
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Flattened:
 def line_map(rgb):
     """(h, w) float32 grid-ness with the page's shading taken out (high-passed)."""
     g = page_scale.gridness(rgb, page_scale.paper_colour(rgb))
-    return g - cv2.blur(g, (31, 31))
+    return g - cv2.blur(g, (SHADING_PX, SHADING_PX))
 
 
 def demodulated(g, period, axis, step):

@@ -1,5 +1,7 @@
 """page_flatten: a rectified photo's folds and curl taken out on its grid. A known bend of a real ecg-image-kit
 page is read back and undone; find_page flattens the photos it rectified and leaves renders as they are."""
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import page_flatten
 import page_image
 import page_reader
 import page_rectify
-from conftest import FIXTURE, ROOT
+from conftest import FIXTURE, ROOT, run_cli
 
 RENDER = FIXTURE / 'images' / 'fx1024-0001.png'            # 7.87 px/mm, an even grid
 PHOTO = ROOT.parent / 'shared' / 'real' / 'photos' / 'images' / '02932_hr-0001.jpg'   # folded, rectified
@@ -118,8 +120,14 @@ def test_find_page_flattens_the_photos_it_rectified_only():
     assert page is render
 
 
-@pytest.mark.parametrize('argv, message', [(['--px_per_mm', '0'], '--px_per_mm must be positive')])
-def test_cli_refuses_a_bad_scale(tmp_path, argv, message):
-    from conftest import run_cli
-    result = run_cli('page_flatten.py', str(RENDER), '--out', str(tmp_path), *argv, check=False)
-    assert result.returncode != 0 and message in result.stderr
+def test_cli_writes_the_flattened_page_and_what_was_done(tmp_path):
+    render = page_image.read_rgb(RENDER)
+    bent_page = tmp_path / 'bent.png'
+    cv2.imwrite(str(bent_page), cv2.cvtColor(bent(render, bend(render.shape[:2])), cv2.COLOR_RGB2BGR))
+    run_cli('page_flatten.py', bent_page, '--out', tmp_path / 'out', '--px_per_mm', PX_PER_MM)
+    facts = json.loads((tmp_path / 'out' / 'bent.json').read_text())
+    assert facts['flatten'] == 'flattened' and facts['flatten_shift_mm'] > 1 and facts['flatten_residual_mm'] < 0.3
+    assert facts['flatten_px_per_mm'] == pytest.approx([PX_PER_MM, PX_PER_MM], rel=0.05)
+    assert page_image.read_rgb(tmp_path / 'out' / 'bent.png').shape == render.shape
+    result = run_cli('page_flatten.py', bent_page, '--out', tmp_path / 'out', '--px_per_mm', 0, check=False)
+    assert result.returncode != 0 and '--px_per_mm must be positive' in result.stderr
