@@ -417,9 +417,9 @@ def grid_extent(rgb):
 # ----------------------------------------------------------------------------------------------
 
 PULSE_SIDE_PX = 1700              # pages with a longer short side are searched downsampled
-PHOTO_PULSE_REGION = 0.2         # ... and on a photo's sheet, found and flattened, only its left fifth
 PULSE_REGION = 0.45               # pulses open the rows: only the left part of the page is searched
                                   # (a layout with pulses only at the right end is not read)
+PHOTO_PULSE_REGION = 0.2          # ... and on a photo's sheet, found and flattened, only its left fifth
 SOLID_PX = 15                     # dark areas this thick are fill or scanner bed, not strokes
 TRACE_PERCENTILE = 0.3            # the trace covers ~0.5 % of a page: its darker half sets 'full ink'
 INK_MIN, INK_FLOOR = 90, 50       # coverage for a stroke pixel; below the floor measure as paper

@@ -8,8 +8,8 @@ colours, semi-transparent), the predicted 0 mV lines (green) and the traces the 
 Below: one small plot per lead, in the page's 3 x 4 arrangement, of the predicted signal in mV over the
 seconds the image shows it (II: all 10 s), the truth over it in black and Pearson r in the title.
 A phone photo whose page was found and rectified is shown as taken, the page's outline drawn on it, left of
-the rectified page the model read (flattened on its grid: page_flatten). Truth comes from --csv, or by itself when the image sits in the Kaggle
-layout (OUT/{id}/{id}-0001.png beside OUT/{id}/{id}.csv, with OUT/train.csv). Writes
+the rectified page the model read (flattened on its grid: page_flatten). Truth comes from --csv, or by itself
+when the image sits in the Kaggle layout (OUT/{id}/{id}-0001.png beside OUT/{id}/{id}.csv, with OUT/train.csv). Writes
 {image_stem}_visualization.png beside the image unless --output says otherwise.
 """
 import argparse
