@@ -423,9 +423,11 @@ def with_known_scale(inputs, size_hw, gain=None, speed=None):
     return inputs
 
 
-def page_inputs(pages, size_hw):
-    """(h, w, 3) uint8 RGB pages -> the model's inputs (stack_inputs)."""
-    return stack_inputs([page_input_row(rgb, size_hw) for rgb in pages])
+def page_inputs(pages, size_hw, found=None):
+    """(h, w, 3) uint8 RGB pages as find_page gave them -> the model's inputs (stack_inputs). found: find_page's
+    what-was-done per page (None: pages as they are): a rectified photo's scale is read as inference reads it."""
+    found = found or [None] * len(pages)
+    return stack_inputs([page_input_row(rgb, size_hw, done) for rgb, done in zip(pages, found)])
 
 
 

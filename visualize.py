@@ -241,8 +241,7 @@ def predict(args):
     args.checkpoint = page_reader.checkpoint_path(args.checkpoint)
     reader = page_reader.open_reader(args.checkpoint, device)
     size_hw = reader.size_hw
-    inputs = page_reader.page_inputs([rgb], size_hw)
-    inputs['page_found'] = [page_found]
+    inputs = page_reader.page_inputs([rgb], size_hw, [page_found])
     outputs = page_reader.read_signals(reader, inputs, lambda i: rgb)
     outputs['spread_mv'], outputs['confidence'] = page_reader.lead_confidence(outputs)
     outputs['scale'], outputs['page_found'] = inputs['scale'][0], page_found

@@ -83,3 +83,16 @@ def test_the_found_panel_is_the_photo_with_its_outline_and_none_for_a_render(rec
     render = page_image.read_rgb(record[0])
     assert visualize.found_panel(render, page_reader.find_page(render)[1], 300) is None
     assert visualize.beside(None, overlay) is overlay
+
+
+def test_a_photo_is_read_at_the_scale_inference_reads_it(tmp_path):
+    """visualize draws what inference.py reads: on 01879_hr's photo the scale comes from the flattened page's grid
+    and the pulse in the sheet's left fifth (10 mm/mV), not from the page as a render (a grid box taken for a
+    5 mm/mV pulse)."""
+    image = PHOTOS / 'images' / '01879_hr-0001.jpg'
+    args = visualize.parse_args(['--image', str(image)])
+    outputs, _, _, _ = visualize.predict(args)
+    row, problem = page_reader.read_page(page_image.image_pages(image)[0], (128, 672))
+    assert problem is None
+    assert outputs['scale'] == row[4]
+    assert outputs['scale']['gain_mm_mv'] == 10 and outputs['page_found']['flatten'] == 'flattened'
