@@ -37,6 +37,8 @@ SHARPER_BY = 1.05                   # the searched angle must sharpen the 0 mV p
 NEGLIGIBLE_TURN_DEG = 0.05
 SUBROW_OFFSETS = torch.tensor([-0.375, -0.125, 0.125, 0.375])
 PRESENCE_THRESHOLD = 0.5
+ZERO_LINE = True                    # each strip's 0 mV row read as one straight line (straight_zero_rows)
+MIN_ZERO_COLUMNS = 8                # columns a strip must be drawn in for its line to be fitted
 
 
 @dataclass
@@ -180,6 +182,26 @@ def column_soft_argmax(logits):
     rows = torch.arange(logits.shape[-2], device=logits.device, dtype=torch.float32).view(1, 1, -1, 1)
     log_prob = torch.log_softmax(logits.float(), dim=2)
     return (log_prob.exp() * rows).sum(dim=2), log_prob
+
+
+def straight_zero_rows(zero_rows, presence):
+    """(B, C, W) 0 mV row per column, (B, C, W) presence logits -> each strip's 0 mV row as one straight line:
+    its own height (the mean over the columns where it is drawn) and one slope shared by the page's strips.
+    An upright page draws each strip's 0 mV level straight; read column by column, the zero map follows a real
+    trace's slow baseline wander (0.1-0.3 mV) and the decoder would take it out of the signal. A page's leftover
+    turn tilts all its strips alike, so the slope is pooled over them. A strip drawn in fewer than
+    MIN_ZERO_COLUMNS columns keeps its own rows."""
+    drawn = (presence > 0).to(zero_rows.dtype)
+    count = drawn.sum(-1, keepdim=True)
+    fitted = count >= MIN_ZERO_COLUMNS                                            # (B, C, 1)
+    drawn = drawn * fitted
+    column = torch.arange(zero_rows.shape[-1], device=zero_rows.device, dtype=zero_rows.dtype)
+    rows = torch.nan_to_num(zero_rows)
+    mean_column = (drawn * column).sum(-1, keepdim=True) / count.clamp(min=1)
+    height = (drawn * rows).sum(-1, keepdim=True) / count.clamp(min=1)
+    off = (column - mean_column) * drawn
+    slope = (off * (rows - height)).sum((1, 2), keepdim=True) / (off * off).sum((1, 2), keepdim=True).clamp(min=1e-6)
+    return torch.where(fitted, height + slope * (column - mean_column), zero_rows)
 
 
 def column_presence(logits):
@@ -589,6 +611,8 @@ def decode_signal(trace, geometry):
     trace_rows, trace_log_prob = column_soft_argmax(trace_maps)
     zero_rows, zero_log_prob = column_soft_argmax(zero_maps)
     presence = column_presence(presence_maps)
+    if ZERO_LINE:
+        zero_rows = straight_zero_rows(zero_rows, presence)
     read = replace(geometry, px_per_mv=px_per_mv, page_aspect=page_aspect)
     if geometry.trace_window is None:
         signal, _, used = decode_layouts(trace_rows, zero_rows, presence, read)

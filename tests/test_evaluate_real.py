@@ -84,3 +84,36 @@ def test_images_need_their_signals(tmp_path):
                             '--csv_root', PHOTOS / 'csv')
     assert result.returncode == 1
     assert "id 'stranger' is not in" in result.stdout and 'no image with a true signal' in result.stderr
+
+
+WANDERING = ['02100_hr', '03156_hr']   # real records whose baseline wanders by 0.2-0.3 mV over the 10 s
+
+
+@pytest.fixture(scope='module')
+def wandering_pages(tmp_path_factory):
+    """Simulator pages (classic style, 100 dpi, upright) of two real records with baseline wander, bare PNGs."""
+    signals = tmp_path_factory.mktemp('signals')
+    table = pd.read_csv(PHOTOS / 'csv' / 'train.csv', dtype={'id': str})
+    table[table['id'].isin(WANDERING)].to_csv(signals / 'train.csv', index=False)
+    for record in WANDERING:
+        shutil.copytree(PHOTOS / 'csv' / record, signals / record)
+    pages = classic_pages(tmp_path_factory.mktemp('pages'), len(WANDERING), 3, '--csv_root', signals,
+                          '--layouts', '3x4+II', '--noise_prob', 0, '--blur_prob', 0, '--jpeg_prob', 0)
+    bare = tmp_path_factory.mktemp('bare')
+    for png in pages.glob('*/*.png'):
+        shutil.copy(png, bare)
+    return bare, signals
+
+
+def test_a_real_baseline_wander_is_read_not_taken_out(wandering_pages, tmp_path, monkeypatch):
+    """Each strip's 0 mV row is read as one line (ecg_decode.straight_zero_rows): read column by column it follows
+    the wander, and the decoder took the wander out of the signal."""
+    import ecg_decode
+    pages, signals = wandering_pages
+    scores = {}
+    for straight in (False, True):
+        monkeypatch.setattr(ecg_decode, 'ZERO_LINE', straight)
+        run_in_process('evaluate.py', '--checkpoint', ecg_checkpoint.STARTER, '--images', pages, '--csv_root',
+                       signals, '--output', tmp_path / str(straight), check=True)
+        scores[straight] = pd.read_csv(tmp_path / f'{straight}_eval.csv').set_index('record_id')['snr_db']
+    assert (scores[True] > scores[False] + 1.5).all(), scores

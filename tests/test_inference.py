@@ -11,20 +11,23 @@ import pytest
 import wfdb
 
 from conftest import run_cli
-from ecg_page import STANDARD
+from ecg_page import LAYOUTS
 
 LEADS = ['I', 'II', 'III', 'aVR', 'aVL', 'aVF', 'V1', 'V2', 'V3', 'V4', 'V5', 'V6']
 
 
-def expected_finite(n_rows):
+def expected_finite(n_rows, csv):
     """(n_rows, 12) bool: the rhythm strip's lead for all 10 s, every other lead only in its quarter of the
-    standard layout (ecg_page.STANDARD, where the model's strips come from)."""
-    quarter = n_rows // STANDARD.n_columns
+    layout the sidecar beside csv names (the standard page, or its Cabrera twin: a 1-epoch model's noise may fit
+    either lead order)."""
+    layout = LAYOUTS[json.loads(csv.with_suffix('.json').read_text())['layout']]
+    assert layout.name in ('3x4+II', '3x4+II-Cabrera')
+    quarter = n_rows // layout.n_columns
     finite = np.zeros((n_rows, 12), bool)
     for lead in LEADS:
-        column = STANDARD.column_of(lead)
+        column = layout.column_of(lead)
         finite[column * quarter:(column + 1) * quarter, LEADS.index(lead)] = True
-    for lead in STANDARD.rhythm:
+    for lead in layout.rhythm:
         finite[:, LEADS.index(lead)] = True
     return finite
 
@@ -75,7 +78,7 @@ def test_single_image_nan_layout_and_values(single):
     assert finite[:, 1].all()                                            # II: the rhythm strip, 10 s
     assert np.flatnonzero(finite[:, 0]).tolist() == list(range(1250))   # I: first column only
     assert np.flatnonzero(finite[:, 11]).tolist() == list(range(3750, 5000))
-    assert (finite == expected_finite(5000)).all()
+    assert (finite == expected_finite(5000, single[0])).all()
     values = frame.to_numpy()[finite]
     assert np.abs(values).max() < 20                                     # mV
     assert np.abs(values).max() > 0                                      # not an all-zero placeholder
@@ -93,7 +96,7 @@ def test_fs_250_rows_and_layout_scaled(folder):
         frame = pd.read_csv(csv)
         assert list(frame.columns) == LEADS and len(frame) == 2500
         finite = np.isfinite(frame.to_numpy())
-        assert (finite == expected_finite(2500)).all(), csv.name
+        assert (finite == expected_finite(2500, csv)).all(), csv.name
         assert np.abs(frame.to_numpy()[finite]).max() < 20
 
 

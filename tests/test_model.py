@@ -158,3 +158,21 @@ def test_pretrained_path_loads_local_encoder_file(tmp_path):
     torch.save({'something': torch.zeros(3)}, tmp_path / 'wrong.pth')
     with pytest.raises(ValueError, match='wrong.pth: only 0 of'):
         em.build_model('resnet18', pretrained_path=tmp_path / 'wrong.pth')
+
+
+def test_each_strips_zero_row_is_one_line_at_the_pages_slope():
+    """The 0 mV row read per column follows a real trace's baseline wander; the decoder reads each strip's as
+    one line: its own mean height, one slope for the page (a leftover turn), so the wander stays in the signal."""
+    column = torch.arange(200, dtype=torch.float32)
+    zero, presence = torch.zeros(1, 3, 200), torch.full((1, 3, 200), -5.0)
+    wander = 1.5 * torch.cos((column - 49.5) * 2 * torch.pi / 50)   # two periods, even about strip 0's middle
+    zero[0, 0], presence[0, 0, :100] = 30 + 0.02 * column + wander, 5.0
+    zero[0, 1], presence[0, 1, 100:] = 60 + 0.02 * column, 5.0
+    zero[0, 2], presence[0, 2, :ecg_decode.MIN_ZERO_COLUMNS - 1] = 90 + torch.sin(column), 5.0   # too short to fit
+    line = ecg_decode.straight_zero_rows(zero, presence)
+    slope = (line[0, :2, 1:] - line[0, :2, :-1]).mean(-1)
+    assert torch.allclose(slope, torch.full((2,), 0.02), atol=0.005)
+    assert (line[0, 0] - (30 + 0.02 * column)).abs().max() < 0.5            # the 1.5-px wander is gone
+    assert (line[0, 0, :100].mean() - zero[0, 0, :100].mean()).abs() < 1e-4   # at the strip's own height
+    assert (line[0, 1, 100:] - zero[0, 1, 100:]).abs().max() < 0.3
+    assert torch.equal(line[0, 2], zero[0, 2])
