@@ -202,9 +202,9 @@ def build_model(checkpoint, path, device='cpu'):
 
 def head_channels(checkpoint):
     """{maps: channels} of a checkpoint's head weights. Format 3 names them; format 2 named none and saved either
-    the heads of before three rhythm strips (ecg_model.ONE_RHYTHM_HEADS, the shipped starter) or those of 15 trace
-    channels (ecg_model.FORMAT2_HEADS), which the trace head's width tells apart: the only place a width stands for
-    a version."""
+    the heads of before three rhythm strips (ecg_model.ONE_RHYTHM_HEADS, the starter of 2026-11-30) or those of
+    15 trace channels (ecg_model.FORMAT2_HEADS), which the trace head's width tells apart: the only place a width
+    stands for a version."""
     if checkpoint.get('format', 0) >= 3:
         return dict(checkpoint['head_channels'])
     bias = checkpoint['model'].get(ecg_model.HEAD_KEYS[1])

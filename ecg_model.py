@@ -76,7 +76,7 @@ class ECGDigitizer(nn.Module):
 
 HEAD_KEYS = ('unet.segmentation_head.0.weight', 'unet.segmentation_head.0.bias')
 # what a format-2 checkpoint (no head names) holds: the four map heads of before the head registry, with 15 trace
-# channels, or (the shipped starter) with the 13 of before three rhythm strips
+# channels, or (the starter of 2026-11-30) with the 13 of before three rhythm strips
 FORMAT2_HEADS = {'seg': 13, 'grid': 1, 'baseline': 1, 'trace': 3 * N_TRACES}
 ONE_RHYTHM_HEADS = {**FORMAT2_HEADS, 'trace': 3 * (N_LEADS + 1)}
 

@@ -167,3 +167,21 @@ def tiny_run(sim_data, tmp_path_factory):
 def tiny_checkpoint(tiny_run):
     """best.pth of tiny_run."""
     return tiny_run / 'checkpoints' / 'best.pth'
+
+
+@pytest.fixture(scope='session')
+def one_rhythm_checkpoint(tmp_path_factory):
+    """A checkpoint as saved before the three rhythm strips (format 2, a 54-row head: 13 trace, 0 mV and presence
+    channels each), cut from the starter's head: the shape the starter of 2026-11-30 was shipped in."""
+    import torch
+    import ecg_checkpoint
+    checkpoint = torch.load(ecg_checkpoint.STARTER)
+    first = 15   # seg, grid, baseline
+    rows = list(range(first)) + [first + 15 * kind + channel for kind in range(3) for channel in range(13)]
+    for key in ('unet.segmentation_head.0.weight', 'unet.segmentation_head.0.bias'):
+        checkpoint['model'][key] = checkpoint['model'][key][rows].clone()
+    checkpoint['format'] = 2
+    checkpoint.pop('head_channels', None)
+    path = tmp_path_factory.mktemp('one_rhythm') / 'one_rhythm.pth'
+    torch.save(checkpoint, path)
+    return path

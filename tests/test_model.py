@@ -56,13 +56,13 @@ def test_forward_returns_every_head_at_input_size():
     assert torch.isfinite(out['signal']).all()
 
 
-def test_a_model_from_before_three_rhythm_strips_loads_with_its_rhythm_channel_widened(tmp_path):
-    """The starter was trained with one rhythm channel (54 head channels); loading copies that channel's
-    trace, 0 mV and presence rows to the two new rhythm channels and keeps every other row as it was."""
-    checkpoint = ecg_checkpoint.load(ecg_checkpoint.STARTER)
+def test_a_model_from_before_three_rhythm_strips_loads_with_its_rhythm_channel_widened(one_rhythm_checkpoint):
+    """A checkpoint of one rhythm channel (54 head channels, as the starter of 2026-11-30); loading copies that
+    channel's trace, 0 mV and presence rows to the two new rhythm channels and keeps every other row as it was."""
+    checkpoint = ecg_checkpoint.load(one_rhythm_checkpoint)
     old = checkpoint['model']['unet.segmentation_head.0.weight'].float()
     assert old.shape[0] == 54
-    model = ecg_checkpoint.build_model(checkpoint, ecg_checkpoint.STARTER)
+    model = ecg_checkpoint.build_model(checkpoint, one_rhythm_checkpoint)
     new = model.unet.segmentation_head[0].weight
     assert new.shape[0] == sum(ecg_heads.HEAD_CHANNELS.values()) == 60
     first = 15   # seg, grid, baseline

@@ -219,17 +219,18 @@ def test_bad_data_path_fails_clearly(tmp_path):
     assert result.returncode != 0 and 'nope: --sim_root is not a folder' in result.stderr
 
 
-def test_resuming_a_run_of_one_rhythm_channel_stops_with_advice_to_init_from():
-    """A checkpoint made before the three rhythm strips (the starter's 54-channel head): its optimizer state
-    cannot fit today's head, so resuming stops with a clear error that names --init_from, before any state
-    is touched; --init_from itself loads it (its rhythm channel widened)."""
+def test_resuming_a_run_of_one_rhythm_channel_stops_with_advice_to_init_from(one_rhythm_checkpoint):
+    """A checkpoint made before the three rhythm strips (a 54-channel head, as the starter of 2026-11-30): its
+    optimizer state cannot fit today's head, so resuming stops with a clear error that names --init_from, before
+    any state is touched; --init_from itself loads it (its rhythm channel widened)."""
     import ecg_checkpoint
     import ecg_model
     import ecg_cli
     import production_trainer
-    model = ecg_model.ECGDigitizer(**ecg_checkpoint.load(ecg_checkpoint.STARTER)['model_args'])
+    model = ecg_model.ECGDigitizer(**ecg_checkpoint.load(one_rhythm_checkpoint)['model_args'])
     with pytest.raises(ecg_cli.InputError, match='--init_from'):
-        production_trainer.resume_from(ecg_checkpoint.STARTER, production_trainer.Training(model, None, None, None, device='cpu'), {})
-    production_trainer.init_weights(model, ecg_checkpoint.STARTER)
+        production_trainer.resume_from(one_rhythm_checkpoint,
+                                       production_trainer.Training(model, None, None, None, device='cpu'), {})
+    production_trainer.init_weights(model, one_rhythm_checkpoint)
     head = model.unet.segmentation_head[0].weight
     assert torch.equal(head[15 + 12], head[15 + 13]) and torch.equal(head[15 + 12], head[15 + 14])
