@@ -175,10 +175,13 @@ def one_rhythm_checkpoint(tmp_path_factory):
     channels each), cut from the starter's head: the shape the starter of 2026-11-30 was shipped in."""
     import torch
     import ecg_checkpoint
+    import ecg_model
     checkpoint = torch.load(ecg_checkpoint.STARTER)
-    first = 15   # seg, grid, baseline
-    rows = list(range(first)) + [first + 15 * kind + channel for kind in range(3) for channel in range(13)]
-    for key in ('unet.segmentation_head.0.weight', 'unet.segmentation_head.0.bias'):
+    first = sum(channels for name, channels in ecg_model.HEAD_CHANNELS.items() if name != 'trace')
+    one_rhythm = ecg_model.N_LEADS + 1   # channels of each kind (trace, 0 mV, presence) before 3 rhythm strips
+    rows = list(range(first)) + [first + ecg_model.N_TRACES * kind + channel
+                                 for kind in range(3) for channel in range(one_rhythm)]
+    for key in ecg_model.HEAD_KEYS:
         checkpoint['model'][key] = checkpoint['model'][key][rows].clone()
     checkpoint['format'] = 2
     checkpoint.pop('head_channels', None)

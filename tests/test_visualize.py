@@ -85,7 +85,7 @@ def test_the_found_panel_is_the_photo_with_its_outline_and_none_for_a_render(rec
     assert visualize.beside(None, overlay) is overlay
 
 
-def test_a_photo_is_read_at_the_scale_inference_reads_it(tmp_path):
+def test_a_photo_is_read_at_the_scale_inference_reads_it():
     """visualize draws what inference.py reads: on 01879_hr's photo the scale comes from the flattened page's grid
     and the pulse in the sheet's left fifth (10 mm/mV), not from the page as a render (a grid box taken for a
     5 mm/mV pulse)."""
